@@ -1,0 +1,204 @@
+//! Types and constants shared by the nodemesh eBPF programs (`mesh-ebpf`) and userspace
+//! (`mesh-agent`). Everything here is `no_std`, `#[repr(C)]` and `Copy`, with explicit padding so
+//! both sides agree on every byte. Map names, ports and the map layout version live here so that a
+//! change on one side cannot silently drift from the other.
+//!
+//! Byte-order conventions (the kernel's, kept as-is to avoid conversions on the hot path):
+//! - IPv4 addresses are stored as the `u32` the kernel shows in `bpf_sock_addr.user_ip4`, i.e. the
+//!   four address bytes in network order in memory. Userspace converts with `u32::from_ne_bytes`.
+//! - IPv6 addresses are four such `u32` words.
+//! - Ports are host order `u16` everywhere in these types.
+#![cfg_attr(not(test), no_std)]
+
+/// Version of the map layout. Any change to a map's key or value type, size or kind bumps it, so
+/// pinned maps of an older layout are never reused by a program that reads them differently.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// Map names, as they appear in the eBPF object and under the pin directory.
+pub mod maps {
+    /// `HashMap<u64 netns cookie, EnrolledPod>`: pods whose traffic the mesh captures.
+    pub const ENROLLED: &str = "NM_ENROLLED";
+    /// `Array<TunnelConfig>` with one entry: where redirected connections go.
+    pub const TUNNEL_CONFIG: &str = "NM_TUNNEL_CFG";
+    /// `SkStorage<OrigDst>`: original destination stored on the client socket at connect().
+    pub const SOCK_ORIG_DST: &str = "NM_SOCK_ODST";
+    /// `LruHashMap<SockTuple, OrigDst>`: original destination keyed by the 4-tuple the tunnel sees.
+    pub const ORIG_DST_BY_TUPLE: &str = "NM_ODST_TUPLE";
+    /// `PerCpuArray<u64>` indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "NM_COUNTERS";
+}
+
+/// Program names (the Rust function names in `mesh-ebpf`).
+pub mod programs {
+    pub const CONNECT4: &str = "mesh_connect4";
+    pub const SOCKOPS: &str = "mesh_sockops";
+}
+
+/// Default port of the outbound (redirect target) listener on the tunnel address.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Port of the inbound HBONE (mTLS) listener.
+pub const INBOUND_HBONE_PORT: u16 = 15008;
+
+/// Capacity of [`maps::ENROLLED`]: pods per node.
+pub const MAX_ENROLLED: u32 = 4096;
+/// Capacity of [`maps::ORIG_DST_BY_TUPLE`]: connections between `connect()` and `accept()`.
+pub const MAX_PENDING_CONNECTIONS: u32 = 65536;
+
+/// Per-pod record in [`maps::ENROLLED`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnrolledPod {
+    /// Agent-assigned id of the workload (pod), for logs and counters.
+    pub workload_id: u32,
+    /// Agent-assigned id of the workload's identity (service account), for policy.
+    pub identity_id: u32,
+    /// [`MtlsMode`] as `u8`.
+    pub mtls_mode: u8,
+    /// [`FailMode`] as `u8`.
+    pub fail_mode: u8,
+    /// Bit set of `POD_FLAG_*`.
+    pub flags: u16,
+    pub _pad: u32,
+}
+
+/// mTLS mode of an enrolled pod's inbound side.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MtlsMode {
+    Strict = 0,
+    Permissive = 1,
+}
+
+/// What enrolled pods' connects do when the tunnel is not alive.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailMode {
+    /// Refuse the connect (`ECONNREFUSED`). Default: never a silent plaintext bypass.
+    Closed = 0,
+    /// Let the connect through untouched.
+    Open = 1,
+}
+
+/// Single entry of [`maps::TUNNEL_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// IPv4 tunnel address, network-order bytes in memory (as `user_ip4`). 0 = not configured.
+    pub ip4: u32,
+    /// Outbound listener port, host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Address family values used in [`OrigDst::family`] and [`SockTuple::family`].
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Original destination of a redirected connection, and who made it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Address words; IPv4 uses `ip[0]` only (network-order bytes in memory).
+    pub ip: [u32; 4],
+    /// Host order.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// Identity id of the source pod (from [`EnrolledPod`]).
+    pub identity_id: u32,
+    /// Workload id of the source pod.
+    pub workload_id: u32,
+    pub _pad: u32,
+    /// Network-namespace cookie of the source pod.
+    pub netns_cookie: u64,
+}
+
+/// A TCP connection's 4-tuple as the *tunnel* sees it on the accepted socket: `src` is the pod's
+/// address and ephemeral port, `dst` is the tunnel address and outbound port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockTuple {
+    pub src_ip: [u32; 4],
+    pub dst_ip: [u32; 4],
+    /// Host order.
+    pub src_port: u16,
+    /// Host order.
+    pub dst_port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// Indexes into [`maps::COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Connects from enrolled pods rewritten to the tunnel.
+    Redirected = 0,
+    /// Connects from enrolled pods left alone because the tunnel is not configured (fail-open pods).
+    PassedUnconfigured = 1,
+    /// Connects from enrolled pods refused because the tunnel is not configured (fail-closed pods).
+    RefusedUnconfigured = 2,
+    /// The socket storage for the original destination could not be created.
+    OrigDstStoreFailed = 3,
+    /// Writing the tuple-keyed original destination failed (map full or other error).
+    TupleMapUpdateFailed = 4,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 5] = [
+        Counter::Redirected,
+        Counter::PassedUnconfigured,
+        Counter::RefusedUnconfigured,
+        Counter::OrigDstStoreFailed,
+        Counter::TupleMapUpdateFailed,
+    ];
+    /// Size of [`maps::COUNTERS`]; spare slots leave room for new counters without a layout bump.
+    pub const SLOTS: u32 = 32;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Redirected => "redirected",
+            Counter::PassedUnconfigured => "passed_unconfigured",
+            Counter::RefusedUnconfigured => "refused_unconfigured",
+            Counter::OrigDstStoreFailed => "orig_dst_store_failed",
+            Counter::TupleMapUpdateFailed => "tuple_map_update_failed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, contain only integers and have explicit
+    // padding fields, so every byte pattern is a valid value and there are no implicit holes.
+    unsafe impl aya::Pod for super::EnrolledPod {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TunnelConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockTuple {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    /// The eBPF side and userspace must agree on sizes; padding must be explicit (no holes).
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<EnrolledPod>(), 16);
+        assert_eq!(size_of::<TunnelConfig>(), 8);
+        assert_eq!(size_of::<OrigDst>(), 40);
+        assert_eq!(size_of::<SockTuple>(), 40);
+    }
+
+    #[test]
+    fn counter_indexes_are_dense_and_fit() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as u32, i as u32, "{}", c.name());
+        }
+        assert!((Counter::ALL.len() as u32) <= Counter::SLOTS);
+    }
+}

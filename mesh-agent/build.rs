@@ -54,14 +54,14 @@ fn main() {
         ));
     };
     let newest = sources.iter().filter_map(|s| newest_mtime(s)).max();
-    if let Some((newest, path)) = newest {
-        if newest > built {
-            fail(&format!(
-                "the eBPF object {} is older than {}.",
-                object.display(),
-                path.display()
-            ));
-        }
+    if let Some((newest, path)) = newest
+        && newest > built
+    {
+        fail(&format!(
+            "the eBPF object {} is older than {}.",
+            object.display(),
+            path.display()
+        ));
     }
     println!(
         "cargo:rustc-env=NODEMESH_EBPF_OBJECT_PATH={}",

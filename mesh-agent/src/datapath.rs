@@ -326,10 +326,10 @@ impl OrigDstReader {
 fn as_v4(addr: SocketAddr) -> Option<SocketAddrV4> {
     match addr {
         SocketAddr::V4(v4) => Some(v4),
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(ip) => Some(SocketAddrV4::new(ip, v6.port())),
-            None => None,
-        },
+        SocketAddr::V6(v6) => v6
+            .ip()
+            .to_ipv4_mapped()
+            .map(|ip| SocketAddrV4::new(ip, v6.port())),
     }
 }
 

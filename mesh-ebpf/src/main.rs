@@ -183,10 +183,7 @@ fn try_sockops(ctx: &SockOpsContext) {
         family: AF_INET,
         _pad: 0,
     };
-    if NM_ODST_TUPLE
-        .insert(&key, &orig, u64::from(BPF_ANY))
-        .is_err()
-    {
+    if NM_ODST_TUPLE.insert(key, orig, u64::from(BPF_ANY)).is_err() {
         count(Counter::TupleMapUpdateFailed);
     }
 }

@@ -1,0 +1,258 @@
+//! `cargo xtask setup`: installs what building and testing nodemesh needs. Every step checks
+//! before it acts and says what it found or did; a second run changes nothing and says so. What
+//! cannot be fixed automatically stops with one message naming the missing piece and the fix.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    toolchain::{self, Toolchain},
+    util::{exec, is_root, output, which},
+};
+
+#[derive(clap::Args, Default)]
+pub struct Options {}
+
+/// bpf-linker release known to work with the Debian toolchain (see docs/development.md).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-nextest release that builds with the stable compiler these machines have.
+const NEXTEST_VERSION: &str = "0.9.151";
+const DEBIAN_PACKAGES: [&str; 3] = ["rustc-web", "libstd-rust-web-dev-bpf", "rust-web-clippy"];
+
+struct Report {
+    changed: usize,
+}
+
+impl Report {
+    fn ok(&self, what: &str) {
+        println!("  ok       {what}");
+    }
+    fn did(&mut self, what: &str) {
+        self.changed += 1;
+        println!("  changed  {what}");
+    }
+    fn note(&self, what: &str) {
+        println!("  note     {what}");
+    }
+}
+
+pub fn run(_opts: Options) -> Result<()> {
+    println!("nodemesh setup: checking what the eBPF build and the tests need");
+    let mut r = Report { changed: 0 };
+    let tc = ensure_toolchain(&mut r)?;
+    ensure_bpf_linker(&mut r, &tc)?;
+    ensure_test_tools(&mut r)?;
+    check_kernel(&mut r)?;
+    if r.changed == 0 {
+        println!("setup: nothing to do, everything was already in place");
+    } else {
+        println!("setup: done ({} change(s))", r.changed);
+    }
+    Ok(())
+}
+
+fn apt_available() -> bool {
+    which("apt-get").is_some() && which("apt-cache").is_some()
+}
+
+fn apt_has_candidate(pkg: &str) -> bool {
+    output(Command::new("apt-cache").args(["policy", pkg])).is_some_and(|s| {
+        s.lines()
+            .any(|l| l.trim_start().starts_with("Candidate:") && !l.contains("(none)"))
+    })
+}
+
+fn apt_install(r: &mut Report, pkgs: &[&str]) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "missing Debian packages {}: run `sudo apt-get install -y {}` (or run setup as root)",
+            pkgs.join(", "),
+            pkgs.join(" ")
+        );
+    }
+    if !pkgs.iter().all(|p| apt_has_candidate(p)) {
+        exec(Command::new("apt-get").args(["update", "-qq"]))?;
+    }
+    exec(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(pkgs),
+    )?;
+    r.did(&format!("installed Debian packages: {}", pkgs.join(" ")));
+    Ok(())
+}
+
+fn ensure_toolchain(r: &mut Report) -> Result<Toolchain> {
+    let tc = match toolchain::detect() {
+        Some(tc) => {
+            r.ok(&format!("BPF compiler: {}", tc.describe()));
+            tc
+        }
+        None if apt_available() && (apt_has_candidate("libstd-rust-web-dev-bpf") || is_root()) => {
+            apt_install(r, &DEBIAN_PACKAGES)?;
+            toolchain::detect_debian().context(
+                "Debian's rustc-web was installed but has no BPF core: check that \
+                 libstd-rust-web-dev-bpf installed /usr/lib/rustlib/bpfel-unknown-none",
+            )?
+        }
+        None if which("rustup").is_some() => {
+            exec(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src,clippy",
+            ]))
+            .context(
+                "no compiler for the BPF target: on Debian/Ubuntu install `rustc-web \
+                 libstd-rust-web-dev-bpf rust-web-clippy`; elsewhere \
+                 `rustup toolchain install nightly --component rust-src` must succeed",
+            )?;
+            r.did("installed a rustup nightly with rust-src");
+            toolchain::detect_nightly()
+                .context("rustup nightly installed but rust-src not found")?
+        }
+        None => bail!(
+            "no compiler for the BPF target and no way to install one: install rustup \
+             (https://rustup.rs) and run `rustup toolchain install nightly --component rust-src`, \
+             or on Debian/Ubuntu `apt-get install rustc-web libstd-rust-web-dev-bpf rust-web-clippy`"
+        ),
+    };
+    match tc.missing_clippy() {
+        None => r.ok("clippy for the BPF build"),
+        Some(pkg) => match tc {
+            Toolchain::Debian { .. } => apt_install(r, &[pkg])?,
+            Toolchain::Nightly { .. } => {
+                exec(Command::new("rustup").args([
+                    "component",
+                    "add",
+                    "clippy",
+                    "--toolchain",
+                    "nightly",
+                ]))?;
+                r.did("added clippy to the nightly toolchain");
+            }
+        },
+    }
+    Ok(tc)
+}
+
+fn ensure_bpf_linker(r: &mut Report, tc: &Toolchain) -> Result<()> {
+    let want = tc.llvm_major();
+    if let Some(linker) = toolchain::find_bpf_linker() {
+        match toolchain::bpf_linker_llvm_major(&linker) {
+            Some(have) if have == want => {
+                r.ok(&format!("bpf-linker at {} (LLVM {have})", linker.display()));
+                return Ok(());
+            }
+            Some(have) => r.note(&format!(
+                "bpf-linker at {} uses LLVM {have} but the BPF compiler uses LLVM {want}: rebuilding it",
+                linker.display()
+            )),
+            None => {
+                r.ok(&format!(
+                    "bpf-linker at {} (statically linked; its LLVM must match LLVM {want})",
+                    linker.display()
+                ));
+                return Ok(());
+            }
+        }
+    }
+    let mut cmd = Command::new("cargo");
+    cmd.env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTC");
+    match tc {
+        Toolchain::Debian { llvm_major } => {
+            let prefix = format!("/usr/lib/llvm-{llvm_major}");
+            if !Path::new(&prefix).join("bin/llvm-config").is_file() {
+                apt_install(r, &[&format!("llvm-{llvm_major}-dev")])?;
+            }
+            cmd.env("LLVM_PREFIX", &prefix).args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--force",
+                "--no-default-features",
+                "--features",
+            ]);
+            cmd.arg(format!("llvm-{llvm_major}"));
+        }
+        Toolchain::Nightly { .. } => {
+            cmd.args(["install", "bpf-linker", "--locked", "--force"]);
+        }
+    }
+    exec(&mut cmd).context(
+        "building bpf-linker failed: it needs the development files of the same LLVM major as \
+         the BPF compiler (Debian: llvm-N-dev)",
+    )?;
+    r.did(&format!(
+        "built bpf-linker {BPF_LINKER_VERSION} against LLVM {want}"
+    ));
+    Ok(())
+}
+
+fn ensure_test_tools(r: &mut Report) -> Result<()> {
+    if which("ip").is_some()
+        || Path::new("/usr/sbin/ip").is_file()
+        || Path::new("/sbin/ip").is_file()
+    {
+        r.ok("iproute2 (`ip`, for the network-namespace tests)");
+    } else if apt_available() {
+        apt_install(r, &["iproute2"])?;
+    } else {
+        bail!(
+            "`ip` (iproute2) is missing: the root tests build network namespaces with it; install iproute2"
+        );
+    }
+    if output(Command::new("cargo").args(["nextest", "--version"])).is_some() {
+        r.ok("cargo-nextest (the test runner)");
+    } else {
+        exec(
+            Command::new("cargo")
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .env_remove("CARGO_TARGET_DIR")
+                .args([
+                    "install",
+                    "cargo-nextest",
+                    "--version",
+                    NEXTEST_VERSION,
+                    "--locked",
+                ])
+                .args(["--no-default-features", "--features", "default-no-update"]),
+        )
+        .context("installing cargo-nextest failed")?;
+        r.did(&format!("installed cargo-nextest {NEXTEST_VERSION}"));
+    }
+    Ok(())
+}
+
+fn check_kernel(r: &mut Report) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let has = |fstype: &str, dir: Option<&str>| {
+        mounts.lines().any(|l| {
+            let f: Vec<&str> = l.split_ascii_whitespace().collect();
+            f.len() > 2 && f[2] == fstype && dir.is_none_or(|d| f[1] == d)
+        })
+    };
+    if has("cgroup2", None) {
+        r.ok("cgroup v2 is mounted");
+    } else {
+        r.note("no cgroup v2 mount: the agent and the root tests need one (`mount -t cgroup2 none /sys/fs/cgroup`)");
+    }
+    if has("bpf", Some("/sys/fs/bpf")) {
+        r.ok("bpffs is mounted at /sys/fs/bpf");
+    } else if is_root() && Path::new("/sys/fs/bpf").is_dir() {
+        exec(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        r.did("mounted bpffs at /sys/fs/bpf (for pinned maps and links)");
+    } else {
+        r.note("bpffs is not mounted at /sys/fs/bpf; pinning needs it: `sudo mount -t bpf bpf /sys/fs/bpf`");
+    }
+    Ok(())
+}

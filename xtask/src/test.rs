@@ -1,0 +1,54 @@
+//! `cargo xtask test`: the README's test command and CI's only step. Runs setup (a no-op when
+//! everything is present), builds the eBPF object, checks formatting, runs clippy with
+//! `-D warnings` on the host crates and, separately, on the eBPF crate, then runs every test
+//! (unit tests and the root eBPF integration tests) with cargo-nextest, whose summary line is the
+//! last thing printed.
+
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::{
+    build_ebpf, setup,
+    util::{exec, workspace_root},
+};
+
+#[derive(clap::Args, Default)]
+pub struct Options {
+    /// Skip `cargo xtask setup` (when you know the toolchain is in place).
+    #[arg(long)]
+    pub no_setup: bool,
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+pub fn run(opts: Options) -> Result<()> {
+    if !opts.no_setup {
+        setup::run(setup::Options::default())?;
+    }
+    build_ebpf::run(build_ebpf::Options::default())?;
+    exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    exec(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "mesh-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    build_ebpf::clippy()?;
+    exec(cargo().args([
+        "nextest",
+        "run",
+        "--workspace",
+        "--exclude",
+        "mesh-ebpf",
+        "--no-fail-fast",
+    ]))
+}

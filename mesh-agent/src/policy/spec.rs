@@ -1,0 +1,249 @@
+//! The policy objects as users write them: Istio's `AuthorizationPolicy` and `PeerAuthentication`
+//! specs under the group `security.nodemesh.io`, field for field, in Istio's camelCase YAML shape.
+//!
+//! These types only parse. Every field Istio defines is known here, so that an HTTP (L7) field,
+//! a `CUSTOM` action or a waypoint attachment is reported by [`super::compile`] with a message
+//! that names it and says why nodemesh rejects it, instead of a bare "unknown field". A field
+//! that Istio does not define either is refused by the parser (`deny_unknown_fields`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The `apiVersion` of nodemesh's policy objects. Istio users port a policy by replacing
+/// `security.istio.io/v1` (or `v1beta1`) with this.
+pub const API_VERSION: &str = "security.nodemesh.io/v1";
+
+/// Label pairs, as in `matchLabels`.
+pub type Labels = BTreeMap<String, String>;
+
+/// The parts of Kubernetes object metadata the policy engine reads. Other metadata fields
+/// (labels, annotations, resourceVersion…) are accepted and ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ObjectMeta {
+    #[serde(default)]
+    pub name: String,
+    /// Defaults to `default`, as `kubectl apply` does without `-n`.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+/// A whole `AuthorizationPolicy` object.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: AuthorizationPolicySpec,
+}
+
+/// Istio's `AuthorizationPolicy` spec.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub action: Action,
+    /// `None` (absent) and `Some(vec![])` both match nothing; `Some(vec![Rule::default()])`
+    /// (`rules: [{}]`) matches everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Vec<Rule>>,
+    /// Rejected: waypoint/gateway attachment.
+    #[serde(default, skip_serializing)]
+    pub target_ref: Option<Unsupported>,
+    /// Rejected: waypoint/gateway attachment.
+    #[serde(default, skip_serializing)]
+    pub target_refs: Option<Unsupported>,
+    /// Rejected: the external authorizer of a `CUSTOM` action.
+    #[serde(default, skip_serializing)]
+    pub provider: Option<Unsupported>,
+}
+
+/// `selector` of either policy kind.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: Labels,
+}
+
+/// `action`. `AUDIT` never changes a decision; nodemesh reports the AUDIT policies that matched.
+/// `CUSTOM` parses so that it can be rejected with a reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Action {
+    #[default]
+    Allow,
+    Deny,
+    Audit,
+    Custom,
+}
+
+/// One entry of `rules`: `from` entries are ORed, `to` entries are ORed, `when` conditions are
+/// ANDed, and the three parts that are present are ANDed.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Vec<From>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Vec<To>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<Vec<Condition>>,
+}
+
+/// `rules[].from[]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct From {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+}
+
+/// `rules[].to[]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct To {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<Operation>,
+}
+
+/// `rules[].from[].source`: the fields present are ANDed, the values of one field ORed.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Source {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_service_accounts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_blocks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ip_blocks: Vec<String>,
+    /// Rejected (L7: derived from `X-Forwarded-For`).
+    #[serde(default, skip_serializing)]
+    pub remote_ip_blocks: Option<Unsupported>,
+    /// Rejected (L7).
+    #[serde(default, skip_serializing)]
+    pub not_remote_ip_blocks: Option<Unsupported>,
+    /// Rejected (L7: JWT).
+    #[serde(default, skip_serializing)]
+    pub request_principals: Option<Unsupported>,
+    /// Rejected (L7: JWT).
+    #[serde(default, skip_serializing)]
+    pub not_request_principals: Option<Unsupported>,
+}
+
+/// `rules[].to[].operation`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Operation {
+    /// Port numbers as strings, as in Istio (`ports: ["8080"]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ports: Vec<String>,
+    /// Rejected (L7).
+    #[serde(default, skip_serializing)]
+    pub hosts: Option<Unsupported>,
+    /// Rejected (L7).
+    #[serde(default, skip_serializing)]
+    pub not_hosts: Option<Unsupported>,
+    /// Rejected (L7).
+    #[serde(default, skip_serializing)]
+    pub methods: Option<Unsupported>,
+    /// Rejected (L7).
+    #[serde(default, skip_serializing)]
+    pub not_methods: Option<Unsupported>,
+    /// Rejected (L7).
+    #[serde(default, skip_serializing)]
+    pub paths: Option<Unsupported>,
+    /// Rejected (L7).
+    #[serde(default, skip_serializing)]
+    pub not_paths: Option<Unsupported>,
+}
+
+/// `rules[].when[]`: `values` ORed; `notValues` must all miss; both present are ANDed.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    #[serde(default)]
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
+}
+
+/// A whole `PeerAuthentication` object.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthentication {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PeerAuthenticationSpec,
+}
+
+/// Istio's `PeerAuthentication` spec.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MutualTls>,
+    /// Keyed by the workload's (container) port. Needs a `selector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_level_mtls: Option<BTreeMap<u32, MutualTls>>,
+}
+
+/// `mtls` and the values of `portLevelMtls`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MutualTls {
+    #[serde(default)]
+    pub mode: MtlsModeSpec,
+}
+
+/// `mtls.mode` as written. `DISABLE` parses so that it can be rejected with a reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsModeSpec {
+    #[default]
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
+}
+
+/// A field that nodemesh recognises only to reject it. Any value is accepted by the parser; the
+/// compile step reports the field by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Unsupported;
+
+impl<'de> Deserialize<'de> for Unsupported {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(deserializer).map(|_| Unsupported)
+    }
+}

@@ -90,6 +90,9 @@ pub struct RuleMatch {
 /// Why a connection was allowed or denied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
+    /// Step 0: a plaintext connection (no verified identity) to a port whose effective
+    /// PeerAuthentication mode is STRICT.
+    PlaintextUnderStrictMtls(MtlsResolution),
     /// Step 1: a DENY policy matched.
     DeniedByPolicy(RuleMatch),
     /// Step 1 (fail-closed): an invalid ALLOW/DENY/CUSTOM policy selects the workload.
@@ -105,6 +108,13 @@ pub enum Reason {
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Reason::PlaintextUnderStrictMtls(m) => {
+                write!(f, "denied: plaintext connection, but mTLS is STRICT")?;
+                match &m.policy {
+                    Some(p) => write!(f, " ({p})"),
+                    None => Ok(()),
+                }
+            }
             Reason::DeniedByPolicy(m) => {
                 write!(f, "denied by DENY {} (rule {})", m.policy, m.rule)
             }
@@ -155,6 +165,7 @@ impl Decision {
         match &self.reason {
             Reason::DeniedByPolicy(m) | Reason::AllowedByPolicy(m) => Some(&m.policy),
             Reason::InvalidPolicy { policy, .. } => Some(policy),
+            Reason::PlaintextUnderStrictMtls(m) => m.policy.as_ref(),
             Reason::NoAllowPolicy | Reason::NoAllowPolicyMatched { .. } => None,
         }
     }
@@ -372,15 +383,22 @@ impl PolicySet {
             && selects(selector, workload)
     }
 
-    /// Istio's order: (1) any matching DENY denies; (2) no ALLOW applies → allow; (3) any
-    /// matching ALLOW allows; (4) deny. Every AUDIT policy that applies is evaluated and
-    /// reported when it matches, whatever the decision.
+    /// Istio's order: (0) a plaintext connection to a STRICT port is denied (ztunnel receives
+    /// STRICT as a DENY policy on `notPrincipals: ["*"]`); (1) any matching DENY denies; (2) no
+    /// ALLOW applies → allow; (3) any matching ALLOW allows; (4) deny. Every AUDIT policy that
+    /// applies is evaluated and reported when it matches, whatever the decision.
     pub fn authorize(&self, workload: &WorkloadMeta, conn: &ConnectionAttrs) -> Decision {
         let facts = Facts {
             conn,
             principal: conn.src_identity.as_ref().map(PeerIdentity::principal),
         };
         let mut denied: Option<Reason> = None;
+        if conn.src_identity.is_none() {
+            let mtls = self.mtls_mode(workload, conn.dst_port);
+            if mtls.mode == MtlsMode::Strict {
+                denied = Some(Reason::PlaintextUnderStrictMtls(mtls));
+            }
+        }
         let mut allowed: Option<RuleMatch> = None;
         let mut allow_policies = Vec::new();
         let mut audits = Vec::new();

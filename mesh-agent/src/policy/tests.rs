@@ -478,6 +478,54 @@ fn peer_authentication_table() {
     assert_eq!(set.mtls_mode(&sys, 1).mode, S);
 }
 
+#[test]
+fn strict_mtls_denies_plaintext_in_authorize() {
+    let authz: Vec<AuthorizationPolicy> = parse_all(
+        &[
+            object("AuthorizationPolicy", "shop", "allow-all", ALLOW_ALL),
+            object("AuthorizationPolicy", "shop", "audit-all", AUDIT_ALL),
+        ]
+        .join("---\n"),
+    )
+    .unwrap();
+    let peer: Vec<PeerAuthentication> = parse_all(
+        &[
+            object("PeerAuthentication", ROOT, "mesh", "{mtls: {mode: STRICT}}"),
+            object(
+                "PeerAuthentication",
+                "shop",
+                "web-9090",
+                "{selector: {matchLabels: {app: web}}, portLevelMtls: {9090: {mode: PERMISSIVE}}}",
+            ),
+        ]
+        .join("---\n"),
+    )
+    .unwrap();
+    let (set, findings) = PolicySet::compile(ROOT, &authz, &peer);
+    assert!(findings.is_empty(), "{findings:?}");
+
+    let d = set.authorize(&web(), &c().plain().0);
+    assert!(!d.is_allowed());
+    assert!(matches!(&d.reason, Reason::PlaintextUnderStrictMtls(m) if m.level == MtlsLevel::Mesh));
+    assert_eq!(d.policy().map(|p| p.name.as_str()), Some("mesh"));
+    assert_eq!(d.audits.len(), 1, "AUDIT is still evaluated");
+    assert!(
+        d.to_string()
+            .starts_with("denied: plaintext connection, but mTLS is STRICT"),
+        "{d}"
+    );
+
+    // mTLS is allowed; plaintext to the PERMISSIVE port is allowed.
+    assert!(set.authorize(&web(), &c().0).is_allowed());
+    assert!(
+        set.authorize(&web(), &c().plain().port(9090).0)
+            .is_allowed()
+    );
+    // Without PeerAuthentication (PERMISSIVE by default) plaintext reaches the authz policies.
+    let (set, _) = PolicySet::compile(ROOT, &authz, &[]);
+    assert!(set.authorize(&web(), &c().plain().0).is_allowed());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Validation.
 
@@ -810,6 +858,23 @@ fn json_objects_parse_too() {
         back["rules"][0]["from"][0]["source"]["ipBlocks"][0],
         "10.0.1.0/24"
     );
+}
+
+#[test]
+fn specs_round_trip_through_yaml() {
+    let spec = "{selector: {matchLabels: {app: web}}, action: DENY, rules: [{from: [{source: {principals: [\"a/*\"], notNamespaces: [b], ipBlocks: [\"10.0.0.0/8\"]}}], to: [{operation: {notPorts: [\"22\"]}}], when: [{key: destination.ip, notValues: [\"::1\"]}]}]}";
+    let parsed: Vec<AuthorizationPolicy> =
+        parse_all(&object("AuthorizationPolicy", "shop", "p", spec)).unwrap();
+    let text = serde_norway::to_string(&parsed[0]).unwrap();
+    let again: Vec<AuthorizationPolicy> = parse_all(&text).unwrap();
+    assert_eq!(parsed, again, "{text}");
+
+    let spec = "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: PERMISSIVE}}}";
+    let parsed: Vec<PeerAuthentication> =
+        parse_all(&object("PeerAuthentication", "shop", "p", spec)).unwrap();
+    let text = serde_norway::to_string(&parsed[0]).unwrap();
+    let again: Vec<PeerAuthentication> = parse_all(&text).unwrap();
+    assert_eq!(parsed, again, "{text}");
 }
 
 #[test]

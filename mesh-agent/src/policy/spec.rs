@@ -32,9 +32,10 @@ fn default_namespace() -> String {
     "default".to_owned()
 }
 
-/// A whole `AuthorizationPolicy` object.
+/// A whole `AuthorizationPolicy` object. Unknown top-level fields are refused (so that a misspelt
+/// `spec` is an error, not an empty spec); `status` is accepted and ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_version: Option<String>,
@@ -43,6 +44,9 @@ pub struct AuthorizationPolicy {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: AuthorizationPolicySpec,
+    /// Written by controllers; not read here.
+    #[serde(default, skip_serializing)]
+    pub status: Option<Unsupported>,
 }
 
 /// Istio's `AuthorizationPolicy` spec.
@@ -192,9 +196,10 @@ pub struct Condition {
     pub not_values: Vec<String>,
 }
 
-/// A whole `PeerAuthentication` object.
+/// A whole `PeerAuthentication` object. Unknown top-level fields are refused (so that a misspelt
+/// `spec` is an error, not an empty spec); `status` is accepted and ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthentication {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_version: Option<String>,
@@ -203,6 +208,9 @@ pub struct PeerAuthentication {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: PeerAuthenticationSpec,
+    /// Written by controllers; not read here.
+    #[serde(default, skip_serializing)]
+    pub status: Option<Unsupported>,
 }
 
 /// Istio's `PeerAuthentication` spec.

@@ -761,6 +761,15 @@ fn unknown_fields_are_parse_errors() {
             "{spec}: {text}"
         );
     }
+    for yaml in [
+        "metadata: {name: p}\nsepc: {}\n",
+        "metadata: {name: p}\nspec: {}\nextra: 1\n",
+    ] {
+        let err = parse_all::<AuthorizationPolicy>(yaml).expect_err(yaml);
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let err = parse_all::<PeerAuthentication>(yaml).expect_err(yaml);
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
     for spec in [
         "{mtls: {mode: STRICT, foo: 1}}",
         "{mode: STRICT}",

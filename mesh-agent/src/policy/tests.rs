@@ -714,6 +714,15 @@ fn header_and_metadata_are_checked() {
         "{problems:?}"
     );
 
+    // A list written without a value is empty (here: the source sets nothing else → error).
+    let errors = authz_errors("{rules: [{from: [{source: {principals: , namespaces: [a]}}]}]}");
+    assert!(errors.is_empty(), "{errors:?}");
+    let errors = authz_errors("{rules: [{from: [{source: {principals: }}]}]}");
+    assert_eq!(
+        one(&errors),
+        ("spec.rules[0].from[0].source", &Problem::EmptySource)
+    );
+
     // Namespace defaults to `default`; other metadata and `status` are ignored.
     let yaml = "metadata: {name: p, labels: {a: b}, resourceVersion: \"3\"}\nspec: {rules: [{}]}\nstatus: {x: y}\n";
     let parsed: Vec<AuthorizationPolicy> = parse_all(yaml).unwrap();

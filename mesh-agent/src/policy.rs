@@ -27,4 +27,6 @@ pub use peer::{
 };
 
 #[cfg(test)]
+mod model_test;
+#[cfg(test)]
 mod tests;

@@ -285,16 +285,17 @@ fn ref_rule(rule: &Rule, policy_ns: &str, c: &ConnectionAttrs) -> bool {
         };
         both(&w.values, &w.not_values, m)
     };
-    rule.from.as_ref().is_none_or(|f| {
-        f.iter()
-            .any(|e| e.source.as_ref().is_some_and(|s| source_ok(s)))
-    }) && rule.to.as_ref().is_none_or(|t| {
-        t.iter().any(|e| {
-            e.operation
-                .as_ref()
-                .is_some_and(|o| both(&o.ports, &o.not_ports, port))
+    rule.from
+        .as_ref()
+        .is_none_or(|f| f.iter().any(|e| e.source.as_ref().is_some_and(&source_ok)))
+        && rule.to.as_ref().is_none_or(|t| {
+            t.iter().any(|e| {
+                e.operation
+                    .as_ref()
+                    .is_some_and(|o| both(&o.ports, &o.not_ports, port))
+            })
         })
-    }) && rule.when.iter().flatten().all(cond_ok)
+        && rule.when.iter().flatten().all(cond_ok)
 }
 
 /// (allowed, deciding policy, matching audits), Istio's four steps.

@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 /// The `apiVersion` of nodemesh's policy objects. Istio users port a policy by replacing
 /// `security.istio.io/v1` (or `v1beta1`) with this.
-pub const API_VERSION: &str = "security.nodemesh.io/v1";
+pub const API_VERSION: &str = "security.nodemesh.io/v1alpha1";
 
 /// Label pairs, as in `matchLabels`.
 pub type Labels = BTreeMap<String, String>;

@@ -856,7 +856,7 @@ fn peer_authentication_validation() {
 
 #[test]
 fn json_objects_parse_too() {
-    let json = r#"{"apiVersion": "security.nodemesh.io/v1", "kind": "PeerAuthentication",
+    let json = r#"{"apiVersion": "security.nodemesh.io/v1alpha1", "kind": "PeerAuthentication",
         "metadata": {"name": "wl", "namespace": "shop"},
         "spec": {"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mode": "PERMISSIVE"},
                  "portLevelMtls": {"8080": {"mode": "STRICT"}}}}"#;

@@ -5,5 +5,7 @@
 
 pub mod cgroup;
 pub mod datapath;
+pub mod local_config;
+pub mod model;
 pub mod netns;
 pub mod policy;

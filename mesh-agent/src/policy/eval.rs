@@ -445,6 +445,28 @@ impl PolicySet {
         Decision { reason, audits }
     }
 
+    /// The `portLevelMtls` entries that apply to `workload` (those of its workload-level
+    /// PeerAuthentication), for programming per-port modes. Port 0 never has an entry, so
+    /// `mtls_mode(workload, 0)` is the workload-wide mode.
+    pub fn mtls_port_overrides(
+        &self,
+        workload: &WorkloadMeta,
+    ) -> std::collections::BTreeMap<u16, MtlsMode> {
+        self.workload_peer_policy(workload)
+            .map(|p| p.ports.clone())
+            .unwrap_or_default()
+    }
+
+    fn workload_peer_policy(&self, workload: &WorkloadMeta) -> Option<&CompiledPeerAuthentication> {
+        let in_root = workload.namespace == self.root_namespace;
+        self.peer.iter().find(|p| {
+            !in_root
+                && p.policy.namespace == workload.namespace
+                && p.selector.is_some()
+                && selects(&p.selector, workload)
+        })
+    }
+
     /// The effective mTLS mode for connections to `port` of `workload`: the workload policy's
     /// port entry, else the workload policy, else the namespace policy, else the mesh policy,
     /// else PERMISSIVE; UNSET at any level inherits. Where several policies compete at one
@@ -460,12 +482,7 @@ impl PolicySet {
             .peer
             .iter()
             .find(|p| !in_root && p.policy.namespace == workload.namespace && p.selector.is_none());
-        let workload_policy = self.peer.iter().find(|p| {
-            !in_root
-                && p.policy.namespace == workload.namespace
-                && p.selector.is_some()
-                && selects(&p.selector, workload)
-        });
+        let workload_policy = self.workload_peer_policy(workload);
         let mut out = MtlsResolution {
             mode: MtlsMode::Permissive,
             level: MtlsLevel::Default,

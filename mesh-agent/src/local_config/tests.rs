@@ -396,3 +396,29 @@ fn selector_matching_nothing_is_a_warning() {
     ));
     assert_eq!(model.warnings()[0].path, "services[0].selector");
 }
+
+#[test]
+fn the_example_in_the_docs_is_valid() {
+    let doc = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/local-mode.md"),
+    )
+    .unwrap_or_else(|e| panic!("docs/local-mode.md: {e}"));
+    let example = doc
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .unwrap_or_else(|| panic!("no yaml block in docs/local-mode.md"));
+    let model = build(example).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(model.this_node().name, "node-a");
+    assert_eq!(model.enrollments().len(), 1);
+}
+
+#[test]
+fn a_policy_defined_twice_is_an_error() {
+    let policy = "---\napiVersion: security.nodemesh.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: ns}\nspec: {mtls: {mode: STRICT}}\n";
+    let e = errors_of(&format!("{}{policy}{policy}", small()));
+    assert!(
+        e[0].contains("(document 3): metadata.name: PeerAuthentication ns/p is defined twice"),
+        "{e:?}"
+    );
+}

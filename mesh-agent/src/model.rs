@@ -241,6 +241,21 @@ pub enum Problem {
     UnknownThisNode { name: String, known: String },
     #[error("{what} is empty")]
     Empty { what: String },
+    #[error("{owner}: {field} `{value}` {why}")]
+    BadName {
+        owner: String,
+        field: String,
+        value: String,
+        why: &'static str,
+    },
+    #[error(
+        "node `{name}`: address {ip} is already the address of node `{other}`; peers dial nodes by address"
+    )]
+    DuplicateNodeAddress {
+        name: String,
+        other: String,
+        ip: IpAddr,
+    },
     #[error("node `{name}` is defined twice (first at {first})")]
     DuplicateNode { name: String, first: String },
     #[error("workload {key} is defined twice (first at {first}); names are unique per namespace")]

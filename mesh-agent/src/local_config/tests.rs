@@ -166,7 +166,8 @@ fn every_model_error_is_reported_at_once() {
         "{HEADER}thisNode: n1
 nodes:
 - {{name: n1, address: 10.0.0.1, tunnelAddress: 169.254.0.1, adminPort: 0}}
-- {{name: n1, address: 10.0.0.2, tunnelAddress: 169.254.0.2}}
+- {{name: n1, address: 10.0.0.1, tunnelAddress: 169.254.0.2}}
+- {{name: N_2, address: 10.0.0.3, tunnelAddress: 169.254.0.2}}
 workloads:
 - {{name: a, namespace: ns, serviceAccount: sa, ips: [10.1.0.1], netns: /run/netns/a, node: n1}}
 - {{name: a, namespace: ns, serviceAccount: sa, ips: [10.1.0.9], netns: /run/netns/a2, node: n1}}
@@ -189,9 +190,11 @@ spec:
         "lab.yaml: nodes[0].adminPort: node `n1`: port 0 is not a port",
         "lab.yaml: nodes[1].name: node `n1` is defined twice (first at lab.yaml: nodes[0])",
         "lab.yaml: workloads[1].name: workload ns/a is defined twice (first at lab.yaml: workloads[0])",
-        "lab.yaml: workloads[2].serviceAccount: service account is empty",
+        "lab.yaml: nodes[1].address: node `n1`: address 10.0.0.1 is already the address of node `n1`",
+        "lab.yaml: nodes[2].name: node: name `N_2` may contain only lowercase letters",
+        "lab.yaml: workloads[2].serviceAccount: workload ns/c: serviceAccount `` is empty",
         "lab.yaml: workloads[2].netns: workload ns/c: network namespace path `run/netns/c` must be absolute",
-        "lab.yaml: workloads[2].node: workload ns/c runs on node `n9`, which is not among the nodes (n1)",
+        "lab.yaml: workloads[2].node: workload ns/c runs on node `n9`, which is not among the nodes (N_2, n1)",
         "lab.yaml: workloads[2].probePorts[0]: workload ns/c: port 0",
         "lab.yaml: workloads[2].ips[0]: workload ns/c: address 10.1.0.1 is already used by workload ns/a (lab.yaml: workloads[0].ips[0])",
         "lab.yaml: services[0].ports[1].port: service ns/s: port 80 is listed twice",
@@ -382,6 +385,17 @@ async fn an_invalid_edit_keeps_the_last_good_model() {
             Some((w.id, w.identity_id))
         );
     }
+    // An edit that changes nothing in the model (a comment) is read but publishes nothing.
+    let attempts = s.attempts;
+    std::fs::write(
+        &main,
+        format!("# a comment\n{}", small().replace("10.1.0.2", "10.1.0.3")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let s = wait_status(&mut status, |s| s.attempts > attempts).await;
+    assert_eq!(s.published, 1);
+    assert!(s.last_error.is_none());
+    assert!(!models.has_changed().unwrap_or(true));
     drop(watch);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -47,16 +47,31 @@ fn known(names: &BTreeMap<String, Node>) -> String {
         .join(", ")
 }
 
-fn check_nonempty(errors: &mut Errors, origin: &Origin, field: &str, value: &str, what: &str) {
-    if value.trim().is_empty() {
-        errors.push(
-            origin,
-            field,
-            Problem::Empty {
-                what: what.to_owned(),
-            },
-        );
-    }
+/// Names, namespaces, service accounts and trust domains go into SPIFFE IDs, paths and logs: they
+/// follow Kubernetes' DNS-name rule (a `/` or a space would make an identity ambiguous).
+fn check_name(errors: &mut Errors, origin: &Origin, field: &str, value: &str, owner: &str) {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let why = if value.is_empty() {
+        "is empty"
+    } else if value.len() > 253 {
+        "is longer than 253 characters"
+    } else if !value.bytes().all(|b| alnum(b) || b == b'-' || b == b'.') {
+        "may contain only lowercase letters, digits, `-` and `.` (Kubernetes' name rule)"
+    } else if !value.bytes().next().is_some_and(alnum) || !value.bytes().last().is_some_and(alnum) {
+        "must start and end with a lowercase letter or digit"
+    } else {
+        return;
+    };
+    errors.push(
+        origin,
+        field,
+        Problem::BadName {
+            owner: owner.to_owned(),
+            field: field.to_owned(),
+            value: value.to_owned(),
+            why,
+        },
+    );
 }
 
 pub(super) fn build(input: &ClusterInput) -> Result<ClusterModel, Vec<ModelError>> {
@@ -68,7 +83,7 @@ pub(super) fn build(input: &ClusterInput) -> Result<ClusterModel, Vec<ModelError
     let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
     let mut node_origin: BTreeMap<String, &Origin> = BTreeMap::new();
     for Sourced { origin, spec } in &input.nodes {
-        check_nonempty(&mut errors, origin, "name", &spec.name, "node name");
+        check_name(&mut errors, origin, "name", &spec.name, "node");
         for (field, port) in [
             ("hbonePort", spec.hbone_port),
             ("outboundPort", spec.outbound_port),
@@ -84,6 +99,20 @@ pub(super) fn build(input: &ClusterInput) -> Result<ClusterModel, Vec<ModelError
                     },
                 );
             }
+        }
+        if let Some(other) = nodes
+            .values()
+            .find(|n| n.address == spec.address.to_canonical())
+        {
+            errors.push(
+                origin,
+                "address",
+                Problem::DuplicateNodeAddress {
+                    name: spec.name.clone(),
+                    other: other.name.clone(),
+                    ip: other.address,
+                },
+            );
         }
         if let Some(first) = node_origin.get(&spec.name) {
             errors.push(
@@ -138,27 +167,21 @@ pub(super) fn build(input: &ClusterInput) -> Result<ClusterModel, Vec<ModelError
     for Sourced { origin, spec } in &input.workloads {
         let key = ObjectKey::new(&spec.namespace, &spec.name);
         let owner = format!("workload {key}");
-        check_nonempty(&mut errors, origin, "name", &spec.name, "workload name");
-        check_nonempty(
-            &mut errors,
-            origin,
-            "namespace",
-            &spec.namespace,
-            "namespace",
-        );
-        check_nonempty(
+        check_name(&mut errors, origin, "name", &spec.name, &owner);
+        check_name(&mut errors, origin, "namespace", &spec.namespace, &owner);
+        check_name(
             &mut errors,
             origin,
             "serviceAccount",
             &spec.service_account,
-            "service account",
+            &owner,
         );
-        check_nonempty(
+        check_name(
             &mut errors,
             origin,
             "trustDomain",
             &spec.trust_domain,
-            "trust domain",
+            &owner,
         );
         if spec.ips.is_empty() {
             errors.push(
@@ -258,14 +281,8 @@ pub(super) fn build(input: &ClusterInput) -> Result<ClusterModel, Vec<ModelError
     for Sourced { origin, spec } in &input.services {
         let key = ObjectKey::new(&spec.namespace, &spec.name);
         let owner = format!("service {key}");
-        check_nonempty(&mut errors, origin, "name", &spec.name, "service name");
-        check_nonempty(
-            &mut errors,
-            origin,
-            "namespace",
-            &spec.namespace,
-            "namespace",
-        );
+        check_name(&mut errors, origin, "name", &spec.name, &owner);
+        check_name(&mut errors, origin, "namespace", &spec.namespace, &owner);
         if spec.vips.is_empty() {
             errors.push(
                 origin,

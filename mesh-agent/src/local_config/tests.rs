@@ -323,6 +323,14 @@ fn temp_dir() -> PathBuf {
     dir
 }
 
+/// Replaces a file as editors do (write a new file, rename it over the old one), so the
+/// watcher never reads a half-written file.
+fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
 /// Waits (with a deadline, never a fixed sleep) until `status` satisfies `done`.
 async fn wait_status(
     status: &mut tokio::sync::watch::Receiver<ReloadStatus>,
@@ -352,8 +360,7 @@ async fn an_invalid_edit_keeps_the_last_good_model() {
     assert_eq!(first.workloads().count(), 2);
 
     // Invalid: a duplicate address. Rejected; the model stays.
-    std::fs::write(&main, small().replace("10.1.0.2", "10.1.0.1"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    replace_file(&main, &small().replace("10.1.0.2", "10.1.0.1"));
     let s = wait_status(&mut status, |s| s.attempts >= 1).await;
     let error = s.last_error.map(|e| e.to_string()).unwrap_or_default();
     assert!(
@@ -364,8 +371,7 @@ async fn an_invalid_edit_keeps_the_last_good_model() {
     assert_eq!(*models.borrow(), first);
 
     // Valid again, with a change: published.
-    std::fs::write(&main, small().replace("10.1.0.2", "10.1.0.3"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    replace_file(&main, &small().replace("10.1.0.2", "10.1.0.3"));
     let changed = tokio::time::timeout(Duration::from_secs(20), models.changed()).await;
     assert!(matches!(changed, Ok(Ok(()))), "no new model published");
     let model = models.borrow_and_update().clone();
@@ -387,11 +393,10 @@ async fn an_invalid_edit_keeps_the_last_good_model() {
     }
     // An edit that changes nothing in the model (a comment) is read but publishes nothing.
     let attempts = s.attempts;
-    std::fs::write(
+    replace_file(
         &main,
-        format!("# a comment\n{}", small().replace("10.1.0.2", "10.1.0.3")),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+        &format!("# a comment\n{}", small().replace("10.1.0.2", "10.1.0.3")),
+    );
     let s = wait_status(&mut status, |s| s.attempts > attempts).await;
     assert_eq!(s.published, 1);
     assert!(s.last_error.is_none());

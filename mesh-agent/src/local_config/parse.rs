@@ -64,7 +64,9 @@ pub(crate) fn syntax_error(file: &str, error: &serde_norway::Error) -> ConfigErr
     match error.location() {
         Some(loc) => {
             let suffix = format!(" at line {} column {}", loc.line(), loc.column());
-            let message = text.strip_suffix(&suffix).unwrap_or(&text).to_owned();
+            // The position leads the line already; a second one (libyaml's context, "while
+            // parsing a flow sequence at line …") stays.
+            let message = text.replacen(&suffix, "", 1);
             ConfigError::Syntax {
                 file: file.to_owned(),
                 line: loc.line(),

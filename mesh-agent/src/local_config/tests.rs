@@ -441,3 +441,36 @@ fn a_policy_defined_twice_is_an_error() {
         "{e:?}"
     );
 }
+
+#[test]
+fn syntax_errors_have_a_position_once() {
+    let text = small().replace("ips: [10.1.0.2]", "ips: [10.1.0.2");
+    let e = errors_of(&text);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("lab.yaml:19:"), "{e:?}");
+    assert!(!e[0].contains(" at line 19 column"), "{e:?}");
+    assert!(e[0].contains("while parsing a flow sequence at line 18"), "{e:?}");
+}
+
+#[test]
+fn errors_in_an_included_file_name_that_file() {
+    let dir = temp_dir();
+    let main = dir.join("main.yaml");
+    std::fs::write(&main, format!("{}include: [more.yaml]\n", small())).unwrap_or_default();
+    std::fs::write(
+        dir.join("more.yaml"),
+        format!("{HEADER}workloads:\n- {{name: x, namespace: ns, serviceAccount: s, ips: [1.2.3], netns: /x, node: n1}}\n"),
+    )
+    .unwrap_or_default();
+    let e = LocalConfigSource::new(&main, None)
+        .load()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    let want = format!("{}:4:", dir.join("more.yaml").display());
+    assert!(
+        e.contains(&want) && e.contains("workloads[0].ips[0]: invalid IP address \"1.2.3\""),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -449,7 +449,10 @@ fn syntax_errors_have_a_position_once() {
     assert_eq!(e.len(), 1, "{e:?}");
     assert!(e[0].starts_with("lab.yaml:19:"), "{e:?}");
     assert!(!e[0].contains(" at line 19 column"), "{e:?}");
-    assert!(e[0].contains("while parsing a flow sequence at line 18"), "{e:?}");
+    assert!(
+        e[0].contains("while parsing a flow sequence at line 18"),
+        "{e:?}"
+    );
 }
 
 #[test]

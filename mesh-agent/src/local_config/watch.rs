@@ -24,8 +24,9 @@ pub struct ReloadStatus {
     pub last_error: Option<Arc<ConfigErrors>>,
 }
 
-/// A running watcher. `models` always holds the last good model. The task ends when every
-/// receiver of `models` is dropped, or when this handle's `stop` is called.
+/// A running watcher. `models` always holds the last good model; clone it to hand it on. The
+/// polling task runs until every receiver of `models` (this one and its clones) is dropped, or
+/// until [`LocalConfigWatch::stop`].
 #[derive(Debug)]
 pub struct LocalConfigWatch {
     pub models: watch::Receiver<Arc<ClusterModel>>,
@@ -36,12 +37,6 @@ pub struct LocalConfigWatch {
 impl LocalConfigWatch {
     /// Stops polling. The receivers keep the last values.
     pub fn stop(&self) {
-        self.task.abort();
-    }
-}
-
-impl Drop for LocalConfigWatch {
-    fn drop(&mut self) {
         self.task.abort();
     }
 }

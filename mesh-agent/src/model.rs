@@ -444,6 +444,15 @@ impl ClusterModel {
         }
     }
 
+    /// Every workload address in the mesh with the number of its workload's identity (the
+    /// contents of the kernel's IP → identity map), sorted by address.
+    pub fn address_identities(&self) -> impl Iterator<Item = (IpAddr, u32)> + '_ {
+        self.addresses.iter().filter_map(|(ip, owner)| match owner {
+            Owner::Workload(key) => self.workloads.get(key).map(|w| (*ip, w.identity_id)),
+            Owner::Service(_) => None,
+        })
+    }
+
     /// Every identity in the mesh with its stable number, sorted by identity.
     pub fn identities(&self) -> impl Iterator<Item = (&Identity, u32)> {
         self.identities.iter().map(|(i, id)| (i, *id))

@@ -6,7 +6,7 @@ use serde_norway::Value;
 
 use super::{ConfigError, LOCAL_API_VERSION, LOCAL_KIND};
 use crate::model::spec::{NodeSpec, Origin, ServiceSpec, Sourced, WorkloadSpec};
-use crate::policy::spec::{AuthorizationPolicy, PeerAuthentication};
+use crate::policy::spec::{API_VERSION, AuthorizationPolicy, PeerAuthentication};
 
 /// A `LocalCluster` document.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -56,6 +56,17 @@ fn sourced<T>(label: &str, list: &str, items: Vec<T>) -> impl Iterator<Item = So
         origin: Origin::new(label, format!("{list}[{i}]")),
         spec,
     })
+}
+
+/// Policies are whole CRD objects here, `apiVersion` included (the policy engine checks its
+/// value), so that the file works with `kubectl apply` unchanged.
+fn require_api_version(errors: &mut Vec<ConfigError>, label: &str, present: bool) {
+    if !present {
+        errors.push(ConfigError::Document {
+            file: label.to_owned(),
+            message: format!("apiVersion: missing; policies need `apiVersion: {API_VERSION}`"),
+        });
+    }
 }
 
 /// Turns a parser error into `file:line:column: path: message`.
@@ -150,12 +161,14 @@ pub fn parse_str(file: &str, text: &str) -> Result<ParsedFile, Vec<ConfigError>>
                     .extend(sourced(&label, "services", doc.services));
             }),
             Some("AuthorizationPolicy") => AuthorizationPolicy::deserialize(document).map(|p| {
+                require_api_version(&mut errors, &label, p.api_version.is_some());
                 out.authorization_policies.push(Sourced {
                     origin: Origin::new(label.clone(), ""),
                     spec: p,
                 })
             }),
             Some("PeerAuthentication") => PeerAuthentication::deserialize(document).map(|p| {
+                require_api_version(&mut errors, &label, p.api_version.is_some());
                 out.peer_authentications.push(Sourced {
                     origin: Origin::new(label.clone(), ""),
                     spec: p,

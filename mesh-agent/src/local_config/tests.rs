@@ -477,3 +477,21 @@ fn errors_in_an_included_file_name_that_file() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn policies_need_their_api_version() {
+    let policy = "---\nkind: PeerAuthentication\nmetadata: {name: p, namespace: ns}\n";
+    let e = errors_of(&format!("{}{policy}", small()));
+    assert_eq!(
+        e,
+        [
+            "lab.yaml (document 2): apiVersion: missing; policies need `apiVersion: security.nodemesh.io/v1alpha1`"
+        ]
+    );
+    let policy = "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: ns}\n";
+    let e = errors_of(&format!("{}{policy}", small()));
+    assert!(
+        e[0].contains("apiVersion `security.istio.io/v1` is not nodemesh's"),
+        "{e:?}"
+    );
+}

@@ -140,3 +140,23 @@ fn this_node_and_peers() {
     let local: Vec<_> = m.local_workloads().map(|w| w.key.name.clone()).collect();
     assert_eq!(local, ["db", "web"]);
 }
+
+#[test]
+fn every_workload_address_maps_to_its_identity_number() {
+    let m = model();
+    let map: Vec<_> = m.address_identities().collect();
+    let id = |name: &str| {
+        m.workload(&ObjectKey::new("shop", name))
+            .map(|w| w.identity_id)
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        map,
+        [
+            (ip("10.1.0.1"), id("web")),
+            (ip("10.1.0.2"), id("web2")),
+            (ip("10.1.0.3"), id("db")),
+            (ip("fd00::1"), id("web")),
+        ]
+    );
+}

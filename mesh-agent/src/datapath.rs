@@ -11,20 +11,30 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use mesh_common::{
-    AF_INET, Counter, EnrolledPod, OrigDst, SockTuple, TunnelConfig, maps, programs,
+    Counter, EnrolledPod, LpmAddr, LpmPortAddr, OrigDst, PolicyKey, SockTuple, TunnelConfig, maps,
+    programs,
 };
 use tracing::{debug, info};
+
+pub use crate::maps::TunnelSettings;
+use crate::maps::{KernelMaps, MapsError};
 
 /// The eBPF object, embedded at build time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("NODEMESH_EBPF_OBJECT_PATH"));
@@ -66,8 +76,10 @@ pub enum DatapathError {
         "{path} is not a cgroup v2 directory (find the hierarchy in /proc/self/mounts, type cgroup2)"
     )]
     NotCgroup2 { path: PathBuf },
-    #[error("IPv6 tunnel addresses are not supported yet: {0}")]
-    Ipv6Tunnel(SocketAddr),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("cannot read CLOCK_MONOTONIC for the tunnel heartbeat: {0}")]
+    Clock(#[source] nix::Error),
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -78,12 +90,31 @@ fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
     move |source| DatapathError::Program { name, source }
 }
 
+fn maps_err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+/// Treats a missing key on removal as success.
+fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+/// The programs, in load and attach order.
+const PROGRAMS: [&str; 3] = [programs::CONNECT4, programs::CONNECT6, programs::SOCKOPS];
+
 /// The loaded programs and the maps the agent programs.
 pub struct Datapath {
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     tunnel_cfg: Array<MapData, TunnelConfig>,
+    exclusions: LpmTrie<MapData, LpmPortAddr, u32>,
+    identities: LpmTrie<MapData, LpmAddr, u32>,
+    policy: HashMap<MapData, PolicyKey, u32>,
     counters: PerCpuArray<MapData, u64>,
+    heartbeat: TunnelHeartbeat,
     orig_dst: OrigDstReader,
     attached_to: Vec<PathBuf>,
 }
@@ -95,7 +126,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .load(EBPF_OBJECT)
             .map_err(DatapathError::Load)?;
-        for name in [programs::CONNECT4, programs::SOCKOPS] {
+        for name in PROGRAMS {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram { name })?;
@@ -118,13 +149,27 @@ impl Datapath {
             PerCpuArray::try_from(take(maps::COUNTERS)?).map_err(map_err(maps::COUNTERS))?;
         let by_tuple = HashMap::try_from(take(maps::ORIG_DST_BY_TUPLE)?)
             .map_err(map_err(maps::ORIG_DST_BY_TUPLE))?;
+        let heartbeat = Array::try_from(take(maps::TUNNEL_HEARTBEAT)?)
+            .map_err(map_err(maps::TUNNEL_HEARTBEAT))?;
+        let exclusions =
+            LpmTrie::try_from(take(maps::EXCLUSIONS)?).map_err(map_err(maps::EXCLUSIONS))?;
+        let identities =
+            LpmTrie::try_from(take(maps::IDENTITIES)?).map_err(map_err(maps::IDENTITIES))?;
+        let policy = HashMap::try_from(take(maps::POLICY)?).map_err(map_err(maps::POLICY))?;
         Ok(Self {
             ebpf,
             enrolled,
             tunnel_cfg,
+            exclusions,
+            identities,
+            policy,
             counters,
+            heartbeat: TunnelHeartbeat {
+                map: Arc::new(Mutex::new(heartbeat)),
+            },
             orig_dst: OrigDstReader {
                 by_tuple: Arc::new(Mutex::new(by_tuple)),
+                misses: Arc::new(AtomicU64::new(0)),
             },
             attached_to: Vec::new(),
         })
@@ -142,67 +187,45 @@ impl Datapath {
             path: cgroup.to_path_buf(),
             source,
         })?;
-        let connect4: &mut CgroupSockAddr = self
-            .ebpf
-            .program_mut(programs::CONNECT4)
-            .ok_or(DatapathError::MissingProgram {
-                name: programs::CONNECT4,
-            })?
-            .try_into()
-            .map_err(prog_err(programs::CONNECT4))?;
-        // `Single` is the mode links accept; links still allow several programs per cgroup.
-        connect4
-            .attach(&fd, CgroupAttachMode::Single)
-            .map_err(prog_err(programs::CONNECT4))?;
-        let sockops: &mut SockOps = self
-            .ebpf
-            .program_mut(programs::SOCKOPS)
-            .ok_or(DatapathError::MissingProgram {
-                name: programs::SOCKOPS,
-            })?
-            .try_into()
-            .map_err(prog_err(programs::SOCKOPS))?;
-        sockops
-            .attach(&fd, CgroupAttachMode::Single)
-            .map_err(prog_err(programs::SOCKOPS))?;
-        info!(cgroup = %cgroup.display(), "eBPF programs attached (connect4, sockops)");
+        for name in PROGRAMS {
+            let prog = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram { name })?;
+            // `Single` is the mode links accept; links still allow several programs per cgroup.
+            match prog {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    let p: &mut CgroupSockAddr = p;
+                    p.attach(&fd, CgroupAttachMode::Single).map(drop)
+                }
+                aya::programs::Program::SockOps(p) => {
+                    let p: &mut SockOps = p;
+                    p.attach(&fd, CgroupAttachMode::Single).map(drop)
+                }
+                _ => return Err(DatapathError::MissingProgram { name }),
+            }
+            .map_err(prog_err(name))?;
+        }
+        info!(cgroup = %cgroup.display(), "eBPF programs attached (connect4, connect6, sockops)");
         self.attached_to.push(cgroup.to_path_buf());
-        Ok(())
-    }
-
-    /// Sets where enrolled pods' connects are redirected. Until this is set, enrolled pods'
-    /// connects are refused (fail-closed) or passed untouched (fail-open pods).
-    pub fn set_tunnel(&mut self, addr: SocketAddr) -> Result<(), DatapathError> {
-        let SocketAddr::V4(v4) = addr else {
-            return Err(DatapathError::Ipv6Tunnel(addr));
-        };
-        let cfg = TunnelConfig {
-            ip4: u32::from_ne_bytes(v4.ip().octets()),
-            port: v4.port(),
-            _pad: 0,
-        };
-        self.tunnel_cfg
-            .set(0, cfg, 0)
-            .map_err(map_err(maps::TUNNEL_CONFIG))?;
-        info!(tunnel = %addr, "redirect target set");
         Ok(())
     }
 
     /// Enrolls the pod whose network namespace has cookie `netns_cookie`.
     pub fn enroll(&mut self, netns_cookie: u64, pod: EnrolledPod) -> Result<(), DatapathError> {
-        self.enrolled
-            .insert(netns_cookie, pod, 0)
-            .map_err(map_err(maps::ENROLLED))?;
+        self.put_enrolled(netns_cookie, pod)?;
         info!(netns_cookie, workload_id = pod.workload_id, "pod enrolled");
         Ok(())
     }
 
     /// Removes a pod's enrollment. Removing one that is not enrolled is not an error.
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), DatapathError> {
-        match self.enrolled.remove(&netns_cookie) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(maps::ENROLLED)(e)),
-        }
+        Ok(self.del_enrolled(netns_cookie)?)
+    }
+
+    /// A cheap, cloneable handle for the tunnel to report that it is alive.
+    pub fn heartbeat(&self) -> TunnelHeartbeat {
+        self.heartbeat.clone()
     }
 
     /// A cheap, cloneable handle for the tunnel to read original destinations.
@@ -220,7 +243,89 @@ impl Datapath {
                 .map_err(map_err(maps::COUNTERS))?;
             out.insert(c.name(), per_cpu.iter().sum());
         }
+        out.insert(
+            "orig_dst_misses",
+            self.orig_dst.misses.load(Ordering::Relaxed),
+        );
         Ok(out)
+    }
+}
+
+impl KernelMaps for Datapath {
+    fn put_enrolled(&mut self, netns_cookie: u64, pod: EnrolledPod) -> Result<(), MapsError> {
+        self.enrolled
+            .insert(netns_cookie, pod, 0)
+            .map_err(maps_err(maps::ENROLLED))
+    }
+    fn del_enrolled(&mut self, netns_cookie: u64) -> Result<(), MapsError> {
+        absent_ok(self.enrolled.remove(&netns_cookie)).map_err(maps_err(maps::ENROLLED))
+    }
+    fn put_tunnel_config(&mut self, cfg: TunnelConfig) -> Result<(), MapsError> {
+        self.tunnel_cfg
+            .set(0, cfg, 0)
+            .map_err(maps_err(maps::TUNNEL_CONFIG))?;
+        info!(?cfg, "redirect target set");
+        Ok(())
+    }
+    fn put_exclusion(&mut self, prefix_len: u32, key: LpmPortAddr) -> Result<(), MapsError> {
+        self.exclusions
+            .insert(&Key::new(prefix_len, key), 1, 0)
+            .map_err(maps_err(maps::EXCLUSIONS))
+    }
+    fn del_exclusion(&mut self, prefix_len: u32, key: LpmPortAddr) -> Result<(), MapsError> {
+        absent_ok(self.exclusions.remove(&Key::new(prefix_len, key)))
+            .map_err(maps_err(maps::EXCLUSIONS))
+    }
+    fn put_identity(&mut self, prefix_len: u32, key: LpmAddr, id: u32) -> Result<(), MapsError> {
+        self.identities
+            .insert(&Key::new(prefix_len, key), id, 0)
+            .map_err(maps_err(maps::IDENTITIES))
+    }
+    fn del_identity(&mut self, prefix_len: u32, key: LpmAddr) -> Result<(), MapsError> {
+        absent_ok(self.identities.remove(&Key::new(prefix_len, key)))
+            .map_err(maps_err(maps::IDENTITIES))
+    }
+    fn put_policy(&mut self, key: PolicyKey, verdict: u32) -> Result<(), MapsError> {
+        self.policy
+            .insert(key, verdict, 0)
+            .map_err(maps_err(maps::POLICY))
+    }
+    fn del_policy(&mut self, key: PolicyKey) -> Result<(), MapsError> {
+        absent_ok(self.policy.remove(&key)).map_err(maps_err(maps::POLICY))
+    }
+}
+
+/// The tunnel's liveness signal. The tunnel calls [`TunnelHeartbeat::beat`] more often than the
+/// configured staleness window ([`TunnelSettings::stale_after`]); when it stops, enrolled pods'
+/// connects follow their fail mode. Clone freely.
+#[derive(Clone)]
+pub struct TunnelHeartbeat {
+    map: Arc<Mutex<Array<MapData, u64>>>,
+}
+
+impl TunnelHeartbeat {
+    /// Records "alive now" (`CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`).
+    pub fn beat(&self) -> Result<(), DatapathError> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map_err(DatapathError::Clock)?;
+        let ns = u64::try_from(now.tv_sec())
+            .unwrap_or(0)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::try_from(now.tv_nsec()).unwrap_or(0));
+        self.write(ns.max(1))
+    }
+
+    /// Marks the tunnel as down at once (e.g. on shutdown), without waiting for staleness.
+    pub fn stop(&self) -> Result<(), DatapathError> {
+        self.write(0)
+    }
+
+    fn write(&self, ns: u64) -> Result<(), DatapathError> {
+        self.map
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .set(0, ns, 0)
+            .map_err(map_err(maps::TUNNEL_HEARTBEAT))
     }
 }
 
@@ -244,8 +349,6 @@ pub enum OrigDstError {
     Socket(#[source] std::io::Error),
     #[error("reading the original-destination map failed: {0}")]
     Map(#[source] MapError),
-    #[error("IPv6 connections are not handled yet: {peer} -> {local}")]
-    Unsupported { peer: SocketAddr, local: SocketAddr },
     #[error("corrupt original-destination record for {peer} -> {local} (family {family})")]
     Corrupt {
         peer: SocketAddr,
@@ -258,6 +361,7 @@ pub enum OrigDstError {
 #[derive(Clone)]
 pub struct OrigDstReader {
     by_tuple: Arc<Mutex<HashMap<MapData, SockTuple, OrigDst>>>,
+    misses: Arc<AtomicU64>,
 }
 
 impl OrigDstReader {
@@ -279,17 +383,21 @@ impl OrigDstReader {
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Result<OriginalDestination, OrigDstError> {
-        let (Some(peer4), Some(local4)) = (as_v4(peer), as_v4(local)) else {
-            return Err(OrigDstError::Unsupported { peer, local });
-        };
-        let key = SockTuple {
-            src_ip: [u32::from_ne_bytes(peer4.ip().octets()), 0, 0, 0],
-            dst_ip: [u32::from_ne_bytes(local4.ip().octets()), 0, 0, 0],
-            src_port: peer4.port(),
-            dst_port: local4.port(),
-            family: AF_INET,
-            _pad: 0,
-        };
+        let result = self.lookup_inner(peer, local);
+        if matches!(result, Err(OrigDstError::NotFound { .. })) {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn lookup_inner(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<OriginalDestination, OrigDstError> {
+        // Mixed families cannot be a redirected connection (the programs keep the family).
+        let key =
+            crate::model::tuple_key(peer, local).ok_or(OrigDstError::NotFound { peer, local })?;
         let mut map = self
             .by_tuple
             .lock()
@@ -305,16 +413,13 @@ impl OrigDstReader {
             Err(e) => return Err(OrigDstError::Map(e)),
         }
         drop(map);
-        if rec.family != AF_INET {
-            return Err(OrigDstError::Corrupt {
-                peer,
-                local,
-                family: rec.family,
-            });
-        }
-        let ip = Ipv4Addr::from(rec.ip[0].to_ne_bytes());
+        let addr = crate::model::orig_dst_addr(&rec).ok_or(OrigDstError::Corrupt {
+            peer,
+            local,
+            family: rec.family,
+        })?;
         Ok(OriginalDestination {
-            addr: SocketAddr::V4(SocketAddrV4::new(ip, rec.port)),
+            addr,
             identity_id: rec.identity_id,
             workload_id: rec.workload_id,
             netns_cookie: rec.netns_cookie,
@@ -322,37 +427,9 @@ impl OrigDstReader {
     }
 }
 
-/// IPv4 view of an address, including IPv4-mapped IPv6 (a dual-stack listener's view).
-fn as_v4(addr: SocketAddr) -> Option<SocketAddrV4> {
-    match addr {
-        SocketAddr::V4(v4) => Some(v4),
-        SocketAddr::V6(v6) => v6
-            .ip()
-            .to_ipv4_mapped()
-            .map(|ip| SocketAddrV4::new(ip, v6.port())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{Ipv6Addr, SocketAddrV6};
-
-    #[test]
-    fn mapped_ipv6_is_viewed_as_ipv4() {
-        let mapped = SocketAddr::V6(SocketAddrV6::new(
-            Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped(),
-            8080,
-            0,
-            0,
-        ));
-        assert_eq!(
-            as_v4(mapped),
-            Some(SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 8080))
-        );
-        let v6 = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 1, 0, 0));
-        assert_eq!(as_v4(v6), None);
-    }
 
     #[test]
     fn embedded_object_is_an_ebpf_elf() {

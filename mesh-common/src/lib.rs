@@ -12,7 +12,7 @@
 
 /// Version of the map layout. Any change to a map's key or value type, size or kind bumps it, so
 /// pinned maps of an older layout are never reused by a program that reads them differently.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// Map names, as they appear in the eBPF object and under the pin directory.
 pub mod maps {
@@ -26,11 +26,21 @@ pub mod maps {
     pub const ORIG_DST_BY_TUPLE: &str = "NM_ODST_TUPLE";
     /// `PerCpuArray<u64>` indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "NM_COUNTERS";
+    /// `Array<u64>` with one entry: the tunnel's last heartbeat, `CLOCK_MONOTONIC` nanoseconds
+    /// (what `bpf_ktime_get_ns` returns). 0 = never.
+    pub const TUNNEL_HEARTBEAT: &str = "NM_TUNNEL_HB";
+    /// `LpmTrie<LpmPortAddr, u32>`: destinations enrolled pods reach directly (not redirected).
+    pub const EXCLUSIONS: &str = "NM_EXCLUDE";
+    /// `LpmTrie<LpmAddr, u32>`: destination address → identity id (the "ipcache").
+    pub const IDENTITIES: &str = "NM_IDENTITY";
+    /// `HashMap<PolicyKey, u32>`: connect-time verdicts ([`crate::POLICY_ALLOW`]/[`crate::POLICY_DENY`]).
+    pub const POLICY: &str = "NM_POLICY";
 }
 
 /// Program names (the Rust function names in `mesh-ebpf`).
 pub mod programs {
     pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
     pub const SOCKOPS: &str = "mesh_sockops";
 }
 
@@ -43,6 +53,28 @@ pub const INBOUND_HBONE_PORT: u16 = 15008;
 pub const MAX_ENROLLED: u32 = 4096;
 /// Capacity of [`maps::ORIG_DST_BY_TUPLE`]: connections between `connect()` and `accept()`.
 pub const MAX_PENDING_CONNECTIONS: u32 = 65536;
+/// Capacity of [`maps::EXCLUSIONS`].
+pub const MAX_EXCLUSIONS: u32 = 1024;
+/// Capacity of [`maps::IDENTITIES`]: pod IPs and CIDRs with a known identity.
+pub const MAX_IDENTITY_PREFIXES: u32 = 65536;
+/// Capacity of [`maps::POLICY`].
+pub const MAX_POLICY_ENTRIES: u32 = 65536;
+
+/// Identity id meaning "any identity" in a [`PolicyKey`] (wildcard); never assigned to a workload.
+pub const IDENTITY_ANY: u32 = 0;
+/// Identity id of destinations not in [`maps::IDENTITIES`]; never assigned to a workload.
+pub const IDENTITY_WORLD: u32 = 1;
+/// Port meaning "any port" in a [`PolicyKey`].
+pub const PORT_ANY: u16 = 0;
+/// [`maps::POLICY`] values.
+pub const POLICY_ALLOW: u32 = 0;
+pub const POLICY_DENY: u32 = 1;
+/// IP protocol numbers used in [`PolicyKey::proto`].
+pub const PROTO_TCP: u8 = 6;
+
+/// The third address word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), network order in
+/// memory. LPM keys store IPv4 addresses in this form so one trie serves both families.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Per-pod record in [`maps::ENROLLED`].
 #[repr(C)]
@@ -88,6 +120,49 @@ pub struct TunnelConfig {
     /// Outbound listener port, host order.
     pub port: u16,
     pub _pad: u16,
+    /// IPv6 tunnel address (as `user_ip6`). All zero = no IPv6 tunnel: native IPv6 connects of
+    /// enrolled pods then follow the pod's fail mode.
+    pub ip6: [u32; 4],
+    /// The tunnel counts as down when its last heartbeat ([`maps::TUNNEL_HEARTBEAT`]) is older
+    /// than this. 0 = liveness not checked.
+    pub stale_after_ns: u64,
+}
+
+/// LPM-trie key data: an address as IPv6 words, IPv4 as mapped (`::ffff:a.b.c.d`, prefix
+/// length + 96). Network-order bytes in memory, as the trie compares bytes in memory order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LpmAddr {
+    pub addr: [u32; 4],
+}
+
+/// LPM-trie key data for exclusions: destination port first, then the address. An entry for
+/// one port of a prefix has prefix length `32 + address bits`; an entry for every port of a
+/// prefix has `port_be == 0` (programs look up twice: with the port, then with 0); an entry for
+/// one port on every address has prefix length 16.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LpmPortAddr {
+    /// Port with network-order bytes in memory (`port.to_be()`).
+    pub port_be: u16,
+    pub _pad: u16,
+    pub addr: [u32; 4],
+}
+
+/// Key of [`maps::POLICY`]. Programs look up (dst, port), (dst, any port), (any dst, port),
+/// (any, any) in that order; the first hit decides, no hit allows (the tunnel enforces again
+/// after mTLS; this map only refuses early).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub src_identity: u32,
+    /// Identity id, [`IDENTITY_WORLD`] or [`IDENTITY_ANY`].
+    pub dst_identity: u32,
+    /// Host order; [`PORT_ANY`] = every port.
+    pub port: u16,
+    /// [`PROTO_TCP`].
+    pub proto: u8,
+    pub _pad: u8,
 }
 
 /// Address family values used in [`OrigDst::family`] and [`SockTuple::family`].
@@ -143,15 +218,27 @@ pub enum Counter {
     OrigDstStoreFailed = 3,
     /// Writing the tuple-keyed original destination failed (map full or other error).
     TupleMapUpdateFailed = 4,
+    /// Connects refused by the policy map.
+    DeniedPolicy = 5,
+    /// Connects from fail-closed pods refused because the tunnel's heartbeat is stale.
+    RefusedTunnelStale = 6,
+    /// Connects from fail-open pods passed untouched because the tunnel's heartbeat is stale.
+    PassedTunnelStale = 7,
+    /// Connects from enrolled pods left alone because the destination is excluded.
+    Excluded = 8,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 5] = [
+    pub const ALL: [Counter; 9] = [
         Counter::Redirected,
         Counter::PassedUnconfigured,
         Counter::RefusedUnconfigured,
         Counter::OrigDstStoreFailed,
         Counter::TupleMapUpdateFailed,
+        Counter::DeniedPolicy,
+        Counter::RefusedTunnelStale,
+        Counter::PassedTunnelStale,
+        Counter::Excluded,
     ];
     /// Size of [`maps::COUNTERS`]; spare slots leave room for new counters without a layout bump.
     pub const SLOTS: u32 = 32;
@@ -163,6 +250,10 @@ impl Counter {
             Counter::RefusedUnconfigured => "refused_unconfigured",
             Counter::OrigDstStoreFailed => "orig_dst_store_failed",
             Counter::TupleMapUpdateFailed => "tuple_map_update_failed",
+            Counter::DeniedPolicy => "denied_policy",
+            Counter::RefusedTunnelStale => "refused_tunnel_stale",
+            Counter::PassedTunnelStale => "passed_tunnel_stale",
+            Counter::Excluded => "excluded",
         }
     }
 }
@@ -178,6 +269,12 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockTuple {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LpmAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LpmPortAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyKey {}
 }
 
 #[cfg(test)]
@@ -189,9 +286,17 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<EnrolledPod>(), 16);
-        assert_eq!(size_of::<TunnelConfig>(), 8);
+        assert_eq!(size_of::<TunnelConfig>(), 32);
+        assert_eq!(size_of::<LpmAddr>(), 16);
+        assert_eq!(size_of::<LpmPortAddr>(), 20);
+        assert_eq!(size_of::<PolicyKey>(), 12);
         assert_eq!(size_of::<OrigDst>(), 40);
         assert_eq!(size_of::<SockTuple>(), 40);
+    }
+
+    #[test]
+    fn mapped_word_is_ffff_in_network_order() {
+        assert_eq!(V4_MAPPED_WORD.to_ne_bytes(), [0, 0, 0xff, 0xff]);
     }
 
     #[test]

@@ -52,6 +52,20 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Tunnel settings for an IPv4-only tunnel at `addr`, liveness not checked.
+pub fn tunnel_v4(addr: SocketAddr) -> mesh_agent::maps::TunnelSettings {
+    let ip4 = match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4,
+        std::net::IpAddr::V6(_) => panic!("tunnel_v4 needs an IPv4 address, got {addr}"),
+    };
+    mesh_agent::maps::TunnelSettings {
+        ip4,
+        ip6: None,
+        port: addr.port(),
+        stale_after: None,
+    }
+}
+
 /// A named network namespace (`ip netns add`), deleted on drop.
 pub struct NetNs {
     name: String,
@@ -213,4 +227,205 @@ fn env_probe() -> Result<PathBuf> {
         exe.display()
     );
     Ok(exe)
+}
+
+/// The node's tunnel addresses in [`Node`] topologies (on the node namespace's `lo`).
+pub const TUNNEL_IP4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 77, 1);
+pub const TUNNEL_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd77, 0xff, 0, 0, 0, 0, 0, 1);
+
+/// One pod of a [`Node`]: its namespace and addresses.
+pub struct Pod {
+    pub ns: NetNs,
+    pub ip4: std::net::Ipv4Addr,
+    pub ip6: std::net::Ipv6Addr,
+    /// The node side of the pod's veth (its gateway).
+    pub gw4: std::net::Ipv4Addr,
+    pub gw6: std::net::Ipv6Addr,
+}
+
+/// A node namespace with `n` pods, each on its own veth pair, dual-stack:
+/// pod i (from 1) is `10.77.i.2/24` + `fd77:i::2/64`, its gateway `10.77.i.1` + `fd77:i::1`.
+/// The tunnel addresses [`TUNNEL_IP4`]/[`TUNNEL_IP6`] are host routes on the node's `lo`.
+/// IPv6 duplicate-address detection is off in every namespace so addresses work at once.
+pub struct Node {
+    pub pods: Vec<Pod>,
+    pub ns: NetNs,
+}
+
+impl Node {
+    pub fn new(prefix: &str, n: u8) -> Result<Self> {
+        ensure!((1..=200).contains(&n), "1..=200 pods");
+        let ns = NetNs::new(&format!("{prefix}-node"))?;
+        no_dad(&ns)?;
+        ns.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{TUNNEL_IP4}/32"),
+            "dev",
+            "lo",
+        ])?;
+        ns.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{TUNNEL_IP6}/128"),
+            "dev",
+            "lo",
+        ])?;
+        let mut pods = Vec::new();
+        for i in 1..=n {
+            let pod = NetNs::new(&format!("{prefix}-p{i}"))?;
+            no_dad(&pod)?;
+            let gw4 = std::net::Ipv4Addr::new(10, 77, i, 1);
+            let ip4 = std::net::Ipv4Addr::new(10, 77, i, 2);
+            let gw6 = std::net::Ipv6Addr::new(0xfd77, u16::from(i), 0, 0, 0, 0, 0, 1);
+            let ip6 = std::net::Ipv6Addr::new(0xfd77, u16::from(i), 0, 0, 0, 0, 0, 2);
+            veth(
+                &ns,
+                &format!("v{i}"),
+                &format!("{gw4}/24"),
+                &pod,
+                "eth0",
+                &format!("{ip4}/24"),
+            )?;
+            ns.exec(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{gw6}/64"),
+                "dev",
+                &format!("v{i}"),
+                "nodad",
+            ])?;
+            pod.exec(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            pod.exec(&["ip", "route", "add", "default", "via", &gw4.to_string()])?;
+            pod.exec(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw6.to_string(),
+            ])?;
+            pods.push(Pod {
+                ns: pod,
+                ip4,
+                ip6,
+                gw4,
+                gw6,
+            });
+        }
+        Ok(Self { pods, ns })
+    }
+
+    /// Binds a listener in the node namespace.
+    pub fn listen(&self, addr: SocketAddr) -> Result<std::net::TcpListener> {
+        Ok(mesh_agent::netns::in_netns(&self.ns.path(), move || {
+            std::net::TcpListener::bind(addr)
+        })?)
+    }
+}
+
+fn no_dad(ns: &NetNs) -> Result<()> {
+    for key in [
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+    ] {
+        ns.exec(&["sysctl", "-q", "-w", key])?;
+    }
+    Ok(())
+}
+
+/// Accepts one connection, waiting at most `timeout` (polling; never a blind sleep).
+pub fn accept_within(
+    listener: &std::net::TcpListener,
+    timeout: std::time::Duration,
+) -> Result<Option<std::net::TcpStream>> {
+    listener.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(Some(s));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Accepts a connection that must already be queued (e.g. the probe returned only after its
+/// connect completed), or reports that none arrived.
+pub fn accept_now(listener: &std::net::TcpListener) -> Result<Option<std::net::TcpStream>> {
+    accept_within(listener, std::time::Duration::ZERO)
+}
+
+/// A running `nm-probe many` process; dropping it closes its stdin (it then exits) and reaps it.
+pub struct ManyProbe {
+    child: std::process::Child,
+}
+
+impl ManyProbe {
+    /// Starts `count` connections from `netns` to `ip`:`first_port..first_port+ports`.
+    pub fn start(
+        cgroup: &Path,
+        netns: &NetNs,
+        count: usize,
+        ip: std::net::IpAddr,
+        first_port: u16,
+        ports: u16,
+    ) -> Result<Self> {
+        let child = Command::new(env_probe()?)
+            .arg(cgroup)
+            .arg(netns.path())
+            .arg("many")
+            .arg(count.to_string())
+            .arg(ip.to_string())
+            .arg(first_port.to_string())
+            .arg(ports.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot start nm-probe")?;
+        Ok(Self { child })
+    }
+
+    /// Waits for the probe's `ready` line (all connections written) or its failure.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        use std::io::BufRead;
+        let out = self.child.stdout.take().context("probe stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line)?;
+        ensure!(line.trim() == "ready", "probe failed: {}", line.trim());
+        Ok(())
+    }
+}
+
+impl Drop for ManyProbe {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        if self.child.try_wait().ok().flatten().is_none() {
+            // It exits as soon as stdin closes; wait() reaps it.
+            let _ = self.child.wait();
+        }
+    }
 }

@@ -1,11 +1,18 @@
-//! `nm-probe <cgroup-dir> <netns-file> connect <ip:port> <payload>`: acts as an application in a
-//! test "pod". It moves itself into the cgroup, enters the network namespace, connects, writes the
-//! payload, prints `local=<addr>` and exits 0; on any failure it prints the reason and exits 1.
+//! Acts as an application in a test "pod". It moves itself into the cgroup, enters the network
+//! namespace, then:
+//!
+//! - `nm-probe <cgroup-dir> <netns-file> connect <ip:port> <payload>`: connects, writes the
+//!   payload, prints `local=<addr>` and exits 0.
+//! - `nm-probe <cgroup-dir> <netns-file> many <count> <ip> <first-port> <ports>`: opens `count`
+//!   connections to `<ip>:<first-port + i % ports>` and keeps them all open; on each it writes its
+//!   destination and a newline. Prints `ready` once all are written, then exits when stdin closes.
+//!
+//! On any failure it prints the reason and exits 1.
 
 use std::{
     fs::{File, OpenOptions},
-    io::Write,
-    net::{SocketAddr, TcpStream},
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
     os::fd::AsFd,
     process::ExitCode,
     time::Duration,
@@ -21,17 +28,16 @@ fn main() -> ExitCode {
     }
 }
 
+const USAGE: &str = "usage: nm-probe <cgroup-dir> <netns-file> connect <ip:port> <payload> | \
+                     many <count> <ip> <first-port> <ports>";
+
 fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [cgroup, netns, verb, dst, payload] = args.as_slice() else {
-        return Err("usage: nm-probe <cgroup-dir> <netns-file> connect <ip:port> <payload>".into());
+    let [cgroup, netns, verb, rest @ ..] = args.as_slice() else {
+        return Err(USAGE.into());
     };
-    if verb != "connect" {
-        return Err(format!("unknown verb {verb}"));
-    }
-    let dst: SocketAddr = dst.parse().map_err(|e| format!("bad address {dst}: {e}"))?;
-    // Join the cgroup first: the netns switch does not change which cgroup files we can see, but
-    // doing it in this order matches how a container runtime places a pod.
+    // Join the cgroup first: `ip netns exec`-style sysfs remounts would hide it, and this order
+    // matches how a container runtime places a pod.
     let mut procs = OpenOptions::new()
         .write(true)
         .open(format!("{cgroup}/cgroup.procs"))
@@ -42,6 +48,22 @@ fn run() -> Result<(), String> {
     let ns = File::open(netns).map_err(|e| format!("open {netns}: {e}"))?;
     nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|e| format!("setns {netns}: {e}"))?;
+    match (verb.as_str(), rest) {
+        ("connect", [dst, payload]) => connect(dst, payload),
+        ("many", [count, ip, first, ports]) => many(count, ip, first, ports),
+        _ => Err(USAGE.into()),
+    }
+}
+
+fn parse<T: std::str::FromStr>(what: &str, s: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e| format!("bad {what} {s}: {e}"))
+}
+
+fn connect(dst: &str, payload: &str) -> Result<(), String> {
+    let dst: SocketAddr = parse("address", dst)?;
     let mut stream = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
         .map_err(|e| format!("connect {dst}: {e}"))?;
     stream
@@ -51,5 +73,32 @@ fn run() -> Result<(), String> {
         .local_addr()
         .map_err(|e| format!("local_addr: {e}"))?;
     println!("local={local}");
+    Ok(())
+}
+
+fn many(count: &str, ip: &str, first: &str, ports: &str) -> Result<(), String> {
+    let count: usize = parse("count", count)?;
+    let ip: IpAddr = parse("address", ip)?;
+    let first: u16 = parse("port", first)?;
+    let ports: u16 = parse("port count", ports)?;
+    let mut open = Vec::with_capacity(count);
+    for i in 0..count {
+        let port = first + (i % usize::from(ports.max(1))) as u16;
+        let dst = SocketAddr::new(ip, port);
+        let mut stream = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+            .map_err(|e| format!("connect #{i} {dst}: {e}"))?;
+        stream
+            .write_all(format!("{dst}\n").as_bytes())
+            .map_err(|e| format!("write #{i}: {e}"))?;
+        open.push(stream);
+    }
+    println!("ready");
+    std::io::stdout()
+        .flush()
+        .map_err(|e| format!("stdout: {e}"))?;
+    // Hold every connection open until the test is done with them.
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    drop(open);
     Ok(())
 }

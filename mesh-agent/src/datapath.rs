@@ -25,11 +25,13 @@ use aya::{
         Array, HashMap, MapData, MapError, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
+    },
 };
 use mesh_common::{
-    Counter, EnrolledPod, LpmAddr, LpmPortAddr, OrigDst, PolicyKey, SockTuple, TunnelConfig, maps,
-    programs,
+    Counter, EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, OrigDst, PolicyKey, SockTuple,
+    TunnelConfig, maps, programs,
 };
 use tracing::{debug, info};
 
@@ -103,7 +105,12 @@ fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 /// The programs, in load and attach order.
-const PROGRAMS: [&str; 3] = [programs::CONNECT4, programs::CONNECT6, programs::SOCKOPS];
+const PROGRAMS: [&str; 4] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::SOCKOPS,
+    programs::GUARD_INGRESS,
+];
 
 /// The loaded programs and the maps the agent programs.
 pub struct Datapath {
@@ -113,6 +120,7 @@ pub struct Datapath {
     exclusions: LpmTrie<MapData, LpmPortAddr, u32>,
     identities: LpmTrie<MapData, LpmAddr, u32>,
     policy: HashMap<MapData, PolicyKey, u32>,
+    guard_ports: HashMap<MapData, GuardPortKey, u32>,
     counters: PerCpuArray<MapData, u64>,
     heartbeat: TunnelHeartbeat,
     orig_dst: OrigDstReader,
@@ -133,6 +141,7 @@ impl Datapath {
             match prog {
                 aya::programs::Program::CgroupSockAddr(p) => p.load(),
                 aya::programs::Program::SockOps(p) => p.load(),
+                aya::programs::Program::CgroupSkb(p) => p.load(),
                 _ => return Err(DatapathError::MissingProgram { name }),
             }
             .map_err(prog_err(name))?;
@@ -156,6 +165,8 @@ impl Datapath {
         let identities =
             LpmTrie::try_from(take(maps::IDENTITIES)?).map_err(map_err(maps::IDENTITIES))?;
         let policy = HashMap::try_from(take(maps::POLICY)?).map_err(map_err(maps::POLICY))?;
+        let guard_ports =
+            HashMap::try_from(take(maps::GUARD_PORTS)?).map_err(map_err(maps::GUARD_PORTS))?;
         Ok(Self {
             ebpf,
             enrolled,
@@ -163,6 +174,7 @@ impl Datapath {
             exclusions,
             identities,
             policy,
+            guard_ports,
             counters,
             heartbeat: TunnelHeartbeat {
                 map: Arc::new(Mutex::new(heartbeat)),
@@ -202,11 +214,16 @@ impl Datapath {
                     let p: &mut SockOps = p;
                     p.attach(&fd, CgroupAttachMode::Single).map(drop)
                 }
+                aya::programs::Program::CgroupSkb(p) => {
+                    let p: &mut CgroupSkb = p;
+                    p.attach(&fd, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                        .map(drop)
+                }
                 _ => return Err(DatapathError::MissingProgram { name }),
             }
             .map_err(prog_err(name))?;
         }
-        info!(cgroup = %cgroup.display(), "eBPF programs attached (connect4, connect6, sockops)");
+        info!(cgroup = %cgroup.display(), "eBPF programs attached (connect4, connect6, sockops, plaintext guard)");
         self.attached_to.push(cgroup.to_path_buf());
         Ok(())
     }
@@ -292,6 +309,14 @@ impl KernelMaps for Datapath {
     }
     fn del_policy(&mut self, key: PolicyKey) -> Result<(), MapsError> {
         absent_ok(self.policy.remove(&key)).map_err(maps_err(maps::POLICY))
+    }
+    fn put_guard_port(&mut self, key: GuardPortKey) -> Result<(), MapsError> {
+        self.guard_ports
+            .insert(key, 1, 0)
+            .map_err(maps_err(maps::GUARD_PORTS))
+    }
+    fn del_guard_port(&mut self, key: GuardPortKey) -> Result<(), MapsError> {
+        absent_ok(self.guard_ports.remove(&key)).map_err(maps_err(maps::GUARD_PORTS))
     }
 }
 

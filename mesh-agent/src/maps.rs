@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::{net::IpAddr, time::Duration};
 
-use mesh_common::{EnrolledPod, LpmAddr, LpmPortAddr, PolicyKey, TunnelConfig};
+use mesh_common::{EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, PolicyKey, TunnelConfig};
 
 use crate::model::{self, Cidr, Exclusion, ModelError, PolicyRule};
 
@@ -63,6 +63,18 @@ pub trait KernelMaps {
     fn del_identity(&mut self, prefix_len: u32, key: LpmAddr) -> Result<(), MapsError>;
     fn put_policy(&mut self, key: PolicyKey, verdict: u32) -> Result<(), MapsError>;
     fn del_policy(&mut self, key: PolicyKey) -> Result<(), MapsError>;
+    fn put_guard_port(&mut self, key: GuardPortKey) -> Result<(), MapsError>;
+    fn del_guard_port(&mut self, key: GuardPortKey) -> Result<(), MapsError>;
+
+    /// Lets plaintext reach the listener on `port` of the STRICT pod `netns_cookie` from any
+    /// source (kubelet probes); other listeners of the pod accept only the tunnel address.
+    fn allow_plaintext_port(&mut self, netns_cookie: u64, port: u16) -> Result<(), MapsError> {
+        self.put_guard_port(model::guard_port_key(netns_cookie, port))
+    }
+
+    fn disallow_plaintext_port(&mut self, netns_cookie: u64, port: u16) -> Result<(), MapsError> {
+        self.del_guard_port(model::guard_port_key(netns_cookie, port))
+    }
 
     /// Sets where enrolled pods' connects are redirected. Until this is set, enrolled pods'
     /// connects are refused (fail-closed) or passed untouched (fail-open pods).
@@ -112,6 +124,7 @@ pub struct FakeMaps {
     pub exclusions: HashMap<(u32, LpmPortAddr), u32>,
     pub identities: HashMap<(u32, LpmAddr), u32>,
     pub policy: BTreeMap<PolicyKey, u32>,
+    pub guard_ports: std::collections::BTreeSet<GuardPortKey>,
 }
 
 impl KernelMaps for FakeMaps {
@@ -149,6 +162,14 @@ impl KernelMaps for FakeMaps {
     }
     fn del_policy(&mut self, key: PolicyKey) -> Result<(), MapsError> {
         self.policy.remove(&key);
+        Ok(())
+    }
+    fn put_guard_port(&mut self, key: GuardPortKey) -> Result<(), MapsError> {
+        self.guard_ports.insert(key);
+        Ok(())
+    }
+    fn del_guard_port(&mut self, key: GuardPortKey) -> Result<(), MapsError> {
+        self.guard_ports.remove(&key);
         Ok(())
     }
 }
@@ -301,6 +322,20 @@ mod tests {
         assert!(m.denies(10, ip("1.1.1.1"), 443));
         m.remove_policy(&deny_all).expect("fake");
         assert!(!m.denies(10, ip("10.1.9.9"), 80));
+    }
+
+    #[test]
+    fn plaintext_ports_are_per_pod() {
+        let mut m = FakeMaps::default();
+        m.allow_plaintext_port(7, 8081).expect("fake");
+        m.allow_plaintext_port(8, 8081).expect("fake");
+        m.disallow_plaintext_port(8, 8081).expect("fake");
+        let keys: Vec<_> = m
+            .guard_ports
+            .iter()
+            .map(|k| (k.netns_cookie, k.port))
+            .collect();
+        assert_eq!(keys, [(7, 8081)]);
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::{
 };
 
 use mesh_common::{
-    IDENTITY_ANY, IDENTITY_WORLD, LpmAddr, LpmPortAddr, OrigDst, POLICY_ALLOW, POLICY_DENY,
-    PORT_ANY, PROTO_TCP, PolicyKey, SockTuple, V4_MAPPED_WORD,
+    GuardPortKey, IDENTITY_ANY, IDENTITY_WORLD, LpmAddr, LpmPortAddr, OrigDst, POLICY_ALLOW,
+    POLICY_DENY, PORT_ANY, PROTO_TCP, PolicyKey, SockTuple, V4_MAPPED_WORD,
 };
 
 /// An IP prefix such as `10.96.0.0/12` or `fd00::/8`. A bare address is a host prefix.
@@ -162,6 +162,15 @@ pub fn workload_identity(id: u32) -> Result<u32, ModelError> {
         return Err(ModelError::ReservedIdentity(id));
     }
     Ok(id)
+}
+
+/// The plaintext-guard allow-list key for listener `port` of the pod `netns_cookie`.
+pub fn guard_port_key(netns_cookie: u64, port: u16) -> GuardPortKey {
+    GuardPortKey {
+        netns_cookie,
+        port,
+        _pad: [0; 6],
+    }
 }
 
 /// Destination side of a policy rule.

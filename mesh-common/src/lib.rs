@@ -35,12 +35,16 @@ pub mod maps {
     pub const IDENTITIES: &str = "NM_IDENTITY";
     /// `HashMap<PolicyKey, u32>`: connect-time verdicts ([`crate::POLICY_ALLOW`]/[`crate::POLICY_DENY`]).
     pub const POLICY: &str = "NM_POLICY";
+    /// `HashMap<GuardPortKey, u32>`: per-pod listener ports the plaintext guard leaves open
+    /// (kubelet probes).
+    pub const GUARD_PORTS: &str = "NM_GUARD_PORTS";
 }
 
 /// Program names (the Rust function names in `mesh-ebpf`).
 pub mod programs {
     pub const CONNECT4: &str = "mesh_connect4";
     pub const CONNECT6: &str = "mesh_connect6";
+    pub const GUARD_INGRESS: &str = "mesh_guard_ingress";
     pub const SOCKOPS: &str = "mesh_sockops";
 }
 
@@ -57,6 +61,8 @@ pub const MAX_PENDING_CONNECTIONS: u32 = 65536;
 pub const MAX_EXCLUSIONS: u32 = 1024;
 /// Capacity of [`maps::IDENTITIES`]: pod IPs and CIDRs with a known identity.
 pub const MAX_IDENTITY_PREFIXES: u32 = 65536;
+/// Capacity of [`maps::GUARD_PORTS`].
+pub const MAX_GUARD_PORTS: u32 = 4096;
 /// Capacity of [`maps::POLICY`].
 pub const MAX_POLICY_ENTRIES: u32 = 65536;
 
@@ -165,6 +171,16 @@ pub struct PolicyKey {
     pub _pad: u8,
 }
 
+/// Key of [`maps::GUARD_PORTS`]: a pod (netns cookie) and one of its listening ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GuardPortKey {
+    pub netns_cookie: u64,
+    /// Host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
 /// Address family values used in [`OrigDst::family`] and [`SockTuple::family`].
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -226,10 +242,12 @@ pub enum Counter {
     PassedTunnelStale = 7,
     /// Connects from enrolled pods left alone because the destination is excluded.
     Excluded = 8,
+    /// Packets to a listener of a STRICT pod dropped by the plaintext guard (not from the tunnel).
+    GuardDropped = 9,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 10] = [
         Counter::Redirected,
         Counter::PassedUnconfigured,
         Counter::RefusedUnconfigured,
@@ -239,6 +257,7 @@ impl Counter {
         Counter::RefusedTunnelStale,
         Counter::PassedTunnelStale,
         Counter::Excluded,
+        Counter::GuardDropped,
     ];
     /// Size of [`maps::COUNTERS`]; spare slots leave room for new counters without a layout bump.
     pub const SLOTS: u32 = 32;
@@ -254,6 +273,7 @@ impl Counter {
             Counter::RefusedTunnelStale => "refused_tunnel_stale",
             Counter::PassedTunnelStale => "passed_tunnel_stale",
             Counter::Excluded => "excluded",
+            Counter::GuardDropped => "guard_dropped",
         }
     }
 }
@@ -275,6 +295,8 @@ mod user {
     unsafe impl aya::Pod for super::LpmPortAddr {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PolicyKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GuardPortKey {}
 }
 
 #[cfg(test)]
@@ -290,6 +312,7 @@ mod tests {
         assert_eq!(size_of::<LpmAddr>(), 16);
         assert_eq!(size_of::<LpmPortAddr>(), 20);
         assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<GuardPortKey>(), 16);
         assert_eq!(size_of::<OrigDst>(), 40);
         assert_eq!(size_of::<SockTuple>(), 40);
     }

@@ -11,6 +11,11 @@
 //!   original destination is copied into `NM_ODST_TUPLE`, keyed by the 4-tuple the tunnel will see
 //!   on the accepted socket, so the tunnel can read it back with `getpeername`/`getsockname`.
 //!
+//! - `mesh_guard_ingress` (cgroup_skb/ingress): the plaintext guard. A TCP packet to a
+//!   *listening* socket of an enrolled STRICT pod is dropped unless it comes from the tunnel
+//!   address or the listener's port is on the pod's allow-list (`NM_GUARD_PORTS`, kubelet probes).
+//!   Packets to connected sockets pass: connect-time policy already chose their peer.
+//!
 //! Programs are thin wrappers over `try_*` functions; they never panic and read context fields one
 //! at a time (the verifier rejects merged or narrow context reads; see docs/architecture.md).
 #![no_std]
@@ -20,20 +25,20 @@ use core::ptr;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr, bpf_sock_ops},
+    bindings::{__sk_buff, BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr, bpf_sock_ops},
     btf_maps::SkStorage,
     helpers::generated::{
-        bpf_get_netns_cookie, bpf_ktime_get_ns, bpf_set_retval, bpf_sk_storage_get,
+        bpf_get_netns_cookie, bpf_ktime_get_ns, bpf_set_retval, bpf_sk_fullsock, bpf_sk_storage_get,
     },
-    macros::{btf_map, cgroup_sock_addr, map, sock_ops},
+    macros::{btf_map, cgroup_skb, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    AF_INET, AF_INET6, Counter, EnrolledPod, FailMode, IDENTITY_ANY, IDENTITY_WORLD, LpmAddr,
-    LpmPortAddr, MAX_ENROLLED, MAX_EXCLUSIONS, MAX_IDENTITY_PREFIXES, MAX_PENDING_CONNECTIONS,
-    MAX_POLICY_ENTRIES, OrigDst, POLICY_DENY, PORT_ANY, PROTO_TCP, PolicyKey, SockTuple,
-    TunnelConfig, V4_MAPPED_WORD,
+    AF_INET, AF_INET6, Counter, EnrolledPod, FailMode, GuardPortKey, IDENTITY_ANY, IDENTITY_WORLD,
+    LpmAddr, LpmPortAddr, MAX_ENROLLED, MAX_EXCLUSIONS, MAX_GUARD_PORTS, MAX_IDENTITY_PREFIXES,
+    MAX_PENDING_CONNECTIONS, MAX_POLICY_ENTRIES, MtlsMode, OrigDst, POLICY_DENY, PORT_ANY,
+    PROTO_TCP, PolicyKey, SockTuple, TunnelConfig, V4_MAPPED_WORD,
 };
 
 /// Allow the operation (cgroup sock_addr and sock_ops return convention).
@@ -70,6 +75,9 @@ static NM_IDENTITY: LpmTrie<LpmAddr, u32> = LpmTrie::with_max_entries(MAX_IDENTI
 
 #[map]
 static NM_POLICY: HashMap<PolicyKey, u32> = HashMap::with_max_entries(MAX_POLICY_ENTRIES, 0);
+
+#[map]
+static NM_GUARD_PORTS: HashMap<GuardPortKey, u32> = HashMap::with_max_entries(MAX_GUARD_PORTS, 0);
 
 #[map]
 static NM_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::SLOTS, 0);
@@ -427,6 +435,77 @@ fn try_sockops(ctx: &SockOpsContext) {
     if NM_ODST_TUPLE.insert(key, orig, u64::from(BPF_ANY)).is_err() {
         count(Counter::TupleMapUpdateFailed);
     }
+}
+
+/// cgroup_skb verdicts.
+const SKB_PASS: i32 = 1;
+const SKB_DROP: i32 = 0;
+const TCP_LISTEN: u32 = 10;
+
+#[cgroup_skb(ingress)]
+pub fn mesh_guard_ingress(ctx: SkBuffContext) -> i32 {
+    try_guard_ingress(&ctx)
+}
+
+#[inline(always)]
+fn try_guard_ingress(ctx: &SkBuffContext) -> i32 {
+    let skb: *mut __sk_buff = ctx.skb.skb;
+    // SAFETY: reading the `sk` pointer field of the context; null-checked below.
+    let sk = unsafe { ptr::read_volatile(ptr::addr_of!((*skb).__bindgen_anon_2.sk)) };
+    if sk.is_null() {
+        return SKB_PASS;
+    }
+    // SAFETY: `sk` is a non-null socket pointer from the context.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return SKB_PASS;
+    }
+    if ctx_read!(full, protocol) != IPPROTO_TCP || ctx_read!(full, state) != TCP_LISTEN {
+        return SKB_PASS; // connected sockets: their peer was chosen at connect()
+    }
+    // SAFETY: the context pointer is valid for the helper in cgroup_skb programs (6.15+).
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out immediately.
+    let Some(pod) = (unsafe { NM_ENROLLED.get(netns_cookie) }).copied() else {
+        return SKB_PASS;
+    };
+    if pod.mtls_mode != MtlsMode::Strict as u8 {
+        return SKB_PASS;
+    }
+    let key = GuardPortKey {
+        netns_cookie,
+        port: ctx_read!(full, src_port) as u16, // host order
+        _pad: [0; 6],
+    };
+    // SAFETY: the value is not dereferenced.
+    if unsafe { NM_GUARD_PORTS.get(key) }.is_some() {
+        return SKB_PASS;
+    }
+    let cfg = NM_TUNNEL_CFG.get(0).copied().unwrap_or_default();
+    // `skb->data` is the network header here.
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return SKB_DROP;
+    };
+    let from_tunnel = match first >> 4 {
+        4 => ctx
+            .load::<u32>(12)
+            .is_ok_and(|src| src == cfg.ip4 && cfg.ip4 != 0),
+        6 => {
+            let src = [
+                ctx.load::<u32>(8).unwrap_or(0),
+                ctx.load::<u32>(12).unwrap_or(0),
+                ctx.load::<u32>(16).unwrap_or(0),
+                ctx.load::<u32>(20).unwrap_or(0),
+            ];
+            src == cfg.ip6 && cfg.ip6 != [0; 4]
+        }
+        _ => false,
+    };
+    if from_tunnel {
+        return SKB_PASS;
+    }
+    count(Counter::GuardDropped);
+    SKB_DROP
 }
 
 #[cfg(not(test))]

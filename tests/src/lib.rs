@@ -246,7 +246,8 @@ pub struct Pod {
 /// A node namespace with `n` pods, each on its own veth pair, dual-stack:
 /// pod i (from 1) is `10.77.i.2/24` + `fd77:i::2/64`, its gateway `10.77.i.1` + `fd77:i::1`.
 /// The tunnel addresses [`TUNNEL_IP4`]/[`TUNNEL_IP6`] are host routes on the node's `lo`.
-/// IPv6 duplicate-address detection is off in every namespace so addresses work at once.
+/// IPv6 duplicate-address detection is off in every namespace so addresses work at once; the
+/// node forwards between pods.
 pub struct Node {
     pub pods: Vec<Pod>,
     pub ns: NetNs,
@@ -257,6 +258,10 @@ impl Node {
         ensure!((1..=200).contains(&n), "1..=200 pods");
         let ns = NetNs::new(&format!("{prefix}-node"))?;
         no_dad(&ns)?;
+        // The node routes between pods.
+        for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            ns.exec(&["sysctl", "-q", "-w", key])?;
+        }
         ns.exec(&[
             "ip",
             "addr",
@@ -379,12 +384,27 @@ pub fn accept_now(listener: &std::net::TcpListener) -> Result<Option<std::net::T
     accept_within(listener, std::time::Duration::ZERO)
 }
 
-/// A running `nm-probe many` process; dropping it closes its stdin (it then exits) and reaps it.
+/// A running `nm-probe many` or `serve` process; dropping it closes its stdin (it then exits)
+/// and reaps it.
 pub struct ManyProbe {
     child: std::process::Child,
 }
 
 impl ManyProbe {
+    /// Starts listeners on `addrs` inside `netns`, owned by a process in `cgroup`.
+    pub fn serve(cgroup: &Path, netns: &NetNs, addrs: &[SocketAddr]) -> Result<Self> {
+        let child = Command::new(env_probe()?)
+            .arg(cgroup)
+            .arg(netns.path())
+            .arg("serve")
+            .args(addrs.iter().map(ToString::to_string))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot start nm-probe")?;
+        Ok(Self { child })
+    }
+
     /// Starts `count` connections from `netns` to `ip`:`first_port..first_port+ports`.
     pub fn start(
         cgroup: &Path,
@@ -426,6 +446,120 @@ impl Drop for ManyProbe {
         if self.child.try_wait().ok().flatten().is_none() {
             // It exits as soon as stdin closes; wait() reaps it.
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// Connects from inside `netns` to `dst`, from source address `src` when given (port chosen by
+/// the kernel), and reads one line. `Ok(None)` when the connect timed out after `timeout` (the
+/// SYN was dropped); other failures are errors.
+pub fn connect_and_read(
+    netns: &NetNs,
+    src: Option<std::net::IpAddr>,
+    dst: SocketAddr,
+    timeout: std::time::Duration,
+) -> Result<Option<String>> {
+    let r = mesh_agent::netns::in_netns(&netns.path(), move || {
+        use std::io::BufRead;
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let family = if dst.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: plain socket(2) call; the result is checked and owned right away.
+        let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
+        };
+        // SAFETY: `tv` is valid for reads of its size; connect(2) honours SO_SNDTIMEO.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&raw const tv).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let with_fd = |addr: SocketAddr,
+                       f: unsafe extern "C" fn(
+            i32,
+            *const libc::sockaddr,
+            libc::socklen_t,
+        ) -> i32| {
+            let (storage, len) = sockaddr(addr);
+            // SAFETY: `storage` holds a valid sockaddr of `len` bytes for the socket's family.
+            let rc = unsafe { f(fd.as_raw_fd(), (&raw const storage).cast(), len) };
+            if rc != 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        if let Some(src) = src {
+            with_fd(SocketAddr::new(src, 0), libc::bind)?;
+        }
+        match with_fd(dst, libc::connect) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINPROGRESS) | Some(libc::ETIMEDOUT)
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+        let stream = std::net::TcpStream::from(fd);
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        let mut line = String::new();
+        std::io::BufReader::new(&stream).read_line(&mut line)?;
+        Ok(Some(line))
+    })?;
+    Ok(r)
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            (storage, size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            (storage, size_of::<libc::sockaddr_in6>() as libc::socklen_t)
         }
     }
 }

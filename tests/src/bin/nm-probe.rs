@@ -6,6 +6,9 @@
 //! - `nm-probe <cgroup-dir> <netns-file> many <count> <ip> <first-port> <ports>`: opens `count`
 //!   connections to `<ip>:<first-port + i % ports>` and keeps them all open; on each it writes its
 //!   destination and a newline. Prints `ready` once all are written, then exits when stdin closes.
+//! - `nm-probe <cgroup-dir> <netns-file> serve <ip:port>...`: listens on every address (so the
+//!   listening sockets belong to the pod's cgroup), prints `ready`, writes `ok\n` to every
+//!   connection it accepts, and exits when stdin closes.
 //!
 //! On any failure it prints the reason and exits 1.
 
@@ -29,7 +32,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str = "usage: nm-probe <cgroup-dir> <netns-file> connect <ip:port> <payload> | \
-                     many <count> <ip> <first-port> <ports>";
+                     many <count> <ip> <first-port> <ports> | serve <ip:port>...";
 
 fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -51,6 +54,7 @@ fn run() -> Result<(), String> {
     match (verb.as_str(), rest) {
         ("connect", [dst, payload]) => connect(dst, payload),
         ("many", [count, ip, first, ports]) => many(count, ip, first, ports),
+        ("serve", addrs) if !addrs.is_empty() => serve(addrs),
         _ => Err(USAGE.into()),
     }
 }
@@ -100,5 +104,25 @@ fn many(count: &str, ip: &str, first: &str, ports: &str) -> Result<(), String> {
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
     drop(open);
+    Ok(())
+}
+
+fn serve(addrs: &[String]) -> Result<(), String> {
+    for addr in addrs {
+        let addr: SocketAddr = parse("address", addr)?;
+        let listener =
+            std::net::TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let _ = conn.write_all(b"ok\n");
+            }
+        });
+    }
+    println!("ready");
+    std::io::stdout()
+        .flush()
+        .map_err(|e| format!("stdout: {e}"))?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
     Ok(())
 }

@@ -27,11 +27,12 @@ use aya::{
     },
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
+        links::{FdLink, PinnedLink},
     },
 };
 use mesh_common::{
-    Counter, EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, OrigDst, PolicyKey, SockTuple,
-    TunnelConfig, maps, programs,
+    Counter, EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, MAP_LAYOUT_VERSION, OrigDst,
+    PolicyKey, SockTuple, TunnelConfig, maps, programs,
 };
 use tracing::{debug, info};
 
@@ -80,6 +81,28 @@ pub enum DatapathError {
     NotCgroup2 { path: PathBuf },
     #[error(transparent)]
     Maps(#[from] MapsError),
+    #[error("bpf link pin {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("cannot pin bpf link at {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("{path}: {source} (is bpffs mounted there? `mount -t bpf bpf /sys/fs/bpf`)")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a bpf filesystem (mount it with `mount -t bpf bpf {path}`)")]
+    NotBpffs { path: PathBuf },
+    #[error("instance name `{0}` must be 1-64 characters of [A-Za-z0-9_.-] and not start with `.`")]
+    BadInstance(String),
     #[error("cannot read CLOCK_MONOTONIC for the tunnel heartbeat: {0}")]
     Clock(#[source] nix::Error),
 }
@@ -125,15 +148,36 @@ pub struct Datapath {
     heartbeat: TunnelHeartbeat,
     orig_dst: OrigDstReader,
     attached_to: Vec<PathBuf>,
+    pins: Option<Pins>,
+    /// Links pinned or adopted by this agent. Dropping them only closes our fds: the pins keep
+    /// the programs attached until [`uninstall`].
+    pinned_links: Vec<PinnedLink>,
 }
 
 impl Datapath {
     /// Loads every program of the embedded object into the kernel (running the verifier) and
     /// takes the maps. Nothing is attached yet.
     pub fn load() -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new()
-            .load(EBPF_OBJECT)
-            .map_err(DatapathError::Load)?;
+        Self::load_inner(None)
+    }
+
+    /// As [`Self::load`], with every map pinned under `pins` (see [`Pins`]). Maps already pinned
+    /// there by an earlier agent are adopted with their contents (enrolled pods, policy,
+    /// counters, pending original destinations), so a restart needs no re-enrollment. Links are
+    /// pinned or adopted by [`Self::attach`].
+    pub fn load_pinned(pins: &Pins) -> Result<Self, DatapathError> {
+        Self::load_inner(Some(pins))
+    }
+
+    fn load_inner(pins: Option<&Pins>) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        if let Some(pins) = pins {
+            pins.create_dirs()?;
+            for name in maps::ALL {
+                loader.map_pin_path(name, pins.maps_dir().join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
         for name in PROGRAMS {
             let prog = ebpf
                 .program_mut(name)
@@ -184,11 +228,16 @@ impl Datapath {
                 misses: Arc::new(AtomicU64::new(0)),
             },
             attached_to: Vec::new(),
+            pins: pins.cloned(),
+            pinned_links: Vec::new(),
         })
     }
 
     /// Attaches the programs to the cgroup v2 directory `cgroup`. Every socket created by a
-    /// process in that cgroup or below it is then subject to them. Links live as long as `self`.
+    /// process in that cgroup or below it is then subject to them. Without pins, links live as
+    /// long as `self`; with pins ([`Self::load_pinned`]) each link is pinned, and a link already
+    /// pinned by an earlier agent is adopted as is (one cgroup per instance: the pinned links are
+    /// assumed to be attached to `cgroup`).
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
         if !crate::cgroup::is_cgroup2(cgroup) {
             return Err(DatapathError::NotCgroup2 {
@@ -200,28 +249,67 @@ impl Datapath {
             source,
         })?;
         for name in PROGRAMS {
+            let link_pin = self.pins.as_ref().map(|p| p.links_dir().join(name));
+            if let Some(path) = link_pin.as_ref().filter(|p| p.exists()) {
+                // A previous agent attached and pinned it: adopt, never detach or re-attach.
+                let link = PinnedLink::from_pin(path).map_err(|source| DatapathError::Link {
+                    path: path.clone(),
+                    source,
+                })?;
+                info!(program = name, pin = %path.display(), "adopted pinned link");
+                self.pinned_links.push(link);
+                continue;
+            }
             let prog = self
                 .ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram { name })?;
             // `Single` is the mode links accept; links still allow several programs per cgroup.
-            match prog {
+            let link: Option<FdLink> = match prog {
                 aya::programs::Program::CgroupSockAddr(p) => {
                     let p: &mut CgroupSockAddr = p;
-                    p.attach(&fd, CgroupAttachMode::Single).map(drop)
+                    let id = p
+                        .attach(&fd, CgroupAttachMode::Single)
+                        .map_err(prog_err(name))?;
+                    match link_pin {
+                        Some(_) => Some(p.take_link(id).map_err(prog_err(name))?.try_into()),
+                        None => None,
+                    }
                 }
                 aya::programs::Program::SockOps(p) => {
                     let p: &mut SockOps = p;
-                    p.attach(&fd, CgroupAttachMode::Single).map(drop)
+                    let id = p
+                        .attach(&fd, CgroupAttachMode::Single)
+                        .map_err(prog_err(name))?;
+                    match link_pin {
+                        Some(_) => Some(p.take_link(id).map_err(prog_err(name))?.try_into()),
+                        None => None,
+                    }
                 }
                 aya::programs::Program::CgroupSkb(p) => {
                     let p: &mut CgroupSkb = p;
-                    p.attach(&fd, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
-                        .map(drop)
+                    let id = p
+                        .attach(&fd, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                        .map_err(prog_err(name))?;
+                    match link_pin {
+                        Some(_) => Some(p.take_link(id).map_err(prog_err(name))?.try_into()),
+                        None => None,
+                    }
                 }
                 _ => return Err(DatapathError::MissingProgram { name }),
             }
-            .map_err(prog_err(name))?;
+            .transpose()
+            .map_err(|source| DatapathError::Link {
+                path: link_pin.clone().unwrap_or_default(),
+                source,
+            })?;
+            if let (Some(link), Some(path)) = (link, link_pin) {
+                let pinned = link.pin(&path).map_err(|source| DatapathError::Pin {
+                    path: path.clone(),
+                    source,
+                })?;
+                self.pinned_links.push(pinned);
+            }
         }
         info!(cgroup = %cgroup.display(), "eBPF programs attached (connect4, connect6, sockops, plaintext guard)");
         self.attached_to.push(cgroup.to_path_buf());
@@ -354,6 +442,95 @@ impl TunnelHeartbeat {
     }
 }
 
+/// Where one agent instance pins its maps and links:
+/// `<bpffs>/nodemesh/<instance>/v<MAP_LAYOUT_VERSION>/{maps,links}/<name>`. A new map layout gets
+/// a new version directory, so an incompatible pin is never reused (aya reuses whatever is at a
+/// pin path without checking its layout).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pins {
+    bpffs: PathBuf,
+    instance_dir: PathBuf,
+}
+
+impl Pins {
+    /// Where bpffs is normally mounted.
+    pub const DEFAULT_BPFFS: &'static str = "/sys/fs/bpf";
+
+    pub fn new(bpffs: impl Into<PathBuf>, instance: &str) -> Result<Self, DatapathError> {
+        let valid = !instance.is_empty()
+            && instance.len() <= 64
+            && !instance.starts_with('.')
+            && instance
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !valid {
+            return Err(DatapathError::BadInstance(instance.to_owned()));
+        }
+        let bpffs = bpffs.into();
+        let instance_dir = bpffs.join("nodemesh").join(instance);
+        Ok(Self {
+            bpffs,
+            instance_dir,
+        })
+    }
+
+    /// `<bpffs>/nodemesh/<instance>`: everything of this instance, all layout versions.
+    pub fn instance_dir(&self) -> &Path {
+        &self.instance_dir
+    }
+
+    /// `<instance dir>/v<MAP_LAYOUT_VERSION>`.
+    pub fn version_dir(&self) -> PathBuf {
+        self.instance_dir.join(format!("v{MAP_LAYOUT_VERSION}"))
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.version_dir().join("maps")
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.version_dir().join("links")
+    }
+
+    fn create_dirs(&self) -> Result<(), DatapathError> {
+        // BPF_FS_MAGIC from linux/magic.h.
+        let bpf_fs_magic = nix::sys::statfs::FsType(0xcafe_4a11);
+        let is_bpffs = nix::sys::statfs::statfs(&self.bpffs)
+            .map(|s| s.filesystem_type() == bpf_fs_magic)
+            .unwrap_or(false);
+        if !is_bpffs {
+            return Err(DatapathError::NotBpffs {
+                path: self.bpffs.clone(),
+            });
+        }
+        for dir in [self.maps_dir(), self.links_dir()] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| DatapathError::PinDir { path: dir, source })?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes every pin of the instance (all layout versions): its links detach once no process
+/// holds them any more (stop the agent first), and its maps are freed. Returns whether there was
+/// anything to remove.
+pub fn uninstall(pins: &Pins) -> Result<bool, DatapathError> {
+    let dir = pins.instance_dir();
+    if !dir.exists() {
+        return Ok(false);
+    }
+    std::fs::remove_dir_all(dir).map_err(|source| DatapathError::PinDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    // The shared parent goes too when this was the last instance; other instances keep it.
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    info!(dir = %dir.display(), "nodemesh pins removed (programs detached, maps freed)");
+    Ok(true)
+}
+
 /// Where a redirected connection was going, and which pod made it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OriginalDestination {
@@ -455,6 +632,26 @@ impl OrigDstReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pin_paths_carry_instance_and_layout_version() {
+        let pins = Pins::new("/sys/fs/bpf", "node-a").expect("valid");
+        assert_eq!(
+            pins.maps_dir(),
+            PathBuf::from(format!(
+                "/sys/fs/bpf/nodemesh/node-a/v{MAP_LAYOUT_VERSION}/maps"
+            ))
+        );
+        for bad in ["", "..", "a/b", ".hidden", &"x".repeat(65)] {
+            assert!(
+                matches!(
+                    Pins::new("/sys/fs/bpf", bad),
+                    Err(DatapathError::BadInstance(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn embedded_object_is_an_ebpf_elf() {

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mesh_agent::datapath::Datapath;
+use mesh_agent::datapath::{Datapath, Pins, uninstall};
 
 #[derive(Parser)]
 #[command(name = "mesh-agent", version, about = "nodemesh node agent")]
@@ -18,6 +18,26 @@ enum Command {
     /// Load every eBPF program into the kernel (running the verifier) and report, without
     /// attaching anything. Exits non-zero with the verifier's reason if a program is rejected.
     CheckKernel,
+    /// Remove everything an agent instance pinned under bpffs: its programs detach (once no
+    /// agent process of the instance is running) and its maps are freed. Idempotent.
+    Uninstall {
+        /// The agent instance whose pins to remove (`<bpffs>/nodemesh/<instance>`).
+        #[arg(long)]
+        instance: String,
+        /// Where bpffs is mounted.
+        #[arg(long, default_value = Pins::DEFAULT_BPFFS)]
+        bpffs: std::path::PathBuf,
+    },
+}
+
+fn report(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("error: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        eprintln!("  caused by: {s}");
+        source = s.source();
+    }
+    ExitCode::FAILURE
 }
 
 fn main() -> ExitCode {
@@ -35,15 +55,20 @@ fn main() -> ExitCode {
                 println!("ok: the kernel accepted every nodemesh eBPF program");
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    eprintln!("  caused by: {s}");
-                    source = s.source();
-                }
-                ExitCode::FAILURE
-            }
+            Err(e) => report(&e),
         },
+        Command::Uninstall { instance, bpffs } => {
+            match Pins::new(bpffs, &instance).and_then(|pins| uninstall(&pins)) {
+                Ok(true) => {
+                    println!("ok: removed the pins of instance {instance}");
+                    ExitCode::SUCCESS
+                }
+                Ok(false) => {
+                    println!("ok: instance {instance} had nothing pinned");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => report(&e),
+            }
+        }
     }
 }

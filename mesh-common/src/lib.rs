@@ -38,6 +38,20 @@ pub mod maps {
     /// `HashMap<GuardPortKey, u32>`: per-pod listener ports the plaintext guard leaves open
     /// (kubelet probes).
     pub const GUARD_PORTS: &str = "NM_GUARD_PORTS";
+
+    /// Every map, for pinning.
+    pub const ALL: [&str; 10] = [
+        ENROLLED,
+        TUNNEL_CONFIG,
+        SOCK_ORIG_DST,
+        ORIG_DST_BY_TUPLE,
+        COUNTERS,
+        TUNNEL_HEARTBEAT,
+        EXCLUSIONS,
+        IDENTITIES,
+        POLICY,
+        GUARD_PORTS,
+    ];
 }
 
 /// Program names (the Rust function names in `mesh-ebpf`).
@@ -320,6 +334,16 @@ mod tests {
     #[test]
     fn mapped_word_is_ffff_in_network_order() {
         assert_eq!(V4_MAPPED_WORD.to_ne_bytes(), [0, 0, 0xff, 0xff]);
+    }
+
+    #[test]
+    fn map_names_are_unique_and_fit_the_kernel_limit() {
+        let mut names = maps::ALL.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), maps::ALL.len());
+        // BPF_OBJ_NAME_LEN is 16 including the NUL.
+        assert!(names.iter().all(|n| n.len() < 16), "{names:?}");
     }
 
     #[test]

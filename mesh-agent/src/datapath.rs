@@ -99,6 +99,8 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot set up the eBPF log reader: {0}")]
+    Logger(#[source] aya_log::Error),
     #[error("{path} is not a bpf filesystem (mount it with `mount -t bpf bpf {path}`)")]
     NotBpffs { path: PathBuf },
     #[error("instance name `{0}` must be 1-64 characters of [A-Za-z0-9_.-] and not start with `.`")]
@@ -152,13 +154,50 @@ pub struct Datapath {
     /// Links pinned or adopted by this agent. Dropping them only closes our fds: the pins keep
     /// the programs attached until [`uninstall`].
     pinned_links: Vec<PinnedLink>,
+    /// The aya-log reader and how many records it forwarded, when kernel logging is on.
+    ebpf_logs: Option<(aya_log::EbpfLogger<TracingLog>, Arc<AtomicU64>)>,
+}
+
+/// How to load the programs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Kernel-side log level (aya-log). `None` (default): off, and the verifier prunes every log
+    /// statement. With a level, records are forwarded to `tracing` (target `nodemesh::ebpf`)
+    /// by [`Datapath::flush_ebpf_logs`], to be called when [`Datapath::ebpf_log_fd`] is readable.
+    pub ebpf_log_level: Option<aya_log::Level>,
+}
+
+/// Forwards aya-log records (which use the `log` crate) to `tracing`.
+#[derive(Default)]
+struct TracingLog {
+    forwarded: Arc<AtomicU64>,
+}
+
+impl log::Log for TracingLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        self.forwarded.fetch_add(1, Ordering::Relaxed);
+        let msg = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "nodemesh::ebpf", "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "nodemesh::ebpf", "{msg}"),
+            log::Level::Info => tracing::info!(target: "nodemesh::ebpf", "{msg}"),
+            log::Level::Debug => tracing::debug!(target: "nodemesh::ebpf", "{msg}"),
+            log::Level::Trace => tracing::trace!(target: "nodemesh::ebpf", "{msg}"),
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 impl Datapath {
     /// Loads every program of the embedded object into the kernel (running the verifier) and
     /// takes the maps. Nothing is attached yet.
     pub fn load() -> Result<Self, DatapathError> {
-        Self::load_inner(None)
+        Self::load_with(None, &LoadOptions::default())
     }
 
     /// As [`Self::load`], with every map pinned under `pins` (see [`Pins`]). Maps already pinned
@@ -166,11 +205,16 @@ impl Datapath {
     /// counters, pending original destinations), so a restart needs no re-enrollment. Links are
     /// pinned or adopted by [`Self::attach`].
     pub fn load_pinned(pins: &Pins) -> Result<Self, DatapathError> {
-        Self::load_inner(Some(pins))
+        Self::load_with(Some(pins), &LoadOptions::default())
     }
 
-    fn load_inner(pins: Option<&Pins>) -> Result<Self, DatapathError> {
+    /// The general form of [`Self::load`] and [`Self::load_pinned`].
+    pub fn load_with(pins: Option<&Pins>, opts: &LoadOptions) -> Result<Self, DatapathError> {
         let mut loader = EbpfLoader::new();
+        // Off (0) by default: the level is a constant at load time, so the verifier prunes every
+        // log statement and the hot paths pay nothing.
+        let level: u8 = opts.ebpf_log_level.map_or(0, u8::from);
+        loader.override_global(aya_log::LEVEL, &level, false);
         if let Some(pins) = pins {
             pins.create_dirs()?;
             for name in maps::ALL {
@@ -178,6 +222,15 @@ impl Datapath {
             }
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+        let ebpf_logs = if opts.ebpf_log_level.is_some() {
+            let sink = TracingLog::default();
+            let forwarded = sink.forwarded.clone();
+            let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, sink)
+                .map_err(DatapathError::Logger)?;
+            Some((logger, forwarded))
+        } else {
+            None
+        };
         for name in PROGRAMS {
             let prog = ebpf
                 .program_mut(name)
@@ -230,6 +283,7 @@ impl Datapath {
             attached_to: Vec::new(),
             pins: pins.cloned(),
             pinned_links: Vec::new(),
+            ebpf_logs,
         })
     }
 
@@ -326,6 +380,25 @@ impl Datapath {
     /// Removes a pod's enrollment. Removing one that is not enrolled is not an error.
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), DatapathError> {
         Ok(self.del_enrolled(netns_cookie)?)
+    }
+
+    /// The aya-log ring buffer to poll for readability (e.g. with tokio's `AsyncFd`), when
+    /// kernel logging is on.
+    pub fn ebpf_log_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.ebpf_logs.as_ref().map(|(l, _)| l.as_fd())
+    }
+
+    /// Forwards pending kernel log records to `tracing` without blocking; returns how many
+    /// records were forwarded since load. 0 when kernel logging is off.
+    pub fn flush_ebpf_logs(&mut self) -> u64 {
+        match &mut self.ebpf_logs {
+            Some((logger, forwarded)) => {
+                logger.flush();
+                forwarded.load(Ordering::Relaxed)
+            }
+            None => 0,
+        }
     }
 
     /// A cheap, cloneable handle for the tunnel to report that it is alive.

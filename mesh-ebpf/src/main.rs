@@ -34,6 +34,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
+use aya_log_ebpf::debug;
 use mesh_common::{
     AF_INET, AF_INET6, Counter, EnrolledPod, FailMode, GuardPortKey, IDENTITY_ANY, IDENTITY_WORLD,
     LpmAddr, LpmPortAddr, MAX_ENROLLED, MAX_EXCLUSIONS, MAX_GUARD_PORTS, MAX_IDENTITY_PREFIXES,
@@ -147,12 +148,21 @@ fn is_mapped(w: &[u32; 4]) -> bool {
 }
 
 #[inline(always)]
-fn fail_mode_verdict(pod: &EnrolledPod, passed: Counter, refused: Counter) -> Verdict {
+fn fail_mode_verdict(
+    ctx: &SockAddrContext,
+    pod: &EnrolledPod,
+    passed: Counter,
+    refused: Counter,
+) -> Verdict {
     if pod.fail_mode == FailMode::Open as u8 {
         count(passed);
         Verdict::Pass
     } else {
         count(refused);
+        debug!(
+            ctx,
+            "connect refused: tunnel unavailable (workload {})", pod.workload_id
+        );
         Verdict::Refuse
     }
 }
@@ -232,6 +242,10 @@ fn decide(ctx: &SockAddrContext, words: [u32; 4], port: u16, target: &mut Target
     }
     if policy_denies(pod.identity_id, words, port) {
         count(Counter::DeniedPolicy);
+        debug!(
+            ctx,
+            "connect refused by policy: identity {} to port {}", pod.identity_id, port
+        );
         return Verdict::Refuse;
     }
     if is_excluded(words, port) {
@@ -242,6 +256,7 @@ fn decide(ctx: &SockAddrContext, words: [u32; 4], port: u16, target: &mut Target
     if !configured {
         // The agent has not (yet) told us where the tunnel is (for this family).
         return fail_mode_verdict(
+            ctx,
             &pod,
             Counter::PassedUnconfigured,
             Counter::RefusedUnconfigured,
@@ -253,6 +268,7 @@ fn decide(ctx: &SockAddrContext, words: [u32; 4], port: u16, target: &mut Target
         let now = unsafe { bpf_ktime_get_ns() };
         if last == 0 || now.saturating_sub(last) > cfg.stale_after_ns {
             return fail_mode_verdict(
+                ctx,
                 &pod,
                 Counter::PassedTunnelStale,
                 Counter::RefusedTunnelStale,
@@ -505,6 +521,10 @@ fn try_guard_ingress(ctx: &SkBuffContext) -> i32 {
         return SKB_PASS;
     }
     count(Counter::GuardDropped);
+    debug!(
+        ctx,
+        "plaintext guard: dropped a packet to listener port {}", key.port
+    );
     SKB_DROP
 }
 

@@ -38,6 +38,7 @@ use tracing::{debug, info};
 
 pub use crate::maps::TunnelSettings;
 use crate::maps::{KernelMaps, MapsError};
+use crate::model::PodSpec;
 
 /// The eBPF object, embedded at build time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("NODEMESH_EBPF_OBJECT_PATH"));
@@ -99,6 +100,8 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
     #[error("cannot set up the eBPF log reader: {0}")]
     Logger(#[source] aya_log::Error),
     #[error("{path} is not a bpf filesystem (mount it with `mount -t bpf bpf {path}`)")]
@@ -375,6 +378,16 @@ impl Datapath {
         self.put_enrolled(netns_cookie, pod)?;
         info!(netns_cookie, workload_id = pod.workload_id, "pod enrolled");
         Ok(())
+    }
+
+    /// Enrolls the pod whose network namespace is at `netns` (e.g. `/proc/<pid>/ns/net` of its
+    /// sandbox, or `/run/netns/<name>`): reads its cookie on a dedicated thread inside the
+    /// namespace, then writes its record, addresses and plaintext ports. Returns the cookie.
+    pub fn enroll_netns(&mut self, netns: &Path, pod: &PodSpec) -> Result<u64, DatapathError> {
+        let cookie = crate::netns::netns_cookie(netns)?;
+        self.enroll_pod(cookie, pod)?;
+        info!(netns_cookie = cookie, netns = %netns.display(), workload_id = pod.workload_id, "pod enrolled");
+        Ok(cookie)
     }
 
     /// Removes a pod's enrollment. Removing one that is not enrolled is not an error.

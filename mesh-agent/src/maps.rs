@@ -9,7 +9,7 @@ use std::{net::IpAddr, time::Duration};
 
 use mesh_common::{EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, PolicyKey, TunnelConfig};
 
-use crate::model::{self, Cidr, Exclusion, ModelError, PolicyRule};
+use crate::model::{self, Cidr, Exclusion, ModelError, PodSpec, PolicyRule};
 
 /// Where redirected connections go and how the tunnel's liveness is judged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +74,34 @@ pub trait KernelMaps {
 
     fn disallow_plaintext_port(&mut self, netns_cookie: u64, port: u16) -> Result<(), MapsError> {
         self.del_guard_port(model::guard_port_key(netns_cookie, port))
+    }
+
+    /// Enrolls the pod whose network namespace has cookie `netns_cookie`: its record, its
+    /// addresses in the identity map (so policy can name it as a destination) and its plaintext
+    /// ports. Idempotent; re-enrolling updates.
+    fn enroll_pod(&mut self, netns_cookie: u64, pod: &PodSpec) -> Result<(), MapsError> {
+        model::workload_identity(pod.identity_id)?;
+        for cidr in pod.host_prefixes() {
+            self.set_identity(&cidr, pod.identity_id)?;
+        }
+        for &port in &pod.plaintext_ports {
+            self.allow_plaintext_port(netns_cookie, port)?;
+        }
+        // The record last: the pod is captured only once its identity and ports are in place.
+        self.put_enrolled(netns_cookie, pod.record())
+    }
+
+    /// Reverses [`Self::enroll_pod`].
+    fn unenroll_pod(&mut self, netns_cookie: u64, pod: &PodSpec) -> Result<(), MapsError> {
+        // The record first: the pod stops being captured before its entries go.
+        self.del_enrolled(netns_cookie)?;
+        for &port in &pod.plaintext_ports {
+            self.disallow_plaintext_port(netns_cookie, port)?;
+        }
+        for cidr in pod.host_prefixes() {
+            self.remove_identity(&cidr)?;
+        }
+        Ok(())
     }
 
     /// Sets where enrolled pods' connects are redirected. Until this is set, enrolled pods'
@@ -322,6 +350,33 @@ mod tests {
         assert!(m.denies(10, ip("1.1.1.1"), 443));
         m.remove_policy(&deny_all).expect("fake");
         assert!(!m.denies(10, ip("10.1.9.9"), 80));
+    }
+
+    #[test]
+    fn enrolling_a_pod_registers_its_addresses_and_ports_and_unenrolling_removes_them() {
+        let mut m = FakeMaps::default();
+        let spec = PodSpec {
+            workload_id: 1,
+            identity_id: 20,
+            ip4: Some("10.1.0.5".parse().expect("valid")),
+            ip6: Some("fd00::5".parse().expect("valid")),
+            mtls: mesh_common::MtlsMode::Strict,
+            fail: mesh_common::FailMode::Closed,
+            plaintext_ports: vec![8081],
+        };
+        m.enroll_pod(77, &spec).expect("fake");
+        assert_eq!(m.enrolled[&77].identity_id, 20);
+        assert_eq!(m.identity_of(ip("10.1.0.5")), 20);
+        assert_eq!(m.identity_of(ip("fd00::5")), 20);
+        assert_eq!(m.guard_ports.len(), 1);
+        m.unenroll_pod(77, &spec).expect("fake");
+        assert!(m.enrolled.is_empty() && m.identities.is_empty() && m.guard_ports.is_empty());
+        let bad = PodSpec {
+            identity_id: 0,
+            ..spec
+        };
+        assert!(m.enroll_pod(78, &bad).is_err());
+        assert!(m.enrolled.is_empty(), "nothing written for a rejected pod");
     }
 
     #[test]

@@ -9,8 +9,9 @@ use std::{
 };
 
 use mesh_common::{
-    GuardPortKey, IDENTITY_ANY, IDENTITY_WORLD, LpmAddr, LpmPortAddr, OrigDst, POLICY_ALLOW,
-    POLICY_DENY, PORT_ANY, PROTO_TCP, PolicyKey, SockTuple, V4_MAPPED_WORD,
+    EnrolledPod, FailMode, GuardPortKey, IDENTITY_ANY, IDENTITY_WORLD, LpmAddr, LpmPortAddr,
+    MtlsMode, OrigDst, POLICY_ALLOW, POLICY_DENY, PORT_ANY, PROTO_TCP, PolicyKey, SockTuple,
+    V4_MAPPED_WORD,
 };
 
 /// An IP prefix such as `10.96.0.0/12` or `fd00::/8`. A bare address is a host prefix.
@@ -164,6 +165,42 @@ pub fn workload_identity(id: u32) -> Result<u32, ModelError> {
     Ok(id)
 }
 
+/// An enrolled pod as the agent knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodSpec {
+    pub workload_id: u32,
+    /// The pod's identity (service account); a workload identity, not 0 or 1.
+    pub identity_id: u32,
+    pub ip4: Option<Ipv4Addr>,
+    pub ip6: Option<Ipv6Addr>,
+    pub mtls: MtlsMode,
+    pub fail: FailMode,
+    /// Listener ports reachable in plaintext from anywhere (kubelet probes), STRICT pods only.
+    pub plaintext_ports: Vec<u16>,
+}
+
+impl PodSpec {
+    /// The [`mesh_common::maps::ENROLLED`] value.
+    pub fn record(&self) -> EnrolledPod {
+        EnrolledPod {
+            workload_id: self.workload_id,
+            identity_id: self.identity_id,
+            mtls_mode: self.mtls as u8,
+            fail_mode: self.fail as u8,
+            flags: 0,
+            ip4: self.ip4.map_or(0, v4_word),
+            ip6: self.ip6.map(v6_words).unwrap_or_default(),
+        }
+    }
+
+    /// The pod's addresses, as host prefixes for the identity map.
+    pub fn host_prefixes(&self) -> Vec<Cidr> {
+        let v4 = self.ip4.map(|ip| Cidr::host(IpAddr::V4(ip)));
+        let v6 = self.ip6.map(|ip| Cidr::host(IpAddr::V6(ip)));
+        v4.into_iter().chain(v6).collect()
+    }
+}
+
 /// The plaintext-guard allow-list key for listener `port` of the pod `netns_cookie`.
 pub fn guard_port_key(netns_cookie: u64, port: u16) -> GuardPortKey {
     GuardPortKey {
@@ -269,6 +306,27 @@ pub fn orig_dst_addr(rec: &OrigDst) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_records_carry_addresses_and_modes() {
+        let spec = PodSpec {
+            workload_id: 3,
+            identity_id: 9,
+            ip4: Some(Ipv4Addr::new(10, 0, 0, 7)),
+            ip6: None,
+            mtls: MtlsMode::Permissive,
+            fail: FailMode::Open,
+            plaintext_ports: vec![8081],
+        };
+        let r = spec.record();
+        assert_eq!(r.ip4.to_ne_bytes(), [10, 0, 0, 7]);
+        assert_eq!(r.ip6, [0; 4]);
+        assert_eq!((r.mtls_mode, r.fail_mode), (1, 1));
+        assert_eq!(
+            spec.host_prefixes(),
+            vec![Cidr::host("10.0.0.7".parse().expect("valid"))]
+        );
+    }
 
     #[test]
     fn cidrs_parse_and_reject_nonsense() {

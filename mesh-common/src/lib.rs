@@ -12,7 +12,7 @@
 
 /// Version of the map layout. Any change to a map's key or value type, size or kind bumps it, so
 /// pinned maps of an older layout are never reused by a program that reads them differently.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Map names, as they appear in the eBPF object and under the pin directory.
 pub mod maps {
@@ -108,9 +108,12 @@ pub struct EnrolledPod {
     pub mtls_mode: u8,
     /// [`FailMode`] as `u8`.
     pub fail_mode: u8,
-    /// Bit set of `POD_FLAG_*`.
+    /// Bit set of `POD_FLAG_*` (none defined yet; 0).
     pub flags: u16,
-    pub _pad: u32,
+    /// The pod's IPv4 address (as `user_ip4`), 0 = none.
+    pub ip4: u32,
+    /// The pod's IPv6 address (as `user_ip6`), all zero = none.
+    pub ip6: [u32; 4],
 }
 
 /// mTLS mode of an enrolled pod's inbound side.
@@ -321,7 +324,7 @@ mod tests {
     /// The eBPF side and userspace must agree on sizes; padding must be explicit (no holes).
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<EnrolledPod>(), 16);
+        assert_eq!(size_of::<EnrolledPod>(), 32);
         assert_eq!(size_of::<TunnelConfig>(), 32);
         assert_eq!(size_of::<LpmAddr>(), 16);
         assert_eq!(size_of::<LpmPortAddr>(), 20);

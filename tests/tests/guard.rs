@@ -11,10 +11,10 @@ use anyhow::{Context, Result};
 use mesh_agent::{
     datapath::Datapath,
     maps::{KernelMaps, TunnelSettings},
-    model::{Cidr, Exclusion},
+    model::{Cidr, Exclusion, PodSpec},
     netns::netns_cookie,
 };
-use mesh_common::{EnrolledPod, FailMode, MtlsMode, OUTBOUND_PORT};
+use mesh_common::{FailMode, MtlsMode, OUTBOUND_PORT};
 use nodemesh_tests::{
     ChildCgroup, ManyProbe, Node, TUNNEL_IP4, TUNNEL_IP6, connect_and_read, probe_connect,
     require_root, unique_prefix,
@@ -41,15 +41,17 @@ fn strict_pod_listeners_accept_only_the_tunnel_and_probe_ports() -> Result<()> {
         port: OUTBOUND_PORT,
         stale_after: None,
     })?;
-    let cookie = netns_cookie(&pod.ns.path())?;
-    let strict = EnrolledPod {
+    let strict = PodSpec {
+        workload_id: 1,
         identity_id: 5,
-        mtls_mode: MtlsMode::Strict as u8,
-        fail_mode: FailMode::Closed as u8,
-        ..Default::default()
+        ip4: Some(pod.ip4),
+        ip6: Some(pod.ip6),
+        mtls: MtlsMode::Strict,
+        fail: FailMode::Closed,
+        plaintext_ports: vec![PROBE_PORT],
     };
-    dp.enroll(cookie, strict)?;
-    dp.allow_plaintext_port(cookie, PROBE_PORT)?;
+    let cookie = dp.enroll_netns(&pod.ns.path(), &strict)?;
+    assert_eq!(cookie, netns_cookie(&pod.ns.path())?);
     let unspec: IpAddr = std::net::Ipv6Addr::UNSPECIFIED.into();
     let _server = ManyProbe::serve(
         cgroup.path(),
@@ -114,10 +116,10 @@ fn strict_pod_listeners_accept_only_the_tunnel_and_probe_ports() -> Result<()> {
     assert!(nodemesh_tests::accept_now(&other_server)?.is_some());
 
     // PERMISSIVE: plaintext reaches the listener again.
-    dp.enroll(
+    dp.enroll_pod(
         cookie,
-        EnrolledPod {
-            mtls_mode: MtlsMode::Permissive as u8,
+        &PodSpec {
+            mtls: MtlsMode::Permissive,
             ..strict
         },
     )?;

@@ -22,7 +22,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, MapError, PerCpuArray,
+        Array, HashMap, MapData, MapError, PerCpuArray, SkStorage,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
@@ -258,6 +258,8 @@ impl Datapath {
             PerCpuArray::try_from(take(maps::COUNTERS)?).map_err(map_err(maps::COUNTERS))?;
         let by_tuple = HashMap::try_from(take(maps::ORIG_DST_BY_TUPLE)?)
             .map_err(map_err(maps::ORIG_DST_BY_TUPLE))?;
+        let by_socket = SkStorage::try_from(take(maps::SOCK_ORIG_DST)?)
+            .map_err(map_err(maps::SOCK_ORIG_DST))?;
         let heartbeat = Array::try_from(take(maps::TUNNEL_HEARTBEAT)?)
             .map_err(map_err(maps::TUNNEL_HEARTBEAT))?;
         let exclusions =
@@ -281,6 +283,7 @@ impl Datapath {
             },
             orig_dst: OrigDstReader {
                 by_tuple: Arc::new(Mutex::new(by_tuple)),
+                by_socket: Arc::new(Mutex::new(by_socket)),
                 misses: Arc::new(AtomicU64::new(0)),
             },
             attached_to: Vec::new(),
@@ -377,6 +380,34 @@ impl Datapath {
     pub fn enroll(&mut self, netns_cookie: u64, pod: EnrolledPod) -> Result<(), DatapathError> {
         self.put_enrolled(netns_cookie, pod)?;
         info!(netns_cookie, workload_id = pod.workload_id, "pod enrolled");
+        Ok(())
+    }
+
+    /// Attaches the sock_ops program to the tunnel process's cgroup too, so each accepted tunnel
+    /// socket receives its original destination in its own socket storage at
+    /// `PASSIVE_ESTABLISHED` (the tuple map stays the fallback). Unnecessary when the tunnel's
+    /// cgroup is under the one given to [`Self::attach`] (production: the root). Not pinned:
+    /// lives as long as `self`.
+    pub fn attach_tunnel(&mut self, tunnel_cgroup: &Path) -> Result<(), DatapathError> {
+        if !crate::cgroup::is_cgroup2(tunnel_cgroup) {
+            return Err(DatapathError::NotCgroup2 {
+                path: tunnel_cgroup.to_path_buf(),
+            });
+        }
+        let fd = File::open(tunnel_cgroup).map_err(|source| DatapathError::Cgroup {
+            path: tunnel_cgroup.to_path_buf(),
+            source,
+        })?;
+        let name = programs::SOCKOPS;
+        let prog: &mut SockOps = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(prog_err(name))?;
+        prog.attach(&fd, CgroupAttachMode::Single)
+            .map_err(prog_err(name))?;
+        info!(cgroup = %tunnel_cgroup.display(), "sock_ops attached to the tunnel's cgroup");
         Ok(())
     }
 
@@ -624,6 +655,7 @@ pub struct OriginalDestination {
     pub identity_id: u32,
     pub workload_id: u32,
     pub netns_cookie: u64,
+    pub source: OrigDstSource,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -649,6 +681,7 @@ pub enum OrigDstError {
 #[derive(Clone)]
 pub struct OrigDstReader {
     by_tuple: Arc<Mutex<HashMap<MapData, SockTuple, OrigDst>>>,
+    by_socket: Arc<Mutex<SkStorage<MapData, OrigDst>>>,
     misses: Arc<AtomicU64>,
 }
 
@@ -662,6 +695,25 @@ impl OrigDstReader {
     ) -> Result<OriginalDestination, OrigDstError> {
         let peer = stream.peer_addr().map_err(OrigDstError::Socket)?;
         let local = stream.local_addr().map_err(OrigDstError::Socket)?;
+        // Handed over into the socket's own storage (sock_ops on the tunnel's cgroup)?
+        let mut storage = self
+            .by_socket
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match storage.get(stream, 0) {
+            Ok(rec) => {
+                // Consume, as for the tuple map: one connection, one read.
+                match storage.remove(stream) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(OrigDstError::Map(e)),
+                }
+                drop(storage);
+                return record(&rec, peer, local, OrigDstSource::SocketStorage);
+            }
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(OrigDstError::Map(e)),
+        }
+        drop(storage);
         self.lookup(peer, local)
     }
 
@@ -701,18 +753,37 @@ impl OrigDstReader {
             Err(e) => return Err(OrigDstError::Map(e)),
         }
         drop(map);
-        let addr = crate::model::orig_dst_addr(&rec).ok_or(OrigDstError::Corrupt {
-            peer,
-            local,
-            family: rec.family,
-        })?;
-        Ok(OriginalDestination {
-            addr,
-            identity_id: rec.identity_id,
-            workload_id: rec.workload_id,
-            netns_cookie: rec.netns_cookie,
-        })
+        record(&rec, peer, local, OrigDstSource::TupleMap)
     }
+}
+
+fn record(
+    rec: &OrigDst,
+    peer: SocketAddr,
+    local: SocketAddr,
+    source: OrigDstSource,
+) -> Result<OriginalDestination, OrigDstError> {
+    let addr = crate::model::orig_dst_addr(rec).ok_or(OrigDstError::Corrupt {
+        peer,
+        local,
+        family: rec.family,
+    })?;
+    Ok(OriginalDestination {
+        addr,
+        identity_id: rec.identity_id,
+        workload_id: rec.workload_id,
+        netns_cookie: rec.netns_cookie,
+        source,
+    })
+}
+
+/// Where an original destination was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrigDstSource {
+    /// The accepted socket's own storage (handed over at `PASSIVE_ESTABLISHED`).
+    SocketStorage,
+    /// The tuple-keyed map (fallback when sock_ops does not run on the tunnel's cgroup).
+    TupleMap,
 }
 
 #[cfg(test)]

@@ -261,10 +261,12 @@ pub enum Counter {
     Excluded = 8,
     /// Packets to a listener of a STRICT pod dropped by the plaintext guard (not from the tunnel).
     GuardDropped = 9,
+    /// Original destinations moved from the tuple map into an accepted tunnel socket's storage.
+    OrigDstHandedOver = 10,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Redirected,
         Counter::PassedUnconfigured,
         Counter::RefusedUnconfigured,
@@ -275,6 +277,7 @@ impl Counter {
         Counter::PassedTunnelStale,
         Counter::Excluded,
         Counter::GuardDropped,
+        Counter::OrigDstHandedOver,
     ];
     /// Size of [`maps::COUNTERS`]; spare slots leave room for new counters without a layout bump.
     pub const SLOTS: u32 = 32;
@@ -291,6 +294,7 @@ impl Counter {
             Counter::PassedTunnelStale => "passed_tunnel_stale",
             Counter::Excluded => "excluded",
             Counter::GuardDropped => "guard_dropped",
+            Counter::OrigDstHandedOver => "orig_dst_handed_over",
         }
     }
 }

@@ -9,7 +9,9 @@
 //!   redirected to the mapped IPv4 tunnel address. Everything else passes untouched.
 //! - `mesh_sockops` (sock_ops): at `TCP_CONNECT_CB` (source port chosen, SYN not yet sent) the
 //!   original destination is copied into `NM_ODST_TUPLE`, keyed by the 4-tuple the tunnel will see
-//!   on the accepted socket, so the tunnel can read it back with `getpeername`/`getsockname`.
+//!   on the accepted socket, so the tunnel can read it back with `getpeername`/`getsockname`. At
+//!   `PASSIVE_ESTABLISHED` (when also attached to the tunnel's cgroup) the entry is moved into the
+//!   accepted socket's storage and deleted from the tuple map.
 //!
 //! - `mesh_guard_ingress` (cgroup_skb/ingress): the plaintext guard. A TCP packet to a
 //!   *listening* socket of an enrolled STRICT pod is dropped unless it comes from the tunnel
@@ -25,7 +27,10 @@ use core::ptr;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{__sk_buff, BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr, bpf_sock_ops},
+    bindings::{
+        __sk_buff, BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr, bpf_sock_ops,
+    },
     btf_maps::SkStorage,
     helpers::generated::{
         bpf_get_netns_cookie, bpf_ktime_get_ns, bpf_set_retval, bpf_sk_fullsock, bpf_sk_storage_get,
@@ -381,10 +386,48 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     ALLOW as u32
 }
 
+/// A socket's addresses as sock_ops sees them: (local, remote, family), IPv4-mapped IPv6
+/// reduced to IPv4 (the tunnel sees an IPv4 tuple for a dual-stack socket on an IPv4 path).
+#[inline(always)]
+fn sockops_addrs(ops: *mut bpf_sock_ops, family: u32) -> ([u32; 4], [u32; 4], u16) {
+    if family == u32::from(AF_INET) {
+        return (
+            [ctx_read!(ops, local_ip4), 0, 0, 0],
+            [ctx_read!(ops, remote_ip4), 0, 0, 0],
+            AF_INET,
+        );
+    }
+    let remote = [
+        ctx_read!(ops, remote_ip6[0]),
+        ctx_read!(ops, remote_ip6[1]),
+        ctx_read!(ops, remote_ip6[2]),
+        ctx_read!(ops, remote_ip6[3]),
+    ];
+    if is_mapped(&remote) {
+        (
+            [ctx_read!(ops, local_ip6[3]), 0, 0, 0],
+            [remote[3], 0, 0, 0],
+            AF_INET,
+        )
+    } else {
+        (
+            [
+                ctx_read!(ops, local_ip6[0]),
+                ctx_read!(ops, local_ip6[1]),
+                ctx_read!(ops, local_ip6[2]),
+                ctx_read!(ops, local_ip6[3]),
+            ],
+            remote,
+            AF_INET6,
+        )
+    }
+}
+
 #[inline(always)]
 fn try_sockops(ctx: &SockOpsContext) {
     let ops: *mut bpf_sock_ops = ctx.ops;
-    if ctx_read!(ops, op) != BPF_SOCK_OPS_TCP_CONNECT_CB {
+    let op = ctx_read!(ops, op);
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         return;
     }
     let family = ctx_read!(ops, family);
@@ -396,61 +439,66 @@ fn try_sockops(ctx: &SockOpsContext) {
     if sk.is_null() {
         return;
     }
+    let (local, remote, family) = sockops_addrs(ops, family);
+    // sock_ops: `local_port` is host order; `remote_port` is network order in the upper 16 bits.
+    let local_port = ctx_read!(ops, local_port) as u16;
+    let remote_port = u32::from_be(ctx_read!(ops, remote_port)) as u16;
     let map = ptr::from_ref(&NM_SOCK_ODST).cast_mut().cast();
-    // SAFETY: `sk` is a non-null socket pointer from the context; no value, no create flag.
-    let stored =
-        unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0) }.cast::<OrigDst>();
-    if stored.is_null() {
-        return; // not a redirected socket
-    }
-    // SAFETY: non-null pointer to the socket's storage.
-    let orig = unsafe { *stored };
-    let remote_port_raw = ctx_read!(ops, remote_port);
-    let (src_ip, dst_ip, family) = if family == u32::from(AF_INET) {
-        (
-            [ctx_read!(ops, local_ip4), 0, 0, 0],
-            [ctx_read!(ops, remote_ip4), 0, 0, 0],
-            AF_INET,
-        )
-    } else {
-        let remote = [
-            ctx_read!(ops, remote_ip6[0]),
-            ctx_read!(ops, remote_ip6[1]),
-            ctx_read!(ops, remote_ip6[2]),
-            ctx_read!(ops, remote_ip6[3]),
-        ];
-        if is_mapped(&remote) {
-            // Dual-stack socket on an IPv4 path: the tunnel sees an IPv4 (or mapped) tuple.
-            (
-                [ctx_read!(ops, local_ip6[3]), 0, 0, 0],
-                [remote[3], 0, 0, 0],
-                AF_INET,
-            )
-        } else {
-            (
-                [
-                    ctx_read!(ops, local_ip6[0]),
-                    ctx_read!(ops, local_ip6[1]),
-                    ctx_read!(ops, local_ip6[2]),
-                    ctx_read!(ops, local_ip6[3]),
-                ],
-                remote,
-                AF_INET6,
-            )
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // Client side (pod): source port chosen, SYN not sent yet.
+        // SAFETY: `sk` is a non-null socket pointer from the context; no value, no create flag.
+        let stored =
+            unsafe { bpf_sk_storage_get(map, sk.cast(), ptr::null_mut(), 0) }.cast::<OrigDst>();
+        if stored.is_null() {
+            return; // not a redirected socket
         }
-    };
+        // SAFETY: non-null pointer to the socket's storage.
+        let orig = unsafe { *stored };
+        let key = SockTuple {
+            src_ip: local,
+            dst_ip: remote,
+            src_port: local_port,
+            dst_port: remote_port,
+            family,
+            _pad: 0,
+        };
+        if NM_ODST_TUPLE.insert(key, orig, u64::from(BPF_ANY)).is_err() {
+            count(Counter::TupleMapUpdateFailed);
+        }
+        return;
+    }
+    // Tunnel side (sock_ops on the tunnel's cgroup): the accepted socket; the pod is remote.
     let key = SockTuple {
-        src_ip,
-        dst_ip,
-        // sock_ops: `local_port` is host order; `remote_port` is network order in the upper 16 bits.
-        src_port: ctx_read!(ops, local_port) as u16,
-        dst_port: u32::from_be(remote_port_raw) as u16,
+        src_ip: remote,
+        dst_ip: local,
+        src_port: remote_port,
+        dst_port: local_port,
         family,
         _pad: 0,
     };
-    if NM_ODST_TUPLE.insert(key, orig, u64::from(BPF_ANY)).is_err() {
-        count(Counter::TupleMapUpdateFailed);
+    // SAFETY: the value is copied out immediately.
+    let Some(mut orig) = (unsafe { NM_ODST_TUPLE.get(key) }).copied() else {
+        return; // not a redirected connection (or a tunnel-side socket of another kind)
+    };
+    // SAFETY: `sk` is a non-null full socket (PASSIVE_ESTABLISHED); `orig` initialises the
+    // storage it creates.
+    let stored = unsafe {
+        bpf_sk_storage_get(
+            map,
+            sk.cast(),
+            ptr::from_mut(&mut orig).cast(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
     }
+    .cast::<OrigDst>();
+    if stored.is_null() {
+        return; // the tuple entry stays as the fallback
+    }
+    // SAFETY: non-null pointer to the accepted socket's storage.
+    unsafe { *stored = orig };
+    // Handed over: the tuple entry is no longer needed (and must not serve a later reuse).
+    let _ = NM_ODST_TUPLE.remove(key);
+    count(Counter::OrigDstHandedOver);
 }
 
 /// cgroup_skb verdicts.

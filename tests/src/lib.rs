@@ -563,3 +563,27 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
         }
     }
 }
+
+/// Runs `f` with this whole test process moved into `cgroup`, then moves it back to the cgroup
+/// it came from. Sockets created by `f` belong to `cgroup` for good (a listener's accepted
+/// sockets too), which is how a test plays the tunnel process of a given cgroup.
+pub fn with_process_in_cgroup<T>(cgroup: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let own = fs::read_to_string("/proc/self/cgroup")?;
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cgroup v2 line in /proc/self/cgroup")?;
+    let original = mesh_agent::cgroup::cgroup2_mount()?.join(rel.trim_start_matches('/'));
+    let pid = std::process::id().to_string();
+    fs::write(cgroup.join("cgroup.procs"), &pid)
+        .with_context(|| format!("cannot move this test into {}", cgroup.display()))?;
+    let result = f();
+    fs::write(original.join("cgroup.procs"), &pid).with_context(|| {
+        format!(
+            "cannot move this test back to {} (remove {} by hand)",
+            original.display(),
+            cgroup.display()
+        )
+    })?;
+    result
+}

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use mesh_agent::{
-    datapath::Datapath,
+    datapath::{Datapath, OrigDstSource},
     maps::{KernelMaps, TunnelSettings},
     model::{Action, Cidr, Exclusion, PeerIdentity, PolicyRule},
     netns::netns_cookie,
@@ -313,6 +313,64 @@ fn stale_tunnel_passes_fail_open_pods_untouched() -> Result<()> {
     let local = s.connect(dst)?;
     s.expect_direct(local)?;
     assert_eq!(s.dp.counters()?["passed_tunnel_stale"], 1);
+    Ok(())
+}
+
+/// With sock_ops also on the tunnel's cgroup, the original destination is moved into the
+/// accepted socket's own storage at PASSIVE_ESTABLISHED (v4 seen through a dual-stack listener as
+/// mapped, and v6), and read from there.
+#[test]
+fn original_destination_is_handed_over_into_the_accepted_socket() -> Result<()> {
+    require_root();
+    let p = unique_prefix();
+    let node = Node::new(&p, 1)?;
+    let pods = ChildCgroup::new(&format!("{p}-pods"))?;
+    let tunnel_cg = ChildCgroup::new(&format!("{p}-tunnel"))?;
+    let pod = &node.pods[0];
+    // One dual-stack listener on every node address, created from inside the tunnel's cgroup.
+    let tunnel = nodemesh_tests::with_process_in_cgroup(tunnel_cg.path(), || {
+        node.listen(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), OUTBOUND_PORT))
+    })?;
+    let mut dp = Datapath::load()?;
+    dp.attach(pods.path())?;
+    dp.attach_tunnel(tunnel_cg.path())?;
+    dp.set_tunnel(&TunnelSettings {
+        ip4: TUNNEL_IP4,
+        ip6: Some(TUNNEL_IP6),
+        port: OUTBOUND_PORT,
+        stale_after: None,
+    })?;
+    let cookie = netns_cookie(&pod.ns.path())?;
+    dp.enroll(
+        cookie,
+        EnrolledPod {
+            identity_id: POD_IDENTITY,
+            ..Default::default()
+        },
+    )?;
+    let reader = dp.orig_dst_reader();
+    for dst in [
+        SocketAddr::new(pod.gw4.into(), SERVER_PORT),
+        SocketAddr::new(pod.gw6.into(), SERVER_PORT),
+    ] {
+        let local = probe_connect(pods.path(), &pod.ns, dst, "x")?.local;
+        let conn = accept_now(&tunnel)?.with_context(|| format!("{dst}: nothing at the tunnel"))?;
+        assert_eq!(canonical(conn.peer_addr()?), canonical(local));
+        let orig = reader.original_destination(&conn)?;
+        assert_eq!(orig.addr, dst);
+        assert_eq!(orig.netns_cookie, cookie);
+        assert_eq!(orig.source, OrigDstSource::SocketStorage, "{dst}");
+        // Consumed from the socket, and the tuple entry was removed at hand-over.
+        assert!(reader.original_destination(&conn).is_err());
+    }
+    let c = dp.counters()?;
+    assert_eq!(
+        (c["orig_dst_handed_over"], c["redirected"]),
+        (2, 2),
+        "{c:?}"
+    );
+    drop(dp);
+    drop(tunnel);
     Ok(())
 }
 

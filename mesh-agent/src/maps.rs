@@ -257,9 +257,9 @@ impl FakeMaps {
             .map_or(mesh_common::IDENTITY_WORLD, |(_, id)| *id)
     }
 
-    /// Whether the programs' policy lookup denies a TCP connect from `src_identity` to
-    /// `ip`:`port`.
-    pub fn denies(&self, src_identity: u32, ip: IpAddr, port: u16) -> bool {
+    /// Whether the programs' policy lookup denies a connect from `src_identity` to
+    /// `ip`:`port` over `proto`.
+    pub fn denies(&self, src_identity: u32, ip: IpAddr, port: u16, proto: model::Proto) -> bool {
         let dst = self.identity_of(ip);
         [
             (dst, port),
@@ -274,7 +274,7 @@ impl FakeMaps {
                     src_identity,
                     dst_identity,
                     port,
-                    proto: mesh_common::PROTO_TCP,
+                    proto: proto.number(),
                     _pad: 0,
                 })
                 .copied()
@@ -286,7 +286,11 @@ impl FakeMaps {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Action, PeerIdentity};
+    use crate::model::{Action, PeerIdentity, Proto};
+
+    fn denies(m: &FakeMaps, src: u32, ip: IpAddr, port: u16) -> bool {
+        m.denies(src, ip, port, Proto::Tcp)
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("valid address")
@@ -329,6 +333,7 @@ mod tests {
             src_identity: 10,
             dst: PeerIdentity::Id(20),
             port: None,
+            proto: Proto::Tcp,
             action: Action::Deny,
         };
         m.set_policy(&deny_all).expect("fake");
@@ -338,18 +343,25 @@ mod tests {
             ..deny_all
         })
         .expect("fake");
-        assert!(m.denies(10, ip("10.1.9.9"), 80));
-        assert!(!m.denies(10, ip("10.1.9.9"), 8080));
-        assert!(!m.denies(10, ip("10.1.2.3"), 80), "other identity: allowed");
-        assert!(!m.denies(11, ip("10.1.9.9"), 80), "other source: allowed");
+        assert!(denies(&m, 10, ip("10.1.9.9"), 80));
+        assert!(!denies(&m, 10, ip("10.1.9.9"), 8080));
+        assert!(
+            !denies(&m, 10, ip("10.1.2.3"), 80),
+            "other identity: allowed"
+        );
+        assert!(!denies(&m, 11, ip("10.1.9.9"), 80), "other source: allowed");
         m.set_policy(&PolicyRule {
             dst: PeerIdentity::World,
             ..deny_all
         })
         .expect("fake");
-        assert!(m.denies(10, ip("1.1.1.1"), 443));
+        assert!(denies(&m, 10, ip("1.1.1.1"), 443));
+        assert!(
+            !m.denies(10, ip("1.1.1.1"), 443, Proto::Udp),
+            "UDP has its own entries"
+        );
         m.remove_policy(&deny_all).expect("fake");
-        assert!(!m.denies(10, ip("10.1.9.9"), 80));
+        assert!(!denies(&m, 10, ip("10.1.9.9"), 80));
     }
 
     #[test]

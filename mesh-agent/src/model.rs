@@ -220,6 +220,22 @@ pub enum PeerIdentity {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    /// Checked on connected UDP sockets (`connect()`); not tunnelled.
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => mesh_common::PROTO_UDP,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Action {
     Allow,
     Deny,
@@ -233,11 +249,12 @@ pub struct PolicyRule {
     pub dst: PeerIdentity,
     /// `None` = every port.
     pub port: Option<u16>,
+    pub proto: Proto,
     pub action: Action,
 }
 
 impl PolicyRule {
-    /// The policy map entry (TCP).
+    /// The policy map entry.
     pub fn entry(&self) -> (PolicyKey, u32) {
         let dst_identity = match self.dst {
             PeerIdentity::Any => IDENTITY_ANY,
@@ -248,7 +265,7 @@ impl PolicyRule {
             src_identity: self.src_identity,
             dst_identity,
             port: self.port.unwrap_or(PORT_ANY),
-            proto: PROTO_TCP,
+            proto: self.proto.number(),
             _pad: 0,
         };
         let value = match self.action {
@@ -378,6 +395,7 @@ mod tests {
             src_identity: 5,
             dst: PeerIdentity::Any,
             port: None,
+            proto: Proto::Tcp,
             action: Action::Deny,
         };
         let (k, v) = rule.entry();

@@ -91,6 +91,7 @@ pub const POLICY_ALLOW: u32 = 0;
 pub const POLICY_DENY: u32 = 1;
 /// IP protocol numbers used in [`PolicyKey::proto`].
 pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
 
 /// The third address word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), network order in
 /// memory. LPM keys store IPv4 addresses in this form so one trie serves both families.
@@ -183,7 +184,7 @@ pub struct PolicyKey {
     pub dst_identity: u32,
     /// Host order; [`PORT_ANY`] = every port.
     pub port: u16,
-    /// [`PROTO_TCP`].
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
     pub proto: u8,
     pub _pad: u8,
 }

@@ -44,7 +44,7 @@ use mesh_common::{
     AF_INET, AF_INET6, Counter, EnrolledPod, FailMode, GuardPortKey, IDENTITY_ANY, IDENTITY_WORLD,
     LpmAddr, LpmPortAddr, MAX_ENROLLED, MAX_EXCLUSIONS, MAX_GUARD_PORTS, MAX_IDENTITY_PREFIXES,
     MAX_PENDING_CONNECTIONS, MAX_POLICY_ENTRIES, MtlsMode, OrigDst, POLICY_DENY, PORT_ANY,
-    PROTO_TCP, PolicyKey, SockTuple, TunnelConfig, V4_MAPPED_WORD,
+    PROTO_TCP, PROTO_UDP, PolicyKey, SockTuple, TunnelConfig, V4_MAPPED_WORD,
 };
 
 /// Allow the operation (cgroup sock_addr and sock_ops return convention).
@@ -54,6 +54,8 @@ const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const IPPROTO_TCP: u32 = 6;
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const IPPROTO_UDP: u32 = 17;
 /// `::1` as the last address word (network order in memory).
 const V6_LOOPBACK_WORD: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
 
@@ -190,14 +192,14 @@ fn is_excluded(words: [u32; 4], port: u16) -> bool {
 }
 
 #[inline(always)]
-fn policy_denies(src_identity: u32, words: [u32; 4], port: u16) -> bool {
+fn policy_denies(src_identity: u32, words: [u32; 4], port: u16, proto: u8) -> bool {
     let key = Key::new(128, LpmAddr { addr: words });
     let dst_identity = NM_IDENTITY.get(&key).copied().unwrap_or(IDENTITY_WORLD);
     let mut pk = PolicyKey {
         src_identity,
         dst_identity,
         port,
-        proto: PROTO_TCP,
+        proto,
         _pad: 0,
     };
     // Most specific first; the first entry found decides. Unrolled: the verifier needs bounds.
@@ -245,7 +247,7 @@ fn decide(ctx: &SockAddrContext, words: [u32; 4], port: u16, target: &mut Target
     if is_tunnel {
         return Verdict::Pass;
     }
-    if policy_denies(pod.identity_id, words, port) {
+    if policy_denies(pod.identity_id, words, port, PROTO_TCP) {
         count(Counter::DeniedPolicy);
         debug!(
             ctx,
@@ -313,6 +315,38 @@ fn is_tcp(sa: *mut bpf_sock_addr) -> bool {
     ctx_read!(sa, type_) == SOCK_STREAM && ctx_read!(sa, protocol) == IPPROTO_TCP
 }
 
+#[inline(always)]
+fn is_udp(sa: *mut bpf_sock_addr) -> bool {
+    ctx_read!(sa, type_) == SOCK_DGRAM && ctx_read!(sa, protocol) == IPPROTO_UDP
+}
+
+/// Connected UDP from an enrolled pod: policy only (UDP is not tunnelled). Loopback is never
+/// checked. Unconnected UDP (sendmsg) is not checked yet.
+#[inline(always)]
+fn udp_verdict(ctx: &SockAddrContext, words: [u32; 4], port: u16) -> i32 {
+    // SAFETY: the context pointer is valid for the helper in this program type.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out immediately.
+    let Some(pod) = (unsafe { NM_ENROLLED.get(netns_cookie) }).copied() else {
+        return ALLOW;
+    };
+    let v4 = is_mapped(&words);
+    if (v4 && words[3].to_ne_bytes()[0] == 127)
+        || (!v4 && words[0] == 0 && words[1] == 0 && words[2] == 0 && words[3] == V6_LOOPBACK_WORD)
+    {
+        return ALLOW;
+    }
+    if policy_denies(pod.identity_id, words, port, PROTO_UDP) {
+        count(Counter::DeniedPolicy);
+        debug!(
+            ctx,
+            "udp connect refused by policy: identity {} to port {}", pod.identity_id, port
+        );
+        return refuse();
+    }
+    ALLOW
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     try_connect4(&ctx)
@@ -321,12 +355,16 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn try_connect4(ctx: &SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    if !is_tcp(sa) {
+    let tcp = is_tcp(sa);
+    if !tcp && !is_udp(sa) {
         return ALLOW;
     }
     let dst_ip = ctx_read!(sa, user_ip4);
     // `user_port` holds the port in network order in its low 16 bits.
     let port = u16::from_be(ctx_read!(sa, user_port) as u16);
+    if !tcp {
+        return udp_verdict(ctx, [0, 0, V4_MAPPED_WORD, dst_ip], port);
+    }
     let mut target = Target {
         words: [0; 4],
         port: 0,
@@ -350,7 +388,8 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn try_connect6(ctx: &SockAddrContext) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    if !is_tcp(sa) {
+    let tcp = is_tcp(sa);
+    if !tcp && !is_udp(sa) {
         return ALLOW;
     }
     let w = [
@@ -360,6 +399,9 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
         ctx_read!(sa, user_ip6[3]),
     ];
     let port = u16::from_be(ctx_read!(sa, user_port) as u16);
+    if !tcp {
+        return udp_verdict(ctx, w, port);
+    }
     // A dual-stack socket connecting to `::ffff:a.b.c.d` (the Java case) is an IPv4 connection:
     // `decide` sees the mapped form either way and redirects it to the mapped IPv4 tunnel.
     let mut target = Target {

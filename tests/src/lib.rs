@@ -210,6 +210,25 @@ pub fn probe_connect(
     Ok(ProbeConnect { local })
 }
 
+/// Runs the probe as an application inside `netns` and `cgroup` connecting a UDP socket to
+/// `dst`; the error carries the probe's message (e.g. "Connection refused").
+pub fn probe_udp_connect(cgroup: &Path, netns: &NetNs, dst: SocketAddr) -> Result<()> {
+    let out = Command::new(env_probe()?)
+        .arg(cgroup)
+        .arg(netns.path())
+        .arg("udp-connect")
+        .arg(dst.to_string())
+        .output()
+        .context("cannot start nm-probe")?;
+    if !out.status.success() {
+        bail!(
+            "probe udp connect to {dst} failed: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(())
+}
+
 fn env_probe() -> Result<PathBuf> {
     // Set by cargo for integration tests of this package.
     let exe = option_env!("CARGO_BIN_EXE_nm-probe").map(PathBuf::from);

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use mesh_agent::{
     datapath::{Datapath, OrigDstSource},
     maps::{KernelMaps, TunnelSettings},
-    model::{Action, Cidr, Exclusion, PeerIdentity, PolicyRule},
+    model::{Action, Cidr, Exclusion, PeerIdentity, PolicyRule, Proto},
     netns::netns_cookie,
 };
 use mesh_common::{EnrolledPod, FailMode, MtlsMode, OUTBOUND_PORT};
@@ -225,6 +225,7 @@ fn policy_denies_early_with_econnrefused_and_counts() -> Result<()> {
         src_identity: POD_IDENTITY,
         dst: PeerIdentity::Id(server_identity),
         port: Some(SERVER_PORT),
+        proto: Proto::Tcp,
         action: Action::Deny,
     })?;
 
@@ -247,18 +248,58 @@ fn policy_denies_early_with_econnrefused_and_counts() -> Result<()> {
         src_identity: POD_IDENTITY,
         dst: PeerIdentity::Any,
         port: None,
+        proto: Proto::Tcp,
         action: Action::Deny,
     })?;
     s.dp.set_policy(&PolicyRule {
         src_identity: POD_IDENTITY,
         dst: PeerIdentity::Id(server_identity),
         port: Some(SERVER_PORT + 1),
+        proto: Proto::Tcp,
         action: Action::Allow,
     })?;
     s.expect_refused(SocketAddr::new(gw4, SERVER_PORT + 2))?;
     let local = s.connect(allowed)?;
     s.expect_redirected(false, allowed, local)?;
     assert_eq!(s.dp.counters()?["denied_policy"], 4);
+    Ok(())
+}
+
+#[test]
+fn connected_udp_is_denied_by_udp_policy_only() -> Result<()> {
+    let mut s = Setup::new(FailMode::Closed)?;
+    let pod = &s.node.pods[0];
+    let (gw4, gw6): (IpAddr, IpAddr) = (pod.gw4.into(), pod.gw6.into());
+    s.dp.set_identity(&Cidr::host(gw4), 100)?;
+    s.dp.set_identity(&Cidr::host(gw6), 100)?;
+    let rule = PolicyRule {
+        src_identity: POD_IDENTITY,
+        dst: PeerIdentity::Id(100),
+        port: Some(53),
+        proto: Proto::Udp,
+        action: Action::Deny,
+    };
+    s.dp.set_policy(&rule)?;
+    for dst in [
+        SocketAddr::new(gw4, 53),
+        SocketAddr::new(gw6, 53),
+        SocketAddr::new(pod.gw4.to_ipv6_mapped().into(), 53),
+    ] {
+        let err = nodemesh_tests::probe_udp_connect(s.cgroup.path(), &pod.ns, dst)
+            .expect_err("denied UDP connect must fail");
+        assert!(
+            err.to_string().contains("Connection refused"),
+            "{dst}: {err:#}"
+        );
+    }
+    assert_eq!(s.dp.counters()?["denied_policy"], 3);
+    // Another UDP port, and TCP to the same port, are not affected by the UDP rule.
+    nodemesh_tests::probe_udp_connect(s.cgroup.path(), &pod.ns, SocketAddr::new(gw4, 54))?;
+    let tcp = SocketAddr::new(gw4, 53);
+    let local = s.connect(tcp)?;
+    s.expect_redirected(false, tcp, local)?;
+    s.dp.remove_policy(&rule)?;
+    nodemesh_tests::probe_udp_connect(s.cgroup.path(), &pod.ns, SocketAddr::new(gw4, 53))?;
     Ok(())
 }
 

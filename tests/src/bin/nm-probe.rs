@@ -10,6 +10,9 @@
 //!   listening sockets belong to the pod's cgroup), prints `ready`, writes `ok\n` to every
 //!   connection it accepts, and exits when stdin closes.
 //!
+//! - `nm-probe <cgroup-dir> <netns-file> udp-connect <ip:port>`: connects a UDP socket (no
+//!   packet is sent) and prints `local=<addr>`.
+//!
 //! On any failure it prints the reason and exits 1.
 
 use std::{
@@ -32,7 +35,8 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str = "usage: nm-probe <cgroup-dir> <netns-file> connect <ip:port> <payload> | \
-                     many <count> <ip> <first-port> <ports> | serve <ip:port>...";
+                     many <count> <ip> <first-port> <ports> | serve <ip:port>... | \
+                     udp-connect <ip:port>";
 
 fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -55,6 +59,7 @@ fn run() -> Result<(), String> {
         ("connect", [dst, payload]) => connect(dst, payload),
         ("many", [count, ip, first, ports]) => many(count, ip, first, ports),
         ("serve", addrs) if !addrs.is_empty() => serve(addrs),
+        ("udp-connect", [dst]) => udp_connect(dst),
         _ => Err(USAGE.into()),
     }
 }
@@ -124,5 +129,20 @@ fn serve(addrs: &[String]) -> Result<(), String> {
         .map_err(|e| format!("stdout: {e}"))?;
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
+    Ok(())
+}
+
+fn udp_connect(dst: &str) -> Result<(), String> {
+    let dst: SocketAddr = parse("address", dst)?;
+    let any: SocketAddr = if dst.is_ipv4() {
+        "0.0.0.0:0".parse().map_err(|e| format!("{e}"))?
+    } else {
+        "[::]:0".parse().map_err(|e| format!("{e}"))?
+    };
+    let sock = std::net::UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
+    sock.connect(dst)
+        .map_err(|e| format!("udp connect {dst}: {e}"))?;
+    let local = sock.local_addr().map_err(|e| format!("local_addr: {e}"))?;
+    println!("local={local}");
     Ok(())
 }

@@ -523,6 +523,35 @@ impl KernelMaps for Datapath {
     fn del_guard_port(&mut self, key: GuardPortKey) -> Result<(), MapsError> {
         absent_ok(self.guard_ports.remove(&key)).map_err(maps_err(maps::GUARD_PORTS))
     }
+    fn read_entries(&self) -> Result<crate::reconcile::MapEntries, MapsError> {
+        let mut out = crate::reconcile::MapEntries::default();
+        let tunnel = self
+            .tunnel_cfg
+            .get(&0, 0)
+            .map_err(maps_err(maps::TUNNEL_CONFIG))?;
+        out.tunnel = (tunnel != TunnelConfig::default()).then_some(tunnel);
+        for e in self.enrolled.iter() {
+            let (k, v) = e.map_err(maps_err(maps::ENROLLED))?;
+            out.enrolled.insert(k, v);
+        }
+        for e in self.exclusions.iter() {
+            let (k, _) = e.map_err(maps_err(maps::EXCLUSIONS))?;
+            out.exclusions.insert((k.prefix_len(), k.data()));
+        }
+        for e in self.identities.iter() {
+            let (k, v) = e.map_err(maps_err(maps::IDENTITIES))?;
+            out.identities.insert((k.prefix_len(), k.data()), v);
+        }
+        for e in self.policy.iter() {
+            let (k, v) = e.map_err(maps_err(maps::POLICY))?;
+            out.policy.insert(k, v);
+        }
+        for e in self.guard_ports.keys() {
+            out.guard_ports
+                .insert(e.map_err(maps_err(maps::GUARD_PORTS))?);
+        }
+        Ok(out)
+    }
 }
 
 /// The tunnel's liveness signal. The tunnel calls [`TunnelHeartbeat::beat`] more often than the

@@ -65,6 +65,8 @@ pub trait KernelMaps {
     fn del_policy(&mut self, key: PolicyKey) -> Result<(), MapsError>;
     fn put_guard_port(&mut self, key: GuardPortKey) -> Result<(), MapsError>;
     fn del_guard_port(&mut self, key: GuardPortKey) -> Result<(), MapsError>;
+    /// Everything the agent-programmed maps hold now.
+    fn read_entries(&self) -> Result<crate::reconcile::MapEntries, MapsError>;
 
     /// Lets plaintext reach the listener on `port` of the STRICT pod `netns_cookie` from any
     /// source (kubelet probes); other listeners of the pod accept only the tunnel address.
@@ -200,6 +202,9 @@ impl KernelMaps for FakeMaps {
         self.guard_ports.remove(&key);
         Ok(())
     }
+    fn read_entries(&self) -> Result<crate::reconcile::MapEntries, MapsError> {
+        Ok(self.entries())
+    }
 }
 
 /// Whether the first `bits` bits of `a` and `b` (bytes in memory order) are equal.
@@ -233,6 +238,18 @@ fn ip_words(ip: IpAddr) -> [u32; 4] {
 }
 
 impl FakeMaps {
+    /// The entries, in the form [`crate::reconcile`] compares.
+    pub fn entries(&self) -> crate::reconcile::MapEntries {
+        crate::reconcile::MapEntries {
+            tunnel: self.tunnel,
+            enrolled: self.enrolled.clone(),
+            exclusions: self.exclusions.keys().copied().collect(),
+            identities: self.identities.iter().map(|(k, v)| (*k, *v)).collect(),
+            policy: self.policy.clone(),
+            guard_ports: self.guard_ports.clone(),
+        }
+    }
+
     /// What the exclusion lookups of the programs answer for `ip`:`port`.
     pub fn is_excluded(&self, ip: IpAddr, port: u16) -> bool {
         let words = ip_words(ip);

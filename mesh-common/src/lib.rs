@@ -155,7 +155,7 @@ pub struct TunnelConfig {
 /// LPM-trie key data: an address as IPv6 words, IPv4 as mapped (`::ffff:a.b.c.d`, prefix
 /// length + 96). Network-order bytes in memory, as the trie compares bytes in memory order.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LpmAddr {
     pub addr: [u32; 4],
 }
@@ -165,7 +165,7 @@ pub struct LpmAddr {
 /// prefix has `port_be == 0` (programs look up twice: with the port, then with 0); an entry for
 /// one port on every address has prefix length 16.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LpmPortAddr {
     /// Port with network-order bytes in memory (`port.to_be()`).
     pub port_be: u16,

@@ -12,9 +12,10 @@ use anyhow::{Context, Result, bail};
 use mesh_agent::{
     datapath::{Datapath, Pins, uninstall},
     maps::{KernelMaps, TunnelSettings},
-    netns::netns_cookie,
+    model::{Exclusion, PodSpec},
+    reconcile::{DesiredState, ReconcileReport, compile, reconcile},
 };
-use mesh_common::{EnrolledPod, FailMode, MtlsMode, OUTBOUND_PORT};
+use mesh_common::{FailMode, MtlsMode, OUTBOUND_PORT};
 use nodemesh_tests::{
     ChildCgroup, Node, TUNNEL_IP4, accept_now, probe_connect, require_root, unique_prefix,
 };
@@ -71,16 +72,16 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
     let mut dp = Datapath::load_pinned(&pins)?;
     dp.attach(cgroup.path())?;
     dp.set_tunnel(&settings)?;
-    let cookie = netns_cookie(&pod.ns.path())?;
-    dp.enroll(
-        cookie,
-        EnrolledPod {
-            identity_id: 9,
-            mtls_mode: MtlsMode::Strict as u8,
-            fail_mode: FailMode::Closed as u8,
-            ..Default::default()
-        },
-    )?;
+    let spec = PodSpec {
+        workload_id: 1,
+        identity_id: 9,
+        ip4: Some(pod.ip4),
+        ip6: Some(pod.ip6),
+        mtls: MtlsMode::Strict,
+        fail: FailMode::Closed,
+        plaintext_ports: vec![8081],
+    };
+    let cookie = dp.enroll_netns(&pod.ns.path(), &spec)?;
     dp.heartbeat().beat()?;
     connect()?;
     let conn = accept_now(&tunnel)?.context("agent 1: not redirected")?;
@@ -125,6 +126,18 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
         dp.counters()?["refused_tunnel_stale"] >= 1,
         "counters were not adopted"
     );
+    // Level-triggered reconcile against the adopted maps: they already hold the desired state.
+    let mut desired = DesiredState {
+        tunnel: Some(settings),
+        ..Default::default()
+    };
+    desired.pods.insert(cookie, spec.clone());
+    let report = reconcile(&mut dp, &compile(&desired)?)?;
+    assert_eq!(report, ReconcileReport::default(), "adopted maps differ");
+    // And it converges when the desired state changes (another exclusion).
+    desired.exclusions.insert(Exclusion::Port(5353));
+    let report = reconcile(&mut dp, &compile(&desired)?)?;
+    assert_eq!((report.written, report.deleted), (1, 0));
     dp.heartbeat().beat()?;
     connect()?;
     let conn = accept_now(&tunnel)?.context("agent 2: not redirected")?;

@@ -11,20 +11,34 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+    maps::{
+        Array, HashMap, MapData, MapError, PerCpuArray, SkStorage,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
+        links::{FdLink, PinnedLink},
+    },
 };
 use mesh_common::{
-    AF_INET, Counter, EnrolledPod, OrigDst, SockTuple, TunnelConfig, maps, programs,
+    Counter, EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, MAP_LAYOUT_VERSION, OrigDst,
+    PolicyKey, SockTuple, TunnelConfig, maps, programs,
 };
 use tracing::{debug, info};
+
+use crate::map_model::PodSpec;
+pub use crate::maps::TunnelSettings;
+use crate::maps::{KernelMaps, MapsError};
 
 /// The eBPF object, embedded at build time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("NODEMESH_EBPF_OBJECT_PATH"));
@@ -66,8 +80,36 @@ pub enum DatapathError {
         "{path} is not a cgroup v2 directory (find the hierarchy in /proc/self/mounts, type cgroup2)"
     )]
     NotCgroup2 { path: PathBuf },
-    #[error("IPv6 tunnel addresses are not supported yet: {0}")]
-    Ipv6Tunnel(SocketAddr),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("bpf link pin {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("cannot pin bpf link at {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("{path}: {source} (is bpffs mounted there? `mount -t bpf bpf /sys/fs/bpf`)")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
+    #[error("cannot set up the eBPF log reader: {0}")]
+    Logger(#[source] aya_log::Error),
+    #[error("{path} is not a bpf filesystem (mount it with `mount -t bpf bpf {path}`)")]
+    NotBpffs { path: PathBuf },
+    #[error("instance name `{0}` must be 1-64 characters of [A-Za-z0-9_.-] and not start with `.`")]
+    BadInstance(String),
+    #[error("cannot read CLOCK_MONOTONIC for the tunnel heartbeat: {0}")]
+    Clock(#[source] nix::Error),
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -78,30 +120,128 @@ fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> DatapathError {
     move |source| DatapathError::Program { name, source }
 }
 
+fn maps_err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+/// Treats a missing key on removal as success.
+fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+/// The programs, in load and attach order.
+const PROGRAMS: [&str; 4] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::SOCKOPS,
+    programs::GUARD_INGRESS,
+];
+
 /// The loaded programs and the maps the agent programs.
 pub struct Datapath {
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     tunnel_cfg: Array<MapData, TunnelConfig>,
+    exclusions: LpmTrie<MapData, LpmPortAddr, u32>,
+    identities: LpmTrie<MapData, LpmAddr, u32>,
+    policy: HashMap<MapData, PolicyKey, u32>,
+    guard_ports: HashMap<MapData, GuardPortKey, u32>,
     counters: PerCpuArray<MapData, u64>,
+    heartbeat: TunnelHeartbeat,
     orig_dst: OrigDstReader,
     attached_to: Vec<PathBuf>,
+    pins: Option<Pins>,
+    /// Links pinned or adopted by this agent. Dropping them only closes our fds: the pins keep
+    /// the programs attached until [`uninstall`].
+    pinned_links: Vec<PinnedLink>,
+    /// The aya-log reader and how many records it forwarded, when kernel logging is on.
+    ebpf_logs: Option<(aya_log::EbpfLogger<TracingLog>, Arc<AtomicU64>)>,
+}
+
+/// How to load the programs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Kernel-side log level (aya-log). `None` (default): off, and the verifier prunes every log
+    /// statement. With a level, records are forwarded to `tracing` (target `nodemesh::ebpf`)
+    /// by [`Datapath::flush_ebpf_logs`], to be called when [`Datapath::ebpf_log_fd`] is readable.
+    pub ebpf_log_level: Option<aya_log::Level>,
+}
+
+/// Forwards aya-log records (which use the `log` crate) to `tracing`.
+#[derive(Default)]
+struct TracingLog {
+    forwarded: Arc<AtomicU64>,
+}
+
+impl log::Log for TracingLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        self.forwarded.fetch_add(1, Ordering::Relaxed);
+        let msg = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "nodemesh::ebpf", "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "nodemesh::ebpf", "{msg}"),
+            log::Level::Info => tracing::info!(target: "nodemesh::ebpf", "{msg}"),
+            log::Level::Debug => tracing::debug!(target: "nodemesh::ebpf", "{msg}"),
+            log::Level::Trace => tracing::trace!(target: "nodemesh::ebpf", "{msg}"),
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 impl Datapath {
     /// Loads every program of the embedded object into the kernel (running the verifier) and
     /// takes the maps. Nothing is attached yet.
     pub fn load() -> Result<Self, DatapathError> {
-        let mut ebpf = EbpfLoader::new()
-            .load(EBPF_OBJECT)
-            .map_err(DatapathError::Load)?;
-        for name in [programs::CONNECT4, programs::SOCKOPS] {
+        Self::load_with(None, &LoadOptions::default())
+    }
+
+    /// As [`Self::load`], with every map pinned under `pins` (see [`Pins`]). Maps already pinned
+    /// there by an earlier agent are adopted with their contents (enrolled pods, policy,
+    /// counters, pending original destinations), so a restart needs no re-enrollment. Links are
+    /// pinned or adopted by [`Self::attach`].
+    pub fn load_pinned(pins: &Pins) -> Result<Self, DatapathError> {
+        Self::load_with(Some(pins), &LoadOptions::default())
+    }
+
+    /// The general form of [`Self::load`] and [`Self::load_pinned`].
+    pub fn load_with(pins: Option<&Pins>, opts: &LoadOptions) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        // Off (0) by default: the level is a constant at load time, so the verifier prunes every
+        // log statement and the hot paths pay nothing.
+        let level: u8 = opts.ebpf_log_level.map_or(0, u8::from);
+        loader.override_global(aya_log::LEVEL, &level, false);
+        if let Some(pins) = pins {
+            pins.create_dirs()?;
+            for name in maps::ALL {
+                loader.map_pin_path(name, pins.maps_dir().join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(DatapathError::Load)?;
+        let ebpf_logs = if opts.ebpf_log_level.is_some() {
+            let sink = TracingLog::default();
+            let forwarded = sink.forwarded.clone();
+            let logger = aya_log::EbpfLogger::init_with_logger(&mut ebpf, sink)
+                .map_err(DatapathError::Logger)?;
+            Some((logger, forwarded))
+        } else {
+            None
+        };
+        for name in PROGRAMS {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram { name })?;
             match prog {
                 aya::programs::Program::CgroupSockAddr(p) => p.load(),
                 aya::programs::Program::SockOps(p) => p.load(),
+                aya::programs::Program::CgroupSkb(p) => p.load(),
                 _ => return Err(DatapathError::MissingProgram { name }),
             }
             .map_err(prog_err(name))?;
@@ -118,20 +258,46 @@ impl Datapath {
             PerCpuArray::try_from(take(maps::COUNTERS)?).map_err(map_err(maps::COUNTERS))?;
         let by_tuple = HashMap::try_from(take(maps::ORIG_DST_BY_TUPLE)?)
             .map_err(map_err(maps::ORIG_DST_BY_TUPLE))?;
+        let by_socket = SkStorage::try_from(take(maps::SOCK_ORIG_DST)?)
+            .map_err(map_err(maps::SOCK_ORIG_DST))?;
+        let heartbeat = Array::try_from(take(maps::TUNNEL_HEARTBEAT)?)
+            .map_err(map_err(maps::TUNNEL_HEARTBEAT))?;
+        let exclusions =
+            LpmTrie::try_from(take(maps::EXCLUSIONS)?).map_err(map_err(maps::EXCLUSIONS))?;
+        let identities =
+            LpmTrie::try_from(take(maps::IDENTITIES)?).map_err(map_err(maps::IDENTITIES))?;
+        let policy = HashMap::try_from(take(maps::POLICY)?).map_err(map_err(maps::POLICY))?;
+        let guard_ports =
+            HashMap::try_from(take(maps::GUARD_PORTS)?).map_err(map_err(maps::GUARD_PORTS))?;
         Ok(Self {
             ebpf,
             enrolled,
             tunnel_cfg,
+            exclusions,
+            identities,
+            policy,
+            guard_ports,
             counters,
+            heartbeat: TunnelHeartbeat {
+                map: Arc::new(Mutex::new(heartbeat)),
+            },
             orig_dst: OrigDstReader {
                 by_tuple: Arc::new(Mutex::new(by_tuple)),
+                by_socket: Arc::new(Mutex::new(by_socket)),
+                misses: Arc::new(AtomicU64::new(0)),
             },
             attached_to: Vec::new(),
+            pins: pins.cloned(),
+            pinned_links: Vec::new(),
+            ebpf_logs,
         })
     }
 
     /// Attaches the programs to the cgroup v2 directory `cgroup`. Every socket created by a
-    /// process in that cgroup or below it is then subject to them. Links live as long as `self`.
+    /// process in that cgroup or below it is then subject to them. Without pins, links live as
+    /// long as `self`; with pins ([`Self::load_pinned`]) each link is pinned, and a link already
+    /// pinned by an earlier agent is adopted as is (one cgroup per instance: the pinned links are
+    /// assumed to be attached to `cgroup`).
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
         if !crate::cgroup::is_cgroup2(cgroup) {
             return Err(DatapathError::NotCgroup2 {
@@ -142,67 +308,146 @@ impl Datapath {
             path: cgroup.to_path_buf(),
             source,
         })?;
-        let connect4: &mut CgroupSockAddr = self
-            .ebpf
-            .program_mut(programs::CONNECT4)
-            .ok_or(DatapathError::MissingProgram {
-                name: programs::CONNECT4,
-            })?
-            .try_into()
-            .map_err(prog_err(programs::CONNECT4))?;
-        // `Single` is the mode links accept; links still allow several programs per cgroup.
-        connect4
-            .attach(&fd, CgroupAttachMode::Single)
-            .map_err(prog_err(programs::CONNECT4))?;
-        let sockops: &mut SockOps = self
-            .ebpf
-            .program_mut(programs::SOCKOPS)
-            .ok_or(DatapathError::MissingProgram {
-                name: programs::SOCKOPS,
-            })?
-            .try_into()
-            .map_err(prog_err(programs::SOCKOPS))?;
-        sockops
-            .attach(&fd, CgroupAttachMode::Single)
-            .map_err(prog_err(programs::SOCKOPS))?;
-        info!(cgroup = %cgroup.display(), "eBPF programs attached (connect4, sockops)");
+        for name in PROGRAMS {
+            let link_pin = self.pins.as_ref().map(|p| p.links_dir().join(name));
+            if let Some(path) = link_pin.as_ref().filter(|p| p.exists()) {
+                // A previous agent attached and pinned it: adopt, never detach or re-attach.
+                let link = PinnedLink::from_pin(path).map_err(|source| DatapathError::Link {
+                    path: path.clone(),
+                    source,
+                })?;
+                info!(program = name, pin = %path.display(), "adopted pinned link");
+                self.pinned_links.push(link);
+                continue;
+            }
+            let prog = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram { name })?;
+            // `Single` is the mode links accept; links still allow several programs per cgroup.
+            let link: Option<FdLink> = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    let p: &mut CgroupSockAddr = p;
+                    let id = p
+                        .attach(&fd, CgroupAttachMode::Single)
+                        .map_err(prog_err(name))?;
+                    match link_pin {
+                        Some(_) => Some(p.take_link(id).map_err(prog_err(name))?.try_into()),
+                        None => None,
+                    }
+                }
+                aya::programs::Program::SockOps(p) => {
+                    let p: &mut SockOps = p;
+                    let id = p
+                        .attach(&fd, CgroupAttachMode::Single)
+                        .map_err(prog_err(name))?;
+                    match link_pin {
+                        Some(_) => Some(p.take_link(id).map_err(prog_err(name))?.try_into()),
+                        None => None,
+                    }
+                }
+                aya::programs::Program::CgroupSkb(p) => {
+                    let p: &mut CgroupSkb = p;
+                    let id = p
+                        .attach(&fd, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                        .map_err(prog_err(name))?;
+                    match link_pin {
+                        Some(_) => Some(p.take_link(id).map_err(prog_err(name))?.try_into()),
+                        None => None,
+                    }
+                }
+                _ => return Err(DatapathError::MissingProgram { name }),
+            }
+            .transpose()
+            .map_err(|source| DatapathError::Link {
+                path: link_pin.clone().unwrap_or_default(),
+                source,
+            })?;
+            if let (Some(link), Some(path)) = (link, link_pin) {
+                let pinned = link.pin(&path).map_err(|source| DatapathError::Pin {
+                    path: path.clone(),
+                    source,
+                })?;
+                self.pinned_links.push(pinned);
+            }
+        }
+        info!(cgroup = %cgroup.display(), "eBPF programs attached (connect4, connect6, sockops, plaintext guard)");
         self.attached_to.push(cgroup.to_path_buf());
-        Ok(())
-    }
-
-    /// Sets where enrolled pods' connects are redirected. Until this is set, enrolled pods'
-    /// connects are refused (fail-closed) or passed untouched (fail-open pods).
-    pub fn set_tunnel(&mut self, addr: SocketAddr) -> Result<(), DatapathError> {
-        let SocketAddr::V4(v4) = addr else {
-            return Err(DatapathError::Ipv6Tunnel(addr));
-        };
-        let cfg = TunnelConfig {
-            ip4: u32::from_ne_bytes(v4.ip().octets()),
-            port: v4.port(),
-            _pad: 0,
-        };
-        self.tunnel_cfg
-            .set(0, cfg, 0)
-            .map_err(map_err(maps::TUNNEL_CONFIG))?;
-        info!(tunnel = %addr, "redirect target set");
         Ok(())
     }
 
     /// Enrolls the pod whose network namespace has cookie `netns_cookie`.
     pub fn enroll(&mut self, netns_cookie: u64, pod: EnrolledPod) -> Result<(), DatapathError> {
-        self.enrolled
-            .insert(netns_cookie, pod, 0)
-            .map_err(map_err(maps::ENROLLED))?;
+        self.put_enrolled(netns_cookie, pod)?;
         info!(netns_cookie, workload_id = pod.workload_id, "pod enrolled");
         Ok(())
     }
 
+    /// Attaches the sock_ops program to the tunnel process's cgroup too, so each accepted tunnel
+    /// socket receives its original destination in its own socket storage at
+    /// `PASSIVE_ESTABLISHED` (the tuple map stays the fallback). Unnecessary when the tunnel's
+    /// cgroup is under the one given to [`Self::attach`] (production: the root). Not pinned:
+    /// lives as long as `self`.
+    pub fn attach_tunnel(&mut self, tunnel_cgroup: &Path) -> Result<(), DatapathError> {
+        if !crate::cgroup::is_cgroup2(tunnel_cgroup) {
+            return Err(DatapathError::NotCgroup2 {
+                path: tunnel_cgroup.to_path_buf(),
+            });
+        }
+        let fd = File::open(tunnel_cgroup).map_err(|source| DatapathError::Cgroup {
+            path: tunnel_cgroup.to_path_buf(),
+            source,
+        })?;
+        let name = programs::SOCKOPS;
+        let prog: &mut SockOps = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(prog_err(name))?;
+        prog.attach(&fd, CgroupAttachMode::Single)
+            .map_err(prog_err(name))?;
+        info!(cgroup = %tunnel_cgroup.display(), "sock_ops attached to the tunnel's cgroup");
+        Ok(())
+    }
+
+    /// Enrolls the pod whose network namespace is at `netns` (e.g. `/proc/<pid>/ns/net` of its
+    /// sandbox, or `/run/netns/<name>`): reads its cookie on a dedicated thread inside the
+    /// namespace, then writes its record, addresses and plaintext ports. Returns the cookie.
+    pub fn enroll_netns(&mut self, netns: &Path, pod: &PodSpec) -> Result<u64, DatapathError> {
+        let cookie = crate::netns::netns_cookie(netns)?;
+        self.enroll_pod(cookie, pod)?;
+        info!(netns_cookie = cookie, netns = %netns.display(), workload_id = pod.workload_id, "pod enrolled");
+        Ok(cookie)
+    }
+
     /// Removes a pod's enrollment. Removing one that is not enrolled is not an error.
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), DatapathError> {
-        match self.enrolled.remove(&netns_cookie) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(maps::ENROLLED)(e)),
+        Ok(self.del_enrolled(netns_cookie)?)
+    }
+
+    /// The aya-log ring buffer to poll for readability (e.g. with tokio's `AsyncFd`), when
+    /// kernel logging is on.
+    pub fn ebpf_log_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.ebpf_logs.as_ref().map(|(l, _)| l.as_fd())
+    }
+
+    /// Forwards pending kernel log records to `tracing` without blocking; returns how many
+    /// records were forwarded since load. 0 when kernel logging is off.
+    pub fn flush_ebpf_logs(&mut self) -> u64 {
+        match &mut self.ebpf_logs {
+            Some((logger, forwarded)) => {
+                logger.flush();
+                forwarded.load(Ordering::Relaxed)
+            }
+            None => 0,
         }
+    }
+
+    /// A cheap, cloneable handle for the tunnel to report that it is alive.
+    pub fn heartbeat(&self) -> TunnelHeartbeat {
+        self.heartbeat.clone()
     }
 
     /// A cheap, cloneable handle for the tunnel to read original destinations.
@@ -220,8 +465,216 @@ impl Datapath {
                 .map_err(map_err(maps::COUNTERS))?;
             out.insert(c.name(), per_cpu.iter().sum());
         }
+        out.insert(
+            "orig_dst_misses",
+            self.orig_dst.misses.load(Ordering::Relaxed),
+        );
         Ok(out)
     }
+}
+
+impl KernelMaps for Datapath {
+    fn put_enrolled(&mut self, netns_cookie: u64, pod: EnrolledPod) -> Result<(), MapsError> {
+        self.enrolled
+            .insert(netns_cookie, pod, 0)
+            .map_err(maps_err(maps::ENROLLED))
+    }
+    fn del_enrolled(&mut self, netns_cookie: u64) -> Result<(), MapsError> {
+        absent_ok(self.enrolled.remove(&netns_cookie)).map_err(maps_err(maps::ENROLLED))
+    }
+    fn put_tunnel_config(&mut self, cfg: TunnelConfig) -> Result<(), MapsError> {
+        self.tunnel_cfg
+            .set(0, cfg, 0)
+            .map_err(maps_err(maps::TUNNEL_CONFIG))?;
+        info!(?cfg, "redirect target set");
+        Ok(())
+    }
+    fn put_exclusion(&mut self, prefix_len: u32, key: LpmPortAddr) -> Result<(), MapsError> {
+        self.exclusions
+            .insert(&Key::new(prefix_len, key), 1, 0)
+            .map_err(maps_err(maps::EXCLUSIONS))
+    }
+    fn del_exclusion(&mut self, prefix_len: u32, key: LpmPortAddr) -> Result<(), MapsError> {
+        absent_ok(self.exclusions.remove(&Key::new(prefix_len, key)))
+            .map_err(maps_err(maps::EXCLUSIONS))
+    }
+    fn put_identity(&mut self, prefix_len: u32, key: LpmAddr, id: u32) -> Result<(), MapsError> {
+        self.identities
+            .insert(&Key::new(prefix_len, key), id, 0)
+            .map_err(maps_err(maps::IDENTITIES))
+    }
+    fn del_identity(&mut self, prefix_len: u32, key: LpmAddr) -> Result<(), MapsError> {
+        absent_ok(self.identities.remove(&Key::new(prefix_len, key)))
+            .map_err(maps_err(maps::IDENTITIES))
+    }
+    fn put_policy(&mut self, key: PolicyKey, verdict: u32) -> Result<(), MapsError> {
+        self.policy
+            .insert(key, verdict, 0)
+            .map_err(maps_err(maps::POLICY))
+    }
+    fn del_policy(&mut self, key: PolicyKey) -> Result<(), MapsError> {
+        absent_ok(self.policy.remove(&key)).map_err(maps_err(maps::POLICY))
+    }
+    fn put_guard_port(&mut self, key: GuardPortKey) -> Result<(), MapsError> {
+        self.guard_ports
+            .insert(key, 1, 0)
+            .map_err(maps_err(maps::GUARD_PORTS))
+    }
+    fn del_guard_port(&mut self, key: GuardPortKey) -> Result<(), MapsError> {
+        absent_ok(self.guard_ports.remove(&key)).map_err(maps_err(maps::GUARD_PORTS))
+    }
+    fn read_entries(&self) -> Result<crate::reconcile::MapEntries, MapsError> {
+        let mut out = crate::reconcile::MapEntries::default();
+        let tunnel = self
+            .tunnel_cfg
+            .get(&0, 0)
+            .map_err(maps_err(maps::TUNNEL_CONFIG))?;
+        out.tunnel = (tunnel != TunnelConfig::default()).then_some(tunnel);
+        for e in self.enrolled.iter() {
+            let (k, v) = e.map_err(maps_err(maps::ENROLLED))?;
+            out.enrolled.insert(k, v);
+        }
+        for e in self.exclusions.iter() {
+            let (k, _) = e.map_err(maps_err(maps::EXCLUSIONS))?;
+            out.exclusions.insert((k.prefix_len(), k.data()));
+        }
+        for e in self.identities.iter() {
+            let (k, v) = e.map_err(maps_err(maps::IDENTITIES))?;
+            out.identities.insert((k.prefix_len(), k.data()), v);
+        }
+        for e in self.policy.iter() {
+            let (k, v) = e.map_err(maps_err(maps::POLICY))?;
+            out.policy.insert(k, v);
+        }
+        for e in self.guard_ports.keys() {
+            out.guard_ports
+                .insert(e.map_err(maps_err(maps::GUARD_PORTS))?);
+        }
+        Ok(out)
+    }
+}
+
+/// The tunnel's liveness signal. The tunnel calls [`TunnelHeartbeat::beat`] more often than the
+/// configured staleness window ([`TunnelSettings::stale_after`]); when it stops, enrolled pods'
+/// connects follow their fail mode. Clone freely.
+#[derive(Clone)]
+pub struct TunnelHeartbeat {
+    map: Arc<Mutex<Array<MapData, u64>>>,
+}
+
+impl TunnelHeartbeat {
+    /// Records "alive now" (`CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`).
+    pub fn beat(&self) -> Result<(), DatapathError> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map_err(DatapathError::Clock)?;
+        let ns = u64::try_from(now.tv_sec())
+            .unwrap_or(0)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::try_from(now.tv_nsec()).unwrap_or(0));
+        self.write(ns.max(1))
+    }
+
+    /// Marks the tunnel as down at once (e.g. on shutdown), without waiting for staleness.
+    pub fn stop(&self) -> Result<(), DatapathError> {
+        self.write(0)
+    }
+
+    fn write(&self, ns: u64) -> Result<(), DatapathError> {
+        self.map
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .set(0, ns, 0)
+            .map_err(map_err(maps::TUNNEL_HEARTBEAT))
+    }
+}
+
+/// Where one agent instance pins its maps and links:
+/// `<bpffs>/nodemesh/<instance>/v<MAP_LAYOUT_VERSION>/{maps,links}/<name>`. A new map layout gets
+/// a new version directory, so an incompatible pin is never reused (aya reuses whatever is at a
+/// pin path without checking its layout).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pins {
+    bpffs: PathBuf,
+    instance_dir: PathBuf,
+}
+
+impl Pins {
+    /// Where bpffs is normally mounted.
+    pub const DEFAULT_BPFFS: &'static str = "/sys/fs/bpf";
+
+    pub fn new(bpffs: impl Into<PathBuf>, instance: &str) -> Result<Self, DatapathError> {
+        let valid = !instance.is_empty()
+            && instance.len() <= 64
+            && !instance.starts_with('.')
+            && instance
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !valid {
+            return Err(DatapathError::BadInstance(instance.to_owned()));
+        }
+        let bpffs = bpffs.into();
+        let instance_dir = bpffs.join("nodemesh").join(instance);
+        Ok(Self {
+            bpffs,
+            instance_dir,
+        })
+    }
+
+    /// `<bpffs>/nodemesh/<instance>`: everything of this instance, all layout versions.
+    pub fn instance_dir(&self) -> &Path {
+        &self.instance_dir
+    }
+
+    /// `<instance dir>/v<MAP_LAYOUT_VERSION>`.
+    pub fn version_dir(&self) -> PathBuf {
+        self.instance_dir.join(format!("v{MAP_LAYOUT_VERSION}"))
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.version_dir().join("maps")
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.version_dir().join("links")
+    }
+
+    fn create_dirs(&self) -> Result<(), DatapathError> {
+        // BPF_FS_MAGIC from linux/magic.h.
+        let bpf_fs_magic = nix::sys::statfs::FsType(0xcafe_4a11);
+        let is_bpffs = nix::sys::statfs::statfs(&self.bpffs)
+            .map(|s| s.filesystem_type() == bpf_fs_magic)
+            .unwrap_or(false);
+        if !is_bpffs {
+            return Err(DatapathError::NotBpffs {
+                path: self.bpffs.clone(),
+            });
+        }
+        for dir in [self.maps_dir(), self.links_dir()] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| DatapathError::PinDir { path: dir, source })?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes every pin of the instance (all layout versions): its links detach once no process
+/// holds them any more (stop the agent first), and its maps are freed. Returns whether there was
+/// anything to remove.
+pub fn uninstall(pins: &Pins) -> Result<bool, DatapathError> {
+    let dir = pins.instance_dir();
+    if !dir.exists() {
+        return Ok(false);
+    }
+    std::fs::remove_dir_all(dir).map_err(|source| DatapathError::PinDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    // The shared parent goes too when this was the last instance; other instances keep it.
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    info!(dir = %dir.display(), "nodemesh pins removed (programs detached, maps freed)");
+    Ok(true)
 }
 
 /// Where a redirected connection was going, and which pod made it.
@@ -231,6 +684,7 @@ pub struct OriginalDestination {
     pub identity_id: u32,
     pub workload_id: u32,
     pub netns_cookie: u64,
+    pub source: OrigDstSource,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -244,8 +698,6 @@ pub enum OrigDstError {
     Socket(#[source] std::io::Error),
     #[error("reading the original-destination map failed: {0}")]
     Map(#[source] MapError),
-    #[error("IPv6 connections are not handled yet: {peer} -> {local}")]
-    Unsupported { peer: SocketAddr, local: SocketAddr },
     #[error("corrupt original-destination record for {peer} -> {local} (family {family})")]
     Corrupt {
         peer: SocketAddr,
@@ -258,6 +710,8 @@ pub enum OrigDstError {
 #[derive(Clone)]
 pub struct OrigDstReader {
     by_tuple: Arc<Mutex<HashMap<MapData, SockTuple, OrigDst>>>,
+    by_socket: Arc<Mutex<SkStorage<MapData, OrigDst>>>,
+    misses: Arc<AtomicU64>,
 }
 
 impl OrigDstReader {
@@ -270,6 +724,25 @@ impl OrigDstReader {
     ) -> Result<OriginalDestination, OrigDstError> {
         let peer = stream.peer_addr().map_err(OrigDstError::Socket)?;
         let local = stream.local_addr().map_err(OrigDstError::Socket)?;
+        // Handed over into the socket's own storage (sock_ops on the tunnel's cgroup)?
+        let mut storage = self
+            .by_socket
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match storage.get(stream, 0) {
+            Ok(rec) => {
+                // Consume, as for the tuple map: one connection, one read.
+                match storage.remove(stream) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(OrigDstError::Map(e)),
+                }
+                drop(storage);
+                return record(&rec, peer, local, OrigDstSource::SocketStorage);
+            }
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(OrigDstError::Map(e)),
+        }
+        drop(storage);
         self.lookup(peer, local)
     }
 
@@ -279,17 +752,21 @@ impl OrigDstReader {
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Result<OriginalDestination, OrigDstError> {
-        let (Some(peer4), Some(local4)) = (as_v4(peer), as_v4(local)) else {
-            return Err(OrigDstError::Unsupported { peer, local });
-        };
-        let key = SockTuple {
-            src_ip: [u32::from_ne_bytes(peer4.ip().octets()), 0, 0, 0],
-            dst_ip: [u32::from_ne_bytes(local4.ip().octets()), 0, 0, 0],
-            src_port: peer4.port(),
-            dst_port: local4.port(),
-            family: AF_INET,
-            _pad: 0,
-        };
+        let result = self.lookup_inner(peer, local);
+        if matches!(result, Err(OrigDstError::NotFound { .. })) {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn lookup_inner(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<OriginalDestination, OrigDstError> {
+        // Mixed families cannot be a redirected connection (the programs keep the family).
+        let key = crate::map_model::tuple_key(peer, local)
+            .ok_or(OrigDstError::NotFound { peer, local })?;
         let mut map = self
             .by_tuple
             .lock()
@@ -305,53 +782,61 @@ impl OrigDstReader {
             Err(e) => return Err(OrigDstError::Map(e)),
         }
         drop(map);
-        if rec.family != AF_INET {
-            return Err(OrigDstError::Corrupt {
-                peer,
-                local,
-                family: rec.family,
-            });
-        }
-        let ip = Ipv4Addr::from(rec.ip[0].to_ne_bytes());
-        Ok(OriginalDestination {
-            addr: SocketAddr::V4(SocketAddrV4::new(ip, rec.port)),
-            identity_id: rec.identity_id,
-            workload_id: rec.workload_id,
-            netns_cookie: rec.netns_cookie,
-        })
+        record(&rec, peer, local, OrigDstSource::TupleMap)
     }
 }
 
-/// IPv4 view of an address, including IPv4-mapped IPv6 (a dual-stack listener's view).
-fn as_v4(addr: SocketAddr) -> Option<SocketAddrV4> {
-    match addr {
-        SocketAddr::V4(v4) => Some(v4),
-        SocketAddr::V6(v6) => v6
-            .ip()
-            .to_ipv4_mapped()
-            .map(|ip| SocketAddrV4::new(ip, v6.port())),
-    }
+fn record(
+    rec: &OrigDst,
+    peer: SocketAddr,
+    local: SocketAddr,
+    source: OrigDstSource,
+) -> Result<OriginalDestination, OrigDstError> {
+    let addr = crate::map_model::orig_dst_addr(rec).ok_or(OrigDstError::Corrupt {
+        peer,
+        local,
+        family: rec.family,
+    })?;
+    Ok(OriginalDestination {
+        addr,
+        identity_id: rec.identity_id,
+        workload_id: rec.workload_id,
+        netns_cookie: rec.netns_cookie,
+        source,
+    })
+}
+
+/// Where an original destination was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrigDstSource {
+    /// The accepted socket's own storage (handed over at `PASSIVE_ESTABLISHED`).
+    SocketStorage,
+    /// The tuple-keyed map (fallback when sock_ops does not run on the tunnel's cgroup).
+    TupleMap,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{Ipv6Addr, SocketAddrV6};
 
     #[test]
-    fn mapped_ipv6_is_viewed_as_ipv4() {
-        let mapped = SocketAddr::V6(SocketAddrV6::new(
-            Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped(),
-            8080,
-            0,
-            0,
-        ));
+    fn pin_paths_carry_instance_and_layout_version() {
+        let pins = Pins::new("/sys/fs/bpf", "node-a").expect("valid");
         assert_eq!(
-            as_v4(mapped),
-            Some(SocketAddrV4::new(Ipv4Addr::new(10, 1, 2, 3), 8080))
+            pins.maps_dir(),
+            PathBuf::from(format!(
+                "/sys/fs/bpf/nodemesh/node-a/v{MAP_LAYOUT_VERSION}/maps"
+            ))
         );
-        let v6 = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 1, 0, 0));
-        assert_eq!(as_v4(v6), None);
+        for bad in ["", "..", "a/b", ".hidden", &"x".repeat(65)] {
+            assert!(
+                matches!(
+                    Pins::new("/sys/fs/bpf", bad),
+                    Err(DatapathError::BadInstance(_))
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

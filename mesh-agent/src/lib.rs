@@ -1,12 +1,21 @@
-//! The nodemesh node agent. Today it holds the kernel half's userspace side: loading and attaching
-//! the eBPF programs (`datapath`), reading network-namespace cookies for enrollment (`netns`) and
-//! finding the cgroup v2 hierarchy (`cgroup`), the pure L4 policy engine (`policy`), the pure
-//! cluster model (`model`) and the local-mode configuration file that feeds it (`local_config`).
-//! The tunnel, control plane and admin follow.
+//! The nodemesh node agent.
+//!
+//! Bottom layer (pure, no I/O): the L4 policy engine (`policy`), the cluster model (`model`) fed
+//! by the local-mode configuration file (`local_config`), and the model of what goes into the
+//! eBPF maps (`map_model`). Seams: loading and attaching the eBPF programs (`datapath`), the trait
+//! every map write passes through (`maps`), level-triggered convergence (`reconcile`), reading
+//! network-namespace cookies for enrollment (`netns`), the node-local interface holding the tunnel
+//! address (`tunnel_iface`) and finding the cgroup v2 hierarchy (`cgroup`). Top: `node`, the
+//! long-running `mesh-agent node` process.
 
 pub mod cgroup;
 pub mod datapath;
 pub mod local_config;
+pub mod map_model;
+pub mod maps;
 pub mod model;
 pub mod netns;
+pub mod node;
 pub mod policy;
+pub mod reconcile;
+pub mod tunnel_iface;

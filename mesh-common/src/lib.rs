@@ -12,7 +12,7 @@
 
 /// Version of the map layout. Any change to a map's key or value type, size or kind bumps it, so
 /// pinned maps of an older layout are never reused by a program that reads them differently.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Map names, as they appear in the eBPF object and under the pin directory.
 pub mod maps {
@@ -26,11 +26,39 @@ pub mod maps {
     pub const ORIG_DST_BY_TUPLE: &str = "NM_ODST_TUPLE";
     /// `PerCpuArray<u64>` indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "NM_COUNTERS";
+    /// `Array<u64>` with one entry: the tunnel's last heartbeat, `CLOCK_MONOTONIC` nanoseconds
+    /// (what `bpf_ktime_get_ns` returns). 0 = never.
+    pub const TUNNEL_HEARTBEAT: &str = "NM_TUNNEL_HB";
+    /// `LpmTrie<LpmPortAddr, u32>`: destinations enrolled pods reach directly (not redirected).
+    pub const EXCLUSIONS: &str = "NM_EXCLUDE";
+    /// `LpmTrie<LpmAddr, u32>`: destination address → identity id (the "ipcache").
+    pub const IDENTITIES: &str = "NM_IDENTITY";
+    /// `HashMap<PolicyKey, u32>`: connect-time verdicts ([`crate::POLICY_ALLOW`]/[`crate::POLICY_DENY`]).
+    pub const POLICY: &str = "NM_POLICY";
+    /// `HashMap<GuardPortKey, u32>`: per-pod listener ports the plaintext guard leaves open
+    /// (kubelet probes).
+    pub const GUARD_PORTS: &str = "NM_GUARD_PORTS";
+
+    /// Every map, for pinning.
+    pub const ALL: [&str; 10] = [
+        ENROLLED,
+        TUNNEL_CONFIG,
+        SOCK_ORIG_DST,
+        ORIG_DST_BY_TUPLE,
+        COUNTERS,
+        TUNNEL_HEARTBEAT,
+        EXCLUSIONS,
+        IDENTITIES,
+        POLICY,
+        GUARD_PORTS,
+    ];
 }
 
 /// Program names (the Rust function names in `mesh-ebpf`).
 pub mod programs {
     pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const GUARD_INGRESS: &str = "mesh_guard_ingress";
     pub const SOCKOPS: &str = "mesh_sockops";
 }
 
@@ -43,6 +71,31 @@ pub const INBOUND_HBONE_PORT: u16 = 15008;
 pub const MAX_ENROLLED: u32 = 4096;
 /// Capacity of [`maps::ORIG_DST_BY_TUPLE`]: connections between `connect()` and `accept()`.
 pub const MAX_PENDING_CONNECTIONS: u32 = 65536;
+/// Capacity of [`maps::EXCLUSIONS`].
+pub const MAX_EXCLUSIONS: u32 = 1024;
+/// Capacity of [`maps::IDENTITIES`]: pod IPs and CIDRs with a known identity.
+pub const MAX_IDENTITY_PREFIXES: u32 = 65536;
+/// Capacity of [`maps::GUARD_PORTS`].
+pub const MAX_GUARD_PORTS: u32 = 4096;
+/// Capacity of [`maps::POLICY`].
+pub const MAX_POLICY_ENTRIES: u32 = 65536;
+
+/// Identity id meaning "any identity" in a [`PolicyKey`] (wildcard); never assigned to a workload.
+pub const IDENTITY_ANY: u32 = 0;
+/// Identity id of destinations not in [`maps::IDENTITIES`]; never assigned to a workload.
+pub const IDENTITY_WORLD: u32 = 1;
+/// Port meaning "any port" in a [`PolicyKey`].
+pub const PORT_ANY: u16 = 0;
+/// [`maps::POLICY`] values.
+pub const POLICY_ALLOW: u32 = 0;
+pub const POLICY_DENY: u32 = 1;
+/// IP protocol numbers used in [`PolicyKey::proto`].
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// The third address word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), network order in
+/// memory. LPM keys store IPv4 addresses in this form so one trie serves both families.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// Per-pod record in [`maps::ENROLLED`].
 #[repr(C)]
@@ -56,9 +109,12 @@ pub struct EnrolledPod {
     pub mtls_mode: u8,
     /// [`FailMode`] as `u8`.
     pub fail_mode: u8,
-    /// Bit set of `POD_FLAG_*`.
+    /// Bit set of `POD_FLAG_*` (none defined yet; 0).
     pub flags: u16,
-    pub _pad: u32,
+    /// The pod's IPv4 address (as `user_ip4`), 0 = none.
+    pub ip4: u32,
+    /// The pod's IPv6 address (as `user_ip6`), all zero = none.
+    pub ip6: [u32; 4],
 }
 
 /// mTLS mode of an enrolled pod's inbound side.
@@ -88,6 +144,59 @@ pub struct TunnelConfig {
     /// Outbound listener port, host order.
     pub port: u16,
     pub _pad: u16,
+    /// IPv6 tunnel address (as `user_ip6`). All zero = no IPv6 tunnel: native IPv6 connects of
+    /// enrolled pods then follow the pod's fail mode.
+    pub ip6: [u32; 4],
+    /// The tunnel counts as down when its last heartbeat ([`maps::TUNNEL_HEARTBEAT`]) is older
+    /// than this. 0 = liveness not checked.
+    pub stale_after_ns: u64,
+}
+
+/// LPM-trie key data: an address as IPv6 words, IPv4 as mapped (`::ffff:a.b.c.d`, prefix
+/// length + 96). Network-order bytes in memory, as the trie compares bytes in memory order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LpmAddr {
+    pub addr: [u32; 4],
+}
+
+/// LPM-trie key data for exclusions: destination port first, then the address. An entry for
+/// one port of a prefix has prefix length `32 + address bits`; an entry for every port of a
+/// prefix has `port_be == 0` (programs look up twice: with the port, then with 0); an entry for
+/// one port on every address has prefix length 16.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LpmPortAddr {
+    /// Port with network-order bytes in memory (`port.to_be()`).
+    pub port_be: u16,
+    pub _pad: u16,
+    pub addr: [u32; 4],
+}
+
+/// Key of [`maps::POLICY`]. Programs look up (dst, port), (dst, any port), (any dst, port),
+/// (any, any) in that order; the first hit decides, no hit allows (the tunnel enforces again
+/// after mTLS; this map only refuses early).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub src_identity: u32,
+    /// Identity id, [`IDENTITY_WORLD`] or [`IDENTITY_ANY`].
+    pub dst_identity: u32,
+    /// Host order; [`PORT_ANY`] = every port.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Key of [`maps::GUARD_PORTS`]: a pod (netns cookie) and one of its listening ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GuardPortKey {
+    pub netns_cookie: u64,
+    /// Host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
 }
 
 /// Address family values used in [`OrigDst::family`] and [`SockTuple::family`].
@@ -143,15 +252,33 @@ pub enum Counter {
     OrigDstStoreFailed = 3,
     /// Writing the tuple-keyed original destination failed (map full or other error).
     TupleMapUpdateFailed = 4,
+    /// Connects refused by the policy map.
+    DeniedPolicy = 5,
+    /// Connects from fail-closed pods refused because the tunnel's heartbeat is stale.
+    RefusedTunnelStale = 6,
+    /// Connects from fail-open pods passed untouched because the tunnel's heartbeat is stale.
+    PassedTunnelStale = 7,
+    /// Connects from enrolled pods left alone because the destination is excluded.
+    Excluded = 8,
+    /// Packets to a listener of a STRICT pod dropped by the plaintext guard (not from the tunnel).
+    GuardDropped = 9,
+    /// Original destinations moved from the tuple map into an accepted tunnel socket's storage.
+    OrigDstHandedOver = 10,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 5] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Redirected,
         Counter::PassedUnconfigured,
         Counter::RefusedUnconfigured,
         Counter::OrigDstStoreFailed,
         Counter::TupleMapUpdateFailed,
+        Counter::DeniedPolicy,
+        Counter::RefusedTunnelStale,
+        Counter::PassedTunnelStale,
+        Counter::Excluded,
+        Counter::GuardDropped,
+        Counter::OrigDstHandedOver,
     ];
     /// Size of [`maps::COUNTERS`]; spare slots leave room for new counters without a layout bump.
     pub const SLOTS: u32 = 32;
@@ -163,6 +290,12 @@ impl Counter {
             Counter::RefusedUnconfigured => "refused_unconfigured",
             Counter::OrigDstStoreFailed => "orig_dst_store_failed",
             Counter::TupleMapUpdateFailed => "tuple_map_update_failed",
+            Counter::DeniedPolicy => "denied_policy",
+            Counter::RefusedTunnelStale => "refused_tunnel_stale",
+            Counter::PassedTunnelStale => "passed_tunnel_stale",
+            Counter::Excluded => "excluded",
+            Counter::GuardDropped => "guard_dropped",
+            Counter::OrigDstHandedOver => "orig_dst_handed_over",
         }
     }
 }
@@ -178,6 +311,14 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockTuple {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LpmAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LpmPortAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GuardPortKey {}
 }
 
 #[cfg(test)]
@@ -188,10 +329,29 @@ mod tests {
     /// The eBPF side and userspace must agree on sizes; padding must be explicit (no holes).
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<EnrolledPod>(), 16);
-        assert_eq!(size_of::<TunnelConfig>(), 8);
+        assert_eq!(size_of::<EnrolledPod>(), 32);
+        assert_eq!(size_of::<TunnelConfig>(), 32);
+        assert_eq!(size_of::<LpmAddr>(), 16);
+        assert_eq!(size_of::<LpmPortAddr>(), 20);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<GuardPortKey>(), 16);
         assert_eq!(size_of::<OrigDst>(), 40);
         assert_eq!(size_of::<SockTuple>(), 40);
+    }
+
+    #[test]
+    fn mapped_word_is_ffff_in_network_order() {
+        assert_eq!(V4_MAPPED_WORD.to_ne_bytes(), [0, 0, 0xff, 0xff]);
+    }
+
+    #[test]
+    fn map_names_are_unique_and_fit_the_kernel_limit() {
+        let mut names = maps::ALL.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), maps::ALL.len());
+        // BPF_OBJ_NAME_LEN is 16 including the NUL.
+        assert!(names.iter().all(|n| n.len() < 16), "{names:?}");
     }
 
     #[test]

@@ -52,6 +52,20 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Tunnel settings for an IPv4-only tunnel at `addr`, liveness not checked.
+pub fn tunnel_v4(addr: SocketAddr) -> mesh_agent::maps::TunnelSettings {
+    let ip4 = match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4,
+        std::net::IpAddr::V6(_) => panic!("tunnel_v4 needs an IPv4 address, got {addr}"),
+    };
+    mesh_agent::maps::TunnelSettings {
+        ip4,
+        ip6: None,
+        port: addr.port(),
+        stale_after: None,
+    }
+}
+
 /// A named network namespace (`ip netns add`), deleted on drop.
 pub struct NetNs {
     name: String,
@@ -196,6 +210,25 @@ pub fn probe_connect(
     Ok(ProbeConnect { local })
 }
 
+/// Runs the probe as an application inside `netns` and `cgroup` connecting a UDP socket to
+/// `dst`; the error carries the probe's message (e.g. "Connection refused").
+pub fn probe_udp_connect(cgroup: &Path, netns: &NetNs, dst: SocketAddr) -> Result<()> {
+    let out = Command::new(env_probe()?)
+        .arg(cgroup)
+        .arg(netns.path())
+        .arg("udp-connect")
+        .arg(dst.to_string())
+        .output()
+        .context("cannot start nm-probe")?;
+    if !out.status.success() {
+        bail!(
+            "probe udp connect to {dst} failed: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(())
+}
+
 fn env_probe() -> Result<PathBuf> {
     // Set by cargo for integration tests of this package.
     let exe = option_env!("CARGO_BIN_EXE_nm-probe").map(PathBuf::from);
@@ -213,4 +246,363 @@ fn env_probe() -> Result<PathBuf> {
         exe.display()
     );
     Ok(exe)
+}
+
+/// The node's tunnel addresses in [`Node`] topologies (on the node namespace's `lo`).
+pub const TUNNEL_IP4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 77, 1);
+pub const TUNNEL_IP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd77, 0xff, 0, 0, 0, 0, 0, 1);
+
+/// One pod of a [`Node`]: its namespace and addresses.
+pub struct Pod {
+    pub ns: NetNs,
+    pub ip4: std::net::Ipv4Addr,
+    pub ip6: std::net::Ipv6Addr,
+    /// The node side of the pod's veth (its gateway).
+    pub gw4: std::net::Ipv4Addr,
+    pub gw6: std::net::Ipv6Addr,
+}
+
+/// A node namespace with `n` pods, each on its own veth pair, dual-stack:
+/// pod i (from 1) is `10.77.i.2/24` + `fd77:i::2/64`, its gateway `10.77.i.1` + `fd77:i::1`.
+/// The tunnel addresses [`TUNNEL_IP4`]/[`TUNNEL_IP6`] are host routes on the node's `lo`.
+/// IPv6 duplicate-address detection is off in every namespace so addresses work at once; the
+/// node forwards between pods.
+pub struct Node {
+    pub pods: Vec<Pod>,
+    pub ns: NetNs,
+}
+
+impl Node {
+    pub fn new(prefix: &str, n: u8) -> Result<Self> {
+        ensure!((1..=200).contains(&n), "1..=200 pods");
+        let ns = NetNs::new(&format!("{prefix}-node"))?;
+        no_dad(&ns)?;
+        // The node routes between pods.
+        for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            ns.exec(&["sysctl", "-q", "-w", key])?;
+        }
+        ns.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{TUNNEL_IP4}/32"),
+            "dev",
+            "lo",
+        ])?;
+        ns.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{TUNNEL_IP6}/128"),
+            "dev",
+            "lo",
+        ])?;
+        let mut pods = Vec::new();
+        for i in 1..=n {
+            let pod = NetNs::new(&format!("{prefix}-p{i}"))?;
+            no_dad(&pod)?;
+            let gw4 = std::net::Ipv4Addr::new(10, 77, i, 1);
+            let ip4 = std::net::Ipv4Addr::new(10, 77, i, 2);
+            let gw6 = std::net::Ipv6Addr::new(0xfd77, u16::from(i), 0, 0, 0, 0, 0, 1);
+            let ip6 = std::net::Ipv6Addr::new(0xfd77, u16::from(i), 0, 0, 0, 0, 0, 2);
+            veth(
+                &ns,
+                &format!("v{i}"),
+                &format!("{gw4}/24"),
+                &pod,
+                "eth0",
+                &format!("{ip4}/24"),
+            )?;
+            ns.exec(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{gw6}/64"),
+                "dev",
+                &format!("v{i}"),
+                "nodad",
+            ])?;
+            pod.exec(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            pod.exec(&["ip", "route", "add", "default", "via", &gw4.to_string()])?;
+            pod.exec(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw6.to_string(),
+            ])?;
+            pods.push(Pod {
+                ns: pod,
+                ip4,
+                ip6,
+                gw4,
+                gw6,
+            });
+        }
+        Ok(Self { pods, ns })
+    }
+
+    /// Binds a listener in the node namespace.
+    pub fn listen(&self, addr: SocketAddr) -> Result<std::net::TcpListener> {
+        Ok(mesh_agent::netns::in_netns(&self.ns.path(), move || {
+            std::net::TcpListener::bind(addr)
+        })?)
+    }
+}
+
+fn no_dad(ns: &NetNs) -> Result<()> {
+    for key in [
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+    ] {
+        ns.exec(&["sysctl", "-q", "-w", key])?;
+    }
+    Ok(())
+}
+
+/// Accepts one connection, waiting at most `timeout` (polling; never a blind sleep).
+pub fn accept_within(
+    listener: &std::net::TcpListener,
+    timeout: std::time::Duration,
+) -> Result<Option<std::net::TcpStream>> {
+    listener.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(Some(s));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Accepts a connection that must already be queued (e.g. the probe returned only after its
+/// connect completed), or reports that none arrived.
+pub fn accept_now(listener: &std::net::TcpListener) -> Result<Option<std::net::TcpStream>> {
+    accept_within(listener, std::time::Duration::ZERO)
+}
+
+/// A running `nm-probe many` or `serve` process; dropping it closes its stdin (it then exits)
+/// and reaps it.
+pub struct ManyProbe {
+    child: std::process::Child,
+}
+
+impl ManyProbe {
+    /// Starts listeners on `addrs` inside `netns`, owned by a process in `cgroup`.
+    pub fn serve(cgroup: &Path, netns: &NetNs, addrs: &[SocketAddr]) -> Result<Self> {
+        let child = Command::new(env_probe()?)
+            .arg(cgroup)
+            .arg(netns.path())
+            .arg("serve")
+            .args(addrs.iter().map(ToString::to_string))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot start nm-probe")?;
+        Ok(Self { child })
+    }
+
+    /// Starts `count` connections from `netns` to `ip`:`first_port..first_port+ports`.
+    pub fn start(
+        cgroup: &Path,
+        netns: &NetNs,
+        count: usize,
+        ip: std::net::IpAddr,
+        first_port: u16,
+        ports: u16,
+    ) -> Result<Self> {
+        let child = Command::new(env_probe()?)
+            .arg(cgroup)
+            .arg(netns.path())
+            .arg("many")
+            .arg(count.to_string())
+            .arg(ip.to_string())
+            .arg(first_port.to_string())
+            .arg(ports.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot start nm-probe")?;
+        Ok(Self { child })
+    }
+
+    /// Waits for the probe's `ready` line (all connections written) or its failure.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        use std::io::BufRead;
+        let out = self.child.stdout.take().context("probe stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line)?;
+        ensure!(line.trim() == "ready", "probe failed: {}", line.trim());
+        Ok(())
+    }
+}
+
+impl Drop for ManyProbe {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        if self.child.try_wait().ok().flatten().is_none() {
+            // It exits as soon as stdin closes; wait() reaps it.
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Connects from inside `netns` to `dst`, from source address `src` when given (port chosen by
+/// the kernel), and reads one line. `Ok(None)` when the connect timed out after `timeout` (the
+/// SYN was dropped); other failures are errors.
+pub fn connect_and_read(
+    netns: &NetNs,
+    src: Option<std::net::IpAddr>,
+    dst: SocketAddr,
+    timeout: std::time::Duration,
+) -> Result<Option<String>> {
+    let r = mesh_agent::netns::in_netns(&netns.path(), move || {
+        use std::io::BufRead;
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let family = if dst.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: plain socket(2) call; the result is checked and owned right away.
+        let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
+        };
+        // SAFETY: `tv` is valid for reads of its size; connect(2) honours SO_SNDTIMEO.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&raw const tv).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let with_fd = |addr: SocketAddr,
+                       f: unsafe extern "C" fn(
+            i32,
+            *const libc::sockaddr,
+            libc::socklen_t,
+        ) -> i32| {
+            let (storage, len) = sockaddr(addr);
+            // SAFETY: `storage` holds a valid sockaddr of `len` bytes for the socket's family.
+            let rc = unsafe { f(fd.as_raw_fd(), (&raw const storage).cast(), len) };
+            if rc != 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        if let Some(src) = src {
+            with_fd(SocketAddr::new(src, 0), libc::bind)?;
+        }
+        match with_fd(dst, libc::connect) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINPROGRESS) | Some(libc::ETIMEDOUT)
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+        let stream = std::net::TcpStream::from(fd);
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        let mut line = String::new();
+        std::io::BufReader::new(&stream).read_line(&mut line)?;
+        Ok(Some(line))
+    })?;
+    Ok(r)
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            (storage, size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            (storage, size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+        }
+    }
+}
+
+/// Runs `f` with this whole test process moved into `cgroup`, then moves it back to the cgroup
+/// it came from. Sockets created by `f` belong to `cgroup` for good (a listener's accepted
+/// sockets too), which is how a test plays the tunnel process of a given cgroup.
+pub fn with_process_in_cgroup<T>(cgroup: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let own = fs::read_to_string("/proc/self/cgroup")?;
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cgroup v2 line in /proc/self/cgroup")?;
+    let original = mesh_agent::cgroup::cgroup2_mount()?.join(rel.trim_start_matches('/'));
+    let pid = std::process::id().to_string();
+    fs::write(cgroup.join("cgroup.procs"), &pid)
+        .with_context(|| format!("cannot move this test into {}", cgroup.display()))?;
+    let result = f();
+    fs::write(original.join("cgroup.procs"), &pid).with_context(|| {
+        format!(
+            "cannot move this test back to {} (remove {} by hand)",
+            original.display(),
+            cgroup.display()
+        )
+    })?;
+    result
 }

@@ -13,10 +13,13 @@ use std::{
 use anyhow::{Context, Result, bail};
 use mesh_agent::{
     datapath::{Datapath, OrigDstError},
+    maps::KernelMaps,
     netns::{in_netns, netns_cookie},
 };
 use mesh_common::{EnrolledPod, FailMode, MtlsMode};
-use nodemesh_tests::{ChildCgroup, NetNs, probe_connect, require_root, unique_prefix, veth};
+use nodemesh_tests::{
+    ChildCgroup, NetNs, probe_connect, require_root, tunnel_v4, unique_prefix, veth,
+};
 
 const TUNNEL: &str = "169.254.77.1:15001";
 
@@ -63,7 +66,7 @@ fn enrolled_connect_is_redirected_and_others_are_untouched() -> Result<()> {
 
     let mut dp = Datapath::load().context("load eBPF programs")?;
     dp.attach(cgroup.path())?;
-    dp.set_tunnel(tunnel_addr)?;
+    dp.set_tunnel(&tunnel_v4(tunnel_addr))?;
     let cookie_a = netns_cookie(&pod_a.path())?;
     let cookie_b = netns_cookie(&pod_b.path())?;
     assert_ne!(cookie_a, cookie_b);

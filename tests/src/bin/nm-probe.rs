@@ -1,11 +1,24 @@
-//! `nm-probe <cgroup-dir> <netns-file> connect <ip:port> <payload>`: acts as an application in a
-//! test "pod". It moves itself into the cgroup, enters the network namespace, connects, writes the
-//! payload, prints `local=<addr>` and exits 0; on any failure it prints the reason and exits 1.
+//! Acts as an application in a test "pod". It moves itself into the cgroup, enters the network
+//! namespace, then:
+//!
+//! - `nm-probe <cgroup-dir> <netns-file> connect <ip:port> <payload>`: connects, writes the
+//!   payload, prints `local=<addr>` and exits 0.
+//! - `nm-probe <cgroup-dir> <netns-file> many <count> <ip> <first-port> <ports>`: opens `count`
+//!   connections to `<ip>:<first-port + i % ports>` and keeps them all open; on each it writes its
+//!   destination and a newline. Prints `ready` once all are written, then exits when stdin closes.
+//! - `nm-probe <cgroup-dir> <netns-file> serve <ip:port>...`: listens on every address (so the
+//!   listening sockets belong to the pod's cgroup), prints `ready`, writes `ok\n` to every
+//!   connection it accepts, and exits when stdin closes.
+//!
+//! - `nm-probe <cgroup-dir> <netns-file> udp-connect <ip:port>`: connects a UDP socket (no
+//!   packet is sent) and prints `local=<addr>`.
+//!
+//! On any failure it prints the reason and exits 1.
 
 use std::{
     fs::{File, OpenOptions},
-    io::Write,
-    net::{SocketAddr, TcpStream},
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
     os::fd::AsFd,
     process::ExitCode,
     time::Duration,
@@ -21,17 +34,17 @@ fn main() -> ExitCode {
     }
 }
 
+const USAGE: &str = "usage: nm-probe <cgroup-dir> <netns-file> connect <ip:port> <payload> | \
+                     many <count> <ip> <first-port> <ports> | serve <ip:port>... | \
+                     udp-connect <ip:port>";
+
 fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [cgroup, netns, verb, dst, payload] = args.as_slice() else {
-        return Err("usage: nm-probe <cgroup-dir> <netns-file> connect <ip:port> <payload>".into());
+    let [cgroup, netns, verb, rest @ ..] = args.as_slice() else {
+        return Err(USAGE.into());
     };
-    if verb != "connect" {
-        return Err(format!("unknown verb {verb}"));
-    }
-    let dst: SocketAddr = dst.parse().map_err(|e| format!("bad address {dst}: {e}"))?;
-    // Join the cgroup first: the netns switch does not change which cgroup files we can see, but
-    // doing it in this order matches how a container runtime places a pod.
+    // Join the cgroup first: `ip netns exec`-style sysfs remounts would hide it, and this order
+    // matches how a container runtime places a pod.
     let mut procs = OpenOptions::new()
         .write(true)
         .open(format!("{cgroup}/cgroup.procs"))
@@ -42,6 +55,24 @@ fn run() -> Result<(), String> {
     let ns = File::open(netns).map_err(|e| format!("open {netns}: {e}"))?;
     nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|e| format!("setns {netns}: {e}"))?;
+    match (verb.as_str(), rest) {
+        ("connect", [dst, payload]) => connect(dst, payload),
+        ("many", [count, ip, first, ports]) => many(count, ip, first, ports),
+        ("serve", addrs) if !addrs.is_empty() => serve(addrs),
+        ("udp-connect", [dst]) => udp_connect(dst),
+        _ => Err(USAGE.into()),
+    }
+}
+
+fn parse<T: std::str::FromStr>(what: &str, s: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e| format!("bad {what} {s}: {e}"))
+}
+
+fn connect(dst: &str, payload: &str) -> Result<(), String> {
+    let dst: SocketAddr = parse("address", dst)?;
     let mut stream = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
         .map_err(|e| format!("connect {dst}: {e}"))?;
     stream
@@ -50,6 +81,68 @@ fn run() -> Result<(), String> {
     let local = stream
         .local_addr()
         .map_err(|e| format!("local_addr: {e}"))?;
+    println!("local={local}");
+    Ok(())
+}
+
+fn many(count: &str, ip: &str, first: &str, ports: &str) -> Result<(), String> {
+    let count: usize = parse("count", count)?;
+    let ip: IpAddr = parse("address", ip)?;
+    let first: u16 = parse("port", first)?;
+    let ports: u16 = parse("port count", ports)?;
+    let mut open = Vec::with_capacity(count);
+    for i in 0..count {
+        let port = first + (i % usize::from(ports.max(1))) as u16;
+        let dst = SocketAddr::new(ip, port);
+        let mut stream = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+            .map_err(|e| format!("connect #{i} {dst}: {e}"))?;
+        stream
+            .write_all(format!("{dst}\n").as_bytes())
+            .map_err(|e| format!("write #{i}: {e}"))?;
+        open.push(stream);
+    }
+    println!("ready");
+    std::io::stdout()
+        .flush()
+        .map_err(|e| format!("stdout: {e}"))?;
+    // Hold every connection open until the test is done with them.
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    drop(open);
+    Ok(())
+}
+
+fn serve(addrs: &[String]) -> Result<(), String> {
+    for addr in addrs {
+        let addr: SocketAddr = parse("address", addr)?;
+        let listener =
+            std::net::TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let _ = conn.write_all(b"ok\n");
+            }
+        });
+    }
+    println!("ready");
+    std::io::stdout()
+        .flush()
+        .map_err(|e| format!("stdout: {e}"))?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    Ok(())
+}
+
+fn udp_connect(dst: &str) -> Result<(), String> {
+    let dst: SocketAddr = parse("address", dst)?;
+    let any: SocketAddr = if dst.is_ipv4() {
+        "0.0.0.0:0".parse().map_err(|e| format!("{e}"))?
+    } else {
+        "[::]:0".parse().map_err(|e| format!("{e}"))?
+    };
+    let sock = std::net::UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
+    sock.connect(dst)
+        .map_err(|e| format!("udp connect {dst}: {e}"))?;
+    let local = sock.local_addr().map_err(|e| format!("local_addr: {e}"))?;
     println!("local={local}");
     Ok(())
 }

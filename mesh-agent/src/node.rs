@@ -1,0 +1,91 @@
+//! `mesh-agent node`: the node's data path as a long-running process. Creates the tunnel
+//! interface (optional), loads the programs with every map and link pinned for the instance
+//! (adopting pins left by a previous run), attaches at the configured cgroup (the cgroup v2 root
+//! by default), points redirects at the tunnel address and beats the tunnel heartbeat until
+//! shutdown. Exiting never detaches: pods keep their programs and fail-closed pods are refused
+//! once the heartbeat goes stale. `--uninstall` removes the instance's pins instead.
+//!
+//! The heartbeat is beaten here until the tunnel component exists and takes it over.
+
+use std::{future::Future, net::IpAddr, path::PathBuf, time::Duration};
+
+use tracing::info;
+
+use crate::{
+    datapath::{Datapath, DatapathError, LoadOptions, Pins},
+    maps::{KernelMaps, MapsError, TunnelSettings},
+    tunnel_iface::{IfaceError, ensure_tunnel_iface},
+};
+
+/// Everything `mesh-agent node` needs.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub instance: String,
+    pub bpffs: PathBuf,
+    /// Where to attach; `None` = the root of the cgroup v2 hierarchy.
+    pub cgroup: Option<PathBuf>,
+    pub tunnel: TunnelSettings,
+    /// Create (or reuse) this interface for the tunnel addresses; `None` = they exist already.
+    pub tunnel_iface: Option<String>,
+    pub load: LoadOptions,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error(transparent)]
+    Iface(#[from] IfaceError),
+    #[error("cannot find the cgroup v2 hierarchy: {0}")]
+    Cgroup(#[source] std::io::Error),
+}
+
+/// Sets the data path up (idempotent across restarts) and returns it, heartbeat beaten once.
+pub fn start(opts: &NodeOptions) -> Result<Datapath, NodeError> {
+    if let Some(name) = &opts.tunnel_iface {
+        let mut addrs = vec![IpAddr::V4(opts.tunnel.ip4)];
+        addrs.extend(opts.tunnel.ip6.map(IpAddr::V6));
+        ensure_tunnel_iface(name, &addrs)?;
+    }
+    let cgroup = match &opts.cgroup {
+        Some(p) => p.clone(),
+        None => crate::cgroup::cgroup2_mount().map_err(NodeError::Cgroup)?,
+    };
+    let pins = Pins::new(&opts.bpffs, &opts.instance)?;
+    let mut dp = Datapath::load_with(Some(&pins), &opts.load)?;
+    dp.attach(&cgroup)?;
+    dp.set_tunnel(&opts.tunnel)?;
+    dp.heartbeat().beat()?;
+    info!(instance = %opts.instance, cgroup = %cgroup.display(), pins = %pins.version_dir().display(), "data path up");
+    Ok(dp)
+}
+
+/// Runs until `shutdown` completes, beating the heartbeat well within its staleness window and
+/// forwarding kernel log records. `ready` is called once the data path is up.
+pub async fn run(
+    opts: NodeOptions,
+    ready: impl FnOnce(),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let mut dp = start(&opts)?;
+    ready();
+    let every = opts.tunnel.stale_after.map_or(Duration::from_secs(1), |d| {
+        (d / 3).max(Duration::from_millis(10))
+    });
+    let heartbeat = dp.heartbeat();
+    let mut tick = tokio::time::interval(every);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                heartbeat.beat()?;
+                dp.flush_ebpf_logs();
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    info!("shutting down; programs stay attached (pinned) until `--uninstall`");
+    Ok(())
+}

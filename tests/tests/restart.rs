@@ -1,0 +1,167 @@
+//! Root test of restart safety: pinned maps and links survive the agent, a new agent adopts them
+//! without re-enrolling pods, the tunnel's staleness makes fail-closed pods refuse meanwhile, and
+//! uninstall leaves nothing pinned and nothing attached.
+
+use std::{
+    net::{Ipv6Addr, SocketAddr},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use mesh_agent::{
+    datapath::{Datapath, Pins, uninstall},
+    map_model::{Exclusion, PodSpec},
+    maps::{KernelMaps, TunnelSettings},
+    reconcile::{DesiredState, ReconcileReport, compile, reconcile},
+};
+use mesh_common::{FailMode, MtlsMode, OUTBOUND_PORT};
+use nodemesh_tests::{
+    ChildCgroup, Node, TUNNEL_IP4, accept_now, probe_connect, require_root, unique_prefix,
+};
+
+const SERVER_PORT: u16 = 8080;
+
+/// Removes the instance's pins if the test fails half way (declared before the datapaths, so
+/// it runs after them).
+struct PinsGuard(Pins);
+
+impl Drop for PinsGuard {
+    fn drop(&mut self) {
+        if let Err(e) = uninstall(&self.0) {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+fn pinned_files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for sub in ["maps", "links"] {
+        if let Ok(rd) = std::fs::read_dir(dir.join(sub)) {
+            out.extend(
+                rd.flatten()
+                    .map(|e| format!("{sub}/{}", e.file_name().to_string_lossy())),
+            );
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Result<()> {
+    require_root();
+    let p = unique_prefix();
+    let node = Node::new(&p, 1)?;
+    let cgroup = ChildCgroup::new(&format!("{p}-pods"))?;
+    let pod = &node.pods[0];
+    let tunnel = node.listen(SocketAddr::new(TUNNEL_IP4.into(), OUTBOUND_PORT))?;
+    let server = node.listen(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), SERVER_PORT))?;
+    let pins = Pins::new(Pins::DEFAULT_BPFFS, &p)?;
+    let _guard = PinsGuard(pins.clone());
+    let dst = SocketAddr::new(pod.gw4.into(), SERVER_PORT);
+    let connect = || probe_connect(cgroup.path(), &pod.ns, dst, "x");
+    let settings = TunnelSettings {
+        ip4: TUNNEL_IP4,
+        ip6: None,
+        port: OUTBOUND_PORT,
+        stale_after: Some(Duration::from_millis(1500)),
+    };
+
+    // Agent 1: pins everything, enrolls the pod, the tunnel beats.
+    let mut dp = Datapath::load_pinned(&pins)?;
+    dp.attach(cgroup.path())?;
+    dp.set_tunnel(&settings)?;
+    let spec = PodSpec {
+        workload_id: 1,
+        identity_id: 9,
+        ip4: Some(pod.ip4),
+        ip6: Some(pod.ip6),
+        mtls: MtlsMode::Strict,
+        fail: FailMode::Closed,
+        plaintext_ports: vec![8081],
+    };
+    let cookie = dp.enroll_netns(&pod.ns.path(), &spec)?;
+    dp.heartbeat().beat()?;
+    connect()?;
+    let conn = accept_now(&tunnel)?.context("agent 1: not redirected")?;
+    assert_eq!(dp.orig_dst_reader().original_destination(&conn)?.addr, dst);
+    let pinned = pinned_files(&pins.version_dir());
+    assert!(
+        pinned.contains(&"links/mesh_connect4".to_owned()),
+        "{pinned:?}"
+    );
+    assert!(
+        pinned.contains(&"maps/NM_ENROLLED".to_owned()),
+        "{pinned:?}"
+    );
+
+    // The agent dies (its fds close). The programs stay attached: the tunnel's heartbeat goes
+    // stale and the fail-closed pod gets ECONNREFUSED, never a plaintext bypass.
+    drop(dp);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match connect() {
+            Err(e) if e.to_string().contains("Connection refused") => break,
+            Err(e) => bail!("unexpected failure while the agent is down: {e:#}"),
+            Ok(_) => {
+                // Still within the staleness window: it must have gone to the tunnel.
+                assert!(
+                    accept_now(&tunnel)?.is_some(),
+                    "bypass while the agent is down"
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the tunnel never went stale: are the programs still attached?");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(accept_now(&server)?.is_none(), "plaintext bypass");
+
+    // Agent 2 adopts the pins: no re-enrollment, the counters and the pod are still there.
+    let mut dp = Datapath::load_pinned(&pins)?;
+    dp.attach(cgroup.path())?;
+    assert!(
+        dp.counters()?["refused_tunnel_stale"] >= 1,
+        "counters were not adopted"
+    );
+    // Level-triggered reconcile against the adopted maps: they already hold the desired state.
+    let mut desired = DesiredState {
+        tunnel: Some(settings),
+        ..Default::default()
+    };
+    desired.pods.insert(cookie, spec.clone());
+    let report = reconcile(&mut dp, &compile(&desired)?)?;
+    assert_eq!(report, ReconcileReport::default(), "adopted maps differ");
+    // And it converges when the desired state changes (another exclusion).
+    desired.exclusions.insert(Exclusion::Port(5353));
+    let report = reconcile(&mut dp, &compile(&desired)?)?;
+    assert_eq!((report.written, report.deleted), (1, 0));
+    dp.heartbeat().beat()?;
+    connect()?;
+    let conn = accept_now(&tunnel)?.context("agent 2: not redirected")?;
+    let orig = dp.orig_dst_reader().original_destination(&conn)?;
+    assert_eq!(
+        (orig.addr, orig.netns_cookie, orig.identity_id),
+        (dst, cookie, 9)
+    );
+    assert_eq!(
+        pinned_files(&pins.version_dir()),
+        pinned,
+        "pins changed on adoption"
+    );
+
+    // Uninstall (agent stopped first): nothing left under bpffs, nothing attached.
+    drop(dp);
+    assert!(uninstall(&pins)?);
+    assert!(!pins.instance_dir().exists());
+    connect()?;
+    assert!(
+        accept_now(&tunnel)?.is_none(),
+        "still redirected after uninstall"
+    );
+    assert!(accept_now(&server)?.is_some(), "not direct after uninstall");
+    assert!(!uninstall(&pins)?, "uninstall is idempotent");
+    Ok(())
+}

@@ -4,4 +4,6 @@
 
 pub mod cgroup;
 pub mod datapath;
+pub mod identity;
 pub mod netns;
+pub mod tunnel;

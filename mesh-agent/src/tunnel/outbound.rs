@@ -1,0 +1,357 @@
+//! Outbound listener (port 15001): redirected app connections → HBONE streams.
+//!
+//! Per connection: recover the original destination and source identity ([`RedirectSource`];
+//! a miss refuses the connection, never a guess), resolve it ([`Resolver`]), pick an endpoint
+//! ([`Balancer`]), then either connect directly (same node: no TLS, but the [`Authorizer`]
+//! decides first) or open a `CONNECT` stream over the [`Pool`] and copy. A failed connect to a
+//! node ejects the endpoint and, for services, tries one other endpoint. Any non-200 answer
+//! closes the app's socket. One access-log line per connection.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use http::{HeaderMap, HeaderValue};
+use tokio::{net::TcpListener, task::JoinSet};
+use tracing::{info, warn};
+
+use super::{
+    Authorizer, AuthzDecision, AuthzRequest, Destination, Endpoint, LocalWorkloads, Location,
+    Redirect, RedirectSource, Resolver, Side, Transport, TunnelConfig,
+    balance::Balancer,
+    copy, drain, forwarded_for,
+    pool::{Pool, PoolKey},
+};
+
+/// Endpoints tried per connection when connects fail (the first choice and one other).
+const MAX_ATTEMPTS: usize = 2;
+
+pub struct Outbound {
+    config: TunnelConfig,
+    pool: Arc<Pool>,
+    redirects: Arc<dyn RedirectSource>,
+    resolver: Arc<dyn Resolver>,
+    workloads: Arc<dyn LocalWorkloads>,
+    authorizer: Arc<dyn Authorizer>,
+    balancer: Arc<Balancer>,
+    active: AtomicUsize,
+}
+
+struct Gauge<'a>(&'a AtomicUsize);
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// W3C `traceparent` for a new connection (random trace and span ids, sampled flag off).
+fn new_traceparent() -> String {
+    let mut b = [0u8; 24];
+    // Without an OS RNG the ids are zero, which receivers treat as invalid and ignore.
+    let _ = rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut b);
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("00-{}-{}-00", &hex[..32], &hex[32..48])
+}
+
+struct Outcome {
+    dst_identity: Option<String>,
+    endpoint: Option<SocketAddr>,
+    hbone: Option<SocketAddr>,
+    bytes: copy::Transferred,
+    result: String,
+}
+
+impl Outcome {
+    fn refused(result: String) -> Self {
+        Self {
+            dst_identity: None,
+            endpoint: None,
+            hbone: None,
+            bytes: Default::default(),
+            result,
+        }
+    }
+}
+
+impl Outbound {
+    pub fn new(
+        config: TunnelConfig,
+        pool: Arc<Pool>,
+        redirects: Arc<dyn RedirectSource>,
+        resolver: Arc<dyn Resolver>,
+        workloads: Arc<dyn LocalWorkloads>,
+        authorizer: Arc<dyn Authorizer>,
+    ) -> Arc<Self> {
+        let balancer = Balancer::new(config.ejection_time);
+        Arc::new(Self {
+            config,
+            pool,
+            redirects,
+            resolver,
+            workloads,
+            authorizer,
+            balancer,
+            active: AtomicUsize::new(0),
+        })
+    }
+
+    /// App connections being served.
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Serves `listener` until drained; returns when every connection has ended.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watch) {
+        let local = listener.local_addr().ok();
+        info!(listen = ?local, "outbound listener started");
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                biased;
+                () = drain.draining() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        self.active.fetch_add(1, Ordering::SeqCst);
+                        let this = self.clone();
+                        let watch = drain.clone();
+                        conns.spawn(async move {
+                            let _gauge = Gauge(&this.active);
+                            tokio::select! {
+                                () = this.clone().serve_connection(tcp, peer) => {}
+                                () = watch.forced() => {}
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "outbound accept failed");
+                        tokio::task::yield_now().await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        drop(listener);
+        info!(listen = ?local, "outbound listener closed (draining)");
+        while conns.join_next().await.is_some() {}
+    }
+
+    async fn serve_connection(self: Arc<Self>, mut tcp: tokio::net::TcpStream, peer: SocketAddr) {
+        let start = Instant::now();
+        let local = match tcp.local_addr() {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(%peer, error = %e, "outbound socket gone before the lookup");
+                return;
+            }
+        };
+        let redirect = match self.redirects.redirect(peer, local) {
+            Ok(r) => r,
+            Err(reason) => {
+                warn!(%peer, %local, reason,
+                    "refusing connection: no original destination recorded (not redirected by the datapath?)");
+                return;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let outcome = self.forward(&mut tcp, peer, &redirect).await;
+        info!(target: "access", direction = "outbound", src = %peer, src_identity = %redirect.source,
+            dst = %redirect.original_dst, endpoint = ?outcome.endpoint,
+            dst_identity = outcome.dst_identity.as_deref().unwrap_or("-"), hbone = ?outcome.hbone,
+            bytes_sent = outcome.bytes.tcp_to_stream, bytes_received = outcome.bytes.stream_to_tcp,
+            duration_ms = start.elapsed().as_millis() as u64, result = outcome.result, "connection");
+    }
+
+    async fn forward(
+        &self,
+        tcp: &mut tokio::net::TcpStream,
+        peer: SocketAddr,
+        redirect: &Redirect,
+    ) -> Outcome {
+        let Some(dest) = self.resolver.resolve(redirect.original_dst) else {
+            return Outcome::refused(format!(
+                "refused: {} is neither a known workload nor a service",
+                redirect.original_dst
+            ));
+        };
+        let (candidates, host) = match dest {
+            Destination::Workload(e) => (vec![e], None),
+            Destination::Service {
+                hostname,
+                endpoints,
+            } => (endpoints, Some(hostname)),
+        };
+        let mut tried = Vec::new();
+        let mut last_error = String::from("no endpoints");
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((ep, _outstanding)) = self.balancer.pick(&candidates, &tried) else {
+                break;
+            };
+            tried.push(ep.addr);
+            match &ep.location {
+                Location::SameNode => return self.same_node(tcp, peer, redirect, &ep).await,
+                Location::Remote { hbone } => {
+                    match self
+                        .via_hbone(tcp, peer, redirect, &ep, *hbone, host.as_deref())
+                        .await
+                    {
+                        Ok(outcome) => return outcome,
+                        Err(e) => {
+                            last_error = e;
+                        }
+                    }
+                }
+            }
+        }
+        Outcome {
+            dst_identity: None,
+            endpoint: tried.last().copied(),
+            hbone: None,
+            bytes: Default::default(),
+            result: format!("failed: {last_error}"),
+        }
+    }
+
+    /// `Err` means "the node could not be reached; try another endpoint".
+    async fn via_hbone(
+        &self,
+        tcp: &mut tokio::net::TcpStream,
+        peer: SocketAddr,
+        redirect: &Redirect,
+        ep: &Endpoint,
+        hbone: SocketAddr,
+        host: Option<&str>,
+    ) -> Result<Outcome, String> {
+        let key = PoolKey {
+            source: redirect.source.clone(),
+            hbone,
+            expected: ep.identity.clone(),
+        };
+        let mut headers = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(&forwarded_for(peer, host)) {
+            headers.insert("forwarded", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&new_traceparent()) {
+            headers.insert("traceparent", v);
+        }
+        let outcome = |bytes, result: String| Outcome {
+            dst_identity: Some(ep.identity.to_string()),
+            endpoint: Some(ep.addr),
+            hbone: Some(hbone),
+            bytes,
+            result,
+        };
+        let stream = match self.pool.open(&key, ep.addr, &headers).await {
+            Ok(s) => s,
+            Err(e) if e.is_connect_failure() => {
+                self.balancer.eject(ep.addr);
+                return Err(e.to_string());
+            }
+            Err(e) => return Ok(outcome(Default::default(), format!("failed: {e}"))),
+        };
+        let status = stream.response.status();
+        if status != http::StatusCode::OK {
+            // Dropping `tcp` (by returning) closes the app's socket.
+            let why = match status.as_u16() {
+                401 => "denied by the destination's policy",
+                400 => "the destination refused the request as malformed",
+                503 => "the destination could not reach the pod",
+                _ => "unexpected status",
+            };
+            return Ok(outcome(
+                Default::default(),
+                format!("upstream answered {status}: {why}"),
+            ));
+        }
+        let counters = copy::Counters::default();
+        let result = copy::bidirectional(
+            tcp,
+            stream.send,
+            stream.recv,
+            self.config.copy_buffer_size,
+            Side::Downstream,
+            Side::Upstream,
+            &counters,
+        )
+        .await;
+        let result = match result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("copy ended with a {} error: {e}", e.side()),
+        };
+        Ok(outcome(counters.snapshot(), result))
+    }
+
+    async fn same_node(
+        &self,
+        tcp: &mut tokio::net::TcpStream,
+        peer: SocketAddr,
+        redirect: &Redirect,
+        ep: &Endpoint,
+    ) -> Outcome {
+        let mut outcome = Outcome {
+            dst_identity: Some(ep.identity.to_string()),
+            endpoint: Some(ep.addr),
+            hbone: None,
+            bytes: Default::default(),
+            result: String::new(),
+        };
+        let Some(workload) = self.workloads.by_ip(ep.addr.ip()) else {
+            outcome.result = format!(
+                "refused: same-node endpoint {} is not a workload on this node (stale endpoint data?)",
+                ep.addr
+            );
+            return outcome;
+        };
+        let decision = self.authorizer.authorize(&AuthzRequest {
+            source_identity: Some(&redirect.source),
+            source_addr: peer,
+            destination: ep.addr,
+            destination_workload: &workload,
+            transport: Transport::SameNode,
+        });
+        if let AuthzDecision::Deny { reason } = decision {
+            outcome.result = format!("denied: {reason}");
+            return outcome;
+        }
+        let mut upstream = match tokio::time::timeout(
+            self.config.upstream_connect_timeout,
+            tokio::net::TcpStream::connect(ep.addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                outcome.result = format!("failed: same-node upstream connect: {e}");
+                return outcome;
+            }
+            Err(_) => {
+                outcome.result = "failed: same-node upstream connect timed out".into();
+                return outcome;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        let size = self.config.copy_buffer_size;
+        match tokio::io::copy_bidirectional_with_sizes(tcp, &mut upstream, size, size).await {
+            Ok((up, down)) => {
+                outcome.bytes = copy::Transferred {
+                    tcp_to_stream: up,
+                    stream_to_tcp: down,
+                };
+                outcome.result = "ok (same node)".into();
+            }
+            Err(e) => outcome.result = format!("same-node copy ended with an error: {e}"),
+        }
+        outcome
+    }
+}

@@ -307,3 +307,6 @@ mod tests {
         assert_eq!(parse_forwarded_for("for=unknown"), None);
     }
 }
+
+#[cfg(test)]
+mod integration_tests;

@@ -282,4 +282,27 @@ mod tests {
         super::super::tls::verify_chain(&bundle, &cert.chain, SystemTime::now())
             .expect("chains to the stored root");
     }
+
+    #[tokio::test]
+    async fn bundle_with_two_roots_accepts_both_cas() {
+        let (d1, d2) = (
+            tempfile::tempdir().expect("tmp"),
+            tempfile::tempdir().expect("tmp"),
+        );
+        let old = LocalCa::open(d1.path(), "cluster.local").expect("old");
+        let new = LocalCa::open(d2.path(), "cluster.local").expect("new");
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().expect("id");
+        let from_new = new.issue(&id).await.expect("cert");
+        let now = SystemTime::now();
+        assert!(
+            super::super::tls::verify_chain(&old.trust_bundle(), &from_new.chain, now).is_err()
+        );
+        let old = old.trust_also(new.root().clone());
+        assert_eq!(old.trust_bundle().roots.len(), 2);
+        super::super::tls::verify_chain(&old.trust_bundle(), &from_new.chain, now)
+            .expect("rotation: the new root is trusted");
+        let from_old = old.issue(&id).await.expect("cert");
+        super::super::tls::verify_chain(&old.trust_bundle(), &from_old.chain, now)
+            .expect("the old root still is");
+    }
 }

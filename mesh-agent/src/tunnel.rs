@@ -229,6 +229,34 @@ pub trait RedirectSource: Send + Sync {
     fn redirect(&self, peer: SocketAddr, local: SocketAddr) -> Result<Redirect, String>;
 }
 
+/// The enrollment table's numeric identity ids (as stored in the datapath's maps) → identities.
+pub trait IdentityIds: Send + Sync {
+    fn identity(&self, identity_id: u32) -> Option<SpiffeId>;
+}
+
+/// [`RedirectSource`] over the datapath: the kernel's original-destination record (consumed on
+/// read) plus the source pod's identity from its enrollment record.
+pub struct DatapathRedirects<I> {
+    pub reader: crate::datapath::OrigDstReader,
+    pub identities: I,
+}
+
+impl<I: IdentityIds> RedirectSource for DatapathRedirects<I> {
+    fn redirect(&self, peer: SocketAddr, local: SocketAddr) -> Result<Redirect, String> {
+        let od = self.reader.lookup(peer, local).map_err(|e| e.to_string())?;
+        let source = self.identities.identity(od.identity_id).ok_or_else(|| {
+            format!(
+                "source pod (netns cookie {}) has identity id {}, which the enrollment table does not know",
+                od.netns_cookie, od.identity_id
+            )
+        })?;
+        Ok(Redirect {
+            original_dst: od.addr,
+            source,
+        })
+    }
+}
+
 /// Where an endpoint runs.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Location {

@@ -17,6 +17,7 @@
 //! policy engine).
 
 pub mod balance;
+pub mod connections;
 pub mod copy;
 pub mod drain;
 pub mod inbound;
@@ -77,6 +78,12 @@ pub struct TunnelConfig {
     pub drain_deadline: Duration,
     /// Listen backlog for 15001/15008.
     pub listen_backlog: u32,
+    /// Concurrent inbound connections (TLS handshakes included). Past it the listener stops
+    /// accepting until one ends and the kernel backlog absorbs the burst: a flood of
+    /// handshakes cannot exhaust memory or file descriptors.
+    pub max_inbound_connections: usize,
+    /// Concurrent app connections on the outbound listener (each holds two sockets).
+    pub max_outbound_connections: usize,
 }
 
 impl Default for TunnelConfig {
@@ -99,6 +106,8 @@ impl Default for TunnelConfig {
             ejection_time: Duration::from_secs(30),
             drain_deadline: Duration::from_secs(30),
             listen_backlog: 1024,
+            max_inbound_connections: 16 * 1024,
+            max_outbound_connections: 32 * 1024,
         }
     }
 }
@@ -299,6 +308,19 @@ impl Resolver for StaticResolver {
     fn resolve(&self, dst: SocketAddr) -> Option<Destination> {
         self.0.get(&dst).cloned()
     }
+}
+
+/// Accepts one connection once a slot under `limit` is free. Cancel-safe (used in `select!`):
+/// a dropped call releases its permit and `accept` loses nothing.
+pub(crate) async fn accept_within(
+    listener: &tokio::net::TcpListener,
+    limit: &Arc<tokio::sync::Semaphore>,
+) -> (
+    std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let permit = limit.clone().acquire_owned().await.ok();
+    (listener.accept().await, permit)
 }
 
 /// `for="<ip:port>"` as HBONE's `forwarded` header (RFC 7239 quoting; IPv6 in brackets, which

@@ -29,7 +29,9 @@ use tracing::{debug, info, warn};
 
 use super::{
     Authorizer, AuthzDecision, AuthzRequest, LocalWorkload, LocalWorkloads, Side, Transport,
-    TunnelConfig, copy, drain, parse_forwarded_for,
+    TunnelConfig,
+    connections::{Authorized, ConnectionManager},
+    copy, drain, parse_forwarded_for,
 };
 use crate::identity::{
     CertCache, SpiffeId, WorkloadCert,
@@ -48,6 +50,7 @@ pub struct Inbound {
     server_configs: Mutex<HashMap<SpiffeId, ServerConfigEntry>>,
     active_connections: AtomicUsize,
     active_streams: AtomicUsize,
+    connections: Arc<ConnectionManager>,
 }
 
 /// Counts a live connection or stream; decrements on drop (also on panic or abort).
@@ -99,12 +102,19 @@ impl Inbound {
             server_configs: Mutex::new(HashMap::new()),
             active_connections: AtomicUsize::new(0),
             active_streams: AtomicUsize::new(0),
+            connections: ConnectionManager::new(),
         })
     }
 
     /// Connections being served (TLS handshakes included).
     pub fn active_connections(&self) -> usize {
         self.active_connections.load(Ordering::SeqCst)
+    }
+
+    /// Re-checks every live stream with the authorizer (after a policy change) and closes the
+    /// ones it now denies. Returns how many were closed.
+    pub fn reauthorize(&self) -> usize {
+        self.connections.reauthorize(&*self.authorizer)
     }
 
     /// Streams being served.
@@ -118,15 +128,22 @@ impl Inbound {
         let local = listener.local_addr().ok();
         info!(listen = ?local, "inbound HBONE server started");
         let mut conns = JoinSet::new();
+        let limit = Arc::new(tokio::sync::Semaphore::new(
+            self.config.max_inbound_connections,
+        ));
         loop {
             tokio::select! {
                 biased;
                 () = drain.draining() => break,
-                accepted = listener.accept() => match accepted {
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                (accepted, permit) = super::accept_within(&listener, &limit) => match accepted {
                     Ok((tcp, peer)) => {
                         let this = self.clone();
                         let watch = drain.clone();
-                        conns.spawn(async move { this.serve_connection(tcp, peer, watch).await });
+                        conns.spawn(async move {
+                            let _permit = permit;
+                            this.serve_connection(tcp, peer, watch).await;
+                        });
                     }
                     Err(e) => {
                         // EMFILE and friends: log and keep serving; the accept loop must not die.
@@ -134,7 +151,6 @@ impl Inbound {
                         tokio::task::yield_now().await;
                     }
                 },
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
         }
         drop(listener);
@@ -417,8 +433,15 @@ impl Inbound {
             }
         };
         let recv = req.into_body();
+        let mut registration = self.connections.register(Authorized {
+            source_identity: Some((*source).clone()),
+            source_addr: peer,
+            destination: dst,
+            workload: workload.clone(),
+            transport: Transport::Mtls,
+        });
         let counters = copy::Counters::default();
-        let result = copy::bidirectional(
+        let copy = copy::bidirectional(
             &mut upstream,
             send,
             recv,
@@ -426,14 +449,16 @@ impl Inbound {
             Side::Upstream,
             Side::Downstream,
             &counters,
-        )
-        .await;
-        let bytes = counters.snapshot();
+        );
         // From the stream's point of view: sent = pod → peer.
-        let result = match result {
-            Ok(_) => "ok".to_string(),
-            Err(e) => format!("copy ended with a {} error: {e}", e.side()),
+        let result = tokio::select! {
+            r = copy => match r {
+                Ok(_) => "ok".to_string(),
+                Err(e) => format!("copy ended with a {} error: {e}", e.side()),
+            },
+            Ok(reason) = &mut registration.revoked => format!("closed: policy now denies it: {reason}"),
         };
+        let bytes = counters.snapshot();
         log(&dst.to_string(), StatusCode::OK, bytes, &result);
     }
 }

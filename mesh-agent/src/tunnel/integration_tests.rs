@@ -817,3 +817,49 @@ async fn client_refuses_a_server_with_the_wrong_identity() {
     assert!(err.is_connect_failure(), "{err}");
     assert!(err.to_string().contains("someone-else"), "{err}");
 }
+
+/// Allows until switched off.
+struct Switch(std::sync::atomic::AtomicBool);
+
+impl Authorizer for Switch {
+    fn authorize(&self, _: &AuthzRequest<'_>) -> AuthzDecision {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            AuthzDecision::Allow
+        } else {
+            AuthzDecision::Deny {
+                reason: "switched off".into(),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_change_closes_connections_the_new_policy_denies() {
+    let switch = Arc::new(Switch(true.into()));
+    let mesh = Mesh::start(MeshOptions {
+        inbound_authz: switch.clone(),
+        ..MeshOptions::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(mesh.outbound_addr)
+        .await
+        .expect("connect");
+    s.write_all(b"allowed").await.expect("write");
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf).await.expect("echo");
+    assert_eq!(
+        mesh.inbound.reauthorize(),
+        0,
+        "still allowed: nothing closed"
+    );
+
+    switch.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(mesh.inbound.reauthorize(), 1);
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(DEADLINE, s.read(&mut b))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the revoked connection is closed");
+    eventually("the stream to end", || mesh.inbound.active_streams() == 0).await;
+}

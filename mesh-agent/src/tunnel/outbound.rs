@@ -24,6 +24,7 @@ use super::{
     Authorizer, AuthzDecision, AuthzRequest, Destination, Endpoint, LocalWorkloads, Location,
     Redirect, RedirectSource, Resolver, Side, Transport, TunnelConfig,
     balance::Balancer,
+    connections::{Authorized, ConnectionManager},
     copy, drain, forwarded_for,
     pool::{Pool, PoolKey},
 };
@@ -40,6 +41,7 @@ pub struct Outbound {
     authorizer: Arc<dyn Authorizer>,
     balancer: Arc<Balancer>,
     active: AtomicUsize,
+    connections: Arc<ConnectionManager>,
 }
 
 struct Gauge<'a>(&'a AtomicUsize);
@@ -100,12 +102,19 @@ impl Outbound {
             authorizer,
             balancer,
             active: AtomicUsize::new(0),
+            connections: ConnectionManager::new(),
         })
     }
 
     /// App connections being served.
     pub fn active_connections(&self) -> usize {
         self.active.load(Ordering::SeqCst)
+    }
+
+    /// Re-checks live same-node connections after a policy change (cross-node ones are
+    /// re-checked by the destination's inbound). Returns how many were closed.
+    pub fn reauthorize(&self) -> usize {
+        self.connections.reauthorize(&*self.authorizer)
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -117,16 +126,21 @@ impl Outbound {
         let local = listener.local_addr().ok();
         info!(listen = ?local, "outbound listener started");
         let mut conns = JoinSet::new();
+        let limit = Arc::new(tokio::sync::Semaphore::new(
+            self.config.max_outbound_connections,
+        ));
         loop {
             tokio::select! {
                 biased;
                 () = drain.draining() => break,
-                accepted = listener.accept() => match accepted {
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                (accepted, permit) = super::accept_within(&listener, &limit) => match accepted {
                     Ok((tcp, peer)) => {
                         self.active.fetch_add(1, Ordering::SeqCst);
                         let this = self.clone();
                         let watch = drain.clone();
                         conns.spawn(async move {
+                            let _permit = permit;
                             let _gauge = Gauge(&this.active);
                             tokio::select! {
                                 () = this.clone().serve_connection(tcp, peer) => {}
@@ -139,7 +153,6 @@ impl Outbound {
                         tokio::task::yield_now().await;
                     }
                 },
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
         }
         drop(listener);
@@ -341,16 +354,28 @@ impl Outbound {
             }
         };
         let _ = upstream.set_nodelay(true);
+        let mut registration = self.connections.register(Authorized {
+            source_identity: Some(redirect.source.clone()),
+            source_addr: peer,
+            destination: ep.addr,
+            workload,
+            transport: Transport::SameNode,
+        });
         let size = self.config.copy_buffer_size;
-        match tokio::io::copy_bidirectional_with_sizes(tcp, &mut upstream, size, size).await {
-            Ok((up, down)) => {
-                outcome.bytes = copy::Transferred {
-                    tcp_to_stream: up,
-                    stream_to_tcp: down,
-                };
-                outcome.result = "ok (same node)".into();
+        tokio::select! {
+            r = tokio::io::copy_bidirectional_with_sizes(tcp, &mut upstream, size, size) => match r {
+                Ok((up, down)) => {
+                    outcome.bytes = copy::Transferred {
+                        tcp_to_stream: up,
+                        stream_to_tcp: down,
+                    };
+                    outcome.result = "ok (same node)".into();
+                }
+                Err(e) => outcome.result = format!("same-node copy ended with an error: {e}"),
+            },
+            Ok(reason) = &mut registration.revoked => {
+                outcome.result = format!("closed: policy now denies it: {reason}");
             }
-            Err(e) => outcome.result = format!("same-node copy ended with an error: {e}"),
         }
         outcome
     }

@@ -230,6 +230,9 @@ impl Authorizer for DenyIdentities {
 pub struct Redirect {
     pub original_dst: SocketAddr,
     pub source: SpiffeId,
+    /// W3C `baggage` describing the source workload (`k8s.namespace.name=..,k8s.deployment.name=..`),
+    /// sent on the CONNECT as HBONE does, when the enrollment record has it.
+    pub baggage: Option<String>,
 }
 
 /// Recovers a redirected connection's original destination and source identity (the
@@ -262,6 +265,7 @@ impl<I: IdentityIds> RedirectSource for DatapathRedirects<I> {
         Ok(Redirect {
             original_dst: od.addr,
             source,
+            baggage: None,
         })
     }
 }

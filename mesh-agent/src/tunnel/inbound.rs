@@ -324,13 +324,18 @@ impl Inbound {
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let baggage = req
+            .headers()
+            .get("baggage")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let authority = req.uri().authority().map(|a| a.as_str().to_owned());
         let log = |dst: &str, status: StatusCode, bytes: copy::Transferred, result: &str| {
             info!(target: "access", direction = "inbound", src = %peer, forwarded = ?forwarded,
                 src_identity = %source, dst = dst, dst_identity = %workload.identity,
                 status = status.as_u16(), bytes_sent = bytes.tcp_to_stream,
                 bytes_received = bytes.stream_to_tcp, duration_ms = start.elapsed().as_millis() as u64,
-                traceparent = ?traceparent, result, "connection");
+                traceparent = ?traceparent, baggage = ?baggage, result, "connection");
         };
         let reply = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
             let mut resp = Response::new(());

@@ -152,6 +152,7 @@ impl Mesh {
         let redirects = Arc::new(FixedRedirect(Redirect {
             original_dst: echo,
             source: client.clone(),
+            baggage: Some("k8s.namespace.name=default,k8s.deployment.name=client".into()),
         }));
         let outbound_listener =
             bind_reuseport(SocketAddr::from(([127, 0, 0, 1], 0)), 1024).expect("bind outbound");
@@ -669,6 +670,7 @@ async fn same_node_skips_tls_but_not_authorization() {
     let redirects = Arc::new(FixedRedirect(Redirect {
         original_dst: mesh.echo,
         source: mesh.client.clone(),
+        baggage: None,
     }));
     for (authz, allowed) in [
         (Arc::new(AllowAll) as Arc<dyn Authorizer>, true),
@@ -745,6 +747,7 @@ async fn failed_endpoint_is_ejected_and_another_is_tried() {
         Arc::new(FixedRedirect(Redirect {
             original_dst: vip,
             source: mesh.client.clone(),
+            baggage: None,
         })),
         resolver,
         Arc::new(StaticWorkloads::default()),
@@ -862,4 +865,92 @@ async fn policy_change_closes_connections_the_new_policy_denies() {
         .unwrap_or(0);
     assert_eq!(n, 0, "the revoked connection is closed");
     eventually("the stream to end", || mesh.inbound.active_streams() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_sends_hbone_request_shape() {
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    // A bare h2 server with the server workload's certificate records what arrives.
+    let listener = TcpListener::bind("127.0.0.2:0").await.expect("bind");
+    let hbone = listener.local_addr().expect("addr");
+    let cert = mesh.certs.get(&mesh.server).await.expect("cert");
+    let cfg = server_config(&cert, &mesh.certs.trust_bundle()).expect("cfg");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let tls = tokio_rustls::TlsAcceptor::from(cfg)
+            .accept(tcp)
+            .await
+            .expect("tls");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let mut conn = h2::server::handshake(tls).await.expect("h2");
+        let (req, mut respond) = conn.accept().await.expect("request").expect("ok");
+        let _ = tx.send(req.map(|_| ()));
+        let _ = respond.send_response(http::Response::new(()), true);
+        while conn.accept().await.is_some() {}
+    });
+    let vip = SocketAddr::from(([10, 96, 0, 1], 80));
+    let ep = Endpoint {
+        addr: mesh.echo,
+        identity: mesh.server.clone(),
+        location: Location::Remote { hbone },
+    };
+    let resolver = Arc::new(StaticResolver(
+        [(
+            vip,
+            Destination::Service {
+                hostname: "echo.default.svc.cluster.local".into(),
+                endpoints: vec![ep],
+            },
+        )]
+        .into_iter()
+        .collect(),
+    ));
+    let outbound = Outbound::new(
+        test_config(),
+        Pool::new(test_config(), mesh.certs.clone()),
+        Arc::new(FixedRedirect(Redirect {
+            original_dst: vip,
+            source: mesh.client.clone(),
+            baggage: Some("k8s.namespace.name=default".into()),
+        })),
+        resolver,
+        Arc::new(StaticWorkloads::default()),
+        Arc::new(AllowAll),
+    );
+    let listener = bind_reuseport("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (_trigger, watch) = drain::channel();
+    tokio::spawn(outbound.serve(listener, watch));
+    let app = TcpStream::connect(addr).await.expect("connect");
+    let app_addr = app.local_addr().expect("addr");
+    let req = tokio::time::timeout(DEADLINE, rx)
+        .await
+        .expect("request in time")
+        .expect("request");
+    assert_eq!(req.method(), http::Method::CONNECT);
+    assert_eq!(
+        req.uri().authority().map(|a| a.as_str().to_string()),
+        Some(mesh.echo.to_string())
+    );
+    assert_eq!(req.uri().path_and_query(), None, "CONNECT has no :path");
+    let h = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        h("forwarded").as_deref(),
+        Some(format!("for=\"{app_addr}\";host=echo.default.svc.cluster.local").as_str())
+    );
+    assert_eq!(h("baggage").as_deref(), Some("k8s.namespace.name=default"));
+    let tp = h("traceparent").expect("traceparent");
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts.len(), 4, "{tp}");
+    assert_eq!(
+        (parts[0], parts[1].len(), parts[2].len()),
+        ("00", 32, 16),
+        "{tp}"
+    );
 }

@@ -255,6 +255,13 @@ impl Outbound {
         if let Ok(v) = HeaderValue::from_str(&forwarded_for(peer, host)) {
             headers.insert("forwarded", v);
         }
+        if let Some(v) = redirect
+            .baggage
+            .as_deref()
+            .and_then(|b| HeaderValue::from_str(b).ok())
+        {
+            headers.insert("baggage", v);
+        }
         if let Ok(v) = HeaderValue::from_str(&new_traceparent()) {
             headers.insert("traceparent", v);
         }

@@ -112,6 +112,65 @@ impl Default for TunnelConfig {
     }
 }
 
+/// The seams the tunnel is fed through.
+#[derive(Clone)]
+pub struct Seams {
+    pub redirects: Arc<dyn RedirectSource>,
+    pub resolver: Arc<dyn Resolver>,
+    pub workloads: Arc<dyn LocalWorkloads>,
+    pub authorizer: Arc<dyn Authorizer>,
+}
+
+/// A running tunnel: both servers and where they listen.
+pub struct Running {
+    pub inbound: Arc<inbound::Inbound>,
+    pub outbound: Arc<outbound::Outbound>,
+    pub inbound_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    /// Both serve loops; they return once drained.
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts inbound and outbound on already bound listeners (bind them with
+/// [`listener::bind_reuseport`]; tests bind port 0). Stops on `drain`.
+pub fn start(
+    config: TunnelConfig,
+    certs: Arc<crate::identity::CertCache>,
+    seams: Seams,
+    inbound_listener: tokio::net::TcpListener,
+    outbound_listener: tokio::net::TcpListener,
+    drain: drain::Watch,
+) -> std::io::Result<Running> {
+    let inbound_addr = inbound_listener.local_addr()?;
+    let outbound_addr = outbound_listener.local_addr()?;
+    let inbound = inbound::Inbound::new(
+        config.clone(),
+        certs.clone(),
+        seams.workloads.clone(),
+        seams.authorizer.clone(),
+    );
+    let pool = pool::Pool::new(config.clone(), certs);
+    let outbound = outbound::Outbound::new(
+        config,
+        pool,
+        seams.redirects,
+        seams.resolver,
+        seams.workloads,
+        seams.authorizer,
+    );
+    let tasks = vec![
+        tokio::spawn(inbound.clone().serve(inbound_listener, drain.clone())),
+        tokio::spawn(outbound.clone().serve(outbound_listener, drain)),
+    ];
+    Ok(Running {
+        inbound,
+        outbound,
+        inbound_addr,
+        outbound_addr,
+        tasks,
+    })
+}
+
 /// Which side of the tunnel an error concerns, for logs and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {

@@ -97,3 +97,16 @@ impl Trigger {
         DrainOutcome::Forced
     }
 }
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or SIGINT (a terminal). `main` awaits it,
+/// then calls [`Trigger::drain`].
+pub async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    Ok(())
+}

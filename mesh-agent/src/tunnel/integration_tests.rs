@@ -98,7 +98,6 @@ struct Mesh {
 struct MeshOptions {
     config: TunnelConfig,
     inbound_authz: Arc<dyn Authorizer>,
-    outbound_authz: Arc<dyn Authorizer>,
 }
 
 impl Default for MeshOptions {
@@ -106,7 +105,6 @@ impl Default for MeshOptions {
         Self {
             config: test_config(),
             inbound_authz: Arc::new(AllowAll),
-            outbound_authz: Arc::new(AllowAll),
         }
     }
 }
@@ -134,13 +132,6 @@ impl Mesh {
         let inbound_listener =
             bind_reuseport(SocketAddr::from(([127, 0, 0, 2], 0)), 1024).expect("bind inbound");
         let inbound_addr = inbound_listener.local_addr().expect("addr");
-        let inbound = Inbound::new(
-            opts.config.clone(),
-            certs.clone(),
-            workloads.clone(),
-            opts.inbound_authz,
-        );
-
         let destination = Destination::Workload(Endpoint {
             addr: echo,
             identity: server.clone(),
@@ -156,20 +147,26 @@ impl Mesh {
         }));
         let outbound_listener =
             bind_reuseport(SocketAddr::from(([127, 0, 0, 1], 0)), 1024).expect("bind outbound");
-        let outbound_addr = outbound_listener.local_addr().expect("addr");
-        let pool = Pool::new(opts.config.clone(), certs.clone());
-        let outbound = Outbound::new(
+        let running = start(
             opts.config,
-            pool,
-            redirects,
-            resolver,
-            workloads,
-            opts.outbound_authz,
+            certs.clone(),
+            Seams {
+                redirects,
+                resolver,
+                workloads,
+                authorizer: opts.inbound_authz,
+            },
+            inbound_listener,
+            outbound_listener,
+            watch,
+        )
+        .expect("start");
+        let (inbound, outbound, outbound_addr, tasks) = (
+            running.inbound,
+            running.outbound,
+            running.outbound_addr,
+            running.tasks,
         );
-        let tasks = vec![
-            tokio::spawn(inbound.clone().serve(inbound_listener, watch.clone())),
-            tokio::spawn(outbound.clone().serve(outbound_listener, watch)),
-        ];
         Self {
             _dir: dir,
             ca,
@@ -953,4 +950,52 @@ async fn outbound_sends_hbone_request_shape() {
         ("00", 32, 16),
         "{tp}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_closes_a_connection_to_an_unresponsive_peer() {
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    // A peer that completes the handshakes and then never reads again (a hung node).
+    let listener = TcpListener::bind("127.0.0.2:0").await.expect("bind");
+    let hbone = listener.local_addr().expect("addr");
+    let cert = mesh.certs.get(&mesh.server).await.expect("cert");
+    let cfg = server_config(&cert, &mesh.certs.trust_bundle()).expect("cfg");
+    let (hold_tx, hold_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let tls = tokio_rustls::TlsAcceptor::from(cfg)
+            .accept(tcp)
+            .await
+            .expect("tls");
+        let conn = h2::server::handshake(tls).await.expect("h2");
+        // Hold the connection without polling it until the test ends.
+        let _ = hold_rx.await;
+        drop(conn);
+    });
+    let config = TunnelConfig {
+        keepalive_interval: Duration::from_millis(100),
+        keepalive_timeout: Duration::from_millis(200),
+        response_timeout: Duration::from_millis(300),
+        ..test_config()
+    };
+    let pool = Pool::new(config, mesh.certs.clone());
+    let key = PoolKey {
+        source: mesh.client.clone(),
+        hbone,
+        expected: mesh.server.clone(),
+    };
+    let err = pool
+        .open(&key, mesh.echo, &http::HeaderMap::new())
+        .await
+        .err()
+        .expect("no answer from a hung peer");
+    assert!(
+        matches!(err, pool::PoolError::ResponseTimeout { .. }),
+        "{err}"
+    );
+    eventually("keepalive to close the connection", || {
+        pool.connection_count() == 0
+    })
+    .await;
+    let _ = hold_tx.send(());
 }

@@ -44,6 +44,10 @@ pub struct TunnelConfig {
     /// Time a new inbound connection may take to send its first `CONNECT` (a peer that
     /// handshakes and then says nothing holds a task and a socket).
     pub first_request_timeout: Duration,
+    /// An inbound connection with no open stream for this long is closed (GOAWAY). Twice the
+    /// pool's idle timeout, so the client side normally closes first (a server-side close can
+    /// race a client opening a new stream; the pool retries once, but why race).
+    pub inbound_idle_timeout: Duration,
     /// Connecting to the local pod (inbound) or a same-node destination (outbound). 10 s.
     pub upstream_connect_timeout: Duration,
     /// Waiting for the `CONNECT` response on the outbound side (the peer connects to its pod
@@ -91,6 +95,7 @@ impl Default for TunnelConfig {
         Self {
             handshake_timeout: Duration::from_secs(10),
             first_request_timeout: Duration::from_secs(10),
+            inbound_idle_timeout: Duration::from_secs(600),
             upstream_connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(15),
             stream_window: 4 * 1024 * 1024,

@@ -264,8 +264,10 @@ impl Inbound {
 
         let source = Arc::new(source);
         let mut streams = JoinSet::new();
-        let first_deadline = tokio::time::sleep(self.config.first_request_timeout);
-        tokio::pin!(first_deadline);
+        // Before the first request: `first_request_timeout`; afterwards, whenever no stream is
+        // open: `inbound_idle_timeout`, then GOAWAY.
+        let idle_deadline = tokio::time::sleep(self.config.first_request_timeout);
+        tokio::pin!(idle_deadline);
         let mut got_first = false;
         let mut shutting_down = false;
         loop {
@@ -287,15 +289,26 @@ impl Inbound {
                     }
                     None => break,
                 },
-                () = &mut first_deadline, if !got_first => {
-                    return Err(ConnError::FirstRequestTimeout(self.config.first_request_timeout));
+                () = &mut idle_deadline, if streams.is_empty() && !shutting_down => {
+                    if !got_first {
+                        return Err(ConnError::FirstRequestTimeout(self.config.first_request_timeout));
+                    }
+                    debug!(%peer, "inbound connection idle: closing it");
+                    conn.graceful_shutdown();
+                    shutting_down = true;
                 }
                 () = drain.draining(), if !shutting_down => {
                     // GOAWAY: the peer opens no new streams here; in-flight ones continue.
                     conn.graceful_shutdown();
                     shutting_down = true;
                 }
-                Some(_) = streams.join_next(), if !streams.is_empty() => {}
+                Some(_) = streams.join_next(), if !streams.is_empty() => {
+                    if streams.is_empty() {
+                        idle_deadline
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + self.config.inbound_idle_timeout);
+                    }
+                }
             }
         }
         // The connection ended; a stream still running cannot make progress without it.

@@ -999,3 +999,24 @@ async fn keepalive_closes_a_connection_to_an_unresponsive_peer() {
     .await;
     let _ = hold_tx.send(());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_closes_connections_idle_without_streams() {
+    let mut opts = MeshOptions::default();
+    opts.config.inbound_idle_timeout = Duration::from_millis(200);
+    let mesh = Mesh::start(opts).await;
+    let mut send = mesh
+        .h2_client(&mesh.client)
+        .await
+        .ready()
+        .await
+        .expect("ready");
+    let req = pool::connect_request(mesh.echo, &http::HeaderMap::new()).expect("req");
+    let (resp, mut body) = send.send_request(req, false).expect("send");
+    assert_eq!(resp.await.expect("resp").status(), http::StatusCode::OK);
+    body.send_data(Bytes::new(), true).expect("end");
+    eventually("the idle connection to be closed", || {
+        mesh.inbound.active_connections() == 0
+    })
+    .await;
+}

@@ -1020,3 +1020,87 @@ async fn inbound_closes_connections_idle_without_streams() {
     })
     .await;
 }
+
+/// Collects formatted log lines (thread-local subscriber; the test runs on one thread).
+#[derive(Clone, Default)]
+struct LogCapture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
+    type Writer = LogCapture;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl LogCapture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+}
+
+/// Current-thread runtime: every task runs on this thread, so the thread-local subscriber sees
+/// the verifier's and the inbound's logs.
+#[tokio::test]
+async fn rejected_certificates_are_logged_with_their_reason() {
+    let logs = LogCapture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let other_ca = LocalCa::open(other_dir.path(), "other.td").expect("ca");
+    let foreign = other_ca
+        .issue(
+            &"spiffe://other.td/ns/default/sa/client"
+                .parse()
+                .expect("id"),
+        )
+        .await
+        .expect("cert");
+    let now = SystemTime::now();
+    let expired = mesh
+        .ca
+        .issue_with_validity(
+            &mesh.client,
+            now - Duration::from_secs(7200),
+            now - Duration::from_secs(3600),
+        )
+        .expect("cert");
+    for cert in [&foreign, &expired] {
+        let ccfg = client_config(cert, &mesh.certs.trust_bundle(), &mesh.server).expect("cfg");
+        let tcp = TcpStream::connect(mesh.inbound_addr)
+            .await
+            .expect("connect");
+        if let Ok(mut tls) = tokio_rustls::TlsConnector::from(ccfg)
+            .connect(placeholder_server_name(), tcp)
+            .await
+        {
+            let mut b = [0u8; 1];
+            let _ = tls.read(&mut b).await;
+        }
+    }
+    eventually("rejections to be handled", || {
+        let t = logs.text();
+        t.matches("inbound connection rejected").count() >= 2
+    })
+    .await;
+    let text = logs.text();
+    assert!(text.contains("rejected client certificate"), "{text}");
+    assert!(text.contains("trust domain `other.td`"), "{text}");
+    assert!(text.contains("certificate expired"), "{text}");
+}

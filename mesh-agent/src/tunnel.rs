@@ -24,6 +24,7 @@ pub mod inbound;
 pub mod listener;
 pub mod outbound;
 pub mod pool;
+pub mod state;
 
 use std::{
     collections::HashMap,

@@ -36,8 +36,10 @@ fn id(s: &str) -> SpiffeId {
 
 fn test_config() -> TunnelConfig {
     TunnelConfig {
-        handshake_timeout: Duration::from_secs(2),
-        first_request_timeout: Duration::from_secs(2),
+        // Short enough that the timeout tests finish quickly, long enough for debug-build
+        // handshakes on a loaded 2-core CI machine.
+        handshake_timeout: Duration::from_secs(5),
+        first_request_timeout: Duration::from_secs(5),
         drain_deadline: Duration::from_secs(5),
         ..TunnelConfig::default()
     }

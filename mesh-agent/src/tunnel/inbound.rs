@@ -38,6 +38,10 @@ use crate::identity::{
     tls::{peer_cert_error, server_config, spiffe_id_of},
 };
 
+/// Ports a CONNECT may not target: the tunnel's own listeners (a loop, or a way around
+/// authorization), as ztunnel.
+const TUNNEL_PORTS: [u16; 2] = [mesh_common::OUTBOUND_PORT, mesh_common::INBOUND_HBONE_PORT];
+
 /// A server config and the certificate it was built from (rebuilt when the cache renews it).
 type ServerConfigEntry = (Arc<WorkloadCert>, Arc<rustls::ServerConfig>);
 
@@ -389,6 +393,16 @@ impl Inbound {
                     "authority ip does not match the workload {} the connection arrived for",
                     workload.ip
                 ),
+            );
+            return;
+        }
+        if dst.port() == local.port() || TUNNEL_PORTS.contains(&dst.port()) {
+            let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
+            log(
+                &dst.to_string(),
+                StatusCode::BAD_REQUEST,
+                Default::default(),
+                "the authority names a tunnel port (HBONE inside HBONE is not allowed)",
             );
             return;
         }

@@ -415,6 +415,10 @@ async fn standard_h2_client_connects_and_bad_requests_get_400_503() {
     let other_ip = SocketAddr::from(([127, 0, 0, 3], mesh.echo.port()));
     let mismatch = pool::connect_request(other_ip, &http::HeaderMap::new()).expect("req");
     assert_eq!(status(mismatch).await, http::StatusCode::BAD_REQUEST);
+    // The tunnel's own port: no HBONE inside HBONE.
+    let own = SocketAddr::from(([127, 0, 0, 2], mesh.inbound_addr.port()));
+    let looped = pool::connect_request(own, &http::HeaderMap::new()).expect("req");
+    assert_eq!(status(looped).await, http::StatusCode::BAD_REQUEST);
     // Nothing listens on the port: 503.
     let closed = TcpListener::bind("127.0.0.2:0").await.expect("bind");
     let closed_addr = closed.local_addr().expect("addr");

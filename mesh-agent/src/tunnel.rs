@@ -22,6 +22,7 @@ pub mod copy;
 pub mod drain;
 pub mod inbound;
 pub mod listener;
+pub mod metrics;
 pub mod outbound;
 pub mod pool;
 pub mod state;

@@ -31,7 +31,9 @@ use super::{
     Authorizer, AuthzDecision, AuthzRequest, LocalWorkload, LocalWorkloads, Side, Transport,
     TunnelConfig,
     connections::{Authorized, ConnectionManager},
-    copy, drain, parse_forwarded_for,
+    copy, drain,
+    metrics::{Reporter, TrafficLabels, TunnelMetrics, flags},
+    parse_forwarded_for,
 };
 use crate::identity::{
     CertCache, SpiffeId, WorkloadCert,
@@ -55,6 +57,7 @@ pub struct Inbound {
     active_connections: AtomicUsize,
     active_streams: AtomicUsize,
     connections: Arc<ConnectionManager>,
+    metrics: TunnelMetrics,
 }
 
 /// Counts a live connection or stream; decrements on drop (also on panic or abort).
@@ -107,6 +110,7 @@ impl Inbound {
             active_connections: AtomicUsize::new(0),
             active_streams: AtomicUsize::new(0),
             connections: ConnectionManager::new(),
+            metrics: TunnelMetrics::default(),
         })
     }
 
@@ -119,6 +123,11 @@ impl Inbound {
     /// ones it now denies. Returns how many were closed.
     pub fn reauthorize(&self) -> usize {
         self.connections.reauthorize(&*self.authorizer)
+    }
+
+    /// This server's traffic metrics (`reporter="destination"`).
+    pub fn metrics(&self) -> &TunnelMetrics {
+        &self.metrics
     }
 
     /// Streams being served.
@@ -347,7 +356,25 @@ impl Inbound {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+        let labels = |response_flags| TrafficLabels {
+            reporter: Reporter::Destination,
+            source_principal: source.to_string(),
+            destination_principal: workload.identity.to_string(),
+            destination_service: "unknown".into(),
+            connection_security_policy: "mutual_tls",
+            response_flags,
+        };
         let log = |dst: &str, status: StatusCode, bytes: copy::Transferred, result: &str| {
+            match status {
+                StatusCode::OK => self.metrics.closed(
+                    &labels(flags::NONE),
+                    bytes.stream_to_tcp,
+                    bytes.tcp_to_stream,
+                ),
+                StatusCode::UNAUTHORIZED => self.metrics.failed(&labels(flags::DENY)),
+                StatusCode::SERVICE_UNAVAILABLE => self.metrics.failed(&labels(flags::CONNECT)),
+                _ => self.metrics.failed(&labels(flags::BAD_REQUEST)),
+            }
             info!(target: "access", direction = "inbound", src = %peer, forwarded = ?forwarded,
                 src_identity = %source, dst = dst, dst_identity = %workload.identity,
                 status = status.as_u16(), bytes_sent = bytes.tcp_to_stream,
@@ -453,7 +480,10 @@ impl Inbound {
         };
         let _ = upstream.set_nodelay(true);
         let send = match respond.send_response(Response::new(()), false) {
-            Ok(s) => s,
+            Ok(s) => {
+                self.metrics.opened(&labels(flags::NONE));
+                s
+            }
             Err(e) => {
                 log(
                     &dst.to_string(),

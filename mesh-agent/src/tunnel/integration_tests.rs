@@ -1110,3 +1110,65 @@ async fn rejected_certificates_are_logged_with_their_reason() {
     assert!(text.contains("trust domain `other.td`"), "{text}");
     assert!(text.contains("certificate expired"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_connections_bytes_and_denials() {
+    use super::metrics::{Reporter, TrafficLabels, flags};
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    let s = TcpStream::connect(mesh.outbound_addr)
+        .await
+        .expect("connect");
+    round_trip(s, 10_000).await;
+    let labels = |reporter, response_flags| TrafficLabels {
+        reporter,
+        source_principal: mesh.client.to_string(),
+        destination_principal: mesh.server.to_string(),
+        destination_service: "unknown".into(),
+        connection_security_policy: "mutual_tls",
+        response_flags,
+    };
+    let src = labels(Reporter::Source, flags::NONE);
+    let dst = labels(Reporter::Destination, flags::NONE);
+    eventually("both sides to record the close", || {
+        mesh.outbound.metrics().get(&src).closed == 1
+            && mesh.inbound.metrics().get(&dst).closed == 1
+    })
+    .await;
+    for (m, l) in [
+        (mesh.outbound.metrics(), &src),
+        (mesh.inbound.metrics(), &dst),
+    ] {
+        let c = m.get(l);
+        assert_eq!(
+            (c.opened, c.sent_bytes, c.received_bytes),
+            (1, 10_000, 10_000),
+            "{l:?}"
+        );
+    }
+    assert!(
+        mesh.outbound
+            .metrics()
+            .render()
+            .contains("istio_tcp_connections_closed_total{reporter=\"source\"")
+    );
+
+    // A denial is a failed connection on both sides, flagged DENY.
+    let denied = Mesh::start(MeshOptions {
+        inbound_authz: Arc::new(DenyIdentities(vec![id("client")])),
+        ..MeshOptions::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(denied.outbound_addr)
+        .await
+        .expect("connect");
+    let mut b = [0u8; 1];
+    let _ = tokio::time::timeout(DEADLINE, s.read(&mut b)).await;
+    // Same identities in both meshes, so the same labels.
+    let src = labels(Reporter::Source, flags::DENY);
+    let dst = labels(Reporter::Destination, flags::DENY);
+    eventually("both sides to count the denial", || {
+        denied.outbound.metrics().get(&src).failed == 1
+            && denied.inbound.metrics().get(&dst).failed == 1
+    })
+    .await;
+}

@@ -26,6 +26,7 @@ use super::{
     balance::Balancer,
     connections::{Authorized, ConnectionManager},
     copy, drain, forwarded_for,
+    metrics::{Reporter, TrafficLabels, TunnelMetrics, flags},
     pool::{Pool, PoolKey},
 };
 
@@ -42,6 +43,7 @@ pub struct Outbound {
     balancer: Arc<Balancer>,
     active: AtomicUsize,
     connections: Arc<ConnectionManager>,
+    metrics: TunnelMetrics,
 }
 
 struct Gauge<'a>(&'a AtomicUsize);
@@ -69,6 +71,10 @@ struct Outcome {
     hbone: Option<SocketAddr>,
     bytes: copy::Transferred,
     result: String,
+    /// Whether the connection was established end to end (metrics: closed vs failed).
+    established: bool,
+    /// Istio `response_flags` when not established.
+    flag: &'static str,
 }
 
 impl Outcome {
@@ -79,7 +85,26 @@ impl Outcome {
             hbone: None,
             bytes: Default::default(),
             result,
+            established: false,
+            flag: flags::BAD_REQUEST,
         }
+    }
+}
+
+fn traffic_labels(
+    redirect: &Redirect,
+    dst_identity: Option<&str>,
+    service: Option<&str>,
+    mtls: bool,
+    response_flags: &'static str,
+) -> TrafficLabels {
+    TrafficLabels {
+        reporter: Reporter::Source,
+        source_principal: redirect.source.to_string(),
+        destination_principal: dst_identity.unwrap_or("unknown").to_string(),
+        destination_service: service.unwrap_or("unknown").to_string(),
+        connection_security_policy: if mtls { "mutual_tls" } else { "none" },
+        response_flags,
     }
 }
 
@@ -103,6 +128,7 @@ impl Outbound {
             balancer,
             active: AtomicUsize::new(0),
             connections: ConnectionManager::new(),
+            metrics: TunnelMetrics::default(),
         })
     }
 
@@ -115,6 +141,11 @@ impl Outbound {
     /// re-checked by the destination's inbound). Returns how many were closed.
     pub fn reauthorize(&self) -> usize {
         self.connections.reauthorize(&*self.authorizer)
+    }
+
+    /// This server's traffic metrics (`reporter="source"`).
+    pub fn metrics(&self) -> &TunnelMetrics {
+        &self.metrics
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -178,7 +209,25 @@ impl Outbound {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let outcome = self.forward(&mut tcp, peer, &redirect).await;
+        let (outcome, service) = self.forward(&mut tcp, peer, &redirect).await;
+        let labels = |flag| {
+            traffic_labels(
+                &redirect,
+                outcome.dst_identity.as_deref(),
+                service.as_deref(),
+                outcome.hbone.is_some(),
+                flag,
+            )
+        };
+        if outcome.established {
+            self.metrics.closed(
+                &labels(flags::NONE),
+                outcome.bytes.tcp_to_stream,
+                outcome.bytes.stream_to_tcp,
+            );
+        } else {
+            self.metrics.failed(&labels(outcome.flag));
+        }
         info!(target: "access", direction = "outbound", src = %peer, src_identity = %redirect.source,
             dst = %redirect.original_dst, endpoint = ?outcome.endpoint,
             dst_identity = outcome.dst_identity.as_deref().unwrap_or("-"), hbone = ?outcome.hbone,
@@ -191,12 +240,13 @@ impl Outbound {
         tcp: &mut tokio::net::TcpStream,
         peer: SocketAddr,
         redirect: &Redirect,
-    ) -> Outcome {
+    ) -> (Outcome, Option<String>) {
         let Some(dest) = self.resolver.resolve(redirect.original_dst) else {
-            return Outcome::refused(format!(
+            let outcome = Outcome::refused(format!(
                 "refused: {} is neither a known workload nor a service",
                 redirect.original_dst
             ));
+            return (outcome, None);
         };
         let (candidates, host) = match dest {
             Destination::Workload(e) => (vec![e], None),
@@ -213,13 +263,18 @@ impl Outbound {
             };
             tried.push(ep.addr);
             match &ep.location {
-                Location::SameNode => return self.same_node(tcp, peer, redirect, &ep).await,
+                Location::SameNode => {
+                    let outcome = self
+                        .same_node(tcp, peer, redirect, &ep, host.as_deref())
+                        .await;
+                    return (outcome, host);
+                }
                 Location::Remote { hbone } => {
                     match self
                         .via_hbone(tcp, peer, redirect, &ep, *hbone, host.as_deref())
                         .await
                     {
-                        Ok(outcome) => return outcome,
+                        Ok(outcome) => return (outcome, host),
                         Err(e) => {
                             last_error = e;
                         }
@@ -227,13 +282,16 @@ impl Outbound {
                 }
             }
         }
-        Outcome {
+        let outcome = Outcome {
             dst_identity: None,
             endpoint: tried.last().copied(),
             hbone: None,
             bytes: Default::default(),
             result: format!("failed: {last_error}"),
-        }
+            established: false,
+            flag: flags::CONNECT,
+        };
+        (outcome, host)
     }
 
     /// `Err` means "the node could not be reached; try another endpoint".
@@ -265,12 +323,14 @@ impl Outbound {
         if let Ok(v) = HeaderValue::from_str(&new_traceparent()) {
             headers.insert("traceparent", v);
         }
-        let outcome = |bytes, result: String| Outcome {
+        let outcome = |bytes, result: String, flag| Outcome {
             dst_identity: Some(ep.identity.to_string()),
             endpoint: Some(ep.addr),
             hbone: Some(hbone),
             bytes,
             result,
+            established: flag == flags::NONE,
+            flag,
         };
         let stream = match self.pool.open(&key, ep.addr, &headers).await {
             Ok(s) => s,
@@ -278,22 +338,39 @@ impl Outbound {
                 self.balancer.eject(ep.addr);
                 return Err(e.to_string());
             }
-            Err(e) => return Ok(outcome(Default::default(), format!("failed: {e}"))),
+            Err(e) => {
+                return Ok(outcome(
+                    Default::default(),
+                    format!("failed: {e}"),
+                    flags::CONNECT,
+                ));
+            }
         };
         let status = stream.response.status();
         if status != http::StatusCode::OK {
             // Dropping `tcp` (by returning) closes the app's socket.
-            let why = match status.as_u16() {
-                401 => "denied by the destination's policy",
-                400 => "the destination refused the request as malformed",
-                503 => "the destination could not reach the pod",
-                _ => "unexpected status",
+            let (why, flag) = match status.as_u16() {
+                401 => ("denied by the destination's policy", flags::DENY),
+                400 => (
+                    "the destination refused the request as malformed",
+                    flags::BAD_REQUEST,
+                ),
+                503 => ("the destination could not reach the pod", flags::CONNECT),
+                _ => ("unexpected status", flags::BAD_REQUEST),
             };
             return Ok(outcome(
                 Default::default(),
                 format!("upstream answered {status}: {why}"),
+                flag,
             ));
         }
+        self.metrics.opened(&traffic_labels(
+            redirect,
+            Some(&ep.identity.to_string()),
+            host,
+            true,
+            flags::NONE,
+        ));
         let counters = copy::Counters::default();
         let result = copy::bidirectional(
             tcp,
@@ -309,7 +386,7 @@ impl Outbound {
             Ok(_) => "ok".to_string(),
             Err(e) => format!("copy ended with a {} error: {e}", e.side()),
         };
-        Ok(outcome(counters.snapshot(), result))
+        Ok(outcome(counters.snapshot(), result, flags::NONE))
     }
 
     async fn same_node(
@@ -318,6 +395,7 @@ impl Outbound {
         peer: SocketAddr,
         redirect: &Redirect,
         ep: &Endpoint,
+        service: Option<&str>,
     ) -> Outcome {
         let mut outcome = Outcome {
             dst_identity: Some(ep.identity.to_string()),
@@ -325,6 +403,8 @@ impl Outbound {
             hbone: None,
             bytes: Default::default(),
             result: String::new(),
+            established: false,
+            flag: flags::BAD_REQUEST,
         };
         let Some(workload) = self.workloads.by_ip(ep.addr.ip()) else {
             outcome.result = format!(
@@ -342,8 +422,10 @@ impl Outbound {
         });
         if let AuthzDecision::Deny { reason } = decision {
             outcome.result = format!("denied: {reason}");
+            outcome.flag = flags::DENY;
             return outcome;
         }
+        outcome.flag = flags::CONNECT;
         let mut upstream = match tokio::time::timeout(
             self.config.upstream_connect_timeout,
             tokio::net::TcpStream::connect(ep.addr),
@@ -361,6 +443,14 @@ impl Outbound {
             }
         };
         let _ = upstream.set_nodelay(true);
+        outcome.established = true;
+        self.metrics.opened(&traffic_labels(
+            redirect,
+            Some(&ep.identity.to_string()),
+            service,
+            false,
+            flags::NONE,
+        ));
         let mut registration = self.connections.register(Authorized {
             source_identity: Some(redirect.source.clone()),
             source_addr: peer,

@@ -479,11 +479,10 @@ impl Inbound {
             }
         };
         let _ = upstream.set_nodelay(true);
+        // Counted as opened before the 200 goes out, so every `closed` has its `opened`.
+        self.metrics.opened(&labels(flags::NONE));
         let send = match respond.send_response(Response::new(()), false) {
-            Ok(s) => {
-                self.metrics.opened(&labels(flags::NONE));
-                s
-            }
+            Ok(s) => s,
             Err(e) => {
                 log(
                     &dst.to_string(),

@@ -979,9 +979,13 @@ async fn keepalive_closes_a_connection_to_an_unresponsive_peer() {
         drop(conn);
     });
     let config = TunnelConfig {
-        keepalive_interval: Duration::from_millis(100),
-        keepalive_timeout: Duration::from_millis(200),
-        response_timeout: Duration::from_millis(300),
+        // The response times out well before the first PING, so the request fails with
+        // ResponseTimeout (not retried) and only the keepalive can close the connection. A
+        // keepalive close first would fail the request as a closed connection, which `open`
+        // retries on a fresh connection that this one-shot peer never answers.
+        response_timeout: Duration::from_millis(100),
+        keepalive_interval: Duration::from_millis(500),
+        keepalive_timeout: Duration::from_millis(300),
         ..test_config()
     };
     let pool = Pool::new(config, mesh.certs.clone());

@@ -84,6 +84,40 @@ impl CertCache {
         }
     }
 
+    /// Fetches certificates for `identities` now (the workloads on this node), so their first
+    /// connection does not wait for the CA. Failures are logged; lookups retry later.
+    pub async fn prefetch(&self, identities: &[SpiffeId]) {
+        for id in identities {
+            if let Err(e) = self.get(id).await {
+                warn!(identity = %id, error = %e, "certificate prefetch failed; will retry on use");
+            }
+        }
+    }
+
+    /// Renews every cached certificate that is past half-life, every `every`, so idle
+    /// identities never reach expiry. Runs until the returned task is aborted.
+    pub fn spawn_refresher(
+        self: Arc<Self>,
+        every: std::time::Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let ids: Vec<SpiffeId> = self
+                    .entries
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keys()
+                    .cloned()
+                    .collect();
+                // `get` renews only what is due; the rest are cache hits.
+                self.prefetch(&ids).await;
+            }
+        })
+    }
+
     /// Identities with a cached certificate and its expiry (for the admin dump).
     pub fn snapshot(&self) -> Vec<(SpiffeId, Option<SystemTime>)> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
@@ -155,5 +189,18 @@ mod tests {
         cache.get(&id).await.expect("first");
         cache.get(&id).await.expect("second");
         assert_eq!(short.calls.load(Ordering::SeqCst), 2);
+
+        // The refresher renews cached identities without any lookup.
+        let cache = Arc::new(cache);
+        let task = cache.clone().spawn_refresher(Duration::from_millis(5));
+        let start = std::time::Instant::now();
+        while short.calls.load(Ordering::SeqCst) < 5 {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "refresher did not run"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        task.abort();
     }
 }

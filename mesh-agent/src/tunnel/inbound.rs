@@ -237,7 +237,7 @@ impl Inbound {
                 identity: workload.identity.clone(),
                 reason,
             })?;
-        let _ = tcp.set_nodelay(true);
+        super::listener::tune(&tcp);
         let timeout = self.config.handshake_timeout;
         let handshake = async {
             let tls = TlsAcceptor::from(tls_config)
@@ -478,7 +478,7 @@ impl Inbound {
                 return;
             }
         };
-        let _ = upstream.set_nodelay(true);
+        super::listener::tune(&upstream);
         // Counted as opened before the 200 goes out, so every `closed` has its `opened`.
         self.metrics.opened(&labels(flags::NONE));
         let send = match respond.send_response(Response::new(()), false) {

@@ -208,7 +208,7 @@ impl Outbound {
                 return;
             }
         };
-        let _ = tcp.set_nodelay(true);
+        super::listener::tune(&tcp);
         let (outcome, service) = self.forward(&mut tcp, peer, &redirect).await;
         let labels = |flag| {
             traffic_labels(
@@ -442,7 +442,7 @@ impl Outbound {
                 return outcome;
             }
         };
-        let _ = upstream.set_nodelay(true);
+        super::listener::tune(&upstream);
         outcome.established = true;
         self.metrics.opened(&traffic_labels(
             redirect,

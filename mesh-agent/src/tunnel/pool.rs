@@ -290,7 +290,7 @@ impl Pool {
                 hbone,
                 reason: e.to_string(),
             })?;
-        let _ = tcp.set_nodelay(true);
+        super::listener::tune(&tcp);
         let tls = TlsConnector::from(tls_config)
             .connect(placeholder_server_name(), tcp)
             .await

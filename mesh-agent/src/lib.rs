@@ -5,11 +5,13 @@
 //! eBPF maps (`map_model`). Seams: loading and attaching the eBPF programs (`datapath`), the trait
 //! every map write passes through (`maps`), level-triggered convergence (`reconcile`), reading
 //! network-namespace cookies for enrollment (`netns`), the node-local interface holding the tunnel
-//! address (`tunnel_iface`) and finding the cgroup v2 hierarchy (`cgroup`). Top: `node`, the
+//! address (`tunnel_iface`) and finding the cgroup v2 hierarchy (`cgroup`). Components: workload
+//! identities and certificates (`identity`) and the HBONE tunnel (`tunnel`). Top: `node`, the
 //! long-running `mesh-agent node` process.
 
 pub mod cgroup;
 pub mod datapath;
+pub mod identity;
 pub mod local_config;
 pub mod map_model;
 pub mod maps;
@@ -18,4 +20,5 @@ pub mod netns;
 pub mod node;
 pub mod policy;
 pub mod reconcile;
+pub mod tunnel;
 pub mod tunnel_iface;

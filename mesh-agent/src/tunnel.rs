@@ -1,0 +1,432 @@
+//! The tunnel: HBONE (HTTP/2 `CONNECT` over mutual TLS 1.3) between node agents.
+//!
+//! - [`outbound`] (15001) accepts connections the datapath redirected, recovers the original
+//!   destination, picks an endpoint ([`balance`]) and opens a `CONNECT` stream over the [`pool`]
+//!   to the destination's HBONE address, presenting the **source** workload's certificate. A
+//!   destination on this node is reached directly, without TLS but with authorization.
+//! - [`inbound`] (15008) terminates mTLS with the **destination** workload's certificate,
+//!   checks the `:authority`, asks the [`Authorizer`], connects to the local pod and copies
+//!   ([`copy`]) both ways.
+//! - [`drain`]: a shutdown signal stops accepting, lets in-flight streams finish up to a
+//!   deadline, then closes them. Listeners are bound with `SO_REUSEPORT` ([`listener`]) so a new
+//!   agent can start beside a draining one.
+//!
+//! The tunnel is fed through traits, so it knows nothing of where data comes from:
+//! [`RedirectSource`] (the datapath's original destinations), [`Resolver`] (destination address →
+//! endpoints), [`LocalWorkloads`] (which workloads live on this node) and [`Authorizer`] (the
+//! policy engine).
+
+pub mod balance;
+pub mod connections;
+pub mod copy;
+pub mod drain;
+pub mod inbound;
+pub mod listener;
+pub mod metrics;
+pub mod outbound;
+pub mod pool;
+pub mod state;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use crate::identity::SpiffeId;
+
+/// Every tunable of the tunnel, with the reason for its default. Tests shrink the timeouts.
+#[derive(Clone, Debug)]
+pub struct TunnelConfig {
+    /// TCP connect + TLS + HTTP/2 handshake, either side. 10 s: a healthy peer on a cluster
+    /// network answers in milliseconds; this only bounds a stalled or malicious peer.
+    pub handshake_timeout: Duration,
+    /// Time a new inbound connection may take to send its first `CONNECT` (a peer that
+    /// handshakes and then says nothing holds a task and a socket).
+    pub first_request_timeout: Duration,
+    /// An inbound connection with no open stream for this long is closed (GOAWAY). Twice the
+    /// pool's idle timeout, so the client side normally closes first (a server-side close can
+    /// race a client opening a new stream; the pool retries once, but why race).
+    pub inbound_idle_timeout: Duration,
+    /// Connecting to the local pod (inbound) or a same-node destination (outbound). 10 s.
+    pub upstream_connect_timeout: Duration,
+    /// Waiting for the `CONNECT` response on the outbound side (the peer connects to its pod
+    /// before answering, so this is upstream connect time plus one round trip).
+    pub response_timeout: Duration,
+    /// HTTP/2 flow control, as ztunnel (interoperability and proven throughput): 4 MiB per
+    /// stream, 16 MiB per connection, 1 MiB frames. Larger windows let one stream fill a
+    /// 10 Gb/s link at cross-node round trips; memory per stream is bounded by the window.
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    /// Largest header block accepted (CONNECT requests carry a few short headers). 16 KiB.
+    pub max_header_list_size: u32,
+    /// Streams a server accepts per connection (ztunnel: 200). Beyond it the peer waits.
+    pub server_max_streams: u32,
+    /// Streams the pool puts on one connection before opening another (ztunnel: 100). Below the
+    /// server's limit so the pool never queues on a peer's `SETTINGS`.
+    pub pool_max_streams_per_connection: usize,
+    /// An unused pooled connection is closed after this long (ztunnel: 5 min).
+    pub pool_idle_timeout: Duration,
+    /// HTTP/2 keepalive: a PING every `keepalive_interval`; no answer within
+    /// `keepalive_timeout` closes the connection (ztunnel: 10 s / 20 s). Detects dead peers
+    /// behind NAT or a crashed node faster than TCP keepalive.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// Copy buffer per direction. 256 KiB: large reads amortise syscalls and TLS records
+    /// (ztunnel grows to 256 KiB); allocated once per stream and reused.
+    pub copy_buffer_size: usize,
+    /// How long a failed endpoint is skipped by the load balancer.
+    pub ejection_time: Duration,
+    /// Drain: how long in-flight streams may finish after shutdown before being closed.
+    pub drain_deadline: Duration,
+    /// Listen backlog for 15001/15008.
+    pub listen_backlog: u32,
+    /// Concurrent inbound connections (TLS handshakes included). Past it the listener stops
+    /// accepting until one ends and the kernel backlog absorbs the burst: a flood of
+    /// handshakes cannot exhaust memory or file descriptors.
+    pub max_inbound_connections: usize,
+    /// Concurrent app connections on the outbound listener (each holds two sockets).
+    pub max_outbound_connections: usize,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            first_request_timeout: Duration::from_secs(10),
+            inbound_idle_timeout: Duration::from_secs(600),
+            upstream_connect_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(15),
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 1024 * 1024,
+            max_header_list_size: 16 * 1024,
+            server_max_streams: 200,
+            pool_max_streams_per_connection: 100,
+            pool_idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+            copy_buffer_size: 256 * 1024,
+            ejection_time: Duration::from_secs(30),
+            drain_deadline: Duration::from_secs(30),
+            listen_backlog: 1024,
+            max_inbound_connections: 16 * 1024,
+            max_outbound_connections: 32 * 1024,
+        }
+    }
+}
+
+/// The seams the tunnel is fed through.
+#[derive(Clone)]
+pub struct Seams {
+    pub redirects: Arc<dyn RedirectSource>,
+    pub resolver: Arc<dyn Resolver>,
+    pub workloads: Arc<dyn LocalWorkloads>,
+    pub authorizer: Arc<dyn Authorizer>,
+}
+
+/// A running tunnel: both servers and where they listen.
+pub struct Running {
+    pub inbound: Arc<inbound::Inbound>,
+    pub outbound: Arc<outbound::Outbound>,
+    pub inbound_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    /// Both serve loops; they return once drained.
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts inbound and outbound on already bound listeners (bind them with
+/// [`listener::bind_reuseport`]; tests bind port 0). Stops on `drain`.
+pub fn start(
+    config: TunnelConfig,
+    certs: Arc<crate::identity::CertCache>,
+    seams: Seams,
+    inbound_listener: tokio::net::TcpListener,
+    outbound_listener: tokio::net::TcpListener,
+    drain: drain::Watch,
+) -> std::io::Result<Running> {
+    let inbound_addr = inbound_listener.local_addr()?;
+    let outbound_addr = outbound_listener.local_addr()?;
+    let inbound = inbound::Inbound::new(
+        config.clone(),
+        certs.clone(),
+        seams.workloads.clone(),
+        seams.authorizer.clone(),
+    );
+    let pool = pool::Pool::new(config.clone(), certs);
+    let outbound = outbound::Outbound::new(
+        config,
+        pool,
+        seams.redirects,
+        seams.resolver,
+        seams.workloads,
+        seams.authorizer,
+    );
+    let tasks = vec![
+        tokio::spawn(inbound.clone().serve(inbound_listener, drain.clone())),
+        tokio::spawn(outbound.clone().serve(outbound_listener, drain)),
+    ];
+    Ok(Running {
+        inbound,
+        outbound,
+        inbound_addr,
+        outbound_addr,
+        tasks,
+    })
+}
+
+/// Which side of the tunnel an error concerns, for logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The peer that connected to us (the app on outbound, the remote agent on inbound).
+    Downstream,
+    /// What we connected to (the remote agent on outbound, the pod on inbound).
+    Upstream,
+    /// Our own state (no certificate, bad configuration).
+    Internal,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Downstream => "downstream",
+            Side::Upstream => "upstream",
+            Side::Internal => "internal",
+        })
+    }
+}
+
+/// A workload running on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalWorkload {
+    pub name: String,
+    pub namespace: String,
+    pub identity: SpiffeId,
+    pub ip: IpAddr,
+}
+
+/// Which workloads are on this node, by address.
+pub trait LocalWorkloads: Send + Sync {
+    fn by_ip(&self, ip: IpAddr) -> Option<Arc<LocalWorkload>>;
+}
+
+/// A fixed table of local workloads (tests, and the local mode until the config source lands).
+#[derive(Default, Debug)]
+pub struct StaticWorkloads(pub HashMap<IpAddr, Arc<LocalWorkload>>);
+
+impl StaticWorkloads {
+    pub fn with(mut self, w: LocalWorkload) -> Self {
+        self.0.insert(w.ip, Arc::new(w));
+        self
+    }
+}
+
+impl LocalWorkloads for StaticWorkloads {
+    fn by_ip(&self, ip: IpAddr) -> Option<Arc<LocalWorkload>> {
+        self.0.get(&ip).cloned()
+    }
+}
+
+/// How the source reached the destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Through HBONE: the source identity was proven by its certificate.
+    Mtls,
+    /// Same node, no TLS: the source identity comes from the datapath's enrollment record.
+    SameNode,
+}
+
+/// What the policy engine decides on.
+#[derive(Clone, Debug)]
+pub struct AuthzRequest<'a> {
+    /// The source workload's identity; `None` when the source is not a mesh workload.
+    pub source_identity: Option<&'a SpiffeId>,
+    /// The source address as seen by the deciding side (TCP peer).
+    pub source_addr: SocketAddr,
+    /// The original destination, `ip:port` of the pod.
+    pub destination: SocketAddr,
+    pub destination_workload: &'a LocalWorkload,
+    pub transport: Transport,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthzDecision {
+    Allow,
+    /// `reason` names the policy (it goes to the access log, never to the peer).
+    Deny {
+        reason: String,
+    },
+}
+
+/// L4 authorization, implemented by the policy engine (adapted to this trait).
+pub trait Authorizer: Send + Sync {
+    fn authorize(&self, req: &AuthzRequest<'_>) -> AuthzDecision;
+}
+
+/// Allows everything (no policies configured).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AllowAll;
+
+impl Authorizer for AllowAll {
+    fn authorize(&self, _: &AuthzRequest<'_>) -> AuthzDecision {
+        AuthzDecision::Allow
+    }
+}
+
+/// Denies listed source identities and allows the rest (tests, and a simple kill switch).
+#[derive(Clone, Debug, Default)]
+pub struct DenyIdentities(pub Vec<SpiffeId>);
+
+impl Authorizer for DenyIdentities {
+    fn authorize(&self, req: &AuthzRequest<'_>) -> AuthzDecision {
+        match req.source_identity {
+            Some(id) if self.0.contains(id) => AuthzDecision::Deny {
+                reason: format!("{id} is on the deny list"),
+            },
+            _ => AuthzDecision::Allow,
+        }
+    }
+}
+
+/// A redirected connection: where the app wanted to go, and who the app is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    pub original_dst: SocketAddr,
+    pub source: SpiffeId,
+    /// W3C `baggage` describing the source workload (`k8s.namespace.name=..,k8s.deployment.name=..`),
+    /// sent on the CONNECT as HBONE does, when the enrollment record has it.
+    pub baggage: Option<String>,
+}
+
+/// Recovers a redirected connection's original destination and source identity (the
+/// datapath's `OrigDstReader` plus the enrollment table). A miss must refuse the connection.
+pub trait RedirectSource: Send + Sync {
+    fn redirect(&self, peer: SocketAddr, local: SocketAddr) -> Result<Redirect, String>;
+}
+
+/// The enrollment table's numeric identity ids (as stored in the datapath's maps) → identities.
+pub trait IdentityIds: Send + Sync {
+    fn identity(&self, identity_id: u32) -> Option<SpiffeId>;
+}
+
+/// [`RedirectSource`] over the datapath: the kernel's original-destination record (consumed on
+/// read) plus the source pod's identity from its enrollment record.
+pub struct DatapathRedirects<I> {
+    pub reader: crate::datapath::OrigDstReader,
+    pub identities: I,
+}
+
+impl<I: IdentityIds> RedirectSource for DatapathRedirects<I> {
+    fn redirect(&self, peer: SocketAddr, local: SocketAddr) -> Result<Redirect, String> {
+        let od = self.reader.lookup(peer, local).map_err(|e| e.to_string())?;
+        let source = self.identities.identity(od.identity_id).ok_or_else(|| {
+            format!(
+                "source pod (netns cookie {}) has identity id {}, which the enrollment table does not know",
+                od.netns_cookie, od.identity_id
+            )
+        })?;
+        Ok(Redirect {
+            original_dst: od.addr,
+            source,
+            baggage: None,
+        })
+    }
+}
+
+/// Where an endpoint runs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Location {
+    /// On this node: connect directly (no TLS), after authorization.
+    SameNode,
+    /// Behind another node's HBONE listener.
+    Remote { hbone: SocketAddr },
+}
+
+/// One destination workload endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// Pod `ip:port`; the `:authority` of the CONNECT.
+    pub addr: SocketAddr,
+    pub identity: SpiffeId,
+    pub location: Location,
+}
+
+/// What a destination address names.
+#[derive(Clone, Debug)]
+pub enum Destination {
+    Workload(Endpoint),
+    /// A service VIP: one endpoint is chosen per connection.
+    Service {
+        hostname: String,
+        endpoints: Vec<Endpoint>,
+    },
+}
+
+/// Destination address → endpoints (fed by the control plane).
+pub trait Resolver: Send + Sync {
+    fn resolve(&self, dst: SocketAddr) -> Option<Destination>;
+}
+
+/// A fixed resolver table.
+#[derive(Default, Debug)]
+pub struct StaticResolver(pub HashMap<SocketAddr, Destination>);
+
+impl Resolver for StaticResolver {
+    fn resolve(&self, dst: SocketAddr) -> Option<Destination> {
+        self.0.get(&dst).cloned()
+    }
+}
+
+/// Accepts one connection once a slot under `limit` is free. Cancel-safe (used in `select!`):
+/// a dropped call releases its permit and `accept` loses nothing.
+pub(crate) async fn accept_within(
+    listener: &tokio::net::TcpListener,
+    limit: &Arc<tokio::sync::Semaphore>,
+) -> (
+    std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let permit = limit.clone().acquire_owned().await.ok();
+    (listener.accept().await, permit)
+}
+
+/// `for="<ip:port>"` as HBONE's `forwarded` header (RFC 7239 quoting; IPv6 in brackets, which
+/// `SocketAddr`'s display already does).
+pub fn forwarded_for(src: SocketAddr, host: Option<&str>) -> String {
+    match host {
+        Some(h) => format!("for=\"{src}\";host={h}"),
+        None => format!("for=\"{src}\""),
+    }
+}
+
+/// The source address in a `forwarded` header, if it is well formed.
+pub fn parse_forwarded_for(value: &str) -> Option<SocketAddr> {
+    value.split(';').find_map(|part| {
+        let v = part.trim().strip_prefix("for=")?;
+        v.trim_matches('"').parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_round_trips() {
+        let v4: SocketAddr = "10.0.0.1:4000".parse().expect("addr");
+        let v6: SocketAddr = "[fd00::1]:4000".parse().expect("addr");
+        assert_eq!(forwarded_for(v4, None), "for=\"10.0.0.1:4000\"");
+        assert_eq!(
+            forwarded_for(v6, Some("echo.default.svc.cluster.local")),
+            "for=\"[fd00::1]:4000\";host=echo.default.svc.cluster.local"
+        );
+        assert_eq!(parse_forwarded_for(&forwarded_for(v6, Some("h"))), Some(v6));
+        assert_eq!(parse_forwarded_for("for=unknown"), None);
+    }
+}
+
+#[cfg(test)]
+mod integration_tests;

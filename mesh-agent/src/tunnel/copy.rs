@@ -1,0 +1,195 @@
+//! Copying between a TCP socket and an HTTP/2 stream, both ways, with half-close.
+//!
+//! TCP → h2: reads into one buffer of `buffer_size` bytes, hands the filled part to h2 as a
+//! `Bytes` (no copy) and sends only as much as the peer's flow-control window allows; when h2
+//! has released the previous chunk, the buffer's memory is reused (`BytesMut::reserve` reclaims
+//! a uniquely owned allocation), so steady state does not allocate per chunk. TCP EOF becomes
+//! END_STREAM.
+//!
+//! h2 → TCP: writes each received `Bytes` as is and releases flow-control capacity only after
+//! the write, so a slow pod pushes back on the sender. END_STREAM becomes a TCP write shutdown
+//! (FIN). The copy ends when both directions have ended; an error in either ends both.
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::Side;
+
+/// Reads smaller than this trigger a refill of the buffer (avoids tiny reads at its end).
+const MIN_READ_SPACE: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("{side} TCP read failed: {source}")]
+    TcpRead {
+        side: Side,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{side} TCP write failed: {source}")]
+    TcpWrite {
+        side: Side,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 stream failed ({side}): {source}")]
+    Stream {
+        side: Side,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("HTTP/2 stream closed by the {side} before the data was sent")]
+    StreamClosed { side: Side },
+}
+
+impl CopyError {
+    pub fn side(&self) -> Side {
+        match self {
+            CopyError::TcpRead { side, .. }
+            | CopyError::TcpWrite { side, .. }
+            | CopyError::Stream { side, .. }
+            | CopyError::StreamClosed { side } => *side,
+        }
+    }
+}
+
+/// Bytes moved in each direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// TCP → h2.
+    pub tcp_to_stream: u64,
+    /// h2 → TCP.
+    pub stream_to_tcp: u64,
+}
+
+async fn tcp_to_stream<R: AsyncRead + Unpin>(
+    mut tcp: R,
+    mut send: SendStream<Bytes>,
+    buffer_size: usize,
+    tcp_side: Side,
+    stream_side: Side,
+    counter: &std::sync::atomic::AtomicU64,
+) -> Result<(), CopyError> {
+    let mut buf = BytesMut::with_capacity(buffer_size);
+    loop {
+        if buf.capacity() - buf.len() < MIN_READ_SPACE {
+            buf.reserve(buffer_size);
+        }
+        let n = tcp
+            .read_buf(&mut buf)
+            .await
+            .map_err(|source| CopyError::TcpRead {
+                side: tcp_side,
+                source,
+            })?;
+        if n == 0 {
+            send.send_data(Bytes::new(), true)
+                .map_err(|source| CopyError::Stream {
+                    side: stream_side,
+                    source,
+                })?;
+            return Ok(());
+        }
+        counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        let mut chunk = buf.split().freeze();
+        while !chunk.is_empty() {
+            send.reserve_capacity(chunk.len());
+            let cap = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(cap)) => cap,
+                Some(Err(source)) => {
+                    return Err(CopyError::Stream {
+                        side: stream_side,
+                        source,
+                    });
+                }
+                None => return Err(CopyError::StreamClosed { side: stream_side }),
+            };
+            if cap == 0 {
+                continue;
+            }
+            let part = chunk.split_to(cap.min(chunk.len()));
+            send.send_data(part, false)
+                .map_err(|source| CopyError::Stream {
+                    side: stream_side,
+                    source,
+                })?;
+        }
+    }
+}
+
+async fn stream_to_tcp<W: AsyncWrite + Unpin>(
+    mut recv: RecvStream,
+    mut tcp: W,
+    tcp_side: Side,
+    stream_side: Side,
+    counter: &std::sync::atomic::AtomicU64,
+) -> Result<(), CopyError> {
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(|source| CopyError::Stream {
+            side: stream_side,
+            source,
+        })?;
+        let n = chunk.len();
+        tcp.write_all(&chunk)
+            .await
+            .map_err(|source| CopyError::TcpWrite {
+                side: tcp_side,
+                source,
+            })?;
+        counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        recv.flow_control()
+            .release_capacity(n)
+            .map_err(|source| CopyError::Stream {
+                side: stream_side,
+                source,
+            })?;
+    }
+    tcp.shutdown().await.map_err(|source| CopyError::TcpWrite {
+        side: tcp_side,
+        source,
+    })
+}
+
+/// Live byte counters of one copy (readable while it runs, e.g. when it is cancelled).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub tcp_to_stream: std::sync::atomic::AtomicU64,
+    pub stream_to_tcp: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> Transferred {
+        use std::sync::atomic::Ordering::Relaxed;
+        Transferred {
+            tcp_to_stream: self.tcp_to_stream.load(Relaxed),
+            stream_to_tcp: self.stream_to_tcp.load(Relaxed),
+        }
+    }
+}
+
+/// Copies both ways until both directions end. `tcp_side` and `stream_side` name the peers for
+/// errors (outbound: the app is downstream, the stream upstream; inbound the reverse).
+pub async fn bidirectional(
+    tcp: &mut tokio::net::TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    buffer_size: usize,
+    tcp_side: Side,
+    stream_side: Side,
+    counters: &Counters,
+) -> Result<Transferred, CopyError> {
+    let (r, w) = tcp.split();
+    tokio::try_join!(
+        tcp_to_stream(
+            r,
+            send,
+            buffer_size,
+            tcp_side,
+            stream_side,
+            &counters.tcp_to_stream
+        ),
+        stream_to_tcp(recv, w, tcp_side, stream_side, &counters.stream_to_tcp),
+    )?;
+    Ok(counters.snapshot())
+}

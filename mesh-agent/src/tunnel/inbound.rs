@@ -1,0 +1,525 @@
+//! Inbound HBONE server (port 15008).
+//!
+//! Per connection: the address it arrived on must be a local workload's; we present that
+//! workload's certificate and require the client's (mesh roots, our trust domain). Per stream:
+//! `CONNECT` only (else 400); `:authority` must be `ip:port` with the ip of the workload the
+//! connection arrived on (else 400: a peer may not use one pod's identity to reach another);
+//! the [`Authorizer`] decides (deny: 401 and the stream ends); the pod is connected (failure:
+//! 503); then 200 and a bidirectional copy. One access-log line per stream.
+//!
+//! Bounds on bad peers: handshake timeout, first-request timeout, header list size, streams per
+//! connection; nothing on the per-connection path panics on peer input.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::{
+    Authorizer, AuthzDecision, AuthzRequest, LocalWorkload, LocalWorkloads, Side, Transport,
+    TunnelConfig,
+    connections::{Authorized, ConnectionManager},
+    copy, drain,
+    metrics::{Reporter, TrafficLabels, TunnelMetrics, flags},
+    parse_forwarded_for,
+};
+use crate::identity::{
+    CertCache, SpiffeId, WorkloadCert,
+    tls::{peer_cert_error, server_config, spiffe_id_of},
+};
+
+/// Ports a CONNECT may not target: the tunnel's own listeners (a loop, or a way around
+/// authorization), as ztunnel.
+const TUNNEL_PORTS: [u16; 2] = [mesh_common::OUTBOUND_PORT, mesh_common::INBOUND_HBONE_PORT];
+
+/// A server config and the certificate it was built from (rebuilt when the cache renews it).
+type ServerConfigEntry = (Arc<WorkloadCert>, Arc<rustls::ServerConfig>);
+
+/// Everything the inbound server needs.
+pub struct Inbound {
+    config: TunnelConfig,
+    certs: Arc<CertCache>,
+    workloads: Arc<dyn LocalWorkloads>,
+    authorizer: Arc<dyn Authorizer>,
+    server_configs: Mutex<HashMap<SpiffeId, ServerConfigEntry>>,
+    active_connections: AtomicUsize,
+    active_streams: AtomicUsize,
+    connections: Arc<ConnectionManager>,
+    metrics: TunnelMetrics,
+}
+
+/// Counts a live connection or stream; decrements on drop (also on panic or abort).
+struct Gauge<'a>(&'a AtomicUsize);
+
+impl<'a> Gauge<'a> {
+    fn new(g: &'a AtomicUsize) -> Self {
+        g.fetch_add(1, Ordering::SeqCst);
+        Self(g)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error(
+        "connection arrived at {0}, which is not a workload on this node (check the HBONE address the peer was given)"
+    )]
+    NotAWorkload(SocketAddr),
+    #[error("internal: no certificate for {identity}: {reason}")]
+    NoCert { identity: SpiffeId, reason: String },
+    #[error("downstream TLS handshake failed: {0}")]
+    Tls(String),
+    #[error("downstream did not complete the TLS and HTTP/2 handshakes within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
+    #[error("downstream HTTP/2 handshake failed: {0}")]
+    H2(#[source] h2::Error),
+    #[error("downstream sent no CONNECT within {0:?}")]
+    FirstRequestTimeout(std::time::Duration),
+}
+
+impl Inbound {
+    pub fn new(
+        config: TunnelConfig,
+        certs: Arc<CertCache>,
+        workloads: Arc<dyn LocalWorkloads>,
+        authorizer: Arc<dyn Authorizer>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            certs,
+            workloads,
+            authorizer,
+            server_configs: Mutex::new(HashMap::new()),
+            active_connections: AtomicUsize::new(0),
+            active_streams: AtomicUsize::new(0),
+            connections: ConnectionManager::new(),
+            metrics: TunnelMetrics::default(),
+        })
+    }
+
+    /// Connections being served (TLS handshakes included).
+    pub fn active_connections(&self) -> usize {
+        self.active_connections.load(Ordering::SeqCst)
+    }
+
+    /// Re-checks every live stream with the authorizer (after a policy change) and closes the
+    /// ones it now denies. Returns how many were closed.
+    pub fn reauthorize(&self) -> usize {
+        self.connections.reauthorize(&*self.authorizer)
+    }
+
+    /// This server's traffic metrics (`reporter="destination"`).
+    pub fn metrics(&self) -> &TunnelMetrics {
+        &self.metrics
+    }
+
+    /// Streams being served.
+    pub fn active_streams(&self) -> usize {
+        self.active_streams.load(Ordering::SeqCst)
+    }
+
+    /// Serves `listener` until drained. Returns when the listener is closed and every
+    /// connection has ended (or been forced closed).
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watch) {
+        let local = listener.local_addr().ok();
+        info!(listen = ?local, "inbound HBONE server started");
+        let mut conns = JoinSet::new();
+        let limit = Arc::new(tokio::sync::Semaphore::new(
+            self.config.max_inbound_connections,
+        ));
+        loop {
+            tokio::select! {
+                biased;
+                () = drain.draining() => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                (accepted, permit) = super::accept_within(&listener, &limit) => match accepted {
+                    Ok((tcp, peer)) => {
+                        let this = self.clone();
+                        let watch = drain.clone();
+                        conns.spawn(async move {
+                            let _permit = permit;
+                            this.serve_connection(tcp, peer, watch).await;
+                        });
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: log and keep serving; the accept loop must not die.
+                        warn!(error = %e, "inbound accept failed");
+                        tokio::task::yield_now().await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        info!(listen = ?local, "inbound listener closed (draining)");
+        while conns.join_next().await.is_some() {}
+    }
+
+    fn server_config_for(
+        &self,
+        cert: &Arc<WorkloadCert>,
+    ) -> Result<Arc<rustls::ServerConfig>, String> {
+        let mut configs = self
+            .server_configs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((c, cfg)) = configs.get(&cert.identity)
+            && Arc::ptr_eq(c, cert)
+        {
+            return Ok(cfg.clone());
+        }
+        let cfg = server_config(cert, &self.certs.trust_bundle()).map_err(|e| e.to_string())?;
+        configs.insert(cert.identity.clone(), (cert.clone(), cfg.clone()));
+        Ok(cfg)
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        peer: SocketAddr,
+        drain: drain::Watch,
+    ) {
+        let _gauge = Gauge::new(&self.active_connections);
+        let result = tokio::select! {
+            r = self.clone().run_connection(tcp, peer, &drain) => r,
+            () = drain.forced() => Ok(()),
+        };
+        if let Err(e) = result {
+            match &e {
+                ConnError::Tls(_) | ConnError::HandshakeTimeout(_) | ConnError::H2(_) => {
+                    info!(%peer, side = %Side::Downstream, error = %e, "inbound connection rejected")
+                }
+                _ => warn!(%peer, error = %e, "inbound connection rejected"),
+            }
+        }
+    }
+
+    async fn run_connection(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        peer: SocketAddr,
+        drain: &drain::Watch,
+    ) -> Result<(), ConnError> {
+        let local = tcp
+            .local_addr()
+            .map_err(|e| ConnError::Tls(format!("socket gone before the handshake: {e}")))?;
+        let workload = self
+            .workloads
+            .by_ip(local.ip())
+            .ok_or(ConnError::NotAWorkload(local))?;
+        let cert = self
+            .certs
+            .get(&workload.identity)
+            .await
+            .map_err(|e| ConnError::NoCert {
+                identity: workload.identity.clone(),
+                reason: e.to_string(),
+            })?;
+        let tls_config = self
+            .server_config_for(&cert)
+            .map_err(|reason| ConnError::NoCert {
+                identity: workload.identity.clone(),
+                reason,
+            })?;
+        super::listener::tune(&tcp);
+        let timeout = self.config.handshake_timeout;
+        let handshake = async {
+            let tls = TlsAcceptor::from(tls_config)
+                .accept(tcp)
+                .await
+                .map_err(|e| {
+                    let reason = peer_cert_error(&e).map_or_else(
+                        || e.to_string(),
+                        |r| format!("client certificate refused: {r}"),
+                    );
+                    ConnError::Tls(reason)
+                })?;
+            let source = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(spiffe_id_of)
+                .and_then(Result::ok)
+                .ok_or_else(|| ConnError::Tls("no verified client identity".into()))?;
+            let conn = h2::server::Builder::new()
+                .initial_window_size(self.config.stream_window)
+                .initial_connection_window_size(self.config.connection_window)
+                .max_frame_size(self.config.max_frame_size)
+                .max_header_list_size(self.config.max_header_list_size)
+                .max_concurrent_streams(self.config.server_max_streams)
+                .max_send_buffer_size(self.config.stream_window as usize)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(ConnError::H2)?;
+            Ok::<_, ConnError>((source, conn))
+        };
+        let (source, mut conn) = tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| ConnError::HandshakeTimeout(timeout))??;
+        debug!(%peer, %source, workload = %workload.identity, "inbound HBONE connection established");
+
+        let source = Arc::new(source);
+        let mut streams = JoinSet::new();
+        // Before the first request: `first_request_timeout`; afterwards, whenever no stream is
+        // open: `inbound_idle_timeout`, then GOAWAY.
+        let idle_deadline = tokio::time::sleep(self.config.first_request_timeout);
+        tokio::pin!(idle_deadline);
+        let mut got_first = false;
+        let mut shutting_down = false;
+        loop {
+            tokio::select! {
+                req = conn.accept() => match req {
+                    Some(Ok((req, respond))) => {
+                        got_first = true;
+                        let this = self.clone();
+                        let (source, workload) = (source.clone(), workload.clone());
+                        streams.spawn(async move {
+                            this.serve_stream(req, respond, peer, local, source, workload).await
+                        });
+                    }
+                    Some(Err(e)) => {
+                        if !e.is_go_away() && !e.is_io() {
+                            info!(%peer, side = %Side::Downstream, error = %e, "inbound HTTP/2 connection error");
+                        }
+                        break;
+                    }
+                    None => break,
+                },
+                () = &mut idle_deadline, if streams.is_empty() && !shutting_down => {
+                    if !got_first {
+                        return Err(ConnError::FirstRequestTimeout(self.config.first_request_timeout));
+                    }
+                    debug!(%peer, "inbound connection idle: closing it");
+                    conn.graceful_shutdown();
+                    shutting_down = true;
+                }
+                () = drain.draining(), if !shutting_down => {
+                    // GOAWAY: the peer opens no new streams here; in-flight ones continue.
+                    conn.graceful_shutdown();
+                    shutting_down = true;
+                }
+                Some(_) = streams.join_next(), if !streams.is_empty() => {
+                    if streams.is_empty() {
+                        idle_deadline
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + self.config.inbound_idle_timeout);
+                    }
+                }
+            }
+        }
+        // The connection ended; a stream still running cannot make progress without it.
+        streams.shutdown().await;
+        Ok(())
+    }
+
+    async fn serve_stream(
+        self: Arc<Self>,
+        req: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        source: Arc<SpiffeId>,
+        workload: Arc<LocalWorkload>,
+    ) {
+        let _gauge = Gauge::new(&self.active_streams);
+        let start = Instant::now();
+        let forwarded = req
+            .headers()
+            .get("forwarded")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_forwarded_for);
+        let traceparent = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let baggage = req
+            .headers()
+            .get("baggage")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+        let labels = |response_flags| TrafficLabels {
+            reporter: Reporter::Destination,
+            source_principal: source.to_string(),
+            destination_principal: workload.identity.to_string(),
+            destination_service: "unknown".into(),
+            connection_security_policy: "mutual_tls",
+            response_flags,
+        };
+        let log = |dst: &str, status: StatusCode, bytes: copy::Transferred, result: &str| {
+            match status {
+                StatusCode::OK => self.metrics.closed(
+                    &labels(flags::NONE),
+                    bytes.stream_to_tcp,
+                    bytes.tcp_to_stream,
+                ),
+                StatusCode::UNAUTHORIZED => self.metrics.failed(&labels(flags::DENY)),
+                StatusCode::SERVICE_UNAVAILABLE => self.metrics.failed(&labels(flags::CONNECT)),
+                _ => self.metrics.failed(&labels(flags::BAD_REQUEST)),
+            }
+            info!(target: "access", direction = "inbound", src = %peer, forwarded = ?forwarded,
+                src_identity = %source, dst = dst, dst_identity = %workload.identity,
+                status = status.as_u16(), bytes_sent = bytes.tcp_to_stream,
+                bytes_received = bytes.stream_to_tcp, duration_ms = start.elapsed().as_millis() as u64,
+                traceparent = ?traceparent, baggage = ?baggage, result, "connection");
+        };
+        let reply = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
+            let mut resp = Response::new(());
+            *resp.status_mut() = status;
+            respond.send_response(resp, true).map(|_| ())
+        };
+
+        if req.method() != Method::CONNECT {
+            let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
+            log(
+                "-",
+                StatusCode::BAD_REQUEST,
+                Default::default(),
+                &format!("method {} is not CONNECT", req.method()),
+            );
+            return;
+        }
+        let Some(dst) = authority
+            .as_deref()
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+        else {
+            let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
+            log(
+                authority.as_deref().unwrap_or("-"),
+                StatusCode::BAD_REQUEST,
+                Default::default(),
+                "authority is not ip:port",
+            );
+            return;
+        };
+        if dst.ip() != local.ip() || dst.ip() != workload.ip {
+            let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
+            log(
+                &dst.to_string(),
+                StatusCode::BAD_REQUEST,
+                Default::default(),
+                &format!(
+                    "authority ip does not match the workload {} the connection arrived for",
+                    workload.ip
+                ),
+            );
+            return;
+        }
+        if dst.port() == local.port() || TUNNEL_PORTS.contains(&dst.port()) {
+            let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
+            log(
+                &dst.to_string(),
+                StatusCode::BAD_REQUEST,
+                Default::default(),
+                "the authority names a tunnel port (HBONE inside HBONE is not allowed)",
+            );
+            return;
+        }
+        let decision = self.authorizer.authorize(&AuthzRequest {
+            source_identity: Some(&source),
+            source_addr: peer,
+            destination: dst,
+            destination_workload: &workload,
+            transport: Transport::Mtls,
+        });
+        if let AuthzDecision::Deny { reason } = decision {
+            let _ = reply(&mut respond, StatusCode::UNAUTHORIZED);
+            log(
+                &dst.to_string(),
+                StatusCode::UNAUTHORIZED,
+                Default::default(),
+                &format!("denied: {reason}"),
+            );
+            return;
+        }
+        let connect = tokio::time::timeout(
+            self.config.upstream_connect_timeout,
+            tokio::net::TcpStream::connect(dst),
+        )
+        .await;
+        let mut upstream = match connect {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                log(
+                    &dst.to_string(),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Default::default(),
+                    &format!("upstream connect failed: {e} (is the pod listening on this port?)"),
+                );
+                return;
+            }
+            Err(_) => {
+                let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                log(
+                    &dst.to_string(),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Default::default(),
+                    "upstream connect timed out",
+                );
+                return;
+            }
+        };
+        super::listener::tune(&upstream);
+        // Counted as opened before the 200 goes out, so every `closed` has its `opened`.
+        self.metrics.opened(&labels(flags::NONE));
+        let send = match respond.send_response(Response::new(()), false) {
+            Ok(s) => s,
+            Err(e) => {
+                log(
+                    &dst.to_string(),
+                    StatusCode::OK,
+                    Default::default(),
+                    &format!("downstream stream gone before the response: {e}"),
+                );
+                return;
+            }
+        };
+        let recv = req.into_body();
+        let mut registration = self.connections.register(Authorized {
+            source_identity: Some((*source).clone()),
+            source_addr: peer,
+            destination: dst,
+            workload: workload.clone(),
+            transport: Transport::Mtls,
+        });
+        let counters = copy::Counters::default();
+        let copy = copy::bidirectional(
+            &mut upstream,
+            send,
+            recv,
+            self.config.copy_buffer_size,
+            Side::Upstream,
+            Side::Downstream,
+            &counters,
+        );
+        // From the stream's point of view: sent = pod → peer.
+        let result = tokio::select! {
+            r = copy => match r {
+                Ok(_) => "ok".to_string(),
+                Err(e) => format!("copy ended with a {} error: {e}", e.side()),
+            },
+            Ok(reason) = &mut registration.revoked => format!("closed: policy now denies it: {reason}"),
+        };
+        let bytes = counters.snapshot();
+        log(&dst.to_string(), StatusCode::OK, bytes, &result);
+    }
+}

@@ -1,0 +1,479 @@
+//! Outbound listener (port 15001): redirected app connections → HBONE streams.
+//!
+//! Per connection: recover the original destination and source identity ([`RedirectSource`];
+//! a miss refuses the connection, never a guess), resolve it ([`Resolver`]), pick an endpoint
+//! ([`Balancer`]), then either connect directly (same node: no TLS, but the [`Authorizer`]
+//! decides first) or open a `CONNECT` stream over the [`Pool`] and copy. A failed connect to a
+//! node ejects the endpoint and, for services, tries one other endpoint. Any non-200 answer
+//! closes the app's socket. One access-log line per connection.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use http::{HeaderMap, HeaderValue};
+use tokio::{net::TcpListener, task::JoinSet};
+use tracing::{info, warn};
+
+use super::{
+    Authorizer, AuthzDecision, AuthzRequest, Destination, Endpoint, LocalWorkloads, Location,
+    Redirect, RedirectSource, Resolver, Side, Transport, TunnelConfig,
+    balance::Balancer,
+    connections::{Authorized, ConnectionManager},
+    copy, drain, forwarded_for,
+    metrics::{Reporter, TrafficLabels, TunnelMetrics, flags},
+    pool::{Pool, PoolKey},
+};
+
+/// Endpoints tried per connection when connects fail (the first choice and one other).
+const MAX_ATTEMPTS: usize = 2;
+
+pub struct Outbound {
+    config: TunnelConfig,
+    pool: Arc<Pool>,
+    redirects: Arc<dyn RedirectSource>,
+    resolver: Arc<dyn Resolver>,
+    workloads: Arc<dyn LocalWorkloads>,
+    authorizer: Arc<dyn Authorizer>,
+    balancer: Arc<Balancer>,
+    active: AtomicUsize,
+    connections: Arc<ConnectionManager>,
+    metrics: TunnelMetrics,
+}
+
+struct Gauge<'a>(&'a AtomicUsize);
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// W3C `traceparent` for a new connection (random trace and span ids, sampled flag off).
+fn new_traceparent() -> String {
+    let mut b = [0u8; 24];
+    // Without an OS RNG the ids are zero, which receivers treat as invalid and ignore.
+    let _ = rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut b);
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("00-{}-{}-00", &hex[..32], &hex[32..48])
+}
+
+struct Outcome {
+    dst_identity: Option<String>,
+    endpoint: Option<SocketAddr>,
+    hbone: Option<SocketAddr>,
+    bytes: copy::Transferred,
+    result: String,
+    /// Whether the connection was established end to end (metrics: closed vs failed).
+    established: bool,
+    /// Istio `response_flags` when not established.
+    flag: &'static str,
+}
+
+impl Outcome {
+    fn refused(result: String) -> Self {
+        Self {
+            dst_identity: None,
+            endpoint: None,
+            hbone: None,
+            bytes: Default::default(),
+            result,
+            established: false,
+            flag: flags::BAD_REQUEST,
+        }
+    }
+}
+
+fn traffic_labels(
+    redirect: &Redirect,
+    dst_identity: Option<&str>,
+    service: Option<&str>,
+    mtls: bool,
+    response_flags: &'static str,
+) -> TrafficLabels {
+    TrafficLabels {
+        reporter: Reporter::Source,
+        source_principal: redirect.source.to_string(),
+        destination_principal: dst_identity.unwrap_or("unknown").to_string(),
+        destination_service: service.unwrap_or("unknown").to_string(),
+        connection_security_policy: if mtls { "mutual_tls" } else { "none" },
+        response_flags,
+    }
+}
+
+impl Outbound {
+    pub fn new(
+        config: TunnelConfig,
+        pool: Arc<Pool>,
+        redirects: Arc<dyn RedirectSource>,
+        resolver: Arc<dyn Resolver>,
+        workloads: Arc<dyn LocalWorkloads>,
+        authorizer: Arc<dyn Authorizer>,
+    ) -> Arc<Self> {
+        let balancer = Balancer::new(config.ejection_time);
+        Arc::new(Self {
+            config,
+            pool,
+            redirects,
+            resolver,
+            workloads,
+            authorizer,
+            balancer,
+            active: AtomicUsize::new(0),
+            connections: ConnectionManager::new(),
+            metrics: TunnelMetrics::default(),
+        })
+    }
+
+    /// App connections being served.
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Re-checks live same-node connections after a policy change (cross-node ones are
+    /// re-checked by the destination's inbound). Returns how many were closed.
+    pub fn reauthorize(&self) -> usize {
+        self.connections.reauthorize(&*self.authorizer)
+    }
+
+    /// This server's traffic metrics (`reporter="source"`).
+    pub fn metrics(&self) -> &TunnelMetrics {
+        &self.metrics
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Serves `listener` until drained; returns when every connection has ended.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watch) {
+        let local = listener.local_addr().ok();
+        info!(listen = ?local, "outbound listener started");
+        let mut conns = JoinSet::new();
+        let limit = Arc::new(tokio::sync::Semaphore::new(
+            self.config.max_outbound_connections,
+        ));
+        loop {
+            tokio::select! {
+                biased;
+                () = drain.draining() => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                (accepted, permit) = super::accept_within(&listener, &limit) => match accepted {
+                    Ok((tcp, peer)) => {
+                        self.active.fetch_add(1, Ordering::SeqCst);
+                        let this = self.clone();
+                        let watch = drain.clone();
+                        conns.spawn(async move {
+                            let _permit = permit;
+                            let _gauge = Gauge(&this.active);
+                            tokio::select! {
+                                () = this.clone().serve_connection(tcp, peer) => {}
+                                () = watch.forced() => {}
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "outbound accept failed");
+                        tokio::task::yield_now().await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        info!(listen = ?local, "outbound listener closed (draining)");
+        while conns.join_next().await.is_some() {}
+    }
+
+    async fn serve_connection(self: Arc<Self>, mut tcp: tokio::net::TcpStream, peer: SocketAddr) {
+        let start = Instant::now();
+        let local = match tcp.local_addr() {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(%peer, error = %e, "outbound socket gone before the lookup");
+                return;
+            }
+        };
+        let redirect = match self.redirects.redirect(peer, local) {
+            Ok(r) => r,
+            Err(reason) => {
+                warn!(%peer, %local, reason,
+                    "refusing connection: no original destination recorded (not redirected by the datapath?)");
+                return;
+            }
+        };
+        super::listener::tune(&tcp);
+        let (outcome, service) = self.forward(&mut tcp, peer, &redirect).await;
+        let labels = |flag| {
+            traffic_labels(
+                &redirect,
+                outcome.dst_identity.as_deref(),
+                service.as_deref(),
+                outcome.hbone.is_some(),
+                flag,
+            )
+        };
+        if outcome.established {
+            self.metrics.closed(
+                &labels(flags::NONE),
+                outcome.bytes.tcp_to_stream,
+                outcome.bytes.stream_to_tcp,
+            );
+        } else {
+            self.metrics.failed(&labels(outcome.flag));
+        }
+        info!(target: "access", direction = "outbound", src = %peer, src_identity = %redirect.source,
+            dst = %redirect.original_dst, endpoint = ?outcome.endpoint,
+            dst_identity = outcome.dst_identity.as_deref().unwrap_or("-"), hbone = ?outcome.hbone,
+            bytes_sent = outcome.bytes.tcp_to_stream, bytes_received = outcome.bytes.stream_to_tcp,
+            duration_ms = start.elapsed().as_millis() as u64, result = outcome.result, "connection");
+    }
+
+    async fn forward(
+        &self,
+        tcp: &mut tokio::net::TcpStream,
+        peer: SocketAddr,
+        redirect: &Redirect,
+    ) -> (Outcome, Option<String>) {
+        let Some(dest) = self.resolver.resolve(redirect.original_dst) else {
+            let outcome = Outcome::refused(format!(
+                "refused: {} is neither a known workload nor a service",
+                redirect.original_dst
+            ));
+            return (outcome, None);
+        };
+        let (candidates, host) = match dest {
+            Destination::Workload(e) => (vec![e], None),
+            Destination::Service {
+                hostname,
+                endpoints,
+            } => (endpoints, Some(hostname)),
+        };
+        let mut tried = Vec::new();
+        let mut last_error = String::from("no endpoints");
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((ep, _outstanding)) = self.balancer.pick(&candidates, &tried) else {
+                break;
+            };
+            tried.push(ep.addr);
+            match &ep.location {
+                Location::SameNode => {
+                    let outcome = self
+                        .same_node(tcp, peer, redirect, &ep, host.as_deref())
+                        .await;
+                    return (outcome, host);
+                }
+                Location::Remote { hbone } => {
+                    match self
+                        .via_hbone(tcp, peer, redirect, &ep, *hbone, host.as_deref())
+                        .await
+                    {
+                        Ok(outcome) => return (outcome, host),
+                        Err(e) => {
+                            last_error = e;
+                        }
+                    }
+                }
+            }
+        }
+        let outcome = Outcome {
+            dst_identity: None,
+            endpoint: tried.last().copied(),
+            hbone: None,
+            bytes: Default::default(),
+            result: format!("failed: {last_error}"),
+            established: false,
+            flag: flags::CONNECT,
+        };
+        (outcome, host)
+    }
+
+    /// `Err` means "the node could not be reached; try another endpoint".
+    async fn via_hbone(
+        &self,
+        tcp: &mut tokio::net::TcpStream,
+        peer: SocketAddr,
+        redirect: &Redirect,
+        ep: &Endpoint,
+        hbone: SocketAddr,
+        host: Option<&str>,
+    ) -> Result<Outcome, String> {
+        let key = PoolKey {
+            source: redirect.source.clone(),
+            hbone,
+            expected: ep.identity.clone(),
+        };
+        let mut headers = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(&forwarded_for(peer, host)) {
+            headers.insert("forwarded", v);
+        }
+        if let Some(v) = redirect
+            .baggage
+            .as_deref()
+            .and_then(|b| HeaderValue::from_str(b).ok())
+        {
+            headers.insert("baggage", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&new_traceparent()) {
+            headers.insert("traceparent", v);
+        }
+        let outcome = |bytes, result: String, flag| Outcome {
+            dst_identity: Some(ep.identity.to_string()),
+            endpoint: Some(ep.addr),
+            hbone: Some(hbone),
+            bytes,
+            result,
+            established: flag == flags::NONE,
+            flag,
+        };
+        let stream = match self.pool.open(&key, ep.addr, &headers).await {
+            Ok(s) => s,
+            Err(e) if e.is_connect_failure() => {
+                self.balancer.eject(ep.addr);
+                return Err(e.to_string());
+            }
+            Err(e) => {
+                return Ok(outcome(
+                    Default::default(),
+                    format!("failed: {e}"),
+                    flags::CONNECT,
+                ));
+            }
+        };
+        let status = stream.response.status();
+        if status != http::StatusCode::OK {
+            // Dropping `tcp` (by returning) closes the app's socket.
+            let (why, flag) = match status.as_u16() {
+                401 => ("denied by the destination's policy", flags::DENY),
+                400 => (
+                    "the destination refused the request as malformed",
+                    flags::BAD_REQUEST,
+                ),
+                503 => ("the destination could not reach the pod", flags::CONNECT),
+                _ => ("unexpected status", flags::BAD_REQUEST),
+            };
+            return Ok(outcome(
+                Default::default(),
+                format!("upstream answered {status}: {why}"),
+                flag,
+            ));
+        }
+        self.metrics.opened(&traffic_labels(
+            redirect,
+            Some(&ep.identity.to_string()),
+            host,
+            true,
+            flags::NONE,
+        ));
+        let counters = copy::Counters::default();
+        let result = copy::bidirectional(
+            tcp,
+            stream.send,
+            stream.recv,
+            self.config.copy_buffer_size,
+            Side::Downstream,
+            Side::Upstream,
+            &counters,
+        )
+        .await;
+        let result = match result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("copy ended with a {} error: {e}", e.side()),
+        };
+        Ok(outcome(counters.snapshot(), result, flags::NONE))
+    }
+
+    async fn same_node(
+        &self,
+        tcp: &mut tokio::net::TcpStream,
+        peer: SocketAddr,
+        redirect: &Redirect,
+        ep: &Endpoint,
+        service: Option<&str>,
+    ) -> Outcome {
+        let mut outcome = Outcome {
+            dst_identity: Some(ep.identity.to_string()),
+            endpoint: Some(ep.addr),
+            hbone: None,
+            bytes: Default::default(),
+            result: String::new(),
+            established: false,
+            flag: flags::BAD_REQUEST,
+        };
+        let Some(workload) = self.workloads.by_ip(ep.addr.ip()) else {
+            outcome.result = format!(
+                "refused: same-node endpoint {} is not a workload on this node (stale endpoint data?)",
+                ep.addr
+            );
+            return outcome;
+        };
+        let decision = self.authorizer.authorize(&AuthzRequest {
+            source_identity: Some(&redirect.source),
+            source_addr: peer,
+            destination: ep.addr,
+            destination_workload: &workload,
+            transport: Transport::SameNode,
+        });
+        if let AuthzDecision::Deny { reason } = decision {
+            outcome.result = format!("denied: {reason}");
+            outcome.flag = flags::DENY;
+            return outcome;
+        }
+        outcome.flag = flags::CONNECT;
+        let mut upstream = match tokio::time::timeout(
+            self.config.upstream_connect_timeout,
+            tokio::net::TcpStream::connect(ep.addr),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                outcome.result = format!("failed: same-node upstream connect: {e}");
+                return outcome;
+            }
+            Err(_) => {
+                outcome.result = "failed: same-node upstream connect timed out".into();
+                return outcome;
+            }
+        };
+        super::listener::tune(&upstream);
+        outcome.established = true;
+        self.metrics.opened(&traffic_labels(
+            redirect,
+            Some(&ep.identity.to_string()),
+            service,
+            false,
+            flags::NONE,
+        ));
+        let mut registration = self.connections.register(Authorized {
+            source_identity: Some(redirect.source.clone()),
+            source_addr: peer,
+            destination: ep.addr,
+            workload,
+            transport: Transport::SameNode,
+        });
+        let size = self.config.copy_buffer_size;
+        tokio::select! {
+            r = tokio::io::copy_bidirectional_with_sizes(tcp, &mut upstream, size, size) => match r {
+                Ok((up, down)) => {
+                    outcome.bytes = copy::Transferred {
+                        tcp_to_stream: up,
+                        stream_to_tcp: down,
+                    };
+                    outcome.result = "ok (same node)".into();
+                }
+                Err(e) => outcome.result = format!("same-node copy ended with an error: {e}"),
+            },
+            Ok(reason) = &mut registration.revoked => {
+                outcome.result = format!("closed: policy now denies it: {reason}");
+            }
+        }
+        outcome
+    }
+}

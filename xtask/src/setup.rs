@@ -18,7 +18,14 @@ pub struct Options {}
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// cargo-nextest release that builds with the stable compiler these machines have.
 const NEXTEST_VERSION: &str = "0.9.151";
-const DEBIAN_PACKAGES: [&str; 3] = ["rustc-web", "libstd-rust-web-dev-bpf", "rust-web-clippy"];
+/// `cargo-web` is only a Recommends of `rustc-web`, and setup installs without recommends, so it
+/// is named: the BPF build runs Debian's `cargo`, `rustc` and `clippy-driver` together.
+const DEBIAN_PACKAGES: [&str; 4] = [
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "rust-web-clippy",
+];
 
 struct Report {
     changed: usize,
@@ -108,7 +115,7 @@ fn ensure_toolchain(r: &mut Report) -> Result<Toolchain> {
                 "rust-src,clippy",
             ]))
             .context(
-                "no compiler for the BPF target: on Debian/Ubuntu install `rustc-web \
+                "no compiler for the BPF target: on Debian/Ubuntu install `rustc-web cargo-web \
                  libstd-rust-web-dev-bpf rust-web-clippy`; elsewhere \
                  `rustup toolchain install nightly --component rust-src` must succeed",
             )?;
@@ -119,7 +126,7 @@ fn ensure_toolchain(r: &mut Report) -> Result<Toolchain> {
         None => bail!(
             "no compiler for the BPF target and no way to install one: install rustup \
              (https://rustup.rs) and run `rustup toolchain install nightly --component rust-src`, \
-             or on Debian/Ubuntu `apt-get install rustc-web libstd-rust-web-dev-bpf rust-web-clippy`"
+             or on Debian/Ubuntu `apt-get install rustc-web cargo-web libstd-rust-web-dev-bpf rust-web-clippy`"
         ),
     };
     match tc.missing_clippy() {

@@ -131,7 +131,9 @@ fn sysroot_has_bpf_core(sysroot: &Path) -> bool {
 /// Debian's compiler, if installed with its BPF `core`.
 pub fn detect_debian() -> Option<Toolchain> {
     let rustc = Path::new(DEBIAN_BIN).join("rustc");
-    if !rustc.is_file() {
+    // Debian's cargo comes from a separate package (cargo-web); without it the toolchain is
+    // incomplete and setup must install it.
+    if !rustc.is_file() || !Path::new(DEBIAN_BIN).join("cargo").is_file() {
         return None;
     }
     let sysroot = output(Command::new(&rustc).args(["--print", "sysroot"]))?;

@@ -8,6 +8,7 @@
 //! The tunnel reads a redirected connection's original destination with
 //! [`OrigDstReader::original_destination`]; a miss is an error, never a guess.
 
+use std::os::fd::AsFd;
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -34,7 +35,7 @@ use mesh_common::{
     Counter, EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, MAP_LAYOUT_VERSION, OrigDst,
     PolicyKey, SockTuple, TunnelConfig, maps, programs,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use crate::maps::TunnelSettings;
 use crate::maps::{KernelMaps, MapsError};
@@ -311,12 +312,32 @@ impl Datapath {
         for name in PROGRAMS {
             let link_pin = self.pins.as_ref().map(|p| p.links_dir().join(name));
             if let Some(path) = link_pin.as_ref().filter(|p| p.exists()) {
-                // A previous agent attached and pinned it: adopt, never detach or re-attach.
+                // A previous agent attached and pinned it: adopt, never detach or re-attach,
+                // and swap in this agent's program atomically (same pinned maps, so both
+                // versions agree on every entry; there is no moment without a program).
                 let link = PinnedLink::from_pin(path).map_err(|source| DatapathError::Link {
                     path: path.clone(),
                     source,
                 })?;
-                info!(program = name, pin = %path.display(), "adopted pinned link");
+                let prog_fd = self.program_fd(name)?;
+                // Seen once on 6.18: a transient EINVAL right after the previous agent exited;
+                // retry, and if it persists keep the previous program (still correct, only
+                // older) rather than refusing to start.
+                let mut result = link_update(path, prog_fd);
+                for _ in 0..2 {
+                    if result.is_ok() {
+                        break;
+                    }
+                    result = link_update(path, prog_fd);
+                }
+                match result {
+                    Ok(()) => {
+                        info!(program = name, pin = %path.display(), "adopted pinned link, program updated in place")
+                    }
+                    Err(e) => {
+                        warn!(program = name, pin = %path.display(), error = %e, "adopted pinned link; its program could not be updated and stays at the previous version (`mesh-agent node --uninstall` and restart to replace it)")
+                    }
+                }
                 self.pinned_links.push(link);
                 continue;
             }
@@ -381,6 +402,70 @@ impl Datapath {
         self.put_enrolled(netns_cookie, pod)?;
         info!(netns_cookie, workload_id = pod.workload_id, "pod enrolled");
         Ok(())
+    }
+
+    /// The fd of a loaded program (for link updates).
+    fn program_fd(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>, DatapathError> {
+        use aya::programs::Program;
+        let prog = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingProgram { name })?;
+        let fd = match prog {
+            Program::CgroupSockAddr(p) => p.fd(),
+            Program::SockOps(p) => p.fd(),
+            Program::CgroupSkb(p) => p.fd(),
+            _ => return Err(DatapathError::MissingProgram { name }),
+        }
+        .map_err(prog_err(name))?;
+        Ok(fd.as_fd())
+    }
+
+    /// The kernel ids of the pinned links and of the programs they run, by program name (empty
+    /// without pins). For checks and diagnostics.
+    pub fn pinned_link_programs(&self) -> Result<Vec<(String, u32, u32)>, DatapathError> {
+        let Some(pins) = &self.pins else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for name in PROGRAMS {
+            let path = pins.links_dir().join(name);
+            if !path.exists() {
+                continue;
+            }
+            let link: FdLink = PinnedLink::from_pin(&path)
+                .map_err(|source| DatapathError::Link {
+                    path: path.clone(),
+                    source,
+                })?
+                .into();
+            let info = link
+                .info()
+                .map_err(|source| DatapathError::Link { path, source })?;
+            out.push((name.to_owned(), info.id(), info.program_id()));
+        }
+        Ok(out)
+    }
+
+    /// Kernel ids of this agent's loaded programs, by name.
+    pub fn program_ids(&self) -> Result<Vec<(String, u32)>, DatapathError> {
+        use aya::programs::Program;
+        let mut out = Vec::new();
+        for name in PROGRAMS {
+            let prog = self
+                .ebpf
+                .program(name)
+                .ok_or(DatapathError::MissingProgram { name })?;
+            let info = match prog {
+                Program::CgroupSockAddr(p) => p.info(),
+                Program::SockOps(p) => p.info(),
+                Program::CgroupSkb(p) => p.info(),
+                _ => return Err(DatapathError::MissingProgram { name }),
+            }
+            .map_err(prog_err(name))?;
+            out.push((name.to_owned(), info.id()));
+        }
+        Ok(out)
     }
 
     /// Attaches the sock_ops program to the tunnel process's cgroup too, so each accepted tunnel
@@ -655,6 +740,79 @@ impl Pins {
         }
         Ok(())
     }
+}
+
+/// `BPF_OBJ_GET` on the pin, then `BPF_LINK_UPDATE` to `prog` (aya 0.14 exposes link updates
+/// only for TC/XDP links).
+fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use std::os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let c_path = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let get = ObjGet {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+    };
+    // SAFETY: `get` is a valid, fully initialised bpf_attr prefix for BPF_OBJ_GET whose
+    // `pathname` points at a NUL-terminated string alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const get,
+            size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(e.kind(), format!("BPF_OBJ_GET: {e}")));
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: the kernel just returned this new descriptor; we own it.
+    let link = unsafe { OwnedFd::from_raw_fd(fd) };
+    let update = LinkUpdate {
+        link_fd: u32::try_from(link.as_raw_fd()).map_err(std::io::Error::other)?,
+        new_prog_fd: u32::try_from(prog.as_raw_fd()).map_err(std::io::Error::other)?,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: `update` is a valid, fully initialised bpf_attr prefix for BPF_LINK_UPDATE.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &raw const update,
+            size_of::<LinkUpdate>(),
+        )
+    };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("BPF_LINK_UPDATE: {e}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Removes every pin of the instance (all layout versions): its links detach once no process

@@ -96,6 +96,8 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
         "{pinned:?}"
     );
 
+    let links_1 = dp.pinned_link_programs()?;
+    assert_eq!(links_1.len(), 4, "{links_1:?}");
     // The agent dies (its fds close). The programs stay attached: the tunnel's heartbeat goes
     // stale and the fail-closed pod gets ECONNREFUSED, never a plaintext bypass.
     drop(dp);
@@ -125,6 +127,24 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
     assert!(
         dp.counters()?["refused_tunnel_stale"] >= 1,
         "counters were not adopted"
+    );
+    // Same links (adopted, not re-attached), now running agent 2's programs (updated in place).
+    let links_2 = dp.pinned_link_programs()?;
+    let ids = |l: &[(String, u32, u32)]| {
+        l.iter()
+            .map(|(n, id, _)| (n.clone(), *id))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&links_2),
+        ids(&links_1),
+        "links were replaced instead of adopted"
+    );
+    let running: Vec<_> = links_2.iter().map(|(n, _, p)| (n.clone(), *p)).collect();
+    assert_eq!(
+        running,
+        dp.program_ids()?,
+        "adopted links still run the old programs"
     );
     // Level-triggered reconcile against the adopted maps: they already hold the desired state.
     let mut desired = DesiredState {
@@ -156,12 +176,20 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
     drop(dp);
     assert!(uninstall(&pins)?);
     assert!(!pins.instance_dir().exists());
-    connect()?;
-    assert!(
-        accept_now(&tunnel)?.is_none(),
-        "still redirected after uninstall"
-    );
-    assert!(accept_now(&server)?.is_some(), "not direct after uninstall");
+    // The kernel frees a link whose last reference was its pin from a deferred work item, so
+    // detachment follows the unlink shortly: poll.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        connect()?;
+        if accept_now(&server)?.is_some() {
+            break;
+        }
+        assert!(accept_now(&tunnel)?.is_some(), "connection lost");
+        if Instant::now() > deadline {
+            bail!("still redirected 10 s after uninstall: programs not detached");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(!uninstall(&pins)?, "uninstall is idempotent");
     Ok(())
 }

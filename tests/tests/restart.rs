@@ -65,7 +65,7 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
         ip4: TUNNEL_IP4,
         ip6: None,
         port: OUTBOUND_PORT,
-        stale_after: Some(Duration::from_millis(1500)),
+        stale_after: Some(Duration::from_secs(3)),
     };
 
     // Agent 1: pins everything, enrolls the pod, the tunnel beats.

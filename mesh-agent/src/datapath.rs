@@ -134,9 +134,11 @@ fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 /// The programs, in load and attach order.
-const PROGRAMS: [&str; 4] = [
+const PROGRAMS: [&str; 6] = [
     programs::CONNECT4,
     programs::CONNECT6,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
     programs::SOCKOPS,
     programs::GUARD_INGRESS,
 ];
@@ -392,7 +394,7 @@ impl Datapath {
                 self.pinned_links.push(pinned);
             }
         }
-        info!(cgroup = %cgroup.display(), "eBPF programs attached (connect4, connect6, sockops, plaintext guard)");
+        info!(cgroup = %cgroup.display(), "eBPF programs attached (connect4/6, sendmsg4/6, sockops, plaintext guard)");
         self.attached_to.push(cgroup.to_path_buf());
         Ok(())
     }

@@ -58,6 +58,8 @@ pub mod maps {
 pub mod programs {
     pub const CONNECT4: &str = "mesh_connect4";
     pub const CONNECT6: &str = "mesh_connect6";
+    pub const SENDMSG4: &str = "mesh_sendmsg4";
+    pub const SENDMSG6: &str = "mesh_sendmsg6";
     pub const GUARD_INGRESS: &str = "mesh_guard_ingress";
     pub const SOCKOPS: &str = "mesh_sockops";
 }

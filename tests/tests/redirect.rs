@@ -266,7 +266,7 @@ fn policy_denies_early_with_econnrefused_and_counts() -> Result<()> {
 }
 
 #[test]
-fn connected_udp_is_denied_by_udp_policy_only() -> Result<()> {
+fn udp_is_denied_by_udp_policy_only() -> Result<()> {
     let mut s = Setup::new(FailMode::Closed)?;
     let pod = &s.node.pods[0];
     let (gw4, gw6): (IpAddr, IpAddr) = (pod.gw4.into(), pod.gw6.into());
@@ -293,6 +293,17 @@ fn connected_udp_is_denied_by_udp_policy_only() -> Result<()> {
         );
     }
     assert_eq!(s.dp.counters()?["denied_policy"], 3);
+    // Unconnected UDP (sendto) is checked too.
+    for dst in [SocketAddr::new(gw4, 53), SocketAddr::new(gw6, 53)] {
+        let err = nodemesh_tests::probe_udp_send(s.cgroup.path(), &pod.ns, dst)
+            .expect_err("denied UDP sendto must fail");
+        assert!(
+            err.to_string().contains("Connection refused"),
+            "{dst}: {err:#}"
+        );
+    }
+    nodemesh_tests::probe_udp_send(s.cgroup.path(), &pod.ns, SocketAddr::new(gw4, 54))?;
+    assert_eq!(s.dp.counters()?["denied_policy"], 5);
     // Another UDP port, and TCP to the same port, are not affected by the UDP rule.
     nodemesh_tests::probe_udp_connect(s.cgroup.path(), &pod.ns, SocketAddr::new(gw4, 54))?;
     let tcp = SocketAddr::new(gw4, 53);

@@ -97,7 +97,7 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
     );
 
     let links_1 = dp.pinned_link_programs()?;
-    assert_eq!(links_1.len(), 4, "{links_1:?}");
+    assert_eq!(links_1.len(), 6, "{links_1:?}");
     // The agent dies (its fds close). The programs stay attached: the tunnel's heartbeat goes
     // stale and the fail-closed pod gets ECONNREFUSED, never a plaintext bypass.
     drop(dp);

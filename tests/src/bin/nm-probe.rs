@@ -12,6 +12,8 @@
 //!
 //! - `nm-probe <cgroup-dir> <netns-file> udp-connect <ip:port>`: connects a UDP socket (no
 //!   packet is sent) and prints `local=<addr>`.
+//! - `nm-probe <cgroup-dir> <netns-file> udp-send <ip:port>`: sends one datagram with `sendto`
+//!   from an unconnected UDP socket and prints `local=<addr>`.
 //!
 //! On any failure it prints the reason and exits 1.
 
@@ -36,7 +38,7 @@ fn main() -> ExitCode {
 
 const USAGE: &str = "usage: nm-probe <cgroup-dir> <netns-file> connect <ip:port> <payload> | \
                      many <count> <ip> <first-port> <ports> | serve <ip:port>... | \
-                     udp-connect <ip:port>";
+                     udp-connect <ip:port> | udp-send <ip:port>";
 
 fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -60,6 +62,7 @@ fn run() -> Result<(), String> {
         ("many", [count, ip, first, ports]) => many(count, ip, first, ports),
         ("serve", addrs) if !addrs.is_empty() => serve(addrs),
         ("udp-connect", [dst]) => udp_connect(dst),
+        ("udp-send", [dst]) => udp_send(dst),
         _ => Err(USAGE.into()),
     }
 }
@@ -132,14 +135,28 @@ fn serve(addrs: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn udp_connect(dst: &str) -> Result<(), String> {
-    let dst: SocketAddr = parse("address", dst)?;
+fn udp_socket(dst: SocketAddr) -> Result<std::net::UdpSocket, String> {
     let any: SocketAddr = if dst.is_ipv4() {
         "0.0.0.0:0".parse().map_err(|e| format!("{e}"))?
     } else {
         "[::]:0".parse().map_err(|e| format!("{e}"))?
     };
-    let sock = std::net::UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
+    std::net::UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))
+}
+
+fn udp_send(dst: &str) -> Result<(), String> {
+    let dst: SocketAddr = parse("address", dst)?;
+    let sock = udp_socket(dst)?;
+    sock.send_to(b"x", dst)
+        .map_err(|e| format!("udp sendto {dst}: {e}"))?;
+    let local = sock.local_addr().map_err(|e| format!("local_addr: {e}"))?;
+    println!("local={local}");
+    Ok(())
+}
+
+fn udp_connect(dst: &str) -> Result<(), String> {
+    let dst: SocketAddr = parse("address", dst)?;
+    let sock = udp_socket(dst)?;
     sock.connect(dst)
         .map_err(|e| format!("udp connect {dst}: {e}"))?;
     let local = sock.local_addr().map_err(|e| format!("local_addr: {e}"))?;

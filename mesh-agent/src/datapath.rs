@@ -32,7 +32,7 @@ use aya::{
     },
 };
 use mesh_common::{
-    Counter, EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, MAP_LAYOUT_VERSION, OrigDst,
+    Counter, EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, MAP_LAYOUT_VERSION, Meta, OrigDst,
     PolicyKey, SockTuple, TunnelConfig, maps, programs,
 };
 use tracing::{debug, info, warn};
@@ -89,6 +89,11 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    #[error(
+        "this instance's pinned programs are attached to another cgroup (id {recorded}), not \
+         {path}: use another --instance, or `mesh-agent node --uninstall` first"
+    )]
+    OtherCgroup { path: PathBuf, recorded: u64 },
     #[error("cannot pin bpf link at {path}: {source}")]
     Pin {
         path: PathBuf,
@@ -152,6 +157,7 @@ pub struct Datapath {
     identities: LpmTrie<MapData, LpmAddr, u32>,
     policy: HashMap<MapData, PolicyKey, u32>,
     guard_ports: HashMap<MapData, GuardPortKey, u32>,
+    meta: Array<MapData, u64>,
     counters: PerCpuArray<MapData, u64>,
     heartbeat: TunnelHeartbeat,
     orig_dst: OrigDstReader,
@@ -272,6 +278,7 @@ impl Datapath {
         let policy = HashMap::try_from(take(maps::POLICY)?).map_err(map_err(maps::POLICY))?;
         let guard_ports =
             HashMap::try_from(take(maps::GUARD_PORTS)?).map_err(map_err(maps::GUARD_PORTS))?;
+        let meta = Array::try_from(take(maps::META)?).map_err(map_err(maps::META))?;
         Ok(Self {
             ebpf,
             enrolled,
@@ -280,6 +287,7 @@ impl Datapath {
             identities,
             policy,
             guard_ports,
+            meta,
             counters,
             heartbeat: TunnelHeartbeat {
                 map: Arc::new(Mutex::new(heartbeat)),
@@ -311,6 +319,29 @@ impl Datapath {
             path: cgroup.to_path_buf(),
             source,
         })?;
+        // Pinned links belong to one cgroup: refuse to adopt them for another one.
+        let cgroup_id = {
+            use std::os::unix::fs::MetadataExt;
+            fd.metadata()
+                .map_err(|source| DatapathError::Cgroup {
+                    path: cgroup.to_path_buf(),
+                    source,
+                })?
+                .ino()
+        };
+        if self.pins.is_some() {
+            let slot = Meta::AttachedCgroup as u32;
+            let recorded = self.meta.get(&slot, 0).map_err(map_err(maps::META))?;
+            if recorded != 0 && recorded != cgroup_id {
+                return Err(DatapathError::OtherCgroup {
+                    path: cgroup.to_path_buf(),
+                    recorded,
+                });
+            }
+            self.meta
+                .set(slot, cgroup_id, 0)
+                .map_err(map_err(maps::META))?;
+        }
         for name in PROGRAMS {
             let link_pin = self.pins.as_ref().map(|p| p.links_dir().join(name));
             if let Some(path) = link_pin.as_ref().filter(|p| p.exists()) {

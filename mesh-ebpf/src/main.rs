@@ -45,7 +45,7 @@ use aya_log_ebpf::debug;
 use mesh_common::{
     AF_INET, AF_INET6, Counter, EnrolledPod, FailMode, GuardPortKey, IDENTITY_ANY, IDENTITY_WORLD,
     LpmAddr, LpmPortAddr, MAX_ENROLLED, MAX_EXCLUSIONS, MAX_GUARD_PORTS, MAX_IDENTITY_PREFIXES,
-    MAX_PENDING_CONNECTIONS, MAX_POLICY_ENTRIES, MtlsMode, OrigDst, POLICY_DENY, PORT_ANY,
+    MAX_PENDING_CONNECTIONS, MAX_POLICY_ENTRIES, Meta, MtlsMode, OrigDst, POLICY_DENY, PORT_ANY,
     PROTO_TCP, PROTO_UDP, PolicyKey, SockTuple, TunnelConfig, V4_MAPPED_WORD,
 };
 
@@ -88,6 +88,10 @@ static NM_POLICY: HashMap<PolicyKey, u32> = HashMap::with_max_entries(MAX_POLICY
 
 #[map]
 static NM_GUARD_PORTS: HashMap<GuardPortKey, u32> = HashMap::with_max_entries(MAX_GUARD_PORTS, 0);
+
+/// Written and read by the agent only (installation facts kept with the pins).
+#[map]
+static NM_META: Array<u64> = Array::with_max_entries(Meta::SLOTS, 0);
 
 #[map]
 static NM_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::SLOTS, 0);

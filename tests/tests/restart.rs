@@ -122,7 +122,13 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
     assert!(accept_now(&server)?.is_none(), "plaintext bypass");
 
     // Agent 2 adopts the pins: no re-enrollment, the counters and the pod are still there.
+    // Asking it to attach the same instance elsewhere is refused.
+    let other = ChildCgroup::new(&format!("{p}-other"))?;
     let mut dp = Datapath::load_pinned(&pins)?;
+    let err = dp
+        .attach(other.path())
+        .expect_err("adopting for another cgroup");
+    assert!(err.to_string().contains("another cgroup"), "{err}");
     dp.attach(cgroup.path())?;
     assert!(
         dp.counters()?["refused_tunnel_stale"] >= 1,

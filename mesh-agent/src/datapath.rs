@@ -138,6 +138,10 @@ fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+/// Pin name of the sock_ops link on the tunnel's cgroup ([`Datapath::attach_tunnel`]). No dots:
+/// bpffs refuses names containing `.` (EPERM from `BPF_OBJ_PIN`).
+const TUNNEL_SOCKOPS_LINK: &str = "mesh_sockops_tunnel";
+
 /// The programs, in load and attach order.
 const PROGRAMS: [&str; 6] = [
     programs::CONNECT4,
@@ -504,8 +508,8 @@ impl Datapath {
     /// Attaches the sock_ops program to the tunnel process's cgroup too, so each accepted tunnel
     /// socket receives its original destination in its own socket storage at
     /// `PASSIVE_ESTABLISHED` (the tuple map stays the fallback). Unnecessary when the tunnel's
-    /// cgroup is under the one given to [`Self::attach`] (production: the root). Not pinned:
-    /// lives as long as `self`.
+    /// cgroup is under the one given to [`Self::attach`] (production: the root). Pinned (and
+    /// adopted) like the other links when the datapath has pins.
     pub fn attach_tunnel(&mut self, tunnel_cgroup: &Path) -> Result<(), DatapathError> {
         if !crate::cgroup::is_cgroup2(tunnel_cgroup) {
             return Err(DatapathError::NotCgroup2 {
@@ -517,14 +521,48 @@ impl Datapath {
             source,
         })?;
         let name = programs::SOCKOPS;
+        let link_pin = self
+            .pins
+            .as_ref()
+            .map(|p| p.links_dir().join(TUNNEL_SOCKOPS_LINK));
+        if let Some(path) = link_pin.as_ref().filter(|p| p.exists()) {
+            // Kept by a previous agent; the same program serves both links, so the update made
+            // for the pods' link is not needed: just refresh the program to ours.
+            let link = PinnedLink::from_pin(path).map_err(|source| DatapathError::Link {
+                path: path.clone(),
+                source,
+            })?;
+            if let Err(e) = link_update(path, self.program_fd(name)?) {
+                warn!(pin = %path.display(), error = %e, "tunnel sock_ops link keeps its previous program");
+            }
+            self.pinned_links.push(link);
+            info!(pin = %path.display(), "adopted the tunnel's sock_ops link");
+            return Ok(());
+        }
         let prog: &mut SockOps = self
             .ebpf
             .program_mut(name)
             .ok_or(DatapathError::MissingProgram { name })?
             .try_into()
             .map_err(prog_err(name))?;
-        prog.attach(&fd, CgroupAttachMode::Single)
+        let id = prog
+            .attach(&fd, CgroupAttachMode::Single)
             .map_err(prog_err(name))?;
+        if let Some(path) = link_pin {
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(prog_err(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Link {
+                    path: path.clone(),
+                    source,
+                })?;
+            let pinned = link.pin(&path).map_err(|source| DatapathError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+            self.pinned_links.push(pinned);
+        }
         info!(cgroup = %tunnel_cgroup.display(), "sock_ops attached to the tunnel's cgroup");
         Ok(())
     }

@@ -69,8 +69,10 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
     };
 
     // Agent 1: pins everything, enrolls the pod, the tunnel beats.
+    let tunnel_cg = ChildCgroup::new(&format!("{p}-tunnel"))?;
     let mut dp = Datapath::load_pinned(&pins)?;
     dp.attach(cgroup.path())?;
+    dp.attach_tunnel(tunnel_cg.path())?;
     dp.set_tunnel(&settings)?;
     let spec = PodSpec {
         workload_id: 1,
@@ -89,6 +91,10 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
     let pinned = pinned_files(&pins.version_dir());
     assert!(
         pinned.contains(&"links/mesh_connect4".to_owned()),
+        "{pinned:?}"
+    );
+    assert!(
+        pinned.contains(&"links/mesh_sockops_tunnel".to_owned()),
         "{pinned:?}"
     );
     assert!(
@@ -130,6 +136,7 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
         .expect_err("adopting for another cgroup");
     assert!(err.to_string().contains("another cgroup"), "{err}");
     dp.attach(cgroup.path())?;
+    dp.attach_tunnel(tunnel_cg.path())?;
     assert!(
         dp.counters()?["refused_tunnel_stale"] >= 1,
         "counters were not adopted"

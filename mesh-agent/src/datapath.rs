@@ -8,6 +8,7 @@
 //! The tunnel reads a redirected connection's original destination with
 //! [`OrigDstReader::original_destination`]; a miss is an error, never a guess.
 
+use std::os::fd::AsFd;
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -31,10 +32,10 @@ use aya::{
     },
 };
 use mesh_common::{
-    Counter, EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, MAP_LAYOUT_VERSION, OrigDst,
+    Counter, EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, MAP_LAYOUT_VERSION, Meta, OrigDst,
     PolicyKey, SockTuple, TunnelConfig, maps, programs,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::map_model::PodSpec;
 pub use crate::maps::TunnelSettings;
@@ -88,6 +89,11 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    #[error(
+        "this instance's pinned programs are attached to another cgroup (id {recorded}), not \
+         {path}: use another --instance, or `mesh-agent node --uninstall` first"
+    )]
+    OtherCgroup { path: PathBuf, recorded: u64 },
     #[error("cannot pin bpf link at {path}: {source}")]
     Pin {
         path: PathBuf,
@@ -132,10 +138,16 @@ fn absent_ok(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+/// Pin name of the sock_ops link on the tunnel's cgroup ([`Datapath::attach_tunnel`]). No dots:
+/// bpffs refuses names containing `.` (EPERM from `BPF_OBJ_PIN`).
+const TUNNEL_SOCKOPS_LINK: &str = "mesh_sockops_tunnel";
+
 /// The programs, in load and attach order.
-const PROGRAMS: [&str; 4] = [
+const PROGRAMS: [&str; 6] = [
     programs::CONNECT4,
     programs::CONNECT6,
+    programs::SENDMSG4,
+    programs::SENDMSG6,
     programs::SOCKOPS,
     programs::GUARD_INGRESS,
 ];
@@ -149,6 +161,7 @@ pub struct Datapath {
     identities: LpmTrie<MapData, LpmAddr, u32>,
     policy: HashMap<MapData, PolicyKey, u32>,
     guard_ports: HashMap<MapData, GuardPortKey, u32>,
+    meta: Array<MapData, u64>,
     counters: PerCpuArray<MapData, u64>,
     heartbeat: TunnelHeartbeat,
     orig_dst: OrigDstReader,
@@ -269,6 +282,7 @@ impl Datapath {
         let policy = HashMap::try_from(take(maps::POLICY)?).map_err(map_err(maps::POLICY))?;
         let guard_ports =
             HashMap::try_from(take(maps::GUARD_PORTS)?).map_err(map_err(maps::GUARD_PORTS))?;
+        let meta = Array::try_from(take(maps::META)?).map_err(map_err(maps::META))?;
         Ok(Self {
             ebpf,
             enrolled,
@@ -277,6 +291,7 @@ impl Datapath {
             identities,
             policy,
             guard_ports,
+            meta,
             counters,
             heartbeat: TunnelHeartbeat {
                 map: Arc::new(Mutex::new(heartbeat)),
@@ -308,15 +323,58 @@ impl Datapath {
             path: cgroup.to_path_buf(),
             source,
         })?;
+        // Pinned links belong to one cgroup: refuse to adopt them for another one.
+        let cgroup_id = {
+            use std::os::unix::fs::MetadataExt;
+            fd.metadata()
+                .map_err(|source| DatapathError::Cgroup {
+                    path: cgroup.to_path_buf(),
+                    source,
+                })?
+                .ino()
+        };
+        if self.pins.is_some() {
+            let slot = Meta::AttachedCgroup as u32;
+            let recorded = self.meta.get(&slot, 0).map_err(map_err(maps::META))?;
+            if recorded != 0 && recorded != cgroup_id {
+                return Err(DatapathError::OtherCgroup {
+                    path: cgroup.to_path_buf(),
+                    recorded,
+                });
+            }
+            self.meta
+                .set(slot, cgroup_id, 0)
+                .map_err(map_err(maps::META))?;
+        }
         for name in PROGRAMS {
             let link_pin = self.pins.as_ref().map(|p| p.links_dir().join(name));
             if let Some(path) = link_pin.as_ref().filter(|p| p.exists()) {
-                // A previous agent attached and pinned it: adopt, never detach or re-attach.
+                // A previous agent attached and pinned it: adopt, never detach or re-attach,
+                // and swap in this agent's program atomically (same pinned maps, so both
+                // versions agree on every entry; there is no moment without a program).
                 let link = PinnedLink::from_pin(path).map_err(|source| DatapathError::Link {
                     path: path.clone(),
                     source,
                 })?;
-                info!(program = name, pin = %path.display(), "adopted pinned link");
+                let prog_fd = self.program_fd(name)?;
+                // Seen once on 6.18: a transient EINVAL right after the previous agent exited;
+                // retry, and if it persists keep the previous program (still correct, only
+                // older) rather than refusing to start.
+                let mut result = link_update(path, prog_fd);
+                for _ in 0..2 {
+                    if result.is_ok() {
+                        break;
+                    }
+                    result = link_update(path, prog_fd);
+                }
+                match result {
+                    Ok(()) => {
+                        info!(program = name, pin = %path.display(), "adopted pinned link, program updated in place")
+                    }
+                    Err(e) => {
+                        warn!(program = name, pin = %path.display(), error = %e, "adopted pinned link; its program could not be updated and stays at the previous version (`mesh-agent node --uninstall` and restart to replace it)")
+                    }
+                }
                 self.pinned_links.push(link);
                 continue;
             }
@@ -371,7 +429,7 @@ impl Datapath {
                 self.pinned_links.push(pinned);
             }
         }
-        info!(cgroup = %cgroup.display(), "eBPF programs attached (connect4, connect6, sockops, plaintext guard)");
+        info!(cgroup = %cgroup.display(), "eBPF programs attached (connect4/6, sendmsg4/6, sockops, plaintext guard)");
         self.attached_to.push(cgroup.to_path_buf());
         Ok(())
     }
@@ -383,11 +441,75 @@ impl Datapath {
         Ok(())
     }
 
+    /// The fd of a loaded program (for link updates).
+    fn program_fd(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>, DatapathError> {
+        use aya::programs::Program;
+        let prog = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingProgram { name })?;
+        let fd = match prog {
+            Program::CgroupSockAddr(p) => p.fd(),
+            Program::SockOps(p) => p.fd(),
+            Program::CgroupSkb(p) => p.fd(),
+            _ => return Err(DatapathError::MissingProgram { name }),
+        }
+        .map_err(prog_err(name))?;
+        Ok(fd.as_fd())
+    }
+
+    /// The kernel ids of the pinned links and of the programs they run, by program name (empty
+    /// without pins). For checks and diagnostics.
+    pub fn pinned_link_programs(&self) -> Result<Vec<(String, u32, u32)>, DatapathError> {
+        let Some(pins) = &self.pins else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for name in PROGRAMS {
+            let path = pins.links_dir().join(name);
+            if !path.exists() {
+                continue;
+            }
+            let link: FdLink = PinnedLink::from_pin(&path)
+                .map_err(|source| DatapathError::Link {
+                    path: path.clone(),
+                    source,
+                })?
+                .into();
+            let info = link
+                .info()
+                .map_err(|source| DatapathError::Link { path, source })?;
+            out.push((name.to_owned(), info.id(), info.program_id()));
+        }
+        Ok(out)
+    }
+
+    /// Kernel ids of this agent's loaded programs, by name.
+    pub fn program_ids(&self) -> Result<Vec<(String, u32)>, DatapathError> {
+        use aya::programs::Program;
+        let mut out = Vec::new();
+        for name in PROGRAMS {
+            let prog = self
+                .ebpf
+                .program(name)
+                .ok_or(DatapathError::MissingProgram { name })?;
+            let info = match prog {
+                Program::CgroupSockAddr(p) => p.info(),
+                Program::SockOps(p) => p.info(),
+                Program::CgroupSkb(p) => p.info(),
+                _ => return Err(DatapathError::MissingProgram { name }),
+            }
+            .map_err(prog_err(name))?;
+            out.push((name.to_owned(), info.id()));
+        }
+        Ok(out)
+    }
+
     /// Attaches the sock_ops program to the tunnel process's cgroup too, so each accepted tunnel
     /// socket receives its original destination in its own socket storage at
     /// `PASSIVE_ESTABLISHED` (the tuple map stays the fallback). Unnecessary when the tunnel's
-    /// cgroup is under the one given to [`Self::attach`] (production: the root). Not pinned:
-    /// lives as long as `self`.
+    /// cgroup is under the one given to [`Self::attach`] (production: the root). Pinned (and
+    /// adopted) like the other links when the datapath has pins.
     pub fn attach_tunnel(&mut self, tunnel_cgroup: &Path) -> Result<(), DatapathError> {
         if !crate::cgroup::is_cgroup2(tunnel_cgroup) {
             return Err(DatapathError::NotCgroup2 {
@@ -399,14 +521,48 @@ impl Datapath {
             source,
         })?;
         let name = programs::SOCKOPS;
+        let link_pin = self
+            .pins
+            .as_ref()
+            .map(|p| p.links_dir().join(TUNNEL_SOCKOPS_LINK));
+        if let Some(path) = link_pin.as_ref().filter(|p| p.exists()) {
+            // Kept by a previous agent; the same program serves both links, so the update made
+            // for the pods' link is not needed: just refresh the program to ours.
+            let link = PinnedLink::from_pin(path).map_err(|source| DatapathError::Link {
+                path: path.clone(),
+                source,
+            })?;
+            if let Err(e) = link_update(path, self.program_fd(name)?) {
+                warn!(pin = %path.display(), error = %e, "tunnel sock_ops link keeps its previous program");
+            }
+            self.pinned_links.push(link);
+            info!(pin = %path.display(), "adopted the tunnel's sock_ops link");
+            return Ok(());
+        }
         let prog: &mut SockOps = self
             .ebpf
             .program_mut(name)
             .ok_or(DatapathError::MissingProgram { name })?
             .try_into()
             .map_err(prog_err(name))?;
-        prog.attach(&fd, CgroupAttachMode::Single)
+        let id = prog
+            .attach(&fd, CgroupAttachMode::Single)
             .map_err(prog_err(name))?;
+        if let Some(path) = link_pin {
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(prog_err(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Link {
+                    path: path.clone(),
+                    source,
+                })?;
+            let pinned = link.pin(&path).map_err(|source| DatapathError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+            self.pinned_links.push(pinned);
+        }
         info!(cgroup = %tunnel_cgroup.display(), "sock_ops attached to the tunnel's cgroup");
         Ok(())
     }
@@ -655,6 +811,79 @@ impl Pins {
         }
         Ok(())
     }
+}
+
+/// `BPF_OBJ_GET` on the pin, then `BPF_LINK_UPDATE` to `prog` (aya 0.14 exposes link updates
+/// only for TC/XDP links).
+fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use std::os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let c_path = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let get = ObjGet {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+    };
+    // SAFETY: `get` is a valid, fully initialised bpf_attr prefix for BPF_OBJ_GET whose
+    // `pathname` points at a NUL-terminated string alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const get,
+            size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(e.kind(), format!("BPF_OBJ_GET: {e}")));
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: the kernel just returned this new descriptor; we own it.
+    let link = unsafe { OwnedFd::from_raw_fd(fd) };
+    let update = LinkUpdate {
+        link_fd: u32::try_from(link.as_raw_fd()).map_err(std::io::Error::other)?,
+        new_prog_fd: u32::try_from(prog.as_raw_fd()).map_err(std::io::Error::other)?,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: `update` is a valid, fully initialised bpf_attr prefix for BPF_LINK_UPDATE.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &raw const update,
+            size_of::<LinkUpdate>(),
+        )
+    };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("BPF_LINK_UPDATE: {e}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Removes every pin of the instance (all layout versions): its links detach once no process

@@ -67,6 +67,10 @@ struct NodeArgs {
     /// Create this interface (dummy, else port-less bridge) holding the tunnel addresses.
     #[arg(long)]
     tunnel_iface: Option<String>,
+    /// A destination enrolled pods reach without the tunnel (repeatable): `10.96.0.0/12`,
+    /// `10.96.0.1@443` (one port), `@53` (one port everywhere).
+    #[arg(long = "exclude")]
+    exclusions: Vec<mesh_agent::map_model::Exclusion>,
     /// The tunnel counts as down when its heartbeat is older than this many milliseconds.
     #[arg(long, default_value_t = 5000)]
     stale_after_ms: u64,
@@ -122,6 +126,7 @@ fn run_node(args: NodeArgs) -> ExitCode {
             stale_after: Some(Duration::from_millis(args.stale_after_ms.max(1))),
         },
         tunnel_iface: args.tunnel_iface,
+        exclusions: args.exclusions,
         load: LoadOptions {
             ebpf_log_level: args.ebpf_log_level,
         },

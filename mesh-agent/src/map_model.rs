@@ -25,6 +25,11 @@ pub struct Cidr {
 pub enum ModelError {
     #[error("`{0}` is not an IP prefix (expected e.g. 10.96.0.0/12, fd00::/8 or 10.0.0.1)")]
     BadCidr(String),
+    #[error(
+        "`{0}` is not an exclusion (expected a prefix `10.96.0.0/12`, a prefix and port \
+         `10.96.0.1@443`, or a port on every address `@53`; ports 1-65535)"
+    )]
+    BadExclusion(String),
     #[error("prefix length {len} is too long for {addr} (at most {max})")]
     PrefixTooLong { addr: IpAddr, len: u8, max: u8 },
     #[error("identity id {0} is reserved (0 = any, 1 = world); workload identities start at 2")]
@@ -124,6 +129,30 @@ pub enum Exclusion {
     CidrPort(Cidr, u16),
     /// One port on every address.
     Port(u16),
+}
+
+impl FromStr for Exclusion {
+    type Err = ModelError;
+
+    /// `10.96.0.0/12` (every port), `10.96.0.1@443` or `fd00::/8@53` (one port of a prefix),
+    /// `@53` (one port on every address). `@` keeps IPv6 addresses unambiguous.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ModelError::BadExclusion(s.to_owned());
+        match s.trim().split_once('@') {
+            None => Ok(Exclusion::Cidr(s.parse()?)),
+            Some((cidr, port)) => {
+                let port: u16 = port.trim().parse().map_err(|_| bad())?;
+                if port == 0 {
+                    return Err(bad());
+                }
+                if cidr.trim().is_empty() {
+                    Ok(Exclusion::Port(port))
+                } else {
+                    Ok(Exclusion::CidrPort(cidr.parse()?, port))
+                }
+            }
+        }
+    }
 }
 
 impl Exclusion {
@@ -373,6 +402,27 @@ mod tests {
         let v6: Ipv6Addr = "fd00::abcd".parse().expect("valid");
         assert_eq!(words_v6(v6_words(v6)), v6);
         assert_eq!(v6_words(v6)[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
+    }
+
+    #[test]
+    fn exclusions_parse_from_config_strings() {
+        let c = |s: &str| s.parse::<Cidr>().expect("valid");
+        assert_eq!(
+            "10.96.0.0/12".parse(),
+            Ok(Exclusion::Cidr(c("10.96.0.0/12")))
+        );
+        assert_eq!(
+            "10.96.0.1@443".parse(),
+            Ok(Exclusion::CidrPort(c("10.96.0.1"), 443))
+        );
+        assert_eq!(
+            "fd00::/8@53".parse(),
+            Ok(Exclusion::CidrPort(c("fd00::/8"), 53))
+        );
+        assert_eq!("@53".parse(), Ok(Exclusion::Port(53)));
+        for bad in ["@0", "@dns", "10.0.0.1@", "nope"] {
+            assert!(bad.parse::<Exclusion>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use tracing::info;
 
 use crate::{
     datapath::{Datapath, DatapathError, LoadOptions, Pins},
+    map_model::Exclusion,
     maps::{KernelMaps, MapsError, TunnelSettings},
     tunnel_iface::{IfaceError, ensure_tunnel_iface},
 };
@@ -27,6 +28,9 @@ pub struct NodeOptions {
     pub tunnel: TunnelSettings,
     /// Create (or reuse) this interface for the tunnel addresses; `None` = they exist already.
     pub tunnel_iface: Option<String>,
+    /// Destinations enrolled pods reach directly (e.g. the kube API, DNS). Added on start;
+    /// removing one takes the control plane's reconcile (`crate::reconcile`).
+    pub exclusions: Vec<Exclusion>,
     pub load: LoadOptions,
 }
 
@@ -57,6 +61,9 @@ pub fn start(opts: &NodeOptions) -> Result<Datapath, NodeError> {
     let mut dp = Datapath::load_with(Some(&pins), &opts.load)?;
     dp.attach(&cgroup)?;
     dp.set_tunnel(&opts.tunnel)?;
+    for ex in &opts.exclusions {
+        dp.add_exclusion(ex)?;
+    }
     dp.heartbeat().beat()?;
     info!(instance = %opts.instance, cgroup = %cgroup.display(), pins = %pins.version_dir().display(), "data path up");
     Ok(dp)

@@ -29,6 +29,7 @@ fn start(instance: &str, cgroup: &Path) -> Result<Child> {
         .args(["node", "--instance", instance, "--cgroup"])
         .arg(cgroup)
         .args(["--tunnel-ip4", "169.254.99.1", "--stale-after-ms", "3000"])
+        .args(["--exclude", "10.96.0.1@443", "--exclude", "@53"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;

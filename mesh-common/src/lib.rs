@@ -38,9 +38,11 @@ pub mod maps {
     /// `HashMap<GuardPortKey, u32>`: per-pod listener ports the plaintext guard leaves open
     /// (kubelet probes).
     pub const GUARD_PORTS: &str = "NM_GUARD_PORTS";
+    /// `Array<u64>` indexed by [`crate::Meta`]: facts about the installation, kept with the pins.
+    pub const META: &str = "NM_META";
 
     /// Every map, for pinning.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         ENROLLED,
         TUNNEL_CONFIG,
         SOCK_ORIG_DST,
@@ -51,6 +53,7 @@ pub mod maps {
         IDENTITIES,
         POLICY,
         GUARD_PORTS,
+        META,
     ];
 }
 
@@ -58,6 +61,8 @@ pub mod maps {
 pub mod programs {
     pub const CONNECT4: &str = "mesh_connect4";
     pub const CONNECT6: &str = "mesh_connect6";
+    pub const SENDMSG4: &str = "mesh_sendmsg4";
+    pub const SENDMSG6: &str = "mesh_sendmsg6";
     pub const GUARD_INGRESS: &str = "mesh_guard_ingress";
     pub const SOCKOPS: &str = "mesh_sockops";
 }
@@ -236,6 +241,18 @@ pub struct SockTuple {
     /// [`AF_INET`] or [`AF_INET6`].
     pub family: u16,
     pub _pad: u16,
+}
+
+/// Indexes into [`maps::META`] (userspace only; the programs do not read it).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Meta {
+    /// Inode number (cgroup id) of the cgroup the pinned links are attached to; 0 = none yet.
+    AttachedCgroup = 0,
+}
+
+impl Meta {
+    pub const SLOTS: u32 = 8;
 }
 
 /// Indexes into [`maps::COUNTERS`].

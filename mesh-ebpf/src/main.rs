@@ -7,6 +7,8 @@
 //!   original destination stored on the socket and its destination rewritten to the node's
 //!   tunnel address. IPv4-mapped IPv6 destinations (dual-stack sockets) are handled as IPv4 and
 //!   redirected to the mapped IPv4 tunnel address. Everything else passes untouched.
+//! - `mesh_sendmsg4` / `mesh_sendmsg6`: unconnected UDP from enrolled pods is checked against
+//!   the UDP policy entries (connected UDP is checked at connect).
 //! - `mesh_sockops` (sock_ops): at `TCP_CONNECT_CB` (source port chosen, SYN not yet sent) the
 //!   original destination is copied into `NM_ODST_TUPLE`, keyed by the 4-tuple the tunnel will see
 //!   on the accepted socket, so the tunnel can read it back with `getpeername`/`getsockname`. At
@@ -43,7 +45,7 @@ use aya_log_ebpf::debug;
 use mesh_common::{
     AF_INET, AF_INET6, Counter, EnrolledPod, FailMode, GuardPortKey, IDENTITY_ANY, IDENTITY_WORLD,
     LpmAddr, LpmPortAddr, MAX_ENROLLED, MAX_EXCLUSIONS, MAX_GUARD_PORTS, MAX_IDENTITY_PREFIXES,
-    MAX_PENDING_CONNECTIONS, MAX_POLICY_ENTRIES, MtlsMode, OrigDst, POLICY_DENY, PORT_ANY,
+    MAX_PENDING_CONNECTIONS, MAX_POLICY_ENTRIES, Meta, MtlsMode, OrigDst, POLICY_DENY, PORT_ANY,
     PROTO_TCP, PROTO_UDP, PolicyKey, SockTuple, TunnelConfig, V4_MAPPED_WORD,
 };
 
@@ -86,6 +88,10 @@ static NM_POLICY: HashMap<PolicyKey, u32> = HashMap::with_max_entries(MAX_POLICY
 
 #[map]
 static NM_GUARD_PORTS: HashMap<GuardPortKey, u32> = HashMap::with_max_entries(MAX_GUARD_PORTS, 0);
+
+/// Written and read by the agent only (installation facts kept with the pins).
+#[map]
+static NM_META: Array<u64> = Array::with_max_entries(Meta::SLOTS, 0);
 
 #[map]
 static NM_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::SLOTS, 0);
@@ -320,8 +326,8 @@ fn is_udp(sa: *mut bpf_sock_addr) -> bool {
     ctx_read!(sa, type_) == SOCK_DGRAM && ctx_read!(sa, protocol) == IPPROTO_UDP
 }
 
-/// Connected UDP from an enrolled pod: policy only (UDP is not tunnelled). Loopback is never
-/// checked. Unconnected UDP (sendmsg) is not checked yet.
+/// UDP from an enrolled pod (connect, or sendmsg with an address): policy only (UDP is not
+/// tunnelled). Loopback is never checked.
 #[inline(always)]
 fn udp_verdict(ctx: &SockAddrContext, words: [u32; 4], port: u16) -> i32 {
     // SAFETY: the context pointer is valid for the helper in this program type.
@@ -420,6 +426,44 @@ fn try_connect6(ctx: &SockAddrContext) -> i32 {
             ALLOW
         }
     }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    try_sendmsg4(&ctx)
+}
+
+/// Unconnected UDP (`sendto`/`sendmsg` with an address): policy only, like connected UDP.
+#[inline(always)]
+fn try_sendmsg4(ctx: &SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    if !is_udp(sa) {
+        return ALLOW;
+    }
+    let dst_ip = ctx_read!(sa, user_ip4);
+    let port = u16::from_be(ctx_read!(sa, user_port) as u16);
+    udp_verdict(ctx, [0, 0, V4_MAPPED_WORD, dst_ip], port)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
+    try_sendmsg6(&ctx)
+}
+
+#[inline(always)]
+fn try_sendmsg6(ctx: &SockAddrContext) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    if !is_udp(sa) {
+        return ALLOW;
+    }
+    let w = [
+        ctx_read!(sa, user_ip6[0]),
+        ctx_read!(sa, user_ip6[1]),
+        ctx_read!(sa, user_ip6[2]),
+        ctx_read!(sa, user_ip6[3]),
+    ];
+    let port = u16::from_be(ctx_read!(sa, user_port) as u16);
+    udp_verdict(ctx, w, port)
 }
 
 #[sock_ops]

@@ -213,16 +213,25 @@ pub fn probe_connect(
 /// Runs the probe as an application inside `netns` and `cgroup` connecting a UDP socket to
 /// `dst`; the error carries the probe's message (e.g. "Connection refused").
 pub fn probe_udp_connect(cgroup: &Path, netns: &NetNs, dst: SocketAddr) -> Result<()> {
+    probe_udp(cgroup, netns, "udp-connect", dst)
+}
+
+/// As [`probe_udp_connect`], sending one datagram with `sendto` on an unconnected socket.
+pub fn probe_udp_send(cgroup: &Path, netns: &NetNs, dst: SocketAddr) -> Result<()> {
+    probe_udp(cgroup, netns, "udp-send", dst)
+}
+
+fn probe_udp(cgroup: &Path, netns: &NetNs, verb: &str, dst: SocketAddr) -> Result<()> {
     let out = Command::new(env_probe()?)
         .arg(cgroup)
         .arg(netns.path())
-        .arg("udp-connect")
+        .arg(verb)
         .arg(dst.to_string())
         .output()
         .context("cannot start nm-probe")?;
     if !out.status.success() {
         bail!(
-            "probe udp connect to {dst} failed: {}",
+            "probe {verb} to {dst} failed: {}",
             String::from_utf8_lossy(&out.stdout).trim()
         );
     }

@@ -266,7 +266,7 @@ fn policy_denies_early_with_econnrefused_and_counts() -> Result<()> {
 }
 
 #[test]
-fn connected_udp_is_denied_by_udp_policy_only() -> Result<()> {
+fn udp_is_denied_by_udp_policy_only() -> Result<()> {
     let mut s = Setup::new(FailMode::Closed)?;
     let pod = &s.node.pods[0];
     let (gw4, gw6): (IpAddr, IpAddr) = (pod.gw4.into(), pod.gw6.into());
@@ -293,6 +293,17 @@ fn connected_udp_is_denied_by_udp_policy_only() -> Result<()> {
         );
     }
     assert_eq!(s.dp.counters()?["denied_policy"], 3);
+    // Unconnected UDP (sendto) is checked too.
+    for dst in [SocketAddr::new(gw4, 53), SocketAddr::new(gw6, 53)] {
+        let err = nodemesh_tests::probe_udp_send(s.cgroup.path(), &pod.ns, dst)
+            .expect_err("denied UDP sendto must fail");
+        assert!(
+            err.to_string().contains("Connection refused"),
+            "{dst}: {err:#}"
+        );
+    }
+    nodemesh_tests::probe_udp_send(s.cgroup.path(), &pod.ns, SocketAddr::new(gw4, 54))?;
+    assert_eq!(s.dp.counters()?["denied_policy"], 5);
     // Another UDP port, and TCP to the same port, are not affected by the UDP rule.
     nodemesh_tests::probe_udp_connect(s.cgroup.path(), &pod.ns, SocketAddr::new(gw4, 54))?;
     let tcp = SocketAddr::new(gw4, 53);
@@ -421,15 +432,35 @@ fn original_destination_is_handed_over_into_the_accepted_socket() -> Result<()> 
 /// (its own destination) must match it.
 #[test]
 fn original_destinations_survive_colliding_ephemeral_ports() -> Result<()> {
+    colliding_ports(OrigDstSource::TupleMap)
+}
+
+/// The same through the sock_ops hand-off into each accepted socket's storage.
+#[test]
+fn original_destinations_survive_colliding_ephemeral_ports_via_socket_storage() -> Result<()> {
+    colliding_ports(OrigDstSource::SocketStorage)
+}
+
+fn colliding_ports(via: OrigDstSource) -> Result<()> {
     require_root();
     const PODS: u8 = 3;
     const PER_POD: usize = 400;
     let p = unique_prefix();
     let node = Node::new(&p, PODS)?;
     let cgroup = ChildCgroup::new(&format!("{p}-pods"))?;
-    let tunnel = node.listen(SocketAddr::new(TUNNEL_IP4.into(), OUTBOUND_PORT))?;
+    let tunnel_cg = ChildCgroup::new(&format!("{p}-tunnel"))?;
+    let tunnel_addr = SocketAddr::new(TUNNEL_IP4.into(), OUTBOUND_PORT);
+    let tunnel = match via {
+        OrigDstSource::TupleMap => node.listen(tunnel_addr)?,
+        OrigDstSource::SocketStorage => {
+            nodemesh_tests::with_process_in_cgroup(tunnel_cg.path(), || node.listen(tunnel_addr))?
+        }
+    };
     let mut dp = Datapath::load()?;
     dp.attach(cgroup.path())?;
+    if via == OrigDstSource::SocketStorage {
+        dp.attach_tunnel(tunnel_cg.path())?;
+    }
     dp.set_tunnel(&nodemesh_tests::tunnel_v4(SocketAddr::new(
         TUNNEL_IP4.into(),
         OUTBOUND_PORT,
@@ -462,6 +493,7 @@ fn original_destinations_survive_colliding_ephemeral_ports() -> Result<()> {
             let conn = nodemesh_tests::accept_within(&tunnel, Duration::from_secs(20))?
                 .context("fewer connections than expected arrived at the tunnel")?;
             let orig = reader.original_destination(&conn)?;
+            anyhow::ensure!(orig.source == via, "found via {:?}", orig.source);
             let mut line = String::new();
             conn.set_read_timeout(Some(Duration::from_secs(5)))?;
             BufReader::new(&conn).read_line(&mut line)?;

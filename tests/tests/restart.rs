@@ -65,12 +65,14 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
         ip4: TUNNEL_IP4,
         ip6: None,
         port: OUTBOUND_PORT,
-        stale_after: Some(Duration::from_millis(1500)),
+        stale_after: Some(Duration::from_secs(3)),
     };
 
     // Agent 1: pins everything, enrolls the pod, the tunnel beats.
+    let tunnel_cg = ChildCgroup::new(&format!("{p}-tunnel"))?;
     let mut dp = Datapath::load_pinned(&pins)?;
     dp.attach(cgroup.path())?;
+    dp.attach_tunnel(tunnel_cg.path())?;
     dp.set_tunnel(&settings)?;
     let spec = PodSpec {
         workload_id: 1,
@@ -92,10 +94,16 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
         "{pinned:?}"
     );
     assert!(
+        pinned.contains(&"links/mesh_sockops_tunnel".to_owned()),
+        "{pinned:?}"
+    );
+    assert!(
         pinned.contains(&"maps/NM_ENROLLED".to_owned()),
         "{pinned:?}"
     );
 
+    let links_1 = dp.pinned_link_programs()?;
+    assert_eq!(links_1.len(), 6, "{links_1:?}");
     // The agent dies (its fds close). The programs stay attached: the tunnel's heartbeat goes
     // stale and the fail-closed pod gets ECONNREFUSED, never a plaintext bypass.
     drop(dp);
@@ -120,11 +128,36 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
     assert!(accept_now(&server)?.is_none(), "plaintext bypass");
 
     // Agent 2 adopts the pins: no re-enrollment, the counters and the pod are still there.
+    // Asking it to attach the same instance elsewhere is refused.
+    let other = ChildCgroup::new(&format!("{p}-other"))?;
     let mut dp = Datapath::load_pinned(&pins)?;
+    let err = dp
+        .attach(other.path())
+        .expect_err("adopting for another cgroup");
+    assert!(err.to_string().contains("another cgroup"), "{err}");
     dp.attach(cgroup.path())?;
+    dp.attach_tunnel(tunnel_cg.path())?;
     assert!(
         dp.counters()?["refused_tunnel_stale"] >= 1,
         "counters were not adopted"
+    );
+    // Same links (adopted, not re-attached), now running agent 2's programs (updated in place).
+    let links_2 = dp.pinned_link_programs()?;
+    let ids = |l: &[(String, u32, u32)]| {
+        l.iter()
+            .map(|(n, id, _)| (n.clone(), *id))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(&links_2),
+        ids(&links_1),
+        "links were replaced instead of adopted"
+    );
+    let running: Vec<_> = links_2.iter().map(|(n, _, p)| (n.clone(), *p)).collect();
+    assert_eq!(
+        running,
+        dp.program_ids()?,
+        "adopted links still run the old programs"
     );
     // Level-triggered reconcile against the adopted maps: they already hold the desired state.
     let mut desired = DesiredState {
@@ -156,12 +189,20 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
     drop(dp);
     assert!(uninstall(&pins)?);
     assert!(!pins.instance_dir().exists());
-    connect()?;
-    assert!(
-        accept_now(&tunnel)?.is_none(),
-        "still redirected after uninstall"
-    );
-    assert!(accept_now(&server)?.is_some(), "not direct after uninstall");
+    // The kernel frees a link whose last reference was its pin from a deferred work item, so
+    // detachment follows the unlink shortly: poll.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        connect()?;
+        if accept_now(&server)?.is_some() {
+            break;
+        }
+        assert!(accept_now(&tunnel)?.is_some(), "connection lost");
+        if Instant::now() > deadline {
+            bail!("still redirected 10 s after uninstall: programs not detached");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(!uninstall(&pins)?, "uninstall is idempotent");
     Ok(())
 }

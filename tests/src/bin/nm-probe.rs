@@ -12,6 +12,10 @@
 //!
 //! - `nm-probe <cgroup-dir> <netns-file> udp-connect <ip:port>`: connects a UDP socket (no
 //!   packet is sent) and prints `local=<addr>`.
+//! - `nm-probe <cgroup-dir> <netns-file> udp-send <ip:port>`: sends one datagram with `sendto`
+//!   from an unconnected UDP socket and prints `local=<addr>`.
+//! - `nm-probe <cgroup-dir> <netns-file> time-refused <count> <ip:port>`: times `count` TCP
+//!   connects that must each fail with ECONNREFUSED and prints `p50_ns=… p99_ns=… max_ns=…`.
 //!
 //! On any failure it prints the reason and exits 1.
 
@@ -36,7 +40,7 @@ fn main() -> ExitCode {
 
 const USAGE: &str = "usage: nm-probe <cgroup-dir> <netns-file> connect <ip:port> <payload> | \
                      many <count> <ip> <first-port> <ports> | serve <ip:port>... | \
-                     udp-connect <ip:port>";
+                     udp-connect <ip:port> | udp-send <ip:port> | time-refused <count> <ip:port>";
 
 fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -60,6 +64,8 @@ fn run() -> Result<(), String> {
         ("many", [count, ip, first, ports]) => many(count, ip, first, ports),
         ("serve", addrs) if !addrs.is_empty() => serve(addrs),
         ("udp-connect", [dst]) => udp_connect(dst),
+        ("udp-send", [dst]) => udp_send(dst),
+        ("time-refused", [count, dst]) => time_refused(count, dst),
         _ => Err(USAGE.into()),
     }
 }
@@ -132,17 +138,60 @@ fn serve(addrs: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn udp_connect(dst: &str) -> Result<(), String> {
-    let dst: SocketAddr = parse("address", dst)?;
+fn udp_socket(dst: SocketAddr) -> Result<std::net::UdpSocket, String> {
     let any: SocketAddr = if dst.is_ipv4() {
         "0.0.0.0:0".parse().map_err(|e| format!("{e}"))?
     } else {
         "[::]:0".parse().map_err(|e| format!("{e}"))?
     };
-    let sock = std::net::UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
+    std::net::UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))
+}
+
+fn udp_send(dst: &str) -> Result<(), String> {
+    let dst: SocketAddr = parse("address", dst)?;
+    let sock = udp_socket(dst)?;
+    sock.send_to(b"x", dst)
+        .map_err(|e| format!("udp sendto {dst}: {e}"))?;
+    let local = sock.local_addr().map_err(|e| format!("local_addr: {e}"))?;
+    println!("local={local}");
+    Ok(())
+}
+
+fn udp_connect(dst: &str) -> Result<(), String> {
+    let dst: SocketAddr = parse("address", dst)?;
+    let sock = udp_socket(dst)?;
     sock.connect(dst)
         .map_err(|e| format!("udp connect {dst}: {e}"))?;
     let local = sock.local_addr().map_err(|e| format!("local_addr: {e}"))?;
     println!("local={local}");
+    Ok(())
+}
+
+fn time_refused(count: &str, dst: &str) -> Result<(), String> {
+    let count: usize = parse("count", count)?;
+    let dst: SocketAddr = parse("address", dst)?;
+    let mut ns = Vec::with_capacity(count);
+    for i in 0..count {
+        let start = std::time::Instant::now();
+        let r = TcpStream::connect(dst);
+        let took = start.elapsed();
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(e) => return Err(format!("connect #{i} {dst}: {e}")),
+            Ok(_) => return Err(format!("connect #{i} {dst} succeeded")),
+        }
+        ns.push(took.as_nanos());
+    }
+    ns.sort_unstable();
+    let at = |q: usize| {
+        ns.get((ns.len() * q / 100).min(ns.len().saturating_sub(1)))
+            .copied()
+    };
+    println!(
+        "p50_ns={} p99_ns={} max_ns={}",
+        at(50).unwrap_or(0),
+        at(99).unwrap_or(0),
+        ns.last().copied().unwrap_or(0)
+    );
     Ok(())
 }

@@ -357,9 +357,9 @@ impl Datapath {
                     source,
                 })?;
                 let prog_fd = self.program_fd(name)?;
-                // Seen once on 6.18: a transient EINVAL right after the previous agent exited;
-                // retry, and if it persists keep the previous program (still correct, only
-                // older) rather than refusing to start.
+                // A transient EINVAL was seen once (most likely the uninitialised padding of
+                // the BPF_OBJ_GET attribute, now zeroed); retry anyway, and if it persists keep
+                // the previous program (still correct, only older) rather than refusing to start.
                 let mut result = link_update(path, prog_fd);
                 for _ in 0..2 {
                     if result.is_ok() {
@@ -828,6 +828,10 @@ fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result
         bpf_fd: u32,
         file_flags: u32,
         path_fd: i32,
+        // Explicit: the struct is 24 bytes (u64 alignment) and the kernel rejects non-zero bytes
+        // after the command's last field with EINVAL. Left implicit, this padding was
+        // uninitialised stack, which explains the transient EINVAL once seen on adoption.
+        _pad: u32,
     }
     #[repr(C)]
     struct LinkUpdate {
@@ -843,6 +847,7 @@ fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result
         bpf_fd: 0,
         file_flags: 0,
         path_fd: 0,
+        _pad: 0,
     };
     // SAFETY: `get` is a valid, fully initialised bpf_attr prefix for BPF_OBJ_GET whose
     // `pathname` points at a NUL-terminated string alive for the call.

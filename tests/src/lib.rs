@@ -238,16 +238,38 @@ fn probe_udp(cgroup: &Path, netns: &NetNs, verb: &str, dst: SocketAddr) -> Resul
     Ok(())
 }
 
+/// The `nm-probe` binary (built with this crate's tests).
+pub fn probe_exe() -> Result<PathBuf> {
+    env_probe()
+}
+
+/// The `nm-agent` binary: the node agent (`mesh_agent::cli`), built as a binary of this crate so
+/// nextest builds it with the tests (cargo exposes only a package's own binaries to its tests).
+pub fn agent_exe() -> Result<PathBuf> {
+    own_bin("nm-agent")
+}
+
+/// A binary of this crate, next to the test executables' directory (`target/<profile>/`).
+fn own_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?
+        .parent()
+        .and_then(Path::parent)
+        .context("no target dir")?
+        .join(name);
+    ensure!(
+        exe.is_file(),
+        "{name} binary not found at {} (build the tests crate's binaries)",
+        exe.display()
+    );
+    Ok(exe)
+}
+
 fn env_probe() -> Result<PathBuf> {
     // Set by cargo for integration tests of this package.
     let exe = option_env!("CARGO_BIN_EXE_nm-probe").map(PathBuf::from);
     let exe = match exe {
         Some(p) => p,
-        None => std::env::current_exe()?
-            .parent()
-            .and_then(Path::parent)
-            .context("no target dir")?
-            .join("nm-probe"),
+        None => return own_bin("nm-probe"),
     };
     ensure!(
         exe.is_file(),

@@ -10,8 +10,8 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader},
-    net::SocketAddr,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -19,7 +19,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use nodemesh_tests::{ChildCgroup, NetNs, agent_exe, probe_exe, require_root, run, unique_prefix};
+use nodemesh_tests::{
+    ChildCgroup, NetNs, agent_exe, probe_exe, require_root, run, unique_prefix,
+    with_process_in_cgroup,
+};
 
 const ECHO_PORT: u16 = 8080;
 const DENIED_PORT: u16 = 9090;
@@ -227,6 +230,7 @@ struct Cluster {
     node_a: Node,
     node_b: Node,
     dir: tempfile::TempDir,
+    prefix: String,
 }
 
 impl Drop for Cluster {
@@ -273,7 +277,12 @@ fn pod(prefix: &str, node: &Node, name: &str, net: u8, i: u8) -> Result<Pod> {
     Ok(Pod { cgroup, ns, ip })
 }
 
-fn config(client: &Pod, server_a: &Pod, server_b: &Pod) -> String {
+fn config(client: &Pod, server_a: &Pod, server_b: &Pod, denied_ports: &[u16]) -> String {
+    let ports = denied_ports
+        .iter()
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         r#"apiVersion: local.nodemesh.io/v1alpha1
 kind: LocalCluster
@@ -300,7 +309,7 @@ spec:
   action: DENY
   rules:
   - from: [{{source: {{principals: [cluster.local/ns/demo/sa/client]}}}}]
-    to: [{{operation: {{ports: ["{DENIED_PORT}"]}}}}]
+    to: [{{operation: {{ports: [{ports}]}}}}]
 "#,
         client.ip,
         client.ns.path().display(),
@@ -338,7 +347,7 @@ impl Cluster {
         let echo_b = Echo::start(&server_b, ECHO_PORT)?;
         let dir = tempfile::tempdir()?;
         let cfg = dir.path().join("cluster.yaml");
-        fs::write(&cfg, config(&client, &server_a, &server_b))?;
+        fs::write(&cfg, config(&client, &server_a, &server_b, &[DENIED_PORT]))?;
         let mut cluster = Self {
             agents: Vec::new(),
             echo_b,
@@ -349,6 +358,7 @@ impl Cluster {
             node_a,
             node_b,
             dir,
+            prefix: p.clone(),
         };
         // One after the other: the first creates the shared CA.
         let a = Agent::start(&cluster.node_a, &cfg, cluster.dir.path(), &format!("{p}-a"))?;
@@ -377,12 +387,127 @@ impl Cluster {
         Ok(())
     }
 
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("cluster.yaml")
+    }
+
+    /// Rewrites the cluster file with DENY on `ports` (replace by rename, as editors do).
+    fn set_denied_ports(&self, ports: &[u16]) -> Result<()> {
+        let tmp = self.dir.path().join("cluster.yaml.new");
+        fs::write(
+            &tmp,
+            config(&self.client, &self.server_a, &self.server_b, ports),
+        )?;
+        fs::rename(&tmp, self.config_path())?;
+        Ok(())
+    }
+
+    /// A connection from the client pod (its cgroup and namespace) that the test holds.
+    fn hold(&self, dst: SocketAddr) -> Result<TcpStream> {
+        let ns = self.client.ns.path();
+        let stream = with_process_in_cgroup(self.client.cgroup.path(), || {
+            Ok(mesh_agent::netns::in_netns(&ns, move || {
+                TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+            })?)
+        })?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(stream)
+    }
+
     fn logs(&self) -> String {
         self.agents
             .iter()
             .map(|a| format!("--- {}\n{}", a.log.display(), a.logs()))
             .collect()
     }
+}
+
+/// Every frame seen on one interface of a namespace while it runs (an `AF_PACKET` socket: no
+/// tcpdump needed).
+struct Capture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl Capture {
+    fn start(netns: &Path, ifname: &str) -> Result<Self> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let name = std::ffi::CString::new(ifname)?;
+        let fd = mesh_agent::netns::in_netns(netns, move || {
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain syscall with integer arguments; the result is checked.
+            let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+            if raw < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            // SAFETY: `name` is a valid NUL-terminated string.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            if index == 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: an all-zero sockaddr_ll is valid; the fields are set below.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = index as i32;
+            // SAFETY: `sll` is a valid sockaddr_ll and its size is passed.
+            let rc = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&raw const sll).cast(),
+                    size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 20_000,
+            };
+            // SAFETY: `tv` is a valid timeval and its size is passed.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const tv).cast(),
+                    size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(fd)
+        })?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                // SAFETY: `buf` is valid for `buf.len()` bytes.
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if let Ok(n) = usize::try_from(n) {
+                    all.extend_from_slice(&buf[..n]);
+                }
+            }
+            all
+        });
+        Ok(Self { stop, thread })
+    }
+
+    fn finish(self) -> Vec<u8> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn addr(ip: &str, port: u16) -> Result<SocketAddr> {
@@ -394,10 +519,22 @@ fn cross_node_same_node_and_deny_through_two_local_agents() -> Result<()> {
     let c = Cluster::up()?;
     let dir_hint = c.dir.path().display().to_string();
 
-    // Cross-node: byte-exact echo, delivered from node b's tunnel address.
+    // Cross-node: byte-exact echo, delivered from node b's tunnel address; the node link
+    // carries TLS 1.3 records (application data: 0x17 0x03 0x03), never the payload.
     let payload = "hello across the mesh \u{1F310} 0123456789";
+    let capture = Capture::start(&c.node_b.ns.path(), "wire0")?;
     c.roundtrip(addr(&c.server_b.ip, ECHO_PORT)?, payload)
         .with_context(|| format!("cross-node round trip ({dir_hint}):\n{}", c.logs()))?;
+    let wire = capture.finish();
+    assert!(
+        contains(&wire, &[0x17, 0x03, 0x03]),
+        "no TLS record seen on the node link ({} bytes captured)",
+        wire.len()
+    );
+    assert!(
+        !contains(&wire, payload.as_bytes()),
+        "the payload crossed the node link in plaintext"
+    );
     let peer = c.echo_b.next_peer()?;
     assert_eq!(
         peer.ip().to_string(),
@@ -422,6 +559,76 @@ fn cross_node_same_node_and_deny_through_two_local_agents() -> Result<()> {
     assert!(
         err.contains("Connection refused"),
         "denied connect must fail with ECONNREFUSED, got: {err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn policy_reload_closes_denied_connections_and_a_killed_agent_recovers() -> Result<()> {
+    let mut c = Cluster::up()?;
+    let server = addr(&c.server_b.ip, ECHO_PORT)?;
+
+    // A live cross-node connection.
+    let mut held = c
+        .hold(server)
+        .with_context(|| format!("connect:\n{}", c.logs()))?;
+    held.write_all(b"ping")?;
+    let mut buf = [0u8; 4];
+    held.read_exact(&mut buf)?;
+    assert_eq!(&buf, b"ping");
+    c.echo_b.next_peer()?;
+
+    // Deny the port it uses: node b re-authorizes and closes it; new connects are refused.
+    c.set_denied_ports(&[DENIED_PORT, ECHO_PORT])?;
+    let mut rest = Vec::new();
+    let closed = held.read_to_end(&mut rest);
+    assert!(
+        matches!(closed, Ok(0)) || closed.is_err(),
+        "the now-denied connection must be closed, got {closed:?}"
+    );
+    c.agents[1].wait_log("re-authorization closing the connection", |l| {
+        l.contains("policy now denies it")
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.roundtrip(server, "x") {
+            Err(e) if e.to_string().contains("Connection refused") => break,
+            other => ensure!(
+                Instant::now() < deadline,
+                "connects to the denied port still go through after the reload: {other:?}\n{}",
+                c.logs()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.set_denied_ports(&[DENIED_PORT])?;
+
+    // SIGKILL node a's agent; a restart adopts the pins and serves again.
+    c.agents[0].child.kill()?;
+    c.agents[0].child.wait()?;
+    let instance = format!("{}-a", c.prefix);
+    let cfg = c.config_path();
+    let restarted = Agent::start(&c.node_a, &cfg, c.dir.path(), &instance)?;
+    let ready_at = Instant::now();
+    // The killed agent's `Agent` still uninstalls the pins on drop; replace it.
+    let old = std::mem::replace(&mut c.agents[0], restarted);
+    drop(old);
+    let deadline = ready_at + Duration::from_secs(5);
+    loop {
+        match c.roundtrip(server, "after restart") {
+            Ok(()) => break,
+            Err(e) => ensure!(
+                Instant::now() < deadline,
+                "no traffic after the restart: {e:#}\n{}",
+                c.logs()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        c.agents[0].logs().contains("adopted"),
+        "the restarted agent must adopt the pinned programs:\n{}",
+        c.agents[0].logs()
     );
     Ok(())
 }

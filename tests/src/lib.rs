@@ -14,6 +14,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
+pub mod lab;
+
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
 /// A unique short prefix for one test's objects (interface names must stay under 16 bytes).
@@ -249,13 +251,15 @@ pub fn agent_exe() -> Result<PathBuf> {
     own_bin("nm-agent")
 }
 
-/// A binary of this crate, next to the test executables' directory (`target/<profile>/`).
+/// A binary of this crate in `target/<profile>/`: beside the running binary, or one level up
+/// from a test executable in `target/<profile>/deps/`.
 fn own_bin(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?
-        .parent()
-        .and_then(Path::parent)
-        .context("no target dir")?
-        .join(name);
+    let current = std::env::current_exe()?;
+    let mut dir = current.parent().context("no target dir")?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().context("no target dir")?;
+    }
+    let exe = dir.join(name);
     ensure!(
         exe.is_file(),
         "{name} binary not found at {} (build the tests crate's binaries)",

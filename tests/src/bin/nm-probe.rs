@@ -18,7 +18,7 @@
 //!   connects that must each fail with ECONNREFUSED and prints `p50_ns=… p99_ns=… max_ns=…`.
 //! - `nm-probe <cgroup-dir> <netns-file> echo <ip:port>`: listens, prints `ready`, then for each
 //!   accepted connection prints `peer=<addr>` and echoes every byte back until the peer's EOF.
-//!   Exits when stdin closes.
+//!   Exits when stdin closes (with `--forever` after it: runs until killed, for the lab).
 //! - `nm-probe <cgroup-dir> <netns-file> roundtrip <ip:port> <payload>`: connects, writes the
 //!   payload, half-closes, reads until EOF and exits 0 only if it read back exactly the payload
 //!   (prints `local=<addr>`).
@@ -74,7 +74,8 @@ fn run() -> Result<(), String> {
         ("udp-connect", [dst]) => udp_connect(dst),
         ("udp-send", [dst]) => udp_send(dst),
         ("time-refused", [count, dst]) => time_refused(count, dst),
-        ("echo", [addr]) => echo(addr),
+        ("echo", [addr]) => echo(addr, false),
+        ("echo", [addr, flag]) if flag == "--forever" => echo(addr, true),
         ("roundtrip", [dst, payload]) => roundtrip(dst, payload),
         ("exec", [program, args @ ..]) => {
             use std::os::unix::process::CommandExt;
@@ -106,7 +107,7 @@ fn connect(dst: &str, payload: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn echo(addr: &str) -> Result<(), String> {
+fn echo(addr: &str, forever: bool) -> Result<(), String> {
     let addr: SocketAddr = parse("address", addr)?;
     let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
     std::thread::spawn(move || {
@@ -134,6 +135,11 @@ fn echo(addr: &str) -> Result<(), String> {
     std::io::stdout()
         .flush()
         .map_err(|e| format!("stdout: {e}"))?;
+    if forever {
+        loop {
+            std::thread::park();
+        }
+    }
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
     Ok(())

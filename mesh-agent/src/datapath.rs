@@ -958,6 +958,17 @@ impl OrigDstReader {
     ) -> Result<OriginalDestination, OrigDstError> {
         let peer = stream.peer_addr().map_err(OrigDstError::Socket)?;
         let local = stream.local_addr().map_err(OrigDstError::Socket)?;
+        self.original_destination_of(stream, peer, local)
+    }
+
+    /// As [`Self::original_destination`] for any socket type (e.g. tokio's) whose addresses the
+    /// caller already has.
+    pub fn original_destination_of(
+        &self,
+        stream: &impl std::os::fd::AsRawFd,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<OriginalDestination, OrigDstError> {
         // Handed over into the socket's own storage (sock_ops on the tunnel's cgroup)?
         let mut storage = self
             .by_socket

@@ -7,9 +7,12 @@
 //! network-namespace cookies for enrollment (`netns`), the node-local interface holding the tunnel
 //! address (`tunnel_iface`) and finding the cgroup v2 hierarchy (`cgroup`). Components: workload
 //! identities and certificates (`identity`) and the HBONE tunnel (`tunnel`). Top: `node`, the
-//! long-running `mesh-agent node` process.
+//! long-running `mesh-agent node` process, and `app`, the whole agent
+//! wired together (`mesh-agent local`).
 
+pub mod app;
 pub mod cgroup;
+pub mod cli;
 pub mod datapath;
 pub mod identity;
 pub mod local_config;

@@ -90,6 +90,10 @@ pub struct TunnelConfig {
     pub max_inbound_connections: usize,
     /// Concurrent app connections on the outbound listener (each holds two sockets).
     pub max_outbound_connections: usize,
+    /// Source address of connections to local pods (inbound delivery and same-node): the
+    /// tunnel address, which the datapath's plaintext guard recognises as "through the mesh".
+    /// `None`: the kernel picks (tests without a guard).
+    pub delivery_source: Option<IpAddr>,
 }
 
 impl Default for TunnelConfig {
@@ -115,6 +119,7 @@ impl Default for TunnelConfig {
             listen_backlog: 1024,
             max_inbound_connections: 16 * 1024,
             max_outbound_connections: 32 * 1024,
+            delivery_source: None,
         }
     }
 }
@@ -211,6 +216,27 @@ pub struct LocalWorkload {
 /// Which workloads are on this node, by address.
 pub trait LocalWorkloads: Send + Sync {
     fn by_ip(&self, ip: IpAddr) -> Option<Arc<LocalWorkload>>;
+
+    /// The identity of a local workload whose SNI form
+    /// ([`crate::identity::tls::identity_server_name`]) is `server_name`.
+    fn identity_for_sni(&self, server_name: &str) -> Option<SpiffeId> {
+        let _ = server_name;
+        None
+    }
+}
+
+/// The identity among `workloads` whose SNI form is `server_name`.
+pub fn identity_by_sni<'a>(
+    workloads: impl IntoIterator<Item = &'a Arc<LocalWorkload>>,
+    server_name: &str,
+) -> Option<SpiffeId> {
+    if !server_name.ends_with(crate::identity::tls::SNI_SUFFIX) {
+        return None;
+    }
+    workloads
+        .into_iter()
+        .find(|w| crate::identity::tls::identity_server_name(&w.identity) == server_name)
+        .map(|w| w.identity.clone())
 }
 
 /// A fixed table of local workloads (tests, and the local mode until the config source lands).
@@ -227,6 +253,10 @@ impl StaticWorkloads {
 impl LocalWorkloads for StaticWorkloads {
     fn by_ip(&self, ip: IpAddr) -> Option<Arc<LocalWorkload>> {
         self.0.get(&ip).cloned()
+    }
+
+    fn identity_for_sni(&self, server_name: &str) -> Option<SpiffeId> {
+        identity_by_sni(self.0.values(), server_name)
     }
 }
 
@@ -305,6 +335,18 @@ pub struct Redirect {
 /// datapath's `OrigDstReader` plus the enrollment table). A miss must refuse the connection.
 pub trait RedirectSource: Send + Sync {
     fn redirect(&self, peer: SocketAddr, local: SocketAddr) -> Result<Redirect, String>;
+
+    /// As [`Self::redirect`], for the accepted socket itself: a source that keeps records in
+    /// the socket's own storage (the datapath's sock_ops hand-off) reads them here.
+    fn redirect_socket(
+        &self,
+        socket: &tokio::net::TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Redirect, String> {
+        let _ = socket;
+        self.redirect(peer, local)
+    }
 }
 
 /// The enrollment table's numeric identity ids (as stored in the datapath's maps) → identities.
@@ -319,9 +361,8 @@ pub struct DatapathRedirects<I> {
     pub identities: I,
 }
 
-impl<I: IdentityIds> RedirectSource for DatapathRedirects<I> {
-    fn redirect(&self, peer: SocketAddr, local: SocketAddr) -> Result<Redirect, String> {
-        let od = self.reader.lookup(peer, local).map_err(|e| e.to_string())?;
+impl<I: IdentityIds> DatapathRedirects<I> {
+    fn with_identity(&self, od: crate::datapath::OriginalDestination) -> Result<Redirect, String> {
         let source = self.identities.identity(od.identity_id).ok_or_else(|| {
             format!(
                 "source pod (netns cookie {}) has identity id {}, which the enrollment table does not know",
@@ -333,6 +374,26 @@ impl<I: IdentityIds> RedirectSource for DatapathRedirects<I> {
             source,
             baggage: None,
         })
+    }
+}
+
+impl<I: IdentityIds> RedirectSource for DatapathRedirects<I> {
+    fn redirect(&self, peer: SocketAddr, local: SocketAddr) -> Result<Redirect, String> {
+        let od = self.reader.lookup(peer, local).map_err(|e| e.to_string())?;
+        self.with_identity(od)
+    }
+
+    fn redirect_socket(
+        &self,
+        socket: &tokio::net::TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Redirect, String> {
+        let od = self
+            .reader
+            .original_destination_of(socket, peer, local)
+            .map_err(|e| e.to_string())?;
+        self.with_identity(od)
     }
 }
 

@@ -14,6 +14,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
+pub mod lab;
+
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
 /// A unique short prefix for one test's objects (interface names must stay under 16 bytes).
@@ -238,16 +240,40 @@ fn probe_udp(cgroup: &Path, netns: &NetNs, verb: &str, dst: SocketAddr) -> Resul
     Ok(())
 }
 
+/// The `nm-probe` binary (built with this crate's tests).
+pub fn probe_exe() -> Result<PathBuf> {
+    env_probe()
+}
+
+/// The `nm-agent` binary: the node agent (`mesh_agent::cli`), built as a binary of this crate so
+/// nextest builds it with the tests (cargo exposes only a package's own binaries to its tests).
+pub fn agent_exe() -> Result<PathBuf> {
+    own_bin("nm-agent")
+}
+
+/// A binary of this crate in `target/<profile>/`: beside the running binary, or one level up
+/// from a test executable in `target/<profile>/deps/`.
+fn own_bin(name: &str) -> Result<PathBuf> {
+    let current = std::env::current_exe()?;
+    let mut dir = current.parent().context("no target dir")?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().context("no target dir")?;
+    }
+    let exe = dir.join(name);
+    ensure!(
+        exe.is_file(),
+        "{name} binary not found at {} (build the tests crate's binaries)",
+        exe.display()
+    );
+    Ok(exe)
+}
+
 fn env_probe() -> Result<PathBuf> {
     // Set by cargo for integration tests of this package.
     let exe = option_env!("CARGO_BIN_EXE_nm-probe").map(PathBuf::from);
     let exe = match exe {
         Some(p) => p,
-        None => std::env::current_exe()?
-            .parent()
-            .and_then(Path::parent)
-            .context("no target dir")?
-            .join("nm-probe"),
+        None => return own_bin("nm-probe"),
     };
     ensure!(
         exe.is_file(),

@@ -2,6 +2,7 @@
 //! `Options` struct and `run(opts)`.
 
 mod build_ebpf;
+mod lab;
 mod setup;
 mod test;
 mod toolchain;
@@ -24,8 +25,9 @@ enum Command {
     BuildEbpf(build_ebpf::Options),
     /// Everything CI checks: setup, eBPF build, fmt, clippy (host and eBPF), unit and root tests.
     Test(test::Options),
-    /// The local lab demo (coming with the lab issue).
-    Lab,
+    /// The local lab: two nodes and their pods on this machine (`up`, the default; `down`;
+    /// `status`; `exec POD -- CMD`). Needs root. Topology in target/lab/lab.json.
+    Lab(lab::Options),
 }
 
 fn main() {
@@ -34,10 +36,7 @@ fn main() {
         Command::Setup(opts) => setup::run(opts),
         Command::BuildEbpf(opts) => build_ebpf::run(opts),
         Command::Test(opts) => test::run(opts),
-        Command::Lab => Err(anyhow::anyhow!(
-            "the local lab is not built yet (it arrives with the lab issue); \
-             `cargo xtask test` runs everything that exists today"
-        )),
+        Command::Lab(opts) => lab::run(opts),
     };
     if let Err(e) = result {
         eprintln!("\nerror: {e:#}");

@@ -352,12 +352,44 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(cert.chain.clone(), cert.key())?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    config.enable_sni = false;
+    // SNI carries `identity_server_name(expected)` so a server on a node address can pick the
+    // destination workload's certificate (see `identity_server_name`).
+    config.enable_sni = true;
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
-/// The server name rustls requires; with SNI off it never leaves this process.
+/// The server name rustls requires when no identity is to be named (an IP address is never
+/// sent as SNI, RFC 6066 §3).
 pub fn placeholder_server_name() -> ServerName<'static> {
     ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into())
+}
+
+/// DNS suffix of identity server names: `.invalid` is reserved (RFC 2606), so the name can never
+/// collide with a real host or be resolved.
+pub const SNI_SUFFIX: &str = ".id.nodemesh.invalid";
+
+/// The TLS server name (SNI) a client sends to ask a node's HBONE listener for the certificate
+/// of `identity`: the first 16 bytes of SHA-256 over the SPIFFE URI, lowercase hex, then
+/// [`SNI_SUFFIX`] (`<32 hex>.id.nodemesh.invalid`).
+///
+/// Why a digest and not the identity spelled out: SNI travels in clear text in the ClientHello,
+/// so a digest does not advertise which workload is being reached; it always fits a 63-byte DNS
+/// label whatever the lengths of namespace and service account; and the server never needs to
+/// parse it: it compares it with the names of its local workloads' identities. A collision
+/// could only pick a wrong certificate, which the client's identity check then refuses.
+pub fn identity_server_name(identity: &SpiffeId) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, identity.to_string().as_bytes());
+    let mut name = String::with_capacity(32 + SNI_SUFFIX.len());
+    for b in digest.as_ref().iter().take(16) {
+        name.push_str(&format!("{b:02x}"));
+    }
+    name.push_str(SNI_SUFFIX);
+    name
+}
+
+/// [`identity_server_name`] as rustls's type.
+pub fn identity_sni(identity: &SpiffeId) -> ServerName<'static> {
+    ServerName::try_from(identity_server_name(identity))
+        .unwrap_or_else(|_| placeholder_server_name())
 }

@@ -371,6 +371,24 @@ impl PolicySet {
         &self.root_namespace
     }
 
+    /// Every port a valid AuthorizationPolicy names (`ports`, `notPorts`, port conditions).
+    /// A decision can only differ between a named port and the others, so evaluating each named
+    /// port plus one unnamed port covers every port (how the kernel's early-deny entries are
+    /// computed).
+    pub fn named_ports(&self) -> std::collections::BTreeSet<u16> {
+        let mut out = std::collections::BTreeSet::new();
+        for entry in &self.authz {
+            if let AuthzBody::Valid(p) = &entry.body {
+                for rule in &p.rules {
+                    for m in rule.from.iter().chain(&rule.to).chain(&rule.when) {
+                        out.extend(m.ports.iter().chain(&m.not_ports).copied());
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Whether a policy in `namespace` with `selector` applies to `workload`: it is in the root
     /// namespace or the workload's, and its selector (if any) matches the workload's labels.
     fn in_scope(

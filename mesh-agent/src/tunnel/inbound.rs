@@ -24,7 +24,7 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use tokio::{net::TcpListener, task::JoinSet};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
@@ -58,6 +58,24 @@ pub struct Inbound {
     active_streams: AtomicUsize,
     connections: Arc<ConnectionManager>,
     metrics: TunnelMetrics,
+}
+
+/// Which workload identity an inbound connection speaks for.
+enum Target {
+    /// Named by the client's SNI ([`crate::identity::tls::identity_server_name`]): the
+    /// connection reaches any local workload of that identity (a peer dialled the node address).
+    Identity(SpiffeId),
+    /// No usable SNI: the workload whose address the connection arrived on (ztunnel style).
+    Arrival(Arc<LocalWorkload>),
+}
+
+impl Target {
+    fn identity(&self) -> &SpiffeId {
+        match self {
+            Target::Identity(id) => id,
+            Target::Arrival(w) => &w.identity,
+        }
+    }
 }
 
 /// Counts a live connection or stream; decrements on drop (also on panic or abort).
@@ -219,37 +237,46 @@ impl Inbound {
         let local = tcp
             .local_addr()
             .map_err(|e| ConnError::Tls(format!("socket gone before the handshake: {e}")))?;
-        let workload = self
-            .workloads
-            .by_ip(local.ip())
-            .ok_or(ConnError::NotAWorkload(local))?;
-        let cert = self
-            .certs
-            .get(&workload.identity)
-            .await
-            .map_err(|e| ConnError::NoCert {
-                identity: workload.identity.clone(),
-                reason: e.to_string(),
-            })?;
-        let tls_config = self
-            .server_config_for(&cert)
-            .map_err(|reason| ConnError::NoCert {
-                identity: workload.identity.clone(),
-                reason,
-            })?;
         super::listener::tune(&tcp);
         let timeout = self.config.handshake_timeout;
         let handshake = async {
-            let tls = TlsAcceptor::from(tls_config)
-                .accept(tcp)
+            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
                 .await
-                .map_err(|e| {
-                    let reason = peer_cert_error(&e).map_or_else(
-                        || e.to_string(),
-                        |r| format!("client certificate refused: {r}"),
-                    );
-                    ConnError::Tls(reason)
+                .map_err(|e| ConnError::Tls(format!("reading the ClientHello: {e}")))?;
+            let sni = start.client_hello().server_name().map(str::to_owned);
+            let target = match sni
+                .as_deref()
+                .and_then(|name| self.workloads.identity_for_sni(name))
+            {
+                Some(identity) => Target::Identity(identity),
+                None => Target::Arrival(
+                    self.workloads
+                        .by_ip(local.ip())
+                        .ok_or(ConnError::NotAWorkload(local))?,
+                ),
+            };
+            let identity = target.identity().clone();
+            let cert = self
+                .certs
+                .get(&identity)
+                .await
+                .map_err(|e| ConnError::NoCert {
+                    identity: identity.clone(),
+                    reason: e.to_string(),
                 })?;
+            let tls_config = self
+                .server_config_for(&cert)
+                .map_err(|reason| ConnError::NoCert {
+                    identity: identity.clone(),
+                    reason,
+                })?;
+            let tls = start.into_stream(tls_config).await.map_err(|e| {
+                let reason = peer_cert_error(&e).map_or_else(
+                    || e.to_string(),
+                    |r| format!("client certificate refused: {r}"),
+                );
+                ConnError::Tls(reason)
+            })?;
             let source = tls
                 .get_ref()
                 .1
@@ -268,12 +295,13 @@ impl Inbound {
                 .handshake::<_, Bytes>(tls)
                 .await
                 .map_err(ConnError::H2)?;
-            Ok::<_, ConnError>((source, conn))
+            Ok::<_, ConnError>((source, conn, target))
         };
-        let (source, mut conn) = tokio::time::timeout(timeout, handshake)
+        let (source, mut conn, target) = tokio::time::timeout(timeout, handshake)
             .await
             .map_err(|_| ConnError::HandshakeTimeout(timeout))??;
-        debug!(%peer, %source, workload = %workload.identity, "inbound HBONE connection established");
+        debug!(%peer, %source, workload = %target.identity(), "inbound HBONE connection established");
+        let target = Arc::new(target);
 
         let source = Arc::new(source);
         let mut streams = JoinSet::new();
@@ -289,9 +317,9 @@ impl Inbound {
                     Some(Ok((req, respond))) => {
                         got_first = true;
                         let this = self.clone();
-                        let (source, workload) = (source.clone(), workload.clone());
+                        let (source, target) = (source.clone(), target.clone());
                         streams.spawn(async move {
-                            this.serve_stream(req, respond, peer, local, source, workload).await
+                            this.serve_stream(req, respond, peer, local, source, target).await
                         });
                     }
                     Some(Err(e)) => {
@@ -336,8 +364,9 @@ impl Inbound {
         peer: SocketAddr,
         local: SocketAddr,
         source: Arc<SpiffeId>,
-        workload: Arc<LocalWorkload>,
+        target: Arc<Target>,
     ) {
+        let dst_identity = target.identity();
         let _gauge = Gauge::new(&self.active_streams);
         let start = Instant::now();
         let forwarded = req
@@ -359,7 +388,7 @@ impl Inbound {
         let labels = |response_flags| TrafficLabels {
             reporter: Reporter::Destination,
             source_principal: source.to_string(),
-            destination_principal: workload.identity.to_string(),
+            destination_principal: dst_identity.to_string(),
             destination_service: "unknown".into(),
             connection_security_policy: "mutual_tls",
             response_flags,
@@ -376,7 +405,7 @@ impl Inbound {
                 _ => self.metrics.failed(&labels(flags::BAD_REQUEST)),
             }
             info!(target: "access", direction = "inbound", src = %peer, forwarded = ?forwarded,
-                src_identity = %source, dst = dst, dst_identity = %workload.identity,
+                src_identity = %source, dst = dst, dst_identity = %dst_identity,
                 status = status.as_u16(), bytes_sent = bytes.tcp_to_stream,
                 bytes_received = bytes.stream_to_tcp, duration_ms = start.elapsed().as_millis() as u64,
                 traceparent = ?traceparent, baggage = ?baggage, result, "connection");
@@ -410,19 +439,23 @@ impl Inbound {
             );
             return;
         };
-        if dst.ip() != local.ip() || dst.ip() != workload.ip {
+        let workload = match &*target {
+            Target::Arrival(w) if dst.ip() == local.ip() && dst.ip() == w.ip => Some(w.clone()),
+            Target::Arrival(_) => None,
+            Target::Identity(id) => self.workloads.by_ip(dst.ip()).filter(|w| &w.identity == id),
+        };
+        let Some(workload) = workload else {
             let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
             log(
                 &dst.to_string(),
                 StatusCode::BAD_REQUEST,
                 Default::default(),
                 &format!(
-                    "authority ip does not match the workload {} the connection arrived for",
-                    workload.ip
+                    "authority ip is not a local workload of identity {dst_identity}, which the connection was opened for"
                 ),
             );
             return;
-        }
+        };
         if dst.port() == local.port() || TUNNEL_PORTS.contains(&dst.port()) {
             let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
             log(
@@ -452,7 +485,7 @@ impl Inbound {
         }
         let connect = tokio::time::timeout(
             self.config.upstream_connect_timeout,
-            tokio::net::TcpStream::connect(dst),
+            super::listener::connect_from(dst, self.config.delivery_source),
         )
         .await;
         let mut upstream = match connect {

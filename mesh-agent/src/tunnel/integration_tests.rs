@@ -100,6 +100,8 @@ struct Mesh {
 struct MeshOptions {
     config: TunnelConfig,
     inbound_authz: Arc<dyn Authorizer>,
+    /// Where the inbound listens: the pod's address (ztunnel style) or a node address.
+    inbound_ip: [u8; 4],
 }
 
 impl Default for MeshOptions {
@@ -107,6 +109,7 @@ impl Default for MeshOptions {
         Self {
             config: test_config(),
             inbound_authz: Arc::new(AllowAll),
+            inbound_ip: [127, 0, 0, 2],
         }
     }
 }
@@ -132,7 +135,7 @@ impl Mesh {
         let (trigger, watch) = drain::channel();
 
         let inbound_listener =
-            bind_reuseport(SocketAddr::from(([127, 0, 0, 2], 0)), 1024).expect("bind inbound");
+            bind_reuseport(SocketAddr::from((opts.inbound_ip, 0)), 1024).expect("bind inbound");
         let inbound_addr = inbound_listener.local_addr().expect("addr");
         let destination = Destination::Workload(Endpoint {
             addr: echo,
@@ -822,6 +825,59 @@ async fn client_refuses_a_server_with_the_wrong_identity() {
         .expect("must fail");
     assert!(err.is_connect_failure(), "{err}");
     assert!(err.to_string().contains("someone-else"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_address_listener_picks_the_certificate_from_sni() {
+    // The inbound listens on 127.0.0.3, which is no workload's address (a node address).
+    let mesh = Mesh::start(MeshOptions {
+        inbound_ip: [127, 0, 0, 3],
+        ..MeshOptions::default()
+    })
+    .await;
+    // The pool sends SNI naming the server identity: served, byte-exact.
+    let app = TcpStream::connect(mesh.outbound_addr)
+        .await
+        .expect("connect outbound");
+    round_trip(app, 64 * 1024).await;
+    // Without SNI the arrival address names no workload: the handshake is refused.
+    let cert = mesh.certs.get(&mesh.client).await.expect("cert");
+    let cfg = client_config(&cert, &mesh.certs.trust_bundle(), &mesh.server).expect("config");
+    let tcp = TcpStream::connect(mesh.inbound_addr)
+        .await
+        .expect("connect");
+    let no_sni = tokio_rustls::TlsConnector::from(cfg)
+        .connect(placeholder_server_name(), tcp)
+        .await;
+    assert!(
+        no_sni.is_err(),
+        "a node-address listener has no certificate to present without SNI"
+    );
+}
+
+#[test]
+fn identity_server_names_are_stable_dns_labels() {
+    let name = crate::identity::tls::identity_server_name(&id("server"));
+    let (label, suffix) = name.split_at(32);
+    assert_eq!(suffix, crate::identity::tls::SNI_SUFFIX);
+    assert!(
+        label
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    );
+    // Fixed: peers of different versions must agree (SHA-256 of the SPIFFE URI; reference
+    // value from Python's hashlib).
+    assert_eq!(name, "ac792962aa7770bbda5abb1d6291b078.id.nodemesh.invalid");
+    assert_ne!(
+        name,
+        crate::identity::tls::identity_server_name(&id("client"))
+    );
+    let w = Arc::new(server_workload(
+        "10.0.0.1:1".parse().expect("addr"),
+        &id("server"),
+    ));
+    assert_eq!(identity_by_sni([&w], &name), Some(id("server")));
+    assert_eq!(identity_by_sni([&w], "example.com"), None);
 }
 
 /// Allows until switched off.

@@ -37,6 +37,23 @@ pub fn tune(stream: &tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
+/// Connects to `dst`, from `source` (port chosen by the kernel) when given.
+pub async fn connect_from(
+    dst: SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let Some(src) = source.filter(|s| s.is_ipv4() == dst.is_ipv4()) else {
+        return tokio::net::TcpStream::connect(dst).await;
+    };
+    let socket = if dst.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(src, 0))?;
+    socket.connect(dst).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

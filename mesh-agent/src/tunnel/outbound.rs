@@ -200,7 +200,7 @@ impl Outbound {
                 return;
             }
         };
-        let redirect = match self.redirects.redirect(peer, local) {
+        let redirect = match self.redirects.redirect_socket(&tcp, peer, local) {
             Ok(r) => r,
             Err(reason) => {
                 warn!(%peer, %local, reason,
@@ -428,7 +428,7 @@ impl Outbound {
         outcome.flag = flags::CONNECT;
         let mut upstream = match tokio::time::timeout(
             self.config.upstream_connect_timeout,
-            tokio::net::TcpStream::connect(ep.addr),
+            super::listener::connect_from(ep.addr, self.config.delivery_source),
         )
         .await
         {

@@ -38,7 +38,7 @@ use tracing::{debug, info, warn};
 use super::TunnelConfig;
 use crate::identity::{
     CertCache, SpiffeId,
-    tls::{client_config, peer_cert_error, placeholder_server_name},
+    tls::{client_config, identity_sni, peer_cert_error},
 };
 
 /// An HBONE `CONNECT` request: `:authority` = `ip:port`, no scheme or path.
@@ -292,7 +292,7 @@ impl Pool {
             })?;
         super::listener::tune(&tcp);
         let tls = TlsConnector::from(tls_config)
-            .connect(placeholder_server_name(), tcp)
+            .connect(identity_sni(&key.expected), tcp)
             .await
             .map_err(|e| PoolError::Tls {
                 hbone,

@@ -12,7 +12,9 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use super::{Destination, IdentityIds, LocalWorkload, LocalWorkloads, Resolver};
+use super::{
+    Destination, Endpoint, IdentityIds, LocalWorkload, LocalWorkloads, Location, Resolver,
+};
 use crate::identity::SpiffeId;
 
 /// Everything the tunnel needs to know, at one instant.
@@ -24,6 +26,9 @@ pub struct Snapshot {
     pub destinations: HashMap<SocketAddr, Destination>,
     /// The datapath's numeric identity ids → identities.
     pub identity_ids: HashMap<u32, SpiffeId>,
+    /// Workload addresses (pods listen on any port): pod IP → identity and where it runs.
+    /// Consulted when `destinations` has no entry for the exact `ip:port`.
+    pub workload_addresses: HashMap<IpAddr, (SpiffeId, Location)>,
 }
 
 #[derive(Debug, Default)]
@@ -55,11 +60,24 @@ impl LocalWorkloads for TunnelState {
     fn by_ip(&self, ip: IpAddr) -> Option<Arc<LocalWorkload>> {
         self.snapshot().local_workloads.get(&ip).cloned()
     }
+
+    fn identity_for_sni(&self, server_name: &str) -> Option<SpiffeId> {
+        super::identity_by_sni(self.snapshot().local_workloads.values(), server_name)
+    }
 }
 
 impl Resolver for TunnelState {
     fn resolve(&self, dst: SocketAddr) -> Option<Destination> {
-        self.snapshot().destinations.get(&dst).cloned()
+        let snapshot = self.snapshot();
+        if let Some(d) = snapshot.destinations.get(&dst) {
+            return Some(d.clone());
+        }
+        let (identity, location) = snapshot.workload_addresses.get(&dst.ip())?;
+        Some(Destination::Workload(Endpoint {
+            addr: dst,
+            identity: identity.clone(),
+            location: location.clone(),
+        }))
     }
 }
 
@@ -72,7 +90,6 @@ impl IdentityIds for TunnelState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tunnel::{Endpoint, Location};
 
     #[test]
     fn replace_swaps_every_view_at_once() {
@@ -101,6 +118,7 @@ mod tests {
             .into_iter()
             .collect(),
             identity_ids: [(7, id.clone())].into_iter().collect(),
+            workload_addresses: HashMap::new(),
         });
         assert_eq!(state.by_ip(ip), Some(w));
         assert!(matches!(state.resolve(dst), Some(Destination::Workload(_))));

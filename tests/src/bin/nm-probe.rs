@@ -16,6 +16,14 @@
 //!   from an unconnected UDP socket and prints `local=<addr>`.
 //! - `nm-probe <cgroup-dir> <netns-file> time-refused <count> <ip:port>`: times `count` TCP
 //!   connects that must each fail with ECONNREFUSED and prints `p50_ns=… p99_ns=… max_ns=…`.
+//! - `nm-probe <cgroup-dir> <netns-file> echo <ip:port>`: listens, prints `ready`, then for each
+//!   accepted connection prints `peer=<addr>` and echoes every byte back until the peer's EOF.
+//!   Exits when stdin closes (with `--forever` after it: runs until killed, for the lab).
+//! - `nm-probe <cgroup-dir> <netns-file> roundtrip <ip:port> <payload>`: connects, writes the
+//!   payload, half-closes, reads until EOF and exits 0 only if it read back exactly the payload
+//!   (prints `local=<addr>`).
+//! - `nm-probe <cgroup-dir> <netns-file> exec <program> [args...]`: runs the program in the
+//!   cgroup and namespace (replacing the probe).
 //!
 //! On any failure it prints the reason and exits 1.
 
@@ -66,6 +74,14 @@ fn run() -> Result<(), String> {
         ("udp-connect", [dst]) => udp_connect(dst),
         ("udp-send", [dst]) => udp_send(dst),
         ("time-refused", [count, dst]) => time_refused(count, dst),
+        ("echo", [addr]) => echo(addr, false),
+        ("echo", [addr, flag]) if flag == "--forever" => echo(addr, true),
+        ("roundtrip", [dst, payload]) => roundtrip(dst, payload),
+        ("exec", [program, args @ ..]) => {
+            use std::os::unix::process::CommandExt;
+            let e = std::process::Command::new(program).args(args).exec();
+            Err(format!("exec {program}: {e}"))
+        }
         _ => Err(USAGE.into()),
     }
 }
@@ -88,6 +104,77 @@ fn connect(dst: &str, payload: &str) -> Result<(), String> {
         .local_addr()
         .map_err(|e| format!("local_addr: {e}"))?;
     println!("local={local}");
+    Ok(())
+}
+
+fn echo(addr: &str, forever: bool) -> Result<(), String> {
+    let addr: SocketAddr = parse("address", addr)?;
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            if let Ok(peer) = conn.peer_addr() {
+                println!("peer={peer}");
+                let _ = std::io::stdout().flush();
+            }
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if conn.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    println!("ready");
+    std::io::stdout()
+        .flush()
+        .map_err(|e| format!("stdout: {e}"))?;
+    if forever {
+        loop {
+            std::thread::park();
+        }
+    }
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    Ok(())
+}
+
+fn roundtrip(dst: &str, payload: &str) -> Result<(), String> {
+    let dst: SocketAddr = parse("address", dst)?;
+    let mut stream = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+        .map_err(|e| format!("connect {dst}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| format!("set_read_timeout: {e}"))?;
+    let local = stream
+        .local_addr()
+        .map_err(|e| format!("local_addr: {e}"))?;
+    println!("local={local}");
+    stream
+        .write_all(payload.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
+    let mut back = Vec::new();
+    stream
+        .read_to_end(&mut back)
+        .map_err(|e| format!("read: {e}"))?;
+    if back != payload.as_bytes() {
+        return Err(format!(
+            "echo mismatch: sent {} bytes, got {} bytes back: {:?}",
+            payload.len(),
+            back.len(),
+            String::from_utf8_lossy(&back)
+        ));
+    }
+    println!("echoed={}", back.len());
     Ok(())
 }
 

@@ -1,0 +1,391 @@
+//! `mesh-agent local`: the whole node agent wired together, fed from the local YAML file.
+//!
+//! [`build`] loads the model (the first load must be valid), opens the local CA, brings up the
+//! datapath (pins under the instance, attach at the cgroup, tunnel interface and address), programs
+//! the maps from the model ([`compute`] + [`crate::reconcile`]), binds and starts the tunnel
+//! (inbound on the node address, outbound on the tunnel address) and returns the bound addresses
+//! with a [`Running`] agent. [`Running::run`] follows the model: each new model is recomputed, the
+//! map difference applied, the tunnel state replaced and live connections re-authorized. On
+//! shutdown it drains the tunnel and exits, leaving the pins (a restarted agent adopts them).
+//!
+//! Layering: this is the top; it names the components, none of them names it.
+
+pub mod compute;
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    datapath::{Datapath, LoadOptions, Pins},
+    identity::{CertCache, LocalCa, SpiffeId},
+    local_config::{DEFAULT_POLL_INTERVAL, LocalConfigSource},
+    model::{ClusterModel, ObjectKey},
+    policy::{ConnectionAttrs, PeerIdentity},
+    reconcile,
+    tunnel::{
+        self, Authorizer, AuthzDecision, AuthzRequest, DatapathRedirects, IdentityIds, Seams,
+        TunnelConfig, drain, listener::bind_reuseport, state::TunnelState,
+    },
+};
+
+/// Name of the interface holding the tunnel address in the agent's network namespace.
+pub const TUNNEL_IFACE: &str = "nm-tunnel";
+/// Where state lives unless `--state-dir` says otherwise: `<this>/<instance>`.
+pub const DEFAULT_STATE_ROOT: &str = "/var/lib/nodemesh";
+/// The file created in the state directory once the agent serves (removed on exit).
+pub const READY_FILE: &str = "ready";
+/// The log line printed once the agent serves.
+pub const READY_LINE: &str = "nodemesh agent ready";
+
+/// Everything `mesh-agent local` is told on its command line.
+#[derive(Clone, Debug)]
+pub struct LocalOptions {
+    pub config: PathBuf,
+    /// Overrides the file's `thisNode`.
+    pub node: Option<String>,
+    /// CA, readiness file; default `/var/lib/nodemesh/<instance>`.
+    pub state_dir: Option<PathBuf>,
+    /// The local CA's directory; default `<state-dir>/ca`. Agents of one cluster share it.
+    pub ca_dir: Option<PathBuf>,
+    /// Where to attach the programs; default the cgroup v2 root.
+    pub cgroup: Option<PathBuf>,
+    pub instance: String,
+    pub bpffs: PathBuf,
+    pub poll_interval: Duration,
+    pub drain_deadline: Duration,
+}
+
+impl LocalOptions {
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| Path::new(DEFAULT_STATE_ROOT).join(&self.instance))
+    }
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        Self {
+            config: PathBuf::new(),
+            node: None,
+            state_dir: None,
+            ca_dir: None,
+            cgroup: None,
+            instance: "default".into(),
+            bpffs: PathBuf::from(Pins::DEFAULT_BPFFS),
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            drain_deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where the agent listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+}
+
+/// [`Authorizer`] over the model's [`crate::policy::PolicySet`]; the model is swapped on reload.
+pub struct PolicyAuthorizer {
+    model: RwLock<Arc<ClusterModel>>,
+}
+
+impl PolicyAuthorizer {
+    pub fn new(model: Arc<ClusterModel>) -> Arc<Self> {
+        Arc::new(Self {
+            model: RwLock::new(model),
+        })
+    }
+
+    pub fn replace(&self, model: Arc<ClusterModel>) {
+        *self.model.write().unwrap_or_else(|p| p.into_inner()) = model;
+    }
+}
+
+impl Authorizer for PolicyAuthorizer {
+    fn authorize(&self, req: &AuthzRequest<'_>) -> AuthzDecision {
+        let model = self.model.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(workload) = model.workload_by_ip(req.destination_workload.ip) else {
+            return AuthzDecision::Deny {
+                reason: format!(
+                    "{} is no longer a workload of this node",
+                    req.destination_workload.ip
+                ),
+            };
+        };
+        let attrs = ConnectionAttrs {
+            src_identity: req
+                .source_identity
+                .and_then(|id| PeerIdentity::from_spiffe_uri(&id.to_string())),
+            src_ip: req.source_addr.ip(),
+            dst_ip: req.destination.ip(),
+            dst_port: req.destination.port(),
+        };
+        let decision = model.policies().authorize(&workload.meta(), &attrs);
+        if decision.is_allowed() {
+            AuthzDecision::Allow
+        } else {
+            AuthzDecision::Deny {
+                reason: match decision.policy() {
+                    Some(p) => format!("{p}: {:?}", decision.reason),
+                    None => format!("{:?}", decision.reason),
+                },
+            }
+        }
+    }
+}
+
+/// [`IdentityIds`] of the shared tunnel state.
+struct StateIds(Arc<TunnelState>);
+
+impl IdentityIds for StateIds {
+    fn identity(&self, identity_id: u32) -> Option<SpiffeId> {
+        self.0.identity(identity_id)
+    }
+}
+
+/// A built agent, serving.
+pub struct Running {
+    pub bound: Bound,
+    opts: LocalOptions,
+    datapath: Datapath,
+    models: watch::Receiver<Arc<ClusterModel>>,
+    cookies: BTreeMap<ObjectKey, u64>,
+    state: Arc<TunnelState>,
+    authorizer: Arc<PolicyAuthorizer>,
+    tunnel: tunnel::Running,
+    drain: drain::Trigger,
+    background: Vec<tokio::task::JoinHandle<()>>,
+    ready: ReadyFile,
+}
+
+/// Brings the agent up (see the module comment). Returns once it serves.
+pub async fn build(opts: LocalOptions) -> Result<Running> {
+    let source = LocalConfigSource::new(&opts.config, opts.node.clone());
+    let watch = source
+        .watch(opts.poll_interval)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("cannot start from {}", opts.config.display()))?;
+    let models = watch.models.clone();
+    let model = models.borrow().clone();
+    let node = model.this_node().clone();
+    info!(node = %node.name, address = %node.address, tunnel = %node.tunnel_address, config = %opts.config.display(), "starting the local agent");
+
+    let state_dir = opts.state_dir();
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;
+    let trust_domain = model.local_workloads().next().map_or_else(
+        || "cluster.local".to_owned(),
+        |w| w.identity.trust_domain.clone(),
+    );
+    let ca_dir = opts.ca_dir.clone().unwrap_or_else(|| state_dir.join("ca"));
+    let ca = LocalCa::open(&ca_dir, &trust_domain)
+        .with_context(|| format!("cannot open the local CA in {}", ca_dir.display()))?;
+    let certs = Arc::new(CertCache::new(Arc::new(ca)));
+
+    // Data path.
+    crate::tunnel_iface::ensure_tunnel_iface(TUNNEL_IFACE, &[node.tunnel_address])
+        .context("cannot create the tunnel interface")?;
+    let cgroup = match &opts.cgroup {
+        Some(p) => p.clone(),
+        None => crate::cgroup::cgroup2_mount().context("cannot find the cgroup v2 hierarchy")?,
+    };
+    let pins = Pins::new(&opts.bpffs, &opts.instance)?;
+    let mut datapath = Datapath::load_with(Some(&pins), &LoadOptions::default())?;
+    datapath.attach(&cgroup)?;
+    if let Some(own) = own_cgroup()
+        && !own.starts_with(&cgroup)
+    {
+        datapath.attach_tunnel(&own)?;
+    }
+
+    // Tunnel state and the maps.
+    let state = TunnelState::new(compute::snapshot(&model)?);
+    let authorizer = PolicyAuthorizer::new(model.clone());
+    let mut cookies = BTreeMap::new();
+    program(&mut datapath, &model, &mut cookies)?;
+    let local_ids: Vec<SpiffeId> = state
+        .snapshot()
+        .local_workloads
+        .values()
+        .map(|w| w.identity.clone())
+        .collect();
+    certs.prefetch(&local_ids).await;
+
+    // Tunnel.
+    let config = TunnelConfig {
+        delivery_source: Some(node.tunnel_address),
+        drain_deadline: opts.drain_deadline,
+        ..TunnelConfig::default()
+    };
+    let inbound_addr = SocketAddr::new(node.address, node.hbone_port);
+    let outbound_addr = SocketAddr::new(node.tunnel_address, node.outbound_port);
+    let inbound = bind_reuseport(inbound_addr, config.listen_backlog)
+        .with_context(|| format!("cannot listen on {inbound_addr} (inbound HBONE)"))?;
+    let outbound = bind_reuseport(outbound_addr, config.listen_backlog)
+        .with_context(|| format!("cannot listen on {outbound_addr} (outbound)"))?;
+    let seams = Seams {
+        redirects: Arc::new(DatapathRedirects {
+            reader: datapath.orig_dst_reader(),
+            identities: StateIds(state.clone()),
+        }),
+        resolver: state.clone(),
+        workloads: state.clone(),
+        authorizer: authorizer.clone(),
+    };
+    let (trigger, drain_watch) = drain::channel();
+    let tunnel = tunnel::start(config, certs.clone(), seams, inbound, outbound, drain_watch)?;
+    let bound = Bound {
+        inbound: tunnel.inbound_addr,
+        outbound: tunnel.outbound_addr,
+    };
+
+    // The tunnel owns the heartbeat: it beats while this process serves.
+    let heartbeat = datapath.heartbeat();
+    heartbeat.beat()?;
+    let beat = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(compute::STALE_AFTER / 5);
+        loop {
+            tick.tick().await;
+            if let Err(e) = heartbeat.beat() {
+                warn!(error = %e, "tunnel heartbeat failed");
+            }
+        }
+    });
+    let refresher = certs.spawn_refresher(Duration::from_secs(60));
+    let keep_watch = tokio::spawn(async move {
+        // Holds the watcher (and so its polling) for the agent's lifetime.
+        let _watch = watch;
+        std::future::pending::<()>().await;
+    });
+
+    let ready = state_dir.join(READY_FILE);
+    std::fs::write(&ready, b"ready\n")
+        .with_context(|| format!("cannot write {}", ready.display()))?;
+    let ready = ReadyFile(ready);
+    info!(inbound = %bound.inbound, outbound = %bound.outbound, "{READY_LINE}");
+    Ok(Running {
+        bound,
+        opts,
+        datapath,
+        models,
+        cookies,
+        state,
+        authorizer,
+        tunnel,
+        drain: trigger,
+        background: vec![beat, refresher, keep_watch],
+        ready,
+    })
+}
+
+/// Reads the netns cookies of local workloads (keeping known ones) and reconciles the maps.
+fn program(
+    datapath: &mut Datapath,
+    model: &ClusterModel,
+    cookies: &mut BTreeMap<ObjectKey, u64>,
+) -> Result<()> {
+    let mut next = BTreeMap::new();
+    for w in model.local_workloads() {
+        if let Some(&c) = cookies.get(&w.key) {
+            next.insert(w.key.clone(), c);
+            continue;
+        }
+        match crate::netns::netns_cookie(&w.netns) {
+            Ok(c) => {
+                next.insert(w.key.clone(), c);
+            }
+            Err(e) => {
+                warn!(workload = %w.key, netns = %w.netns.display(), error = %e,
+                    "cannot enroll the workload yet (its network namespace is not readable); retrying on the next change")
+            }
+        }
+    }
+    *cookies = next;
+    let desired = compute::desired_state(model, cookies)?;
+    let entries = reconcile::compile(&desired)?;
+    let report = reconcile::reconcile(datapath, &entries)?;
+    info!(
+        written = report.written,
+        deleted = report.deleted,
+        pods = cookies.len(),
+        "maps reconciled"
+    );
+    Ok(())
+}
+
+/// This process's cgroup v2 directory.
+fn own_cgroup() -> Option<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(
+        crate::cgroup::cgroup2_mount()
+            .ok()?
+            .join(rel.trim_start_matches('/')),
+    )
+}
+
+impl Running {
+    /// Follows the model until `shutdown`, then drains and returns (pins stay).
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                changed = self.models.changed() => {
+                    if changed.is_err() {
+                        bail!("the configuration watcher stopped");
+                    }
+                    let model = self.models.borrow_and_update().clone();
+                    if let Err(e) = self.apply(model) {
+                        warn!(error = format!("{e:#}"), "cannot apply the new configuration; the previous state stays");
+                    }
+                }
+            }
+        }
+        info!("draining the tunnel");
+        drop(self.ready);
+        let outcome = self.drain.drain(self.opts.drain_deadline).await;
+        for t in self.tunnel.tasks.drain(..) {
+            let _ = t.await;
+        }
+        for t in &self.background {
+            t.abort();
+        }
+        info!(
+            ?outcome,
+            "stopped; the eBPF programs stay attached (pinned)"
+        );
+        Ok(())
+    }
+
+    fn apply(&mut self, model: Arc<ClusterModel>) -> Result<()> {
+        let snapshot = compute::snapshot(&model)?;
+        program(&mut self.datapath, &model, &mut self.cookies)?;
+        self.state.replace(snapshot);
+        self.authorizer.replace(model);
+        let closed = self.tunnel.inbound.reauthorize() + self.tunnel.outbound.reauthorize();
+        info!(closed, "configuration applied");
+        Ok(())
+    }
+}
+
+/// The readiness file; removed when the agent stops, also on an error return.
+struct ReadyFile(PathBuf);
+
+impl Drop for ReadyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

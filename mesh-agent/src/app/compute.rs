@@ -1,0 +1,343 @@
+//! Pure steps from the cluster model to what the agent programs: the kernel maps' desired state
+//! ([`desired_state`], with the early-deny entries of [`early_denies`]) and the tunnel's
+//! [`Snapshot`]. No I/O: the caller reads the pods' netns cookies and applies the results.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use crate::{
+    identity::SpiffeId,
+    map_model::{Action, Cidr, PeerIdentity, PodSpec, PolicyRule, Proto},
+    maps::TunnelSettings,
+    model::{self, ClusterModel, Enrollment, Workload},
+    policy::{ConnectionAttrs, PolicySet},
+    reconcile::DesiredState,
+    tunnel::{Destination, Endpoint, LocalWorkload, Location, state::Snapshot},
+};
+
+/// The heartbeat staleness after which fail-closed pods are refused (the tunnel beats at a third).
+pub const STALE_AFTER: Duration = Duration::from_secs(5);
+
+/// Why the model cannot be programmed.
+#[derive(Debug, thiserror::Error)]
+pub enum ComputeError {
+    #[error(
+        "node {node}: tunnelAddress {addr} is not IPv4 (the datapath redirects IPv4 connects to an IPv4 tunnel address)"
+    )]
+    TunnelNotV4 { node: String, addr: IpAddr },
+    #[error("identity {0} is not a valid SPIFFE ID: {1}")]
+    BadIdentity(String, String),
+}
+
+/// The tunnel settings of this node.
+pub fn tunnel_settings(model: &ClusterModel) -> Result<TunnelSettings, ComputeError> {
+    let node = model.this_node();
+    let IpAddr::V4(ip4) = node.tunnel_address else {
+        return Err(ComputeError::TunnelNotV4 {
+            node: node.name.clone(),
+            addr: node.tunnel_address,
+        });
+    };
+    Ok(TunnelSettings {
+        ip4,
+        ip6: None,
+        port: node.outbound_port,
+        stale_after: Some(STALE_AFTER),
+    })
+}
+
+/// The enrollment record of one local workload.
+pub fn pod_spec(e: &Enrollment) -> PodSpec {
+    let ip4 = e.ips.iter().find_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    });
+    let ip6 = e.ips.iter().find_map(|ip| match ip {
+        IpAddr::V6(v6) => Some(*v6),
+        IpAddr::V4(_) => None,
+    });
+    let mtls = match e.mtls.mode {
+        crate::policy::MtlsMode::Strict => mesh_common::MtlsMode::Strict,
+        crate::policy::MtlsMode::Permissive => mesh_common::MtlsMode::Permissive,
+    };
+    let fail = match e.fail_mode {
+        model::FailMode::Closed => mesh_common::FailMode::Closed,
+        model::FailMode::Open => mesh_common::FailMode::Open,
+    };
+    PodSpec {
+        workload_id: e.workload_id,
+        identity_id: e.identity_id,
+        ip4,
+        ip6,
+        mtls,
+        fail,
+        plaintext_ports: e.probe_ports.clone(),
+    }
+}
+
+/// Everything the maps should say. `cookies` maps local workloads to the netns cookies read
+/// for them; a workload without one (namespace not there yet) is left out until the next pass.
+pub fn desired_state(
+    model: &ClusterModel,
+    cookies: &BTreeMap<model::ObjectKey, u64>,
+) -> Result<DesiredState, ComputeError> {
+    let mut d = DesiredState {
+        tunnel: Some(tunnel_settings(model)?),
+        ..Default::default()
+    };
+    for e in model.enrollments() {
+        if let Some(&cookie) = cookies.get(&e.workload) {
+            d.pods.insert(cookie, pod_spec(&e));
+        }
+    }
+    for (ip, id) in model.address_identities() {
+        d.identities.insert(Cidr::host(ip), id);
+    }
+    d.policy = early_denies(model);
+    Ok(d)
+}
+
+fn attrs(src: &Workload, src_ip: IpAddr, dst_ip: IpAddr, port: u16) -> ConnectionAttrs {
+    ConnectionAttrs {
+        src_identity: Some(src.identity.to_peer()),
+        src_ip,
+        dst_ip,
+        dst_port: port,
+    }
+}
+
+/// The kernel's early-deny entries: for each (local source identity, destination identity), the
+/// ports on which **every** local pod of the source identity is denied by the policies of
+/// **every** workload of the destination identity (the kernel keys on identities, not pods).
+/// Ports: one entry for "any port" from a port no policy names, and per named port where its
+/// decision differs. Anything not denied everywhere is left to the destination's tunnel, which
+/// always re-checks; an entry here only makes a certain refusal fast.
+pub fn early_denies(model: &ClusterModel) -> BTreeSet<PolicyRule> {
+    let policies: &PolicySet = model.policies();
+    let named = policies.named_ports();
+    let unnamed = (1..=u16::MAX).find(|p| !named.contains(p)).unwrap_or(1);
+    let mut sources: BTreeMap<u32, Vec<&Workload>> = BTreeMap::new();
+    for w in model.local_workloads() {
+        sources.entry(w.identity_id).or_default().push(w);
+    }
+    let mut dests: BTreeMap<u32, Vec<&Workload>> = BTreeMap::new();
+    for w in model.workloads() {
+        dests.entry(w.identity_id).or_default().push(w);
+    }
+    let denied = |srcs: &[&Workload], dsts: &[&Workload], port: u16| {
+        srcs.iter().all(|s| {
+            dsts.iter().all(|d| {
+                let meta = d.meta();
+                s.ips.iter().all(|&sip| {
+                    d.ips.iter().all(|&dip| {
+                        !policies
+                            .authorize(&meta, &attrs(s, sip, dip, port))
+                            .is_allowed()
+                    })
+                })
+            })
+        })
+    };
+    let mut out = BTreeSet::new();
+    for (&src_id, srcs) in &sources {
+        for (&dst_id, dsts) in &dests {
+            let any = denied(srcs, dsts, unnamed);
+            let rule = |port, action| PolicyRule {
+                src_identity: src_id,
+                dst: PeerIdentity::Id(dst_id),
+                port,
+                proto: Proto::Tcp,
+                action,
+            };
+            if any {
+                out.insert(rule(None, Action::Deny));
+            }
+            for &port in &named {
+                let here = denied(srcs, dsts, port);
+                if here != any {
+                    let action = if here { Action::Deny } else { Action::Allow };
+                    out.insert(rule(Some(port), action));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn spiffe(identity: &model::Identity) -> Result<SpiffeId, ComputeError> {
+    identity
+        .spiffe_id()
+        .parse()
+        .map_err(|e: crate::identity::SpiffeIdError| {
+            ComputeError::BadIdentity(identity.spiffe_id(), e.to_string())
+        })
+}
+
+fn location(model: &ClusterModel, node: &model::Node) -> Location {
+    if node.name == model.this_node().name {
+        Location::SameNode
+    } else {
+        Location::Remote {
+            hbone: SocketAddr::new(node.address, node.hbone_port),
+        }
+    }
+}
+
+/// The tunnel's view: local workloads, every workload address, service VIP ports, identity ids.
+pub fn snapshot(model: &ClusterModel) -> Result<Snapshot, ComputeError> {
+    let mut s = Snapshot::default();
+    for w in model.local_workloads() {
+        let identity = spiffe(&w.identity)?;
+        for &ip in &w.ips {
+            s.local_workloads.insert(
+                ip,
+                Arc::new(LocalWorkload {
+                    name: w.key.name.clone(),
+                    namespace: w.key.namespace.clone(),
+                    identity: identity.clone(),
+                    ip,
+                }),
+            );
+        }
+    }
+    let mut workload_addresses = HashMap::new();
+    for w in model.workloads() {
+        let identity = spiffe(&w.identity)?;
+        let Some(node) = model.node(&w.node) else {
+            continue;
+        };
+        let loc = location(model, node);
+        for &ip in &w.ips {
+            workload_addresses.insert(ip, (identity.clone(), loc.clone()));
+        }
+    }
+    for svc in model.services() {
+        let hostname = format!("{}.{}.svc.cluster.local", svc.key.name, svc.key.namespace);
+        for port in &svc.ports {
+            let target = svc.target_port(port.port).unwrap_or(port.port);
+            let mut endpoints = Vec::new();
+            for (w, node) in model.endpoints(svc) {
+                let identity = spiffe(&w.identity)?;
+                for &ip in &w.ips {
+                    endpoints.push(Endpoint {
+                        addr: SocketAddr::new(ip, target),
+                        identity: identity.clone(),
+                        location: location(model, node),
+                    });
+                }
+            }
+            for &vip in &svc.vips {
+                s.destinations.insert(
+                    SocketAddr::new(vip, port.port),
+                    Destination::Service {
+                        hostname: hostname.clone(),
+                        endpoints: endpoints
+                            .iter()
+                            .filter(|e| e.addr.is_ipv4() == vip.is_ipv4())
+                            .cloned()
+                            .collect(),
+                    },
+                );
+            }
+        }
+    }
+    s.workload_addresses = workload_addresses;
+    for (identity, id) in model.identities() {
+        s.identity_ids.insert(id, spiffe(identity)?);
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local_config::build_from_texts;
+
+    const CLUSTER: &str = r#"
+apiVersion: local.nodemesh.io/v1alpha1
+kind: LocalCluster
+thisNode: a
+nodes:
+- {name: a, address: 10.0.0.1, tunnelAddress: 169.254.7.1}
+- {name: b, address: 10.0.0.2, tunnelAddress: 169.254.7.2}
+workloads:
+- {name: client, namespace: demo, serviceAccount: client, ips: [10.1.0.2], netns: /run/netns/c, node: a}
+- {name: server, namespace: demo, serviceAccount: server, labels: {app: server}, ips: [10.2.0.2], netns: /run/netns/s, node: b}
+services:
+- {name: echo, namespace: demo, vips: [10.96.0.1], ports: [{port: 80, targetPort: 8080}], endpoints: [server]}
+"#;
+
+    const DENY_8080: &str = r#"
+---
+apiVersion: security.nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: deny, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]
+    to: [{operation: {ports: ["8080"]}}]
+"#;
+
+    fn model(text: &str) -> ClusterModel {
+        let m = build_from_texts(&[("c.yaml".into(), text.to_owned())], None);
+        match m {
+            Ok(m) => m,
+            Err(e) => panic!("test config is valid: {e}"),
+        }
+    }
+
+    #[test]
+    fn snapshot_resolves_pods_on_any_port_and_services_on_their_ports() {
+        use crate::tunnel::Resolver;
+        let m = model(CLUSTER);
+        let state = crate::tunnel::state::TunnelState::new(snapshot(&m).expect("valid"));
+        let Some(Destination::Workload(ep)) = state.resolve("10.2.0.2:9999".parse().expect("a"))
+        else {
+            panic!("pod address resolves on any port");
+        };
+        assert_eq!(
+            ep.location,
+            Location::Remote {
+                hbone: "10.0.0.2:15008".parse().expect("a")
+            }
+        );
+        let Some(Destination::Service { endpoints, .. }) =
+            state.resolve("10.96.0.1:80".parse().expect("a"))
+        else {
+            panic!("VIP resolves on its port");
+        };
+        assert_eq!(endpoints[0].addr, "10.2.0.2:8080".parse().expect("a"));
+        assert!(state.resolve("10.96.0.1:81".parse().expect("a")).is_none());
+    }
+
+    #[test]
+    fn early_denies_cover_exactly_the_denied_port() {
+        let m = model(&format!("{CLUSTER}{DENY_8080}"));
+        let rules = early_denies(&m);
+        let client = m
+            .workloads()
+            .find(|w| w.key.name == "client")
+            .expect("client");
+        let server = m
+            .workloads()
+            .find(|w| w.key.name == "server")
+            .expect("server");
+        assert_eq!(
+            rules.into_iter().collect::<Vec<_>>(),
+            vec![PolicyRule {
+                src_identity: client.identity_id,
+                dst: PeerIdentity::Id(server.identity_id),
+                port: Some(8080),
+                proto: Proto::Tcp,
+                action: Action::Deny,
+            }]
+        );
+        assert!(early_denies(&model(CLUSTER)).is_empty());
+    }
+}

@@ -1,0 +1,272 @@
+//! The `mesh-agent` command line: parses arguments, sets up logging and calls into the library.
+//! Lives in the library so the binary stays a one-line `main` and the workspace tests can build
+//! the same agent as a binary of their own crate (`nm-agent`).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use crate::{
+    datapath::{Datapath, LoadOptions, Pins, uninstall},
+    maps::TunnelSettings,
+    node::{self, NodeOptions},
+};
+
+#[derive(Parser)]
+#[command(name = "mesh-agent", version, about = "nodemesh node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load every eBPF program into the kernel (running the verifier) and report, without
+    /// attaching anything. Exits non-zero with the verifier's reason if a program is rejected.
+    CheckKernel,
+    /// Run the node's data path: pin and attach the programs (adopting pins of a previous run),
+    /// redirect enrolled pods to the tunnel address, beat the tunnel heartbeat. Prints `ready`
+    /// once up; on SIGTERM/SIGINT exits leaving the programs attached.
+    Node(NodeArgs),
+    /// Run the whole node agent (data path, identities, tunnel, policy) fed from a local YAML
+    /// file instead of Kubernetes (docs/local-mode.md). Logs `nodemesh agent ready` and creates
+    /// `<state-dir>/ready` once serving; SIGTERM drains and exits leaving the programs pinned.
+    Local(LocalArgs),
+    /// Remove everything an agent instance pinned under bpffs: its programs detach (once no
+    /// agent process of the instance is running) and its maps are freed. Idempotent.
+    Uninstall {
+        /// The agent instance whose pins to remove (`<bpffs>/nodemesh/<instance>`).
+        #[arg(long)]
+        instance: String,
+        /// Where bpffs is mounted.
+        #[arg(long, default_value = Pins::DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// Agent instance: pins live in `<bpffs>/nodemesh/<instance>`.
+    #[arg(long, default_value = "default")]
+    instance: String,
+    /// Where bpffs is mounted.
+    #[arg(long, default_value = Pins::DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    /// cgroup v2 directory to attach to (default: the hierarchy's root, found in /proc/self/mounts).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// The tunnel's IPv4 address (link-local, node-local).
+    #[arg(long, default_value = "169.254.7.1")]
+    tunnel_ip4: Ipv4Addr,
+    /// The tunnel's IPv6 address; without it native IPv6 connects follow each pod's fail mode.
+    #[arg(long)]
+    tunnel_ip6: Option<Ipv6Addr>,
+    /// The tunnel's outbound listener port.
+    #[arg(long, default_value_t = mesh_common::OUTBOUND_PORT)]
+    tunnel_port: u16,
+    /// Create this interface (dummy, else port-less bridge) holding the tunnel addresses.
+    #[arg(long)]
+    tunnel_iface: Option<String>,
+    /// A destination enrolled pods reach without the tunnel (repeatable): `10.96.0.0/12`,
+    /// `10.96.0.1@443` (one port), `@53` (one port everywhere).
+    #[arg(long = "exclude")]
+    exclusions: Vec<crate::map_model::Exclusion>,
+    /// The tunnel counts as down when its heartbeat is older than this many milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    stale_after_ms: u64,
+    /// Kernel-side log level (error, warn, info, debug, trace); off by default.
+    #[arg(long, value_parser = parse_level)]
+    ebpf_log_level: Option<aya_log::Level>,
+    /// Remove the instance's pins (detaching its programs) and exit.
+    #[arg(long)]
+    uninstall: bool,
+}
+
+#[derive(clap::Args)]
+struct LocalArgs {
+    /// The cluster file (docs/local-mode.md); re-read when it changes.
+    #[arg(long)]
+    config: PathBuf,
+    /// This node's name (overrides the file's `thisNode`).
+    #[arg(long)]
+    node: Option<String>,
+    /// State directory (readiness file, CA unless `--ca-dir`); default /var/lib/nodemesh/<instance>.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The local CA's directory, shared by the agents of one cluster; default <state-dir>/ca.
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// cgroup v2 directory to attach to (default: the hierarchy's root).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Agent instance: pins live in `<bpffs>/nodemesh/<instance>`.
+    #[arg(long, default_value = "default")]
+    instance: String,
+    /// Where bpffs is mounted.
+    #[arg(long, default_value = Pins::DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    /// How often the config file is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    poll_ms: u64,
+}
+
+fn run_local(args: LocalArgs) -> ExitCode {
+    let opts = crate::app::LocalOptions {
+        config: args.config,
+        node: args.node,
+        state_dir: args.state_dir,
+        ca_dir: args.ca_dir,
+        cgroup: args.cgroup,
+        instance: args.instance,
+        bpffs: args.bpffs,
+        poll_interval: Duration::from_millis(args.poll_ms.max(10)),
+        ..Default::default()
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report(&e),
+    };
+    let result = rt.block_on(async {
+        let running = crate::app::build(opts).await?;
+        running
+            .run(async {
+                if let Err(e) = crate::tunnel::drain::shutdown_signal().await {
+                    tracing::warn!(error = %e, "no signal handler; running until killed");
+                    std::future::pending::<()>().await;
+                }
+            })
+            .await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_level(s: &str) -> Result<aya_log::Level, String> {
+    Ok(match s {
+        "error" => aya_log::Level::Error,
+        "warn" => aya_log::Level::Warn,
+        "info" => aya_log::Level::Info,
+        "debug" => aya_log::Level::Debug,
+        "trace" => aya_log::Level::Trace,
+        _ => {
+            return Err(format!(
+                "unknown level `{s}` (error, warn, info, debug, trace)"
+            ));
+        }
+    })
+}
+
+fn run_uninstall(bpffs: PathBuf, instance: &str) -> ExitCode {
+    match Pins::new(bpffs, instance).and_then(|pins| uninstall(&pins)) {
+        Ok(true) => {
+            println!("ok: removed the pins of instance {instance}");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!("ok: instance {instance} had nothing pinned");
+            ExitCode::SUCCESS
+        }
+        Err(e) => report(&e),
+    }
+}
+
+fn run_node(args: NodeArgs) -> ExitCode {
+    if args.uninstall {
+        return run_uninstall(args.bpffs, &args.instance);
+    }
+    let opts = NodeOptions {
+        instance: args.instance,
+        bpffs: args.bpffs,
+        cgroup: args.cgroup,
+        tunnel: TunnelSettings {
+            ip4: args.tunnel_ip4,
+            ip6: args.tunnel_ip6,
+            port: args.tunnel_port,
+            stale_after: Some(Duration::from_millis(args.stale_after_ms.max(1))),
+        },
+        tunnel_iface: args.tunnel_iface,
+        exclusions: args.exclusions,
+        load: LoadOptions {
+            ebpf_log_level: args.ebpf_log_level,
+        },
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report(&e),
+    };
+    let shutdown = async {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        match term {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            // Without a SIGTERM handler, Ctrl-C still works.
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    };
+    let ready = || {
+        use std::io::Write;
+        println!("ready");
+        let _ = std::io::stdout().flush();
+    };
+    match rt.block_on(node::run(opts, ready, shutdown)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report(&e),
+    }
+}
+
+fn report(e: &dyn std::error::Error) -> ExitCode {
+    eprintln!("error: {e}");
+    let mut source = e.source();
+    while let Some(s) = source {
+        eprintln!("  caused by: {s}");
+        source = s.source();
+    }
+    ExitCode::FAILURE
+}
+
+/// Runs the `mesh-agent` command line (arguments from the process).
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckKernel => match Datapath::load() {
+            Ok(_) => {
+                println!("ok: the kernel accepted every nodemesh eBPF program");
+                ExitCode::SUCCESS
+            }
+            Err(e) => report(&e),
+        },
+        Command::Node(args) => run_node(args),
+        Command::Local(args) => run_local(args),
+        Command::Uninstall { instance, bpffs } => run_uninstall(bpffs, &instance),
+    }
+}

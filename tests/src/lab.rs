@@ -1,0 +1,385 @@
+//! The local lab (`cargo xtask lab`, binary `nm-lab`): the cluster of a local-mode file
+//! (`tests/lab/lab.yaml`) built on this machine. Each node is a network namespace
+//! `nm-lab-<node>` with a cgroup `<cgroup2>/nm-lab/<node>`; each workload a namespace (its
+//! `netns` path) and a child cgroup of its node's; veth pairs join pods to their node (the node
+//! side holds `<pod /24>.1`, the pod's gateway) and the two nodes to each other (their
+//! `address`es, one /24). One `mesh-agent local` (`nm-agent`) runs per node inside the node's
+//! namespace and cgroup, and an echo server on port 8080 in every pod whose name starts with
+//! `server`. The topology goes to `target/lab/lab.json`.
+//!
+//! Names are fixed (`nm-lab-…`), so `down` removes everything a previous `up` made even after a
+//! crash: processes found in the lab's cgroups, pins of the agents' instances, namespaces named
+//! `nm-lab-*`, the cgroups, the state directory.
+
+use std::{
+    fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use mesh_agent::{local_config::LocalConfigSource, model::ClusterModel};
+
+use crate::{agent_exe, probe_exe, run};
+
+/// Prefix of every namespace, cgroup and pin instance the lab makes.
+pub const PREFIX: &str = "nm-lab";
+/// The echo port of the lab's servers (the services' `targetPort`).
+pub const ECHO_PORT: u16 = 8080;
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// Where the lab keeps its state: `target/lab` of the workspace.
+pub fn state_dir(workspace: &Path) -> PathBuf {
+    workspace.join("target").join("lab")
+}
+
+fn lab_cgroup() -> Result<PathBuf> {
+    Ok(mesh_agent::cgroup::cgroup2_mount()?.join(PREFIX))
+}
+
+fn ns_name(path: &Path) -> Result<String> {
+    Ok(path
+        .file_name()
+        .context("netns path has no file name")?
+        .to_string_lossy()
+        .into_owned())
+}
+
+fn node_ns(node: &str) -> String {
+    format!("{PREFIX}-{node}")
+}
+
+fn exec_in(ns: &str, args: &[&str]) -> Result<String> {
+    let mut full = vec!["netns", "exec", ns];
+    full.extend_from_slice(args);
+    run("ip", &full)
+}
+
+/// The /24 gateway (`.1`) of a pod address.
+fn gateway(ip: IpAddr) -> Result<std::net::Ipv4Addr> {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            Ok(std::net::Ipv4Addr::new(a, b, c, 1))
+        }
+        IpAddr::V6(_) => bail!("the lab builds IPv4 pods only (got {ip})"),
+    }
+}
+
+fn short_if(prefix: &str, name: &str) -> String {
+    let mut s = format!("{prefix}{name}");
+    s.truncate(15);
+    s
+}
+
+/// Brings the lab up from `config` (must be down first).
+pub fn up(config: &Path, workspace: &Path) -> Result<serde_json::Value> {
+    let config = fs::canonicalize(config)
+        .with_context(|| format!("cannot find the lab file {}", config.display()))?;
+    let model: std::sync::Arc<ClusterModel> = LocalConfigSource::new(&config, None)
+        .load()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let nodes: Vec<_> = model.nodes().cloned().collect();
+    ensure!(nodes.len() == 2, "the lab wires exactly two nodes");
+    let state = state_dir(workspace);
+    ensure!(
+        !state.join("lab.json").exists(),
+        "the lab is already up (run `cargo xtask lab down` first)"
+    );
+    fs::create_dir_all(&state)?;
+    let root_cg = lab_cgroup()?;
+    fs::create_dir_all(&root_cg)?;
+
+    for n in &nodes {
+        let ns = node_ns(&n.name);
+        run("ip", &["netns", "add", &ns])?;
+        exec_in(&ns, &["ip", "link", "set", "lo", "up"])?;
+        exec_in(&ns, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+        fs::create_dir_all(root_cg.join(&n.name))?;
+    }
+    let (a, b) = (&nodes[0], &nodes[1]);
+    run(
+        "ip",
+        &[
+            "link",
+            "add",
+            "nmlab0",
+            "netns",
+            &node_ns(&a.name),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "nmlab0",
+            "netns",
+            &node_ns(&b.name),
+        ],
+    )?;
+    for n in [a, b] {
+        exec_in(
+            &node_ns(&n.name),
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", n.address),
+                "dev",
+                "nmlab0",
+            ],
+        )?;
+        exec_in(&node_ns(&n.name), &["ip", "link", "set", "nmlab0", "up"])?;
+    }
+
+    let mut pods = Vec::new();
+    for w in model.workloads() {
+        let ns = ns_name(&w.netns)?;
+        let node_ns = node_ns(&w.node);
+        let ip = *w.ips.first().context("workload without an address")?;
+        let gw = gateway(ip)?;
+        run("ip", &["netns", "add", &ns])?;
+        run(
+            "ip",
+            &["netns", "exec", &ns, "ip", "link", "set", "lo", "up"],
+        )?;
+        let host_if = short_if("v", &w.key.name);
+        run(
+            "ip",
+            &[
+                "link", "add", &host_if, "netns", &node_ns, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ],
+        )?;
+        // Several pods of a node share the /24: the gateway address goes on each veth as /32
+        // with a host route to the pod.
+        exec_in(
+            &node_ns,
+            &["ip", "addr", "add", &format!("{gw}/32"), "dev", &host_if],
+        )?;
+        exec_in(&node_ns, &["ip", "link", "set", &host_if, "up"])?;
+        // Pods see their /24 as on-link: the node answers ARP for the other pods.
+        exec_in(
+            &node_ns,
+            &[
+                "sysctl",
+                "-q",
+                "-w",
+                &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
+            ],
+        )?;
+        exec_in(
+            &node_ns,
+            &["ip", "route", "add", &format!("{ip}/32"), "dev", &host_if],
+        )?;
+        exec_in(
+            &ns,
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        )?;
+        exec_in(&ns, &["ip", "link", "set", "eth0", "up"])?;
+        exec_in(
+            &ns,
+            &["ip", "route", "add", "default", "via", &gw.to_string()],
+        )?;
+        let peer = if w.node == a.name { b } else { a };
+        let other_ns = self::node_ns(&peer.name);
+        let via = model
+            .node(&w.node)
+            .context("workload's node")?
+            .address
+            .to_string();
+        exec_in(
+            &other_ns,
+            &["ip", "route", "replace", &format!("{ip}/32"), "via", &via],
+        )?;
+        let cg = root_cg.join(&w.node).join(&w.key.name);
+        fs::create_dir_all(&cg)?;
+        pods.push(serde_json::json!({
+            "name": w.key.name, "node": w.node, "namespace": w.key.namespace,
+            "service_account": w.service_account, "netns": w.netns, "ip": ip.to_string(),
+            "cgroup": cg,
+        }));
+        if w.key.name.starts_with("server") {
+            Command::new(probe_exe()?)
+                .arg(&cg)
+                .arg(&w.netns)
+                .args(["echo", &format!("{ip}:{ECHO_PORT}"), "--forever"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(state.join(format!("{}.log", w.key.name)))?)
+                .spawn()
+                .context("cannot start an echo server")?;
+        }
+    }
+
+    let mut node_json = Vec::new();
+    for n in &nodes {
+        let node_state = state.join(&n.name);
+        let log = state.join(format!("{}.log", n.name));
+        let cg = root_cg.join(&n.name);
+        Command::new(probe_exe()?)
+            .arg(&cg)
+            .arg(Path::new("/run/netns").join(node_ns(&n.name)))
+            .arg("exec")
+            .arg(agent_exe()?)
+            .args(["local", "--config"])
+            .arg(&config)
+            .args(["--node", &n.name, "--state-dir"])
+            .arg(&node_state)
+            .arg("--ca-dir")
+            .arg(state.join("ca"))
+            .arg("--cgroup")
+            .arg(&cg)
+            .args(["--instance", &node_ns(&n.name)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .context("cannot start an agent")?;
+        // One at a time: the first creates the shared CA.
+        let deadline = Instant::now() + READY_WITHIN;
+        while !node_state.join("ready").exists() {
+            ensure!(
+                Instant::now() < deadline,
+                "agent {} not ready within {READY_WITHIN:?}; see {}",
+                n.name,
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        node_json.push(serde_json::json!({
+            "name": n.name, "netns": Path::new("/run/netns").join(node_ns(&n.name)),
+            "ip": n.address.to_string(), "tunnel_ip": n.tunnel_address.to_string(),
+            "link_if": "nmlab0",
+            "metrics_url": format!("http://{}:{}/metrics", n.address, n.metrics_port),
+            "admin_url": format!("http://127.0.0.1:{}/", n.admin_port),
+            "log": log, "cgroup": cg,
+        }));
+    }
+    let services: Vec<_> = model
+        .services()
+        .map(|s| {
+            serde_json::json!({
+                "name": s.key.name, "namespace": s.key.namespace,
+                "vip": s.vips.first().map(ToString::to_string),
+                "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+                "endpoints": s.endpoints.iter().map(|e| e.name.clone()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let lab = serde_json::json!({
+        "config": config, "nodes": node_json, "pods": pods, "services": services,
+    });
+    fs::write(state.join("lab.json"), serde_json::to_string_pretty(&lab)?)?;
+    Ok(lab)
+}
+
+/// Removes everything the lab makes (idempotent; works without `lab.json`).
+pub fn down(workspace: &Path) -> Result<()> {
+    let mut problems = Vec::new();
+    let root_cg = lab_cgroup()?;
+    // Processes: every one in a lab cgroup, deepest first. SIGTERM, then SIGKILL.
+    let mut cgroups = Vec::new();
+    collect_cgroups(&root_cg, &mut cgroups);
+    for signal in [libc::SIGTERM, libc::SIGKILL] {
+        for cg in &cgroups {
+            for pid in procs(cg) {
+                // SAFETY: plain syscall with integers; a stale pid at worst gets ESRCH.
+                unsafe { libc::kill(pid, signal) };
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cgroups.iter().any(|cg| !procs(cg).is_empty()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let nodes: Vec<String> = fs::read_dir(&root_cg)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    for n in &nodes {
+        let uninstall = agent_exe().and_then(|exe| {
+            run(
+                &exe.to_string_lossy(),
+                &["uninstall", "--instance", &node_ns(n)],
+            )
+        });
+        if let Err(e) = uninstall {
+            problems.push(format!("{e:#}"));
+        }
+    }
+    let list = run("ip", &["netns", "list"])?;
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if name.starts_with(&format!("{PREFIX}-"))
+            && let Err(e) = run("ip", &["netns", "del", name])
+        {
+            problems.push(format!("{e:#}"));
+        }
+    }
+    for cg in cgroups.iter().rev() {
+        if let Err(e) = fs::remove_dir(cg) {
+            problems.push(format!("cannot remove cgroup {}: {e}", cg.display()));
+        }
+    }
+    let state = state_dir(workspace);
+    if state.exists() {
+        fs::remove_dir_all(&state)?;
+    }
+    ensure!(problems.is_empty(), "lab down: {}", problems.join("; "));
+    Ok(())
+}
+
+/// `dir` and every cgroup below it, parents first.
+fn collect_cgroups(dir: &Path, out: &mut Vec<PathBuf>) {
+    if !dir.is_dir() {
+        return;
+    }
+    out.push(dir.to_path_buf());
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                collect_cgroups(&e.path(), out);
+            }
+        }
+    }
+}
+
+fn procs(cg: &Path) -> Vec<libc::pid_t> {
+    fs::read_to_string(cg.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// The lab's `lab.json`, if it is up.
+pub fn status(workspace: &Path) -> Result<Option<serde_json::Value>> {
+    let path = state_dir(workspace).join("lab.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    Ok(Some(serde_json::from_str(&fs::read_to_string(&path)?)?))
+}
+
+/// The cgroup and netns of pod `name` from `lab.json`.
+pub fn pod_place(workspace: &Path, name: &str) -> Result<(PathBuf, PathBuf)> {
+    let lab = status(workspace)?.context("the lab is not up (`cargo xtask lab`)")?;
+    let pods = lab["pods"].as_array().context("lab.json has no pods")?;
+    let pod = pods
+        .iter()
+        .find(|p| p["name"] == name)
+        .with_context(|| format!("no pod `{name}` in the lab"))?;
+    let get = |k: &str| -> Result<PathBuf> {
+        Ok(PathBuf::from(
+            pod[k]
+                .as_str()
+                .with_context(|| format!("pod {name} has no {k}"))?,
+        ))
+    };
+    Ok((get("cgroup")?, get("netns")?))
+}

@@ -9,16 +9,19 @@
 //! identities and certificates (`identity`) and the HBONE tunnel (`tunnel`). Top: `node`, the
 //! long-running `mesh-agent node` process.
 
+pub mod admin;
 pub mod cgroup;
 pub mod datapath;
 pub mod identity;
 pub mod local_config;
 pub mod map_model;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod netns;
 pub mod node;
 pub mod policy;
+pub mod readiness;
 pub mod reconcile;
 pub mod tunnel;
 pub mod tunnel_iface;

@@ -6,8 +6,9 @@
 //! every map write passes through (`maps`), level-triggered convergence (`reconcile`), reading
 //! network-namespace cookies for enrollment (`netns`), the node-local interface holding the tunnel
 //! address (`tunnel_iface`) and finding the cgroup v2 hierarchy (`cgroup`). Components: workload
-//! identities and certificates (`identity`) and the HBONE tunnel (`tunnel`). Top: `node`, the
-//! long-running `mesh-agent node` process.
+//! identities and certificates (`identity`), the HBONE tunnel (`tunnel`), the metrics registry
+//! (`metrics`), readiness gates (`readiness`) and the stats and admin HTTP servers (`admin`).
+//! Top: `node`, the long-running `mesh-agent node` process.
 
 pub mod admin;
 pub mod cgroup;

@@ -176,4 +176,4 @@ fn logging(state: &AdminState, level: Option<&str>) -> Response<Body> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

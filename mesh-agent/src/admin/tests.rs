@@ -33,15 +33,15 @@ use crate::{
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
-struct Response {
-    status: u16,
-    head: String,
-    body: String,
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) head: String,
+    pub(crate) body: String,
 }
 
 /// Sends `raw` and reads until the server closes (or the deadline). `None` if the server closed
 /// without answering.
-async fn exchange(addr: SocketAddr, raw: &[u8]) -> Option<Response> {
+pub(crate) async fn exchange(addr: SocketAddr, raw: &[u8]) -> Option<Response> {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     // A server that refuses early may reset before we finish writing: that is an answer too.
     let _ = s.write_all(raw).await;
@@ -71,7 +71,7 @@ async fn send(addr: SocketAddr, method: &str, path: &str, accept: Option<&str>) 
         .expect("a well-formed request gets an answer")
 }
 
-async fn get(addr: SocketAddr, path: &str) -> Response {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> Response {
     send(addr, "GET", path, None).await
 }
 
@@ -190,7 +190,7 @@ fn fixture() -> Fixture {
     }
 }
 
-fn parse(text: &str) -> Scrape {
+pub(crate) fn parse(text: &str) -> Scrape {
     for line in text.lines() {
         if let LineInfo::Ignored = LineInfo::parse(line) {
             panic!("line the Prometheus parser does not understand: {line:?}\n{text}");
@@ -199,7 +199,7 @@ fn parse(text: &str) -> Scrape {
     Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parses")
 }
 
-fn counter(scrape: &Scrape, name: &str, want: &[(&str, &str)]) -> f64 {
+pub(crate) fn counter(scrape: &Scrape, name: &str, want: &[(&str, &str)]) -> f64 {
     let found: Vec<f64> = scrape
         .samples
         .iter()
@@ -217,7 +217,7 @@ fn counter(scrape: &Scrape, name: &str, want: &[(&str, &str)]) -> f64 {
 }
 
 /// `promtool check metrics`-style rules, checked on the Prometheus text exposition.
-fn lint(text: &str) {
+pub(crate) fn lint(text: &str) {
     let mut help = HashSet::new();
     let mut types: BTreeMap<String, String> = BTreeMap::new();
     let mut series = HashSet::new();
@@ -630,4 +630,54 @@ async fn logging_changes_the_level_at_runtime() {
     );
     assert_eq!(send(admin.addr, "POST", "/logging", None).await.status, 400);
     let _ = admin.stop.send(());
+}
+
+/// The dashboard queries only metrics the agent exports, and metrics.md documents every one.
+#[test]
+fn dashboard_and_docs_match_the_exposition() {
+    let f = fixture();
+    let l = traffic(Reporter::Destination);
+    f.inbound.opened(&l);
+    f.inbound.closed(&l, 1, 1);
+    f.inbound.failed(&l);
+    let text = f.registry.encode(Format::Prometheus);
+    let mut exported = HashSet::new();
+    for line in text.lines() {
+        if let Some((name, kind)) = line.strip_prefix("# TYPE ").and_then(|r| r.split_once(' ')) {
+            exported.insert(name.to_string());
+            if kind == "histogram" {
+                for s in ["_bucket", "_sum", "_count"] {
+                    exported.insert(format!("{name}{s}"));
+                }
+            }
+        }
+    }
+    let names = |doc: &str| -> HashSet<String> {
+        doc.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|t| {
+                ["istio_", "nodemesh_", "process_"]
+                    .iter()
+                    .any(|p| t.starts_with(p))
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let dashboard = include_str!("../../../docs/grafana-dashboard.json");
+    serde_json::from_str::<serde_json::Value>(dashboard).expect("dashboard is JSON");
+    for name in names(dashboard) {
+        assert!(
+            exported.contains(&name),
+            "the dashboard queries {name}, which is not exported"
+        );
+    }
+    let docs = include_str!("../../../docs/metrics.md");
+    for name in exported
+        .iter()
+        .filter(|n| !n.ends_with("_bucket") && !n.ends_with("_sum") && !n.ends_with("_count"))
+    {
+        assert!(
+            docs.contains(name.as_str()),
+            "docs/metrics.md does not mention {name}"
+        );
+    }
 }

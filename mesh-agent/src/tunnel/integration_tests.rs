@@ -1176,3 +1176,5 @@ async fn metrics_count_connections_bytes_and_denials() {
     })
     .await;
 }
+
+mod metrics_endpoint;

@@ -248,6 +248,19 @@ impl TunnelMetrics {
             .unwrap_or_default()
     }
 
+    /// The counters summed over every label set.
+    pub fn totals(&self) -> TcpCounters {
+        self.snapshot()
+            .values()
+            .fold(TcpCounters::default(), |a, c| TcpCounters {
+                opened: a.opened + c.opened,
+                closed: a.closed + c.closed,
+                failed: a.failed + c.failed,
+                sent_bytes: a.sent_bytes + c.sent_bytes,
+                received_bytes: a.received_bytes + c.received_bytes,
+            })
+    }
+
     /// Number of label sets (series per family) recorded so far.
     pub fn series(&self) -> usize {
         self.traffic.read().unwrap_or_else(|p| p.into_inner()).len()

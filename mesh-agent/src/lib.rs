@@ -6,10 +6,12 @@
 //! every map write passes through (`maps`), level-triggered convergence (`reconcile`), reading
 //! network-namespace cookies for enrollment (`netns`), the node-local interface holding the tunnel
 //! address (`tunnel_iface`) and finding the cgroup v2 hierarchy (`cgroup`). Components: workload
-//! identities and certificates (`identity`) and the HBONE tunnel (`tunnel`). Top: `node`, the
-//! long-running `mesh-agent node` process, and `app`, the whole agent
-//! wired together (`mesh-agent local`).
+//! identities and certificates (`identity`), the HBONE tunnel (`tunnel`), the metrics registry
+//! (`metrics`), readiness gates (`readiness`) and the stats and admin HTTP servers (`admin`).
+//! Top: `node`, the long-running `mesh-agent node` process, and `app`, the whole agent wired
+//! together (`mesh-agent local`).
 
+pub mod admin;
 pub mod app;
 pub mod cgroup;
 pub mod cli;
@@ -18,10 +20,12 @@ pub mod identity;
 pub mod local_config;
 pub mod map_model;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod netns;
 pub mod node;
 pub mod policy;
+pub mod readiness;
 pub mod reconcile;
 pub mod tunnel;
 pub mod tunnel_iface;

@@ -1232,3 +1232,5 @@ async fn metrics_count_connections_bytes_and_denials() {
     })
     .await;
 }
+
+mod metrics_endpoint;

@@ -551,6 +551,17 @@ fn cross_node_same_node_and_deny_through_two_local_agents() -> Result<()> {
         .with_context(|| format!("same-node round trip:\n{}", c.logs()))?;
     assert_eq!(c.echo_a.next_peer()?.ip().to_string(), TUNNEL_A);
 
+    // STRICT: plaintext from outside the mesh (node b's own namespace, not enrolled) never
+    // reaches the enrolled server's port.
+    let server = addr(&c.server_b.ip, ECHO_PORT)?;
+    let plaintext = mesh_agent::netns::in_netns(&c.node_b.ns.path(), move || {
+        Ok(TcpStream::connect_timeout(&server, Duration::from_secs(1)))
+    })?;
+    assert!(
+        plaintext.is_err(),
+        "a plaintext connection from a non-enrolled namespace reached a STRICT pod"
+    );
+
     // DENY: refused by the kernel at connect time.
     let err = match c.roundtrip(addr(&c.server_b.ip, DENIED_PORT)?, "x") {
         Ok(()) => bail!("a denied connection went through"),
@@ -630,5 +641,18 @@ fn policy_reload_closes_denied_connections_and_a_killed_agent_recovers() -> Resu
         "the restarted agent must adopt the pinned programs:\n{}",
         c.agents[0].logs()
     );
+
+    // A broken file is reported and the last good state keeps serving.
+    let tmp = c.dir.path().join("cluster.yaml.new");
+    fs::write(
+        &tmp,
+        "apiVersion: local.nodemesh.io/v1alpha1\nkind: LocalCluster\nnodes: [\n",
+    )?;
+    fs::rename(&tmp, c.config_path())?;
+    c.agents[0].wait_log("an error for the broken file", |l| {
+        l.contains("ERROR") && l.contains("local config rejected")
+    })?;
+    c.roundtrip(server, "still serving")
+        .with_context(|| format!("after a broken file:\n{}", c.logs()))?;
     Ok(())
 }

@@ -97,7 +97,23 @@ fn up(workspace: &std::path::Path, config: PathBuf) -> Result<()> {
             p["ip"].as_str().unwrap_or_default()
         );
     }
-    println!("topology: target/lab/lab.json; agent logs: target/lab/<node>.log");
-    println!("try: cargo xtask lab exec client-a -- curl … (or nm-probe) ; cargo xtask lab down");
+    println!("\ndemo traffic:");
+    let rows = lab::demo(workspace)?;
+    for r in &rows {
+        println!(
+            "  {} {:<58} expected {:<24} got {}",
+            if r.ok { "ok  " } else { "FAIL" },
+            r.what,
+            r.expected,
+            r.outcome
+        );
+    }
+    println!("\ntopology: target/lab/lab.json; agent logs (access lines): target/lab/<node>.log");
+    println!(
+        "explore: cargo xtask lab exec client-a -- CMD; cargo xtask lab status; cargo xtask lab down"
+    );
+    if rows.iter().any(|r| !r.ok) {
+        bail!("some demo rows did not behave as expected (see the agent logs)");
+    }
     Ok(())
 }

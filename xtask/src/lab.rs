@@ -8,7 +8,7 @@ use std::process::Command;
 use anyhow::Result;
 
 use crate::{
-    build_ebpf,
+    build_ebpf, setup,
     util::{exec, workspace_root},
 };
 
@@ -21,6 +21,14 @@ pub struct Options {
 
 pub fn run(opts: Options) -> Result<()> {
     let root = workspace_root();
+    let read_only = matches!(
+        opts.args.first().map(String::as_str),
+        Some("down" | "status")
+    );
+    if !read_only {
+        // A fresh machine: install the BPF toolchain first (not the test runner).
+        setup::ensure_lab_tools()?;
+    }
     build_ebpf::run(build_ebpf::Options::default())?;
     exec(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))

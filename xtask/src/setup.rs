@@ -44,6 +44,24 @@ impl Report {
     }
 }
 
+/// What `cargo xtask lab` needs (no test runner): the BPF toolchain, bpf-linker, iproute2 and
+/// the kernel checks. Quiet when everything is present.
+pub fn ensure_lab_tools() -> Result<()> {
+    if toolchain::detect().is_some() && toolchain::find_bpf_linker().is_some() && which_ip() {
+        return Ok(());
+    }
+    println!("nodemesh setup (lab): installing what building the lab needs");
+    let mut r = Report { changed: 0 };
+    let tc = ensure_toolchain(&mut r)?;
+    ensure_bpf_linker(&mut r, &tc)?;
+    ensure_ip(&mut r)?;
+    check_kernel(&mut r)
+}
+
+fn which_ip() -> bool {
+    which("ip").is_some() || Path::new("/usr/sbin/ip").is_file() || Path::new("/sbin/ip").is_file()
+}
+
 pub fn run(_opts: Options) -> Result<()> {
     println!("nodemesh setup: checking what the eBPF build and the tests need");
     let mut r = Report { changed: 0 };
@@ -205,19 +223,21 @@ fn ensure_bpf_linker(r: &mut Report, tc: &Toolchain) -> Result<()> {
     Ok(())
 }
 
-fn ensure_test_tools(r: &mut Report) -> Result<()> {
-    if which("ip").is_some()
-        || Path::new("/usr/sbin/ip").is_file()
-        || Path::new("/sbin/ip").is_file()
-    {
-        r.ok("iproute2 (`ip`, for the network-namespace tests)");
+fn ensure_ip(r: &mut Report) -> Result<()> {
+    if which_ip() {
+        r.ok("iproute2 (`ip`, for the network-namespace tests and the lab)");
     } else if apt_available() {
         apt_install(r, &["iproute2"])?;
     } else {
         bail!(
-            "`ip` (iproute2) is missing: the root tests build network namespaces with it; install iproute2"
+            "`ip` (iproute2) is missing: the root tests and the lab build network namespaces with it; install iproute2"
         );
     }
+    Ok(())
+}
+
+fn ensure_test_tools(r: &mut Report) -> Result<()> {
+    ensure_ip(r)?;
     if output(Command::new("cargo").args(["nextest", "--version"])).is_some() {
         r.ok("cargo-nextest (the test runner)");
     } else {

@@ -11,13 +11,14 @@
 //! Layering: this is the top; it names the components, none of them names it.
 
 pub mod compute;
+pub mod observability;
 
 use std::{
     collections::BTreeMap,
     future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -63,6 +64,8 @@ pub struct LocalOptions {
     pub bpffs: PathBuf,
     pub poll_interval: Duration,
     pub drain_deadline: Duration,
+    /// Stats/admin addresses and the `/logging` handle.
+    pub observability: observability::ObservabilityOptions,
 }
 
 impl LocalOptions {
@@ -85,6 +88,7 @@ impl Default for LocalOptions {
             bpffs: PathBuf::from(Pins::DEFAULT_BPFFS),
             poll_interval: DEFAULT_POLL_INTERVAL,
             drain_deadline: Duration::from_secs(10),
+            observability: Default::default(),
         }
     }
 }
@@ -94,17 +98,29 @@ impl Default for LocalOptions {
 pub struct Bound {
     pub inbound: SocketAddr,
     pub outbound: SocketAddr,
+    pub stats: SocketAddr,
+    pub admin: SocketAddr,
 }
 
 /// [`Authorizer`] over the model's [`crate::policy::PolicySet`]; the model is swapped on reload.
 pub struct PolicyAuthorizer {
     model: RwLock<Arc<ClusterModel>>,
+    metrics: crate::metrics::agent::AgentMetrics,
 }
 
 impl PolicyAuthorizer {
     pub fn new(model: Arc<ClusterModel>) -> Arc<Self> {
+        Self::with_metrics(model, Default::default())
+    }
+
+    /// Counts each decision in `metrics`.
+    pub fn with_metrics(
+        model: Arc<ClusterModel>,
+        metrics: crate::metrics::agent::AgentMetrics,
+    ) -> Arc<Self> {
         Arc::new(Self {
             model: RwLock::new(model),
+            metrics,
         })
     }
 
@@ -115,6 +131,17 @@ impl PolicyAuthorizer {
 
 impl Authorizer for PolicyAuthorizer {
     fn authorize(&self, req: &AuthzRequest<'_>) -> AuthzDecision {
+        let decision = self.decide(req);
+        self.metrics.policy_decision(match decision {
+            AuthzDecision::Allow => crate::metrics::agent::PolicyAction::Allow,
+            _ => crate::metrics::agent::PolicyAction::Deny,
+        });
+        decision
+    }
+}
+
+impl PolicyAuthorizer {
+    fn decide(&self, req: &AuthzRequest<'_>) -> AuthzDecision {
         let model = self.model.read().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(workload) = model.workload_by_ip(req.destination_workload.ip) else {
             return AuthzDecision::Deny {
@@ -159,7 +186,7 @@ impl IdentityIds for StateIds {
 pub struct Running {
     pub bound: Bound,
     opts: LocalOptions,
-    datapath: Datapath,
+    datapath: Arc<Mutex<Datapath>>,
     models: watch::Receiver<Arc<ClusterModel>>,
     cookies: BTreeMap<ObjectKey, u64>,
     state: Arc<TunnelState>,
@@ -168,6 +195,8 @@ pub struct Running {
     drain: drain::Trigger,
     background: Vec<tokio::task::JoinHandle<()>>,
     ready: ReadyFile,
+    agent_metrics: crate::metrics::agent::AgentMetrics,
+    quit: Arc<tokio::sync::Notify>,
 }
 
 /// Brings the agent up (see the module comment). Returns once it serves.
@@ -178,6 +207,7 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("cannot start from {}", opts.config.display()))?;
     let models = watch.models.clone();
+    let (obs, gates) = observability::Observability::new();
     let model = models.borrow().clone();
     let node = model.this_node().clone();
     info!(node = %node.name, address = %node.address, tunnel = %node.tunnel_address, config = %opts.config.display(), "starting the local agent");
@@ -209,12 +239,15 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
     {
         datapath.attach_tunnel(&own)?;
     }
+    gates.bpf_attached.ready();
 
     // Tunnel state and the maps.
     let state = TunnelState::new(compute::snapshot(&model)?);
-    let authorizer = PolicyAuthorizer::new(model.clone());
+    let authorizer = PolicyAuthorizer::with_metrics(model.clone(), obs.agent.clone());
     let mut cookies = BTreeMap::new();
     program(&mut datapath, &model, &mut cookies)?;
+    obs.agent.workloads_enrolled(cookies.len() as u64);
+    gates.config_synced.ready();
     let local_ids: Vec<SpiffeId> = state
         .snapshot()
         .local_workloads
@@ -222,6 +255,7 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
         .map(|w| w.identity.clone())
         .collect();
     certs.prefetch(&local_ids).await;
+    gates.certificates.ready();
 
     // Tunnel.
     let config = TunnelConfig {
@@ -246,13 +280,31 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
     };
     let (trigger, drain_watch) = drain::channel();
     let tunnel = tunnel::start(config, certs.clone(), seams, inbound, outbound, drain_watch)?;
+    let datapath = Arc::new(Mutex::new(datapath));
+    let agent_metrics = obs.agent.clone();
+    let quit = obs.quit.clone();
+    let (endpoints, servers) = obs
+        .serve(
+            &opts.observability,
+            &tunnel,
+            datapath.clone(),
+            certs.clone(),
+            models.clone(),
+        )
+        .await?;
+    gates.listeners_bound.ready();
     let bound = Bound {
         inbound: tunnel.inbound_addr,
         outbound: tunnel.outbound_addr,
+        stats: endpoints.stats,
+        admin: endpoints.admin,
     };
 
     // The tunnel owns the heartbeat: it beats while this process serves.
-    let heartbeat = datapath.heartbeat();
+    let heartbeat = datapath
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .heartbeat();
     heartbeat.beat()?;
     let beat = tokio::spawn(async move {
         let mut tick = tokio::time::interval(compute::STALE_AFTER / 5);
@@ -264,9 +316,17 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
         }
     });
     let refresher = certs.spawn_refresher(Duration::from_secs(60));
+    let reloads = agent_metrics.clone();
     let keep_watch = tokio::spawn(async move {
-        // Holds the watcher (and so its polling) for the agent's lifetime.
+        // Holds the watcher (and so its polling) for the agent's lifetime; counts the reloads
+        // the watcher rejects (valid ones are counted when applied).
+        let mut status = watch.status.clone();
         let _watch = watch;
+        while status.changed().await.is_ok() {
+            if status.borrow_and_update().last_error.is_some() {
+                reloads.config_reload(false);
+            }
+        }
         std::future::pending::<()>().await;
     });
 
@@ -274,7 +334,9 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
     std::fs::write(&ready, b"ready\n")
         .with_context(|| format!("cannot write {}", ready.display()))?;
     let ready = ReadyFile(ready);
-    info!(inbound = %bound.inbound, outbound = %bound.outbound, "{READY_LINE}");
+    info!(inbound = %bound.inbound, outbound = %bound.outbound, stats = %bound.stats, admin = %bound.admin, "{READY_LINE}");
+    let mut background = vec![beat, refresher, keep_watch];
+    background.extend(servers);
     Ok(Running {
         bound,
         opts,
@@ -285,8 +347,10 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
         authorizer,
         tunnel,
         drain: trigger,
-        background: vec![beat, refresher, keep_watch],
+        background,
         ready,
+        agent_metrics,
+        quit,
     })
 }
 
@@ -343,12 +407,15 @@ impl Running {
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                () = self.quit.notified() => break,
                 changed = self.models.changed() => {
                     if changed.is_err() {
                         bail!("the configuration watcher stopped");
                     }
                     let model = self.models.borrow_and_update().clone();
-                    if let Err(e) = self.apply(model) {
+                    let applied = self.apply(model);
+                    self.agent_metrics.config_reload(applied.is_ok());
+                    if let Err(e) = applied {
                         warn!(error = format!("{e:#}"), "cannot apply the new configuration; the previous state stays");
                     }
                 }
@@ -372,7 +439,13 @@ impl Running {
 
     fn apply(&mut self, model: Arc<ClusterModel>) -> Result<()> {
         let snapshot = compute::snapshot(&model)?;
-        program(&mut self.datapath, &model, &mut self.cookies)?;
+        program(
+            &mut self.datapath.lock().unwrap_or_else(|p| p.into_inner()),
+            &model,
+            &mut self.cookies,
+        )?;
+        self.agent_metrics
+            .workloads_enrolled(self.cookies.len() as u64);
         self.state.replace(snapshot);
         self.authorizer.replace(model);
         let closed = self.tunnel.inbound.reauthorize() + self.tunnel.outbound.reauthorize();

@@ -113,9 +113,29 @@ struct LocalArgs {
     /// How often the config file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     poll_ms: u64,
+    /// Stats server (/metrics, /healthz, /readyz); default `<node address>:<metricsPort>` (15020).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Admin server (/config_dump, /logging, /quitquitquit), loopback only; default
+    /// `127.0.0.1:<adminPort>` (15000).
+    #[arg(long)]
+    admin_addr: Option<std::net::SocketAddr>,
+    /// Log lines as `text` or `json`; the filter starts from RUST_LOG (default `info`) and
+    /// `/logging?level=` replaces it.
+    #[arg(long, default_value = "text")]
+    log_format: crate::admin::LogFormat,
 }
 
 fn run_local(args: LocalArgs) -> ExitCode {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    let logging = match crate::admin::logging::init(args.log_format, &filter) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            eprintln!("warning: {e}; logging with the default filter");
+            init_default_logging();
+            None
+        }
+    };
     let opts = crate::app::LocalOptions {
         config: args.config,
         node: args.node,
@@ -125,6 +145,11 @@ fn run_local(args: LocalArgs) -> ExitCode {
         instance: args.instance,
         bpffs: args.bpffs,
         poll_interval: Duration::from_millis(args.poll_ms.max(10)),
+        observability: crate::app::observability::ObservabilityOptions {
+            metrics_addr: args.metrics_addr,
+            admin_addr: args.admin_addr,
+            logging,
+        },
         ..Default::default()
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -249,14 +274,10 @@ fn report(e: &dyn std::error::Error) -> ExitCode {
 
 /// Runs the `mesh-agent` command line (arguments from the process).
 pub fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Local(_)) {
+        init_default_logging();
+    }
     match cli.command {
         Command::CheckKernel => match Datapath::load() {
             Ok(_) => {
@@ -269,4 +290,15 @@ pub fn main() -> ExitCode {
         Command::Local(args) => run_local(args),
         Command::Uninstall { instance, bpffs } => run_uninstall(bpffs, &instance),
     }
+}
+
+/// Text logs on stderr, filter from RUST_LOG (default `info`), not reloadable.
+fn init_default_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
 }

@@ -641,3 +641,55 @@ pub fn with_process_in_cgroup<T>(cgroup: &Path, f: impl FnOnce() -> Result<T>) -
     })?;
     result
 }
+
+/// One plain HTTP/1.1 request (empty body, `Connection: close`) sent from inside the network
+/// namespace `netns` to `addr`, e.g. an agent's `/metrics`. Returns the status and the body.
+pub fn http_in_netns(
+    netns: &Path,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = mesh_agent::netns::in_netns(netns, move || {
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+    })
+    .with_context(|| format!("cannot connect to {addr} in {}", netns.display()))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP header from {addr}{path}: {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad HTTP status line from {addr}{path}: {head:?}"))?;
+    Ok((status, body.to_owned()))
+}
+
+/// Sums every sample of the metric `name` in a Prometheus text exposition whose labels contain
+/// each of `labels` (`key="value"` strings).
+pub fn metric_sum(exposition: &str, name: &str, labels: &[&str]) -> u64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = match series.split_once('{') {
+                Some((m, r)) => (m, r),
+                None => (series, ""),
+            };
+            (metric == name && labels.iter().all(|want| rest.contains(want)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .map(|v| v as u64)
+        .sum()
+}

@@ -656,3 +656,167 @@ fn policy_reload_closes_denied_connections_and_a_killed_agent_recovers() -> Resu
         .with_context(|| format!("after a broken file:\n{}", c.logs()))?;
     Ok(())
 }
+
+const STATS_PORT: u16 = 15020;
+const ADMIN_PORT: u16 = 15000;
+
+/// One `/metrics` scrape of a node's agent, from inside the node's namespace.
+fn scrape(node: &Node, ip: &str) -> Result<String> {
+    let (status, body) =
+        nodemesh_tests::http_in_netns(&node.ns.path(), addr(ip, STATS_PORT)?, "GET", "/metrics")?;
+    ensure!(status == 200, "/metrics answered {status}: {body}");
+    Ok(body)
+}
+
+/// Scrapes until `done` holds (connection metrics are recorded when the tunnel sees the close).
+fn scrape_until(node: &Node, ip: &str, what: &str, done: impl Fn(&str) -> bool) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(node, ip)?;
+        if done(&m) {
+            return Ok(m);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{what}: not seen within 10s on {ip}:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `after - before` of the summed samples of `name` with `labels`.
+fn delta(before: &str, after: &str, name: &str, labels: &[&str]) -> u64 {
+    nodemesh_tests::metric_sum(after, name, labels)
+        .saturating_sub(nodemesh_tests::metric_sum(before, name, labels))
+}
+
+#[test]
+fn metrics_readiness_config_dump_and_quit_of_local_agents() -> Result<()> {
+    let mut c = Cluster::up()?;
+    for (node, ip) in [(&c.node_a, NODE_A), (&c.node_b, NODE_B)] {
+        let (status, body) = nodemesh_tests::http_in_netns(
+            &node.ns.path(),
+            addr(ip, STATS_PORT)?,
+            "GET",
+            "/readyz",
+        )?;
+        assert_eq!(
+            status, 200,
+            "/readyz on {ip} once the agent is ready: {body}"
+        );
+    }
+
+    // One cross-node transfer: counted once by node a (reporter=source) and once by node b
+    // (reporter=destination), bytes exactly the payload each way.
+    let (a0, b0) = (scrape(&c.node_a, NODE_A)?, scrape(&c.node_b, NODE_B)?);
+    let payload = "metrics across the mesh 0123456789";
+    let n = payload.len() as u64;
+    c.roundtrip(addr(&c.server_b.ip, ECHO_PORT)?, payload)
+        .with_context(|| format!("cross-node round trip:\n{}", c.logs()))?;
+    let closed = "istio_tcp_connections_closed_total";
+    for (node, ip, before, reporter) in [
+        (&c.node_a, NODE_A, &a0, "reporter=\"source\""),
+        (&c.node_b, NODE_B, &b0, "reporter=\"destination\""),
+    ] {
+        let after = scrape_until(node, ip, "the closed connection", |m| {
+            delta(before, m, closed, &[reporter]) >= 1
+        })?;
+        for (metric, want) in [
+            ("istio_tcp_connections_opened_total", 1),
+            (closed, 1),
+            ("istio_tcp_sent_bytes_total", n),
+            ("istio_tcp_received_bytes_total", n),
+        ] {
+            assert_eq!(
+                delta(before, &after, metric, &[reporter]),
+                want,
+                "{metric}{{{reporter}}} on {ip}:\n{after}"
+            );
+        }
+    }
+    let b1 = scrape(&c.node_b, NODE_B)?;
+    assert_eq!(
+        delta(
+            &b0,
+            &b1,
+            "nodemesh_policy_decisions_total",
+            &["action=\"allow\""]
+        ),
+        1,
+        "node b authorizes the inbound connection once:\n{b1}"
+    );
+
+    // A kernel deny on node a (the source side).
+    let a1 = scrape(&c.node_a, NODE_A)?;
+    ensure!(
+        c.roundtrip(addr(&c.server_b.ip, DENIED_PORT)?, "x")
+            .is_err(),
+        "a denied connection went through"
+    );
+    let event = "nodemesh_datapath_events_total";
+    let denied = ["event=\"denied_policy\""];
+    let a2 = scrape_until(&c.node_a, NODE_A, "the kernel deny", |m| {
+        delta(&a1, m, event, &denied) >= 1
+    })?;
+    assert_eq!(delta(&a1, &a2, event, &denied), 1, "{a2}");
+    assert_eq!(
+        nodemesh_tests::metric_sum(&a2, "nodemesh_workloads_enrolled", &[]),
+        2,
+        "node a enrolls the client and local-server pods:\n{a2}"
+    );
+    assert!(
+        a2.contains(&format!(
+            "nodemesh_certificate_expiration_timestamp_seconds{{identity=\"{CLIENT_ID}\"}}"
+        )),
+        "the client's certificate expiry on node a:\n{a2}"
+    );
+
+    // The admin server, on the node namespace's loopback.
+    let admin = addr("127.0.0.1", ADMIN_PORT)?;
+    let (status, dump) =
+        nodemesh_tests::http_in_netns(&c.node_a.ns.path(), admin, "GET", "/config_dump")?;
+    assert_eq!(status, 200, "{dump}");
+    let dump: serde_json::Value = serde_json::from_str(&dump).context("config dump JSON")?;
+    let certs = dump["certificates"].as_array().context("certificates")?;
+    assert!(
+        certs
+            .iter()
+            .any(|c| c["identity"] == CLIENT_ID && c["not_after_unix_seconds"].is_i64()),
+        "the client's certificate in node a's dump: {dump:#}"
+    );
+    let (status, body) = nodemesh_tests::http_in_netns(
+        &c.node_a.ns.path(),
+        admin,
+        "POST",
+        "/logging?level=info,mesh_agent=debug",
+    )?;
+    assert!(
+        status == 200 && body.contains("mesh_agent=debug"),
+        "/logging answered {status}: {body}"
+    );
+
+    // /quitquitquit drains and exits like SIGTERM.
+    let (status, body) =
+        nodemesh_tests::http_in_netns(&c.node_b.ns.path(), admin, "POST", "/quitquitquit")?;
+    assert_eq!(status, 200, "{body}");
+    let b = &mut c.agents[1];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(s) = b.child.try_wait()? {
+            break s;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "still running after /quitquitquit:\n{}",
+            b.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        exit.success(),
+        "exit after /quitquitquit: {exit}\n{}",
+        b.logs()
+    );
+    assert!(b.logs().contains("draining the tunnel"), "{}", b.logs());
+    Ok(())
+}

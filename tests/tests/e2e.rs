@@ -1,0 +1,753 @@
+//! End-to-end tests of issue 5 not covered by `local_mode.rs`: two `mesh-agent local` processes
+//! (as `nm-agent`), each in its own "node" (network namespace + cgroup), one generated cluster
+//! file, pods as namespaces in child cgroups of their node's cgroup.
+//!
+//! - service VIP: connections to a VIP with an endpoint on each node are spread across both;
+//!   once one endpoint's node is down, new connections all succeed through the other.
+//! - forged path: an HBONE CONNECT made straight to the destination node's :15008 (skipping the
+//!   source node's kernel deny) with a valid mesh certificate of a denied identity gets 401 and
+//!   is counted as a policy deny on the destination node; the same path to an allowed port
+//!   gets 200.
+//! - data integrity: 4 concurrent streams of 64 MiB each (256 MiB) from a pod on node a to the
+//!   echo server on node b come back complete, with matching checksums.
+//! - restart: node a's agent is SIGKILLed while a connection carries traffic and restarted; a new
+//!   connection from the unchanged client pod works within 2 s of its readiness (it adopts the
+//!   pins); after teardown (SIGTERM + uninstall) both instances' pin directories are gone and
+//!   the node cgroups have no program attached (`BPF_PROG_QUERY`).
+//!
+//! Addresses (private to each test's namespaces): node link 10.110.0.1 (a) ↔ 10.110.0.2 (b);
+//! pods on node a 10.11.<i>.2, on node b 10.12.<i>.2; tunnel addresses 169.254.110.1 / .2;
+//! the service VIP 10.96.110.10:80 → 8080.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use mesh_agent::identity::{LocalCa, SpiffeId, TrustBundle, tls};
+use nodemesh_tests::{
+    ChildCgroup, NetNs, agent_exe, probe_exe, require_root, run, unique_prefix,
+    with_process_in_cgroup,
+};
+
+const ECHO_PORT: u16 = 8080;
+/// The client may not reach the servers on this port (DENY policy).
+const DENIED_PORT: u16 = 9090;
+const HBONE_PORT: u16 = 15008;
+const STATS_PORT: u16 = 15020;
+const VIP: &str = "10.96.110.10";
+const VIP_PORT: u16 = 80;
+const NODE_A: &str = "10.110.0.1";
+const NODE_B: &str = "10.110.0.2";
+const TUNNEL_A: &str = "169.254.110.1";
+const TUNNEL_B: &str = "169.254.110.2";
+/// How long an agent may take from start to ready (loading eBPF, CA, certificates).
+const READY_WITHIN: Duration = Duration::from_secs(20);
+
+struct Pod {
+    cgroup: ChildCgroup,
+    ns: NetNs,
+    ip: String,
+}
+
+/// An echo server inside a pod (`nm-probe echo`: streams, one thread per connection); reports
+/// each accepted peer. Dropping it stops the server, so its port refuses.
+struct Echo {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Echo {
+    fn start(pod: &Pod, port: u16) -> Result<Self> {
+        let mut child = Command::new(probe_exe()?)
+            .arg(pod.cgroup.path())
+            .arg(pod.ns.path())
+            .arg("echo")
+            .arg(format!("{}:{port}", pod.ip))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start the echo server")?;
+        let stdout = child.stdout.take().context("echo stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let echo = Self { child, lines };
+        let first = echo
+            .lines
+            .recv_timeout(Duration::from_secs(10))
+            .context("echo server said nothing within 10 s")?;
+        ensure!(first == "ready", "echo server failed: {first}");
+        Ok(echo)
+    }
+
+    /// How many connections it has accepted since the last call.
+    fn accepted(&self) -> usize {
+        self.lines
+            .try_iter()
+            .filter(|l| l.starts_with("peer="))
+            .count()
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        // Closing stdin ends it; kill as a fallback.
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Node {
+    name: String,
+    cgroup: ChildCgroup,
+    ns: NetNs,
+}
+
+/// A `mesh-agent local` process inside a node's namespace and cgroup; stopped and uninstalled
+/// on drop.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+    instance: String,
+}
+
+impl Agent {
+    fn start(node: &Node, config: &Path, dir: &Path, instance: &str) -> Result<Self> {
+        let state = dir.join(&node.name);
+        let log = dir.join(format!("{}.log", node.name));
+        let child = Command::new(probe_exe()?)
+            .arg(node.cgroup.path())
+            .arg(node.ns.path())
+            .arg("exec")
+            .arg(agent_exe()?)
+            .args(["local", "--config"])
+            .arg(config)
+            .args(["--node", &node.name, "--state-dir"])
+            .arg(&state)
+            .arg("--ca-dir")
+            .arg(dir.join("ca"))
+            .arg("--cgroup")
+            .arg(node.cgroup.path())
+            .args(["--instance", instance, "--poll-ms", "100"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .context("cannot start the agent")?;
+        let mut agent = Self {
+            child,
+            log,
+            instance: instance.to_owned(),
+        };
+        let deadline = Instant::now() + READY_WITHIN;
+        while !state.join("ready").exists() {
+            if let Some(status) = agent.child.try_wait()? {
+                bail!("agent exited ({status}) before ready:\n{}", agent.logs());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "agent not ready within {READY_WITHIN:?}:\n{}",
+                agent.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(agent)
+    }
+
+    fn logs(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+                // SAFETY: `kill` takes plain integers; the pid is our unreaped child, so it
+                // cannot have been reused by another process.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // An empty instance: another `Agent` (a restart) owns the pins now.
+        if !self.instance.is_empty()
+            && let Ok(exe) = agent_exe()
+            && let Err(e) = run(
+                &exe.to_string_lossy(),
+                &["uninstall", "--instance", &self.instance],
+            )
+        {
+            eprintln!("cleanup: {e:#}");
+        }
+    }
+}
+
+/// The cluster: a client and a server on node a, a server on node b, the service `echo` with
+/// both servers as endpoints. Field order is drop order: agents, then pods, then nodes.
+struct Cluster {
+    agents: Vec<Agent>,
+    client: Pod,
+    server_a: Pod,
+    server_b: Pod,
+    node_a: Node,
+    node_b: Node,
+    dir: tempfile::TempDir,
+}
+
+fn node(prefix: &str, name: &str) -> Result<Node> {
+    let ns = NetNs::new(&format!("{prefix}-{name}"))?;
+    ns.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+    let cgroup = ChildCgroup::new(&format!("{prefix}-{name}"))?;
+    Ok(Node {
+        name: name.to_owned(),
+        cgroup,
+        ns,
+    })
+}
+
+/// A pod on `node` at `10.<net>.<i>.2`, its gateway `.1` on the node.
+fn pod(prefix: &str, node: &Node, name: &str, net: u8, i: u8) -> Result<Pod> {
+    let ns = NetNs::new(&format!("{prefix}-{name}"))?;
+    let gw = format!("10.{net}.{i}.1");
+    let ip = format!("10.{net}.{i}.2");
+    nodemesh_tests::veth(
+        &node.ns,
+        &format!("v{name}"),
+        &format!("{gw}/24"),
+        &ns,
+        "eth0",
+        &format!("{ip}/24"),
+    )?;
+    ns.exec(&["ip", "route", "add", "default", "via", &gw])?;
+    let cgroup = ChildCgroup::new(&format!(
+        "{}/{name}",
+        node.cgroup
+            .path()
+            .file_name()
+            .context("node cgroup name")?
+            .to_string_lossy()
+    ))?;
+    Ok(Pod { cgroup, ns, ip })
+}
+
+fn config(client: &Pod, server_a: &Pod, server_b: &Pod) -> String {
+    format!(
+        r#"apiVersion: local.nodemesh.io/v1alpha1
+kind: LocalCluster
+thisNode: a
+nodes:
+- {{name: a, address: {NODE_A}, tunnelAddress: {TUNNEL_A}}}
+- {{name: b, address: {NODE_B}, tunnelAddress: {TUNNEL_B}}}
+workloads:
+- {{name: client, namespace: demo, serviceAccount: client, ips: [{}], netns: {}, node: a}}
+- {{name: server-a, namespace: demo, serviceAccount: server, labels: {{app: server}}, ips: [{}], netns: {}, node: a}}
+- {{name: server-b, namespace: demo, serviceAccount: server, labels: {{app: server}}, ips: [{}], netns: {}, node: b}}
+services:
+- name: echo
+  namespace: demo
+  vips: [{VIP}]
+  ports: [{{port: {VIP_PORT}, targetPort: {ECHO_PORT}}}]
+  endpoints: [server-a, server-b]
+---
+apiVersion: security.nodemesh.io/v1alpha1
+kind: PeerAuthentication
+metadata: {{name: default, namespace: demo}}
+spec:
+  mtls: {{mode: STRICT}}
+---
+apiVersion: security.nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: no-admin-port, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: server}}}}
+  action: DENY
+  rules:
+  - from: [{{source: {{principals: [cluster.local/ns/demo/sa/client]}}}}]
+    to: [{{operation: {{ports: ["{DENIED_PORT}"]}}}}]
+"#,
+        client.ip,
+        client.ns.path().display(),
+        server_a.ip,
+        server_a.ns.path().display(),
+        server_b.ip,
+        server_b.ns.path().display(),
+    )
+}
+
+impl Cluster {
+    fn up() -> Result<Self> {
+        require_root();
+        let p = unique_prefix();
+        let node_a = node(&p, "a")?;
+        let node_b = node(&p, "b")?;
+        nodemesh_tests::veth(
+            &node_a.ns,
+            "wire0",
+            &format!("{NODE_A}/24"),
+            &node_b.ns,
+            "wire0",
+            &format!("{NODE_B}/24"),
+        )?;
+        node_a
+            .ns
+            .exec(&["ip", "route", "add", "10.12.0.0/16", "via", NODE_B])?;
+        node_b
+            .ns
+            .exec(&["ip", "route", "add", "10.11.0.0/16", "via", NODE_A])?;
+        let client = pod(&p, &node_a, "client", 11, 1)?;
+        let server_a = pod(&p, &node_a, "srva", 11, 2)?;
+        let server_b = pod(&p, &node_b, "srvb", 12, 1)?;
+        let dir = tempfile::tempdir()?;
+        let cfg = dir.path().join("cluster.yaml");
+        fs::write(&cfg, config(&client, &server_a, &server_b))?;
+        let mut cluster = Self {
+            agents: Vec::new(),
+            client,
+            server_a,
+            server_b,
+            node_a,
+            node_b,
+            dir,
+        };
+        // One after the other: the first creates the shared CA.
+        let a = Agent::start(&cluster.node_a, &cfg, cluster.dir.path(), &format!("{p}-a"))?;
+        cluster.agents.push(a);
+        let b = Agent::start(&cluster.node_b, &cfg, cluster.dir.path(), &format!("{p}-b"))?;
+        cluster.agents.push(b);
+        Ok(cluster)
+    }
+
+    /// A byte-exact round trip from the client pod; the error carries the probe's reason.
+    fn roundtrip(&self, dst: SocketAddr, payload: &str) -> Result<()> {
+        let out = Command::new(probe_exe()?)
+            .arg(self.client.cgroup.path())
+            .arg(self.client.ns.path())
+            .arg("roundtrip")
+            .arg(dst.to_string())
+            .arg(payload)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(|a| format!("--- {}\n{}", a.log.display(), a.logs()))
+            .collect()
+    }
+}
+
+fn addr(ip: &str, port: u16) -> Result<SocketAddr> {
+    Ok(SocketAddr::new(ip.parse()?, port))
+}
+
+#[test]
+fn service_vip_spreads_across_endpoints_and_avoids_a_down_one() -> Result<()> {
+    let mut c = Cluster::up()?;
+    let echo_a = Echo::start(&c.server_a, ECHO_PORT)?;
+    let echo_b = Echo::start(&c.server_b, ECHO_PORT)?;
+    let vip = addr(VIP, VIP_PORT)?;
+
+    // 20 connections to the VIP: each is echoed, and both endpoints (one per node) get some.
+    for i in 0..20 {
+        c.roundtrip(vip, &format!("via the service {i}"))
+            .with_context(|| format!("round trip {i} to the VIP:\n{}", c.logs()))?;
+    }
+    let (on_a, on_b) = (echo_a.accepted(), echo_b.accepted());
+    assert_eq!(on_a + on_b, 20, "every connection reaches one endpoint");
+    assert!(
+        on_a > 0 && on_b > 0,
+        "the VIP must spread connections over both endpoints: {on_a} on node a, {on_b} on node b"
+    );
+
+    // Node b goes down (its agent killed: its HBONE port refuses): new connections to the VIP
+    // all succeed through the endpoint on node a. (A same-node endpoint whose pod refuses is
+    // not avoided yet: see the report in docs/architecture.md.)
+    c.agents[1].child.kill()?;
+    c.agents[1].child.wait()?;
+    drop(echo_b);
+    for i in 0..10 {
+        c.roundtrip(vip, &format!("node b down {i}"))
+            .with_context(|| {
+                format!(
+                    "round trip {i} to the VIP with node b down must use server-a:\n{}",
+                    c.logs()
+                )
+            })?;
+    }
+    assert_eq!(echo_a.accepted(), 10, "all went to the remaining endpoint");
+    Ok(())
+}
+
+/// An HBONE `CONNECT` to `authority` sent from `netns` (not enrolled: no redirect) straight to
+/// `hbone`, presenting a certificate of `source` signed by the cluster's CA in `ca_dir` and asking
+/// for `dst_identity`'s certificate. Returns the response status.
+fn forged_connect(
+    netns: &Path,
+    ca_dir: &Path,
+    source: &SpiffeId,
+    dst_identity: &SpiffeId,
+    hbone: SocketAddr,
+    authority: SocketAddr,
+) -> Result<u16> {
+    let ca = LocalCa::open(ca_dir, "cluster.local")?;
+    let now = SystemTime::now();
+    let cert = ca.issue_with_validity(
+        source,
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(3600),
+    )?;
+    let bundle = TrustBundle::new("cluster.local", vec![ca.root().clone()]);
+    let tls = tls::client_config(&cert, &bundle, dst_identity)?;
+    let sni = tls::identity_sni(dst_identity);
+    let tcp = mesh_agent::netns::in_netns(netns, move || {
+        std::net::TcpStream::connect_timeout(&hbone, Duration::from_secs(5))
+    })?;
+    tcp.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::from_std(tcp)?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(sni, tcp)
+            .await
+            .context("TLS handshake with the destination node")?;
+        let (mut client, conn) = h2::client::handshake(stream)
+            .await
+            .context("HTTP/2 handshake")?;
+        tokio::spawn(conn);
+        let req = mesh_agent::tunnel::pool::connect_request(authority, &http::HeaderMap::new())?;
+        let (resp, _send) = client.send_request(req, false)?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .context("no CONNECT response within 10 s")??;
+        Ok(resp.status().as_u16())
+    })
+}
+
+/// One `/metrics` scrape of a node's agent, from inside the node's namespace.
+fn scrape(node: &Node, ip: &str) -> Result<String> {
+    let (status, body) =
+        nodemesh_tests::http_in_netns(&node.ns.path(), addr(ip, STATS_PORT)?, "GET", "/metrics")?;
+    ensure!(status == 200, "/metrics answered {status}: {body}");
+    Ok(body)
+}
+
+#[test]
+fn forged_hbone_connect_around_the_kernel_deny_is_refused_at_the_destination() -> Result<()> {
+    let c = Cluster::up()?;
+    let _echo_b = Echo::start(&c.server_b, ECHO_PORT)?;
+    let client = SpiffeId::new("cluster.local", "demo", "client")?;
+    let server = SpiffeId::new("cluster.local", "demo", "server")?;
+    let hbone = addr(NODE_B, HBONE_PORT)?;
+    let ca_dir = c.dir.path().join("ca");
+    let forged = |port| {
+        forged_connect(
+            &c.node_a.ns.path(),
+            &ca_dir,
+            &client,
+            &server,
+            hbone,
+            addr(&c.server_b.ip, port)?,
+        )
+    };
+
+    // The path itself works: an allowed port is connected.
+    let allowed = forged(ECHO_PORT).with_context(|| format!("allowed port:\n{}", c.logs()))?;
+    assert_eq!(allowed, 200, "CONNECT to an allowed port:\n{}", c.logs());
+
+    // The denied port: refused by node b's own policy check, and counted there.
+    let deny = ["action=\"deny\""];
+    let decisions = "nodemesh_policy_decisions_total";
+    let before = nodemesh_tests::metric_sum(&scrape(&c.node_b, NODE_B)?, decisions, &deny);
+    let status = forged(DENIED_PORT).with_context(|| format!("denied port:\n{}", c.logs()))?;
+    assert_eq!(
+        status,
+        401,
+        "a CONNECT of a denied identity to a denied port must get 401:\n{}",
+        c.logs()
+    );
+    let after = nodemesh_tests::metric_sum(&scrape(&c.node_b, NODE_B)?, decisions, &deny);
+    assert_eq!(after - before, 1, "node b counts one policy deny");
+    Ok(())
+}
+
+/// xorshift64: a cheap, deterministic stream of words to send.
+fn next_word(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// A 64-bit FNV-1a-style checksum over 8-byte words (fast enough in a debug build).
+fn fnv_word(hash: u64, word: u64) -> u64 {
+    (hash ^ word).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const STREAMS: u64 = 4;
+const STREAM_BYTES: u64 = 64 << 20;
+const CHUNK: usize = 64 << 10;
+
+#[test]
+fn data_integrity_256_mib_across_nodes_on_four_streams() -> Result<()> {
+    use std::io::{Read, Write};
+    let c = Cluster::up()?;
+    let _echo_b = Echo::start(&c.server_b, ECHO_PORT)?;
+    let dst = addr(&c.server_b.ip, ECHO_PORT)?;
+    let ns = c.client.ns.path();
+    let streams = with_process_in_cgroup(c.client.cgroup.path(), || {
+        (0..STREAMS)
+            .map(|_| {
+                Ok(mesh_agent::netns::in_netns(&ns, move || {
+                    std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+                })?)
+            })
+            .collect::<Result<Vec<_>>>()
+    })
+    .with_context(|| format!("connect:\n{}", c.logs()))?;
+
+    let mut workers = Vec::new();
+    for (i, stream) in (0u64..).zip(streams) {
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut tx = stream.try_clone()?;
+        let mut rx = stream;
+        let sender = std::thread::spawn(move || -> Result<u64> {
+            let mut state = 0x9e37_79b9_7f4a_7c15 ^ (i + 1);
+            let mut hash = FNV_OFFSET;
+            let mut buf = vec![0u8; CHUNK];
+            for _ in 0..STREAM_BYTES / CHUNK as u64 {
+                for w in buf.chunks_exact_mut(8) {
+                    let word = next_word(&mut state);
+                    hash = fnv_word(hash, word);
+                    w.copy_from_slice(&word.to_le_bytes());
+                }
+                tx.write_all(&buf)?;
+            }
+            tx.shutdown(std::net::Shutdown::Write)?;
+            Ok(hash)
+        });
+        let receiver = std::thread::spawn(move || -> Result<(u64, u64)> {
+            let mut hash = FNV_OFFSET;
+            let mut total = 0u64;
+            let mut buf = vec![0u8; CHUNK];
+            let mut filled = 0;
+            loop {
+                let n = rx.read(&mut buf[filled..])?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+                total += n as u64;
+                let whole = filled - filled % 8;
+                for w in buf[..whole].chunks_exact(8) {
+                    let mut word = [0u8; 8];
+                    word.copy_from_slice(w);
+                    hash = fnv_word(hash, u64::from_le_bytes(word));
+                }
+                buf.copy_within(whole..filled, 0);
+                filled -= whole;
+            }
+            ensure!(filled == 0, "{filled} trailing bytes");
+            Ok((total, hash))
+        });
+        workers.push((sender, receiver));
+    }
+    for (i, (sender, receiver)) in workers.into_iter().enumerate() {
+        let sent = sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender {i} panicked"))?
+            .with_context(|| format!("stream {i} send:\n{}", c.logs()))?;
+        let (total, got) = receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("receiver {i} panicked"))?
+            .with_context(|| format!("stream {i} receive:\n{}", c.logs()))?;
+        assert_eq!(total, STREAM_BYTES, "stream {i}: bytes echoed back");
+        assert_eq!(got, sent, "stream {i}: checksum of the echoed data");
+    }
+    Ok(())
+}
+
+/// How many programs are attached to `cgroup` over every cgroup attach type the datapath could
+/// use (`BPF_PROG_QUERY`, no `bpftool` needed).
+fn attached_programs(cgroup: &Path) -> Result<u32> {
+    use std::os::fd::AsRawFd;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    // BPF_CGROUP_INET_{INGRESS,EGRESS}, SOCK_CREATE, SOCK_OPS, INET{4,6}_{BIND,CONNECT,POST_BIND},
+    // UDP{4,6}_SENDMSG, UDP{4,6}_RECVMSG, {GET,SET}SOCKOPT, INET{4,6}_GET{PEER,SOCK}NAME,
+    // INET_SOCK_RELEASE.
+    const TYPES: [u32; 22] = [
+        0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 19, 20, 21, 22, 29, 30, 31, 32, 34, 6,
+    ];
+    let dir = fs::File::open(cgroup)?;
+    let fd = u32::try_from(dir.as_raw_fd())?;
+    let mut total = 0;
+    for attach_type in TYPES {
+        // The `query` member of `union bpf_attr`: target_fd, attach_type, query_flags,
+        // attach_flags (u32 each), prog_ids (u64, null: count only), prog_cnt (u32).
+        let mut attr = [0u8; 40];
+        attr[0..4].copy_from_slice(&fd.to_ne_bytes());
+        attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
+        // SAFETY: `attr` is a valid, zero-filled `bpf_attr` prefix of the size passed; the kernel
+        // writes only within it (prog_ids is null).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_QUERY,
+                attr.as_mut_ptr(),
+                attr.len() as libc::c_uint,
+            )
+        };
+        if rc == 0 {
+            let mut cnt = [0u8; 4];
+            cnt.copy_from_slice(&attr[24..28]);
+            total += u32::from_ne_bytes(cnt);
+        }
+    }
+    Ok(total)
+}
+
+#[test]
+fn killed_agent_serves_again_within_2s_of_readiness_and_teardown_leaves_nothing() -> Result<()> {
+    use std::io::{Read, Write};
+    let mut c = Cluster::up()?;
+    let _echo_b = Echo::start(&c.server_b, ECHO_PORT)?;
+    let server = addr(&c.server_b.ip, ECHO_PORT)?;
+    for node in [&c.node_a, &c.node_b] {
+        ensure!(
+            attached_programs(node.cgroup.path())? > 0,
+            "no program attached to {} while the agent runs (the query sees nothing)",
+            node.cgroup.path().display()
+        );
+    }
+
+    // Traffic on a live connection while the agent is killed.
+    let ns = c.client.ns.path();
+    let mut live = with_process_in_cgroup(c.client.cgroup.path(), || {
+        Ok(mesh_agent::netns::in_netns(&ns, move || {
+            std::net::TcpStream::connect_timeout(&server, Duration::from_secs(5))
+        })?)
+    })?;
+    live.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rounds = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (flag, count) = (stop.clone(), rounds.clone());
+    let pump = std::thread::spawn(move || {
+        let mut buf = [7u8; 4096];
+        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            if live.write_all(&buf).is_err() || live.read_exact(&mut buf).is_err() {
+                break;
+            }
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    // Wait until data flows on it, then kill the agent under it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rounds.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "no traffic on the live connection:\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c.agents[0].child.kill()?;
+    c.agents[0].child.wait()?;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    pump.join().map_err(|_| anyhow::anyhow!("pump panicked"))?;
+
+    // Restart with the same instance: ready, then serving within 2 s; the pod is untouched.
+    let instance = c.agents[0].instance.clone();
+    let cfg = c.dir.path().join("cluster.yaml");
+    let restarted = Agent::start(&c.node_a, &cfg, c.dir.path(), &instance)?;
+    let ready_at = Instant::now();
+    // Replacing drops the killed agent's guard (whose uninstall would remove the pins): forget
+    // its instance first.
+    let mut old = std::mem::replace(&mut c.agents[0], restarted);
+    old.instance.clear();
+    drop(old);
+    loop {
+        match c.roundtrip(server, "after restart") {
+            Ok(()) => break,
+            Err(e) => ensure!(
+                ready_at.elapsed() < Duration::from_secs(2),
+                "no traffic within 2 s of the restarted agent's readiness: {e:#}\n{}",
+                c.logs()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        c.agents[0].logs().contains("adopted"),
+        "the restarted agent must adopt the pinned programs:\n{}",
+        c.agents[0].logs()
+    );
+
+    // Teardown: stop and uninstall both agents, then nothing pinned, nothing attached.
+    let instances: Vec<String> = c.agents.iter().map(|a| a.instance.clone()).collect();
+    drop(std::mem::take(&mut c.agents));
+    for instance in &instances {
+        let pins =
+            mesh_agent::datapath::Pins::new(mesh_agent::datapath::Pins::DEFAULT_BPFFS, instance)?;
+        assert!(
+            !pins.instance_dir().exists(),
+            "{} left after uninstall",
+            pins.instance_dir().display()
+        );
+    }
+    // The kernel frees a link whose last reference was its pin from deferred work: poll.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for node in [&c.node_a, &c.node_b] {
+        loop {
+            let n = attached_programs(node.cgroup.path())?;
+            if n == 0 {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{n} programs still attached to {} after uninstall",
+                node.cgroup.path().display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}

@@ -35,7 +35,10 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
-use super::TunnelConfig;
+use super::{
+    TunnelConfig,
+    metrics::{Direction, HandshakeFailure},
+};
 use crate::identity::{
     CertCache, SpiffeId,
     tls::{client_config, identity_sni, peer_cert_error},
@@ -269,16 +272,20 @@ impl Pool {
         PoolError,
     > {
         let hbone = key.hbone;
-        let cert = self
-            .certs
-            .get(&key.source)
-            .await
-            .map_err(|e| PoolError::Certificate {
+        let cert = self.certs.get(&key.source).await.map_err(|e| {
+            self.config
+                .handshake_metrics
+                .handshake_failed(Direction::Outbound, HandshakeFailure::NoLocalCertificate);
+            PoolError::Certificate {
                 identity: key.source.clone(),
                 reason: e.to_string(),
-            })?;
+            }
+        })?;
         let tls_config =
             client_config(&cert, &self.certs.trust_bundle(), &key.expected).map_err(|e| {
+                self.config
+                    .handshake_metrics
+                    .handshake_failed(Direction::Outbound, HandshakeFailure::NoLocalCertificate);
                 PoolError::Certificate {
                     identity: key.source.clone(),
                     reason: e.to_string(),
@@ -291,16 +298,22 @@ impl Pool {
                 reason: e.to_string(),
             })?;
         super::listener::tune(&tcp);
+        let hs = &self.config.handshake_metrics;
+        let began = Instant::now();
         let tls = TlsConnector::from(tls_config)
             .connect(identity_sni(&key.expected), tcp)
             .await
-            .map_err(|e| PoolError::Tls {
-                hbone,
-                reason: peer_cert_error(&e).map_or_else(
-                    || e.to_string(),
-                    |r| format!("server certificate refused: {r}"),
-                ),
+            .map_err(|e| {
+                hs.handshake_failed(Direction::Outbound, HandshakeFailure::of_tls_error(&e));
+                PoolError::Tls {
+                    hbone,
+                    reason: peer_cert_error(&e).map_or_else(
+                        || e.to_string(),
+                        |r| format!("server certificate refused: {r}"),
+                    ),
+                }
             })?;
+        hs.handshake(Direction::Outbound, began.elapsed().as_secs_f64());
         h2::client::Builder::new()
             .initial_window_size(self.config.stream_window)
             .initial_connection_window_size(self.config.connection_window)
@@ -321,10 +334,15 @@ impl Pool {
         let timeout = self.config.handshake_timeout;
         let result = match tokio::time::timeout(timeout, self.handshake(&conn.key)).await {
             Ok(r) => r,
-            Err(_) => Err(PoolError::HandshakeTimeout {
-                hbone: conn.key.hbone,
-                timeout,
-            }),
+            Err(_) => {
+                self.config
+                    .handshake_metrics
+                    .handshake_failed(Direction::Outbound, HandshakeFailure::Timeout);
+                Err(PoolError::HandshakeTimeout {
+                    hbone: conn.key.hbone,
+                    timeout,
+                })
+            }
         };
         let (send, mut h2conn) = match result {
             Ok(pair) => pair,
@@ -445,6 +463,7 @@ impl Pool {
             }
         };
         let mut send = send.ready().await.map_err(stream_err)?;
+        let connect_began = Instant::now();
         let (response, send_stream) = send.send_request(req, false).map_err(stream_err)?;
         let timeout = self.config.response_timeout;
         let response = tokio::time::timeout(timeout, response)
@@ -454,6 +473,9 @@ impl Pool {
                 hbone,
                 reason: e.to_string(),
             })?;
+        self.config
+            .handshake_metrics
+            .connected(Direction::Outbound, connect_began.elapsed().as_secs_f64());
         let (parts, recv) = response.into_parts();
         Ok(PooledStream {
             response: Response::from_parts(parts, ()),

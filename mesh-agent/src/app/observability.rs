@@ -109,6 +109,7 @@ impl Observability {
                 tunnel.inbound.metrics().clone(),
             ],
         );
+        tunnel::pool::Pool::register(self.registry.nodemesh(), tunnel.outbound.pool().clone());
         let dp = datapath.clone();
         dp_metrics::register(
             self.registry.nodemesh(),

@@ -203,6 +203,21 @@ impl Pool {
         self.lock().values().map(Vec::len).sum()
     }
 
+    /// Streams reserved on the pool's connections (open or being opened).
+    pub fn stream_count(&self) -> usize {
+        self.lock()
+            .values()
+            .flatten()
+            .map(|c| c.reserved.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    /// Registers `nodemesh_pool_connections` and `nodemesh_pool_streams` (read at scrape time)
+    /// in `registry` (the `nodemesh` sub-registry).
+    pub fn register(registry: &mut prometheus_client::registry::Registry, pool: Arc<Pool>) {
+        registry.register_collector(Box::new(PoolCollector(pool)));
+    }
+
     /// Reserves a slot on a usable connection, or creates one (handshake spawned).
     fn checkout(self: &Arc<Self>, key: &PoolKey) -> Slot {
         let max = self.config.pool_max_streams_per_connection.max(1);
@@ -484,5 +499,40 @@ impl Pool {
             connection_id: slot.conn.id,
             _slot: SlotGuard(slot),
         })
+    }
+}
+
+struct PoolCollector(Arc<Pool>);
+
+impl std::fmt::Debug for PoolCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for PoolCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{encoding::EncodeMetric, metrics::gauge::ConstGauge};
+        let gauges = [
+            (
+                "pool_connections",
+                "Outbound HBONE connections in the pool (any state)",
+                self.0.connection_count(),
+            ),
+            (
+                "pool_streams",
+                "Streams reserved on the pool's connections",
+                self.0.stream_count(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let metric = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            let enc = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            metric.encode(enc)?;
+        }
+        Ok(())
     }
 }

@@ -141,3 +141,41 @@ async fn foreign_trust_domain_expired_and_garbage_count_their_reasons() {
         assert_eq!(inbound(r), 0, "{r:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_gauges_count_one_connection_and_its_open_streams() {
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    let mut registry = MetricsRegistry::new(&BuildInfo::default());
+    Pool::register(registry.nodemesh(), mesh.outbound.pool().clone());
+    let gauges = |registry: &MetricsRegistry| {
+        let body = registry.encode(crate::metrics::Format::Prometheus);
+        lint(&body);
+        let m = parse(&body);
+        (
+            counter(&m, "nodemesh_pool_connections", &[]),
+            counter(&m, "nodemesh_pool_streams", &[]),
+        )
+    };
+    assert_eq!(gauges(&registry), (0.0, 0.0));
+    let mut apps = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(mesh.outbound_addr)
+            .await
+            .expect("connect");
+        // An echoed byte means the stream is open end to end.
+        s.write_all(b"x").await.expect("write");
+        let mut b = [0u8; 1];
+        tokio::time::timeout(DEADLINE, s.read_exact(&mut b))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        apps.push(s);
+    }
+    assert_eq!(gauges(&registry), (1.0, 3.0));
+    drop(apps);
+    eventually("the streams to be released", || {
+        mesh.outbound.pool().stream_count() == 0
+    })
+    .await;
+    assert_eq!(gauges(&registry), (1.0, 0.0));
+}

@@ -261,6 +261,7 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
     let config = TunnelConfig {
         delivery_source: Some(node.tunnel_address),
         drain_deadline: opts.drain_deadline,
+        handshake_metrics: obs.handshake.clone(),
         ..TunnelConfig::default()
     };
     let inbound_addr = SocketAddr::new(node.address, node.hbone_port);

@@ -94,6 +94,9 @@ pub struct TunnelConfig {
     /// tunnel address, which the datapath's plaintext guard recognises as "through the mesh".
     /// `None`: the kernel picks (tests without a guard).
     pub delivery_source: Option<IpAddr>,
+    /// TLS handshake and connect metrics, shared by inbound and the pool (a cheap handle; the
+    /// wiring registers it, tests read it).
+    pub handshake_metrics: metrics::HandshakeMetrics,
 }
 
 impl Default for TunnelConfig {
@@ -120,6 +123,7 @@ impl Default for TunnelConfig {
             max_inbound_connections: 16 * 1024,
             max_outbound_connections: 32 * 1024,
             delivery_source: None,
+            handshake_metrics: metrics::HandshakeMetrics::default(),
         }
     }
 }

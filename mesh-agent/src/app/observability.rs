@@ -30,7 +30,10 @@ use crate::{
     },
     model::ClusterModel,
     readiness::{Gate, Readiness},
-    tunnel::{self, metrics::TunnelMetrics},
+    tunnel::{
+        self,
+        metrics::{HandshakeMetrics, TunnelMetrics},
+    },
 };
 
 /// Readiness gates, cleared by [`super::build`] as each step completes.
@@ -55,6 +58,8 @@ pub struct Observability {
     registry: MetricsRegistry,
     pub readiness: Readiness,
     pub agent: AgentMetrics,
+    /// TLS handshake and connect metrics; the wiring puts it in `TunnelConfig::handshake_metrics`.
+    pub handshake: HandshakeMetrics,
     /// Notified by `/quitquitquit`.
     pub quit: Arc<Notify>,
 }
@@ -70,6 +75,7 @@ impl Observability {
     pub fn new() -> (Self, Gates) {
         let mut registry = MetricsRegistry::new(&BuildInfo::default());
         let agent = AgentMetrics::new(registry.nodemesh());
+        let handshake = HandshakeMetrics::new(registry.nodemesh());
         let readiness = Readiness::new();
         let gates = Gates {
             bpf_attached: readiness.register("bpf-attached"),
@@ -81,6 +87,7 @@ impl Observability {
             registry,
             readiness,
             agent,
+            handshake,
             quit: Arc::new(Notify::new()),
         };
         (obs, gates)
@@ -102,6 +109,7 @@ impl Observability {
                 tunnel.inbound.metrics().clone(),
             ],
         );
+        tunnel::pool::Pool::register(self.registry.nodemesh(), tunnel.outbound.pool().clone());
         let dp = datapath.clone();
         dp_metrics::register(
             self.registry.nodemesh(),

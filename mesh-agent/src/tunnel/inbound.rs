@@ -32,7 +32,7 @@ use super::{
     TunnelConfig,
     connections::{Authorized, ConnectionManager},
     copy, drain,
-    metrics::{Reporter, TrafficLabels, TunnelMetrics, flags},
+    metrics::{Direction, HandshakeFailure, Reporter, TrafficLabels, TunnelMetrics, flags},
     parse_forwarded_for,
 };
 use crate::identity::{
@@ -239,10 +239,22 @@ impl Inbound {
             .map_err(|e| ConnError::Tls(format!("socket gone before the handshake: {e}")))?;
         super::listener::tune(&tcp);
         let timeout = self.config.handshake_timeout;
+        let hs = &self.config.handshake_metrics;
+        let began = Instant::now();
+        // Set once TLS finished (success or failure recorded): a later timeout (h2) is not a
+        // TLS handshake failure.
+        let tls_recorded = std::sync::atomic::AtomicBool::new(false);
+        let tls_failed = |e: &std::io::Error| {
+            tls_recorded.store(true, Ordering::SeqCst);
+            hs.handshake_failed(Direction::Inbound, HandshakeFailure::of_tls_error(e));
+        };
         let handshake = async {
             let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
                 .await
-                .map_err(|e| ConnError::Tls(format!("reading the ClientHello: {e}")))?;
+                .map_err(|e| {
+                    tls_failed(&e);
+                    ConnError::Tls(format!("reading the ClientHello: {e}"))
+                })?;
             let sni = start.client_hello().server_name().map(str::to_owned);
             let target = match sni
                 .as_deref()
@@ -256,27 +268,32 @@ impl Inbound {
                 ),
             };
             let identity = target.identity().clone();
-            let cert = self
-                .certs
-                .get(&identity)
-                .await
-                .map_err(|e| ConnError::NoCert {
+            let cert = self.certs.get(&identity).await.map_err(|e| {
+                tls_recorded.store(true, Ordering::SeqCst);
+                hs.handshake_failed(Direction::Inbound, HandshakeFailure::NoLocalCertificate);
+                ConnError::NoCert {
                     identity: identity.clone(),
                     reason: e.to_string(),
-                })?;
-            let tls_config = self
-                .server_config_for(&cert)
-                .map_err(|reason| ConnError::NoCert {
+                }
+            })?;
+            let tls_config = self.server_config_for(&cert).map_err(|reason| {
+                tls_recorded.store(true, Ordering::SeqCst);
+                hs.handshake_failed(Direction::Inbound, HandshakeFailure::NoLocalCertificate);
+                ConnError::NoCert {
                     identity: identity.clone(),
                     reason,
-                })?;
+                }
+            })?;
             let tls = start.into_stream(tls_config).await.map_err(|e| {
+                tls_failed(&e);
                 let reason = peer_cert_error(&e).map_or_else(
                     || e.to_string(),
                     |r| format!("client certificate refused: {r}"),
                 );
                 ConnError::Tls(reason)
             })?;
+            tls_recorded.store(true, Ordering::SeqCst);
+            hs.handshake(Direction::Inbound, began.elapsed().as_secs_f64());
             let source = tls
                 .get_ref()
                 .1
@@ -297,9 +314,15 @@ impl Inbound {
                 .map_err(ConnError::H2)?;
             Ok::<_, ConnError>((source, conn, target))
         };
-        let (source, mut conn, target) = tokio::time::timeout(timeout, handshake)
-            .await
-            .map_err(|_| ConnError::HandshakeTimeout(timeout))??;
+        let (source, mut conn, target) =
+            tokio::time::timeout(timeout, handshake)
+                .await
+                .map_err(|_| {
+                    if !tls_recorded.load(Ordering::SeqCst) {
+                        hs.handshake_failed(Direction::Inbound, HandshakeFailure::Timeout);
+                    }
+                    ConnError::HandshakeTimeout(timeout)
+                })??;
         debug!(%peer, %source, workload = %target.identity(), "inbound HBONE connection established");
         let target = Arc::new(target);
 
@@ -483,13 +506,19 @@ impl Inbound {
             );
             return;
         }
+        let connect_began = Instant::now();
         let connect = tokio::time::timeout(
             self.config.upstream_connect_timeout,
             super::listener::connect_from(dst, self.config.delivery_source),
         )
         .await;
         let mut upstream = match connect {
-            Ok(Ok(s)) => s,
+            Ok(Ok(s)) => {
+                self.config
+                    .handshake_metrics
+                    .connected(Direction::Inbound, connect_began.elapsed().as_secs_f64());
+                s
+            }
             Ok(Err(e)) => {
                 let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
                 log(

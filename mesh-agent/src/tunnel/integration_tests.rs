@@ -1233,4 +1233,5 @@ async fn metrics_count_connections_bytes_and_denials() {
     .await;
 }
 
+mod handshake_metrics;
 mod metrics_endpoint;

@@ -337,7 +337,13 @@ impl Direction {
 pub enum HandshakeFailure {
     /// The deadline (`TunnelConfig::handshake_timeout`) passed.
     Timeout,
-    /// The peer's certificate was rejected (untrusted, expired, wrong trust domain).
+    /// The peer's certificate does not chain to a trusted root.
+    UntrustedChain,
+    /// The peer's certificate is in another trust domain.
+    ForeignTrustDomain,
+    /// The peer's certificate expired (or is not valid yet).
+    Expired,
+    /// The peer's certificate was rejected for another reason (identity, SAN, encoding).
     BadCertificate,
     /// The peer presented no certificate.
     NoCertificate,
@@ -353,6 +359,9 @@ impl HandshakeFailure {
     fn as_str(self) -> &'static str {
         match self {
             HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::UntrustedChain => "untrusted_chain",
+            HandshakeFailure::ForeignTrustDomain => "foreign_trust_domain",
+            HandshakeFailure::Expired => "expired",
             HandshakeFailure::BadCertificate => "bad_certificate",
             HandshakeFailure::NoCertificate => "no_certificate",
             HandshakeFailure::NoLocalCertificate => "no_local_certificate",
@@ -362,13 +371,45 @@ impl HandshakeFailure {
     }
 }
 
+impl HandshakeFailure {
+    /// Classifies a TLS handshake error (as returned by `tokio_rustls`) into a bounded reason.
+    pub fn of_tls_error(e: &std::io::Error) -> Self {
+        use crate::identity::tls::{PeerCertError, peer_cert_error};
+        use rustls::CertificateError as C;
+        if let Some(p) = peer_cert_error(e) {
+            return match p {
+                PeerCertError::WrongTrustDomain { .. } => HandshakeFailure::ForeignTrustDomain,
+                PeerCertError::Expired(_) | PeerCertError::NotYetValid(_) => {
+                    HandshakeFailure::Expired
+                }
+                PeerCertError::Untrusted(_) => HandshakeFailure::UntrustedChain,
+                _ => HandshakeFailure::BadCertificate,
+            };
+        }
+        match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(rustls::Error::NoCertificatesPresented) => HandshakeFailure::NoCertificate,
+            Some(rustls::Error::InvalidCertificate(c)) => match c {
+                C::UnknownIssuer | C::BadSignature => HandshakeFailure::UntrustedChain,
+                C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. } => HandshakeFailure::Expired,
+                _ => HandshakeFailure::BadCertificate,
+            },
+            Some(_) => HandshakeFailure::Protocol,
+            None if e.kind() == std::io::ErrorKind::InvalidData => HandshakeFailure::Protocol,
+            None => HandshakeFailure::Io,
+        }
+    }
+}
+
 type DirectionLabel = [(&'static str, &'static str); 1];
 type FailureLabels = [(&'static str, &'static str); 2];
 
 /// TLS handshakes and connect latency (`nodemesh_tls_*`, `nodemesh_connect_duration_seconds`).
 ///
-/// Where they get recorded (the call sites belong to the tunnel's servers, not wired yet):
-/// the inbound TLS accept (`tunnel/inbound.rs`, around `TlsAcceptor::accept`) and the pool's
+/// Passed to the tunnel in `TunnelConfig::handshake_metrics` (clones share the series). Recorded
+/// at the inbound TLS accept (`tunnel/inbound.rs`, around `TlsAcceptor::accept`) and the pool's
 /// TLS connect (`tunnel/pool.rs`) call [`HandshakeMetrics::handshake`] /
 /// [`HandshakeMetrics::handshake_failed`]; the inbound connect to the local pod and the
 /// outbound `CONNECT` round trip call [`HandshakeMetrics::connected`].
@@ -433,6 +474,23 @@ impl HandshakeMetrics {
                 ("reason", reason.as_str()),
             ])
             .inc();
+    }
+
+    /// Completed handshakes so far (tests).
+    pub fn handshakes(&self, direction: Direction) -> u64 {
+        self.handshakes
+            .get_or_create(&[("direction", direction.as_str())])
+            .get()
+    }
+
+    /// Failed handshakes so far for this reason (tests).
+    pub fn failures(&self, direction: Direction, reason: HandshakeFailure) -> u64 {
+        self.failures
+            .get_or_create(&[
+                ("direction", direction.as_str()),
+                ("reason", reason.as_str()),
+            ])
+            .get()
     }
 
     pub fn connected(&self, direction: Direction, seconds: f64) {

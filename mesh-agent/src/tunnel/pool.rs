@@ -35,7 +35,10 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
-use super::TunnelConfig;
+use super::{
+    TunnelConfig,
+    metrics::{Direction, HandshakeFailure},
+};
 use crate::identity::{
     CertCache, SpiffeId,
     tls::{client_config, identity_sni, peer_cert_error},
@@ -200,6 +203,21 @@ impl Pool {
         self.lock().values().map(Vec::len).sum()
     }
 
+    /// Streams reserved on the pool's connections (open or being opened).
+    pub fn stream_count(&self) -> usize {
+        self.lock()
+            .values()
+            .flatten()
+            .map(|c| c.reserved.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    /// Registers `nodemesh_pool_connections` and `nodemesh_pool_streams` (read at scrape time)
+    /// in `registry` (the `nodemesh` sub-registry).
+    pub fn register(registry: &mut prometheus_client::registry::Registry, pool: Arc<Pool>) {
+        registry.register_collector(Box::new(PoolCollector(pool)));
+    }
+
     /// Reserves a slot on a usable connection, or creates one (handshake spawned).
     fn checkout(self: &Arc<Self>, key: &PoolKey) -> Slot {
         let max = self.config.pool_max_streams_per_connection.max(1);
@@ -269,16 +287,20 @@ impl Pool {
         PoolError,
     > {
         let hbone = key.hbone;
-        let cert = self
-            .certs
-            .get(&key.source)
-            .await
-            .map_err(|e| PoolError::Certificate {
+        let cert = self.certs.get(&key.source).await.map_err(|e| {
+            self.config
+                .handshake_metrics
+                .handshake_failed(Direction::Outbound, HandshakeFailure::NoLocalCertificate);
+            PoolError::Certificate {
                 identity: key.source.clone(),
                 reason: e.to_string(),
-            })?;
+            }
+        })?;
         let tls_config =
             client_config(&cert, &self.certs.trust_bundle(), &key.expected).map_err(|e| {
+                self.config
+                    .handshake_metrics
+                    .handshake_failed(Direction::Outbound, HandshakeFailure::NoLocalCertificate);
                 PoolError::Certificate {
                     identity: key.source.clone(),
                     reason: e.to_string(),
@@ -291,16 +313,22 @@ impl Pool {
                 reason: e.to_string(),
             })?;
         super::listener::tune(&tcp);
+        let hs = &self.config.handshake_metrics;
+        let began = Instant::now();
         let tls = TlsConnector::from(tls_config)
             .connect(identity_sni(&key.expected), tcp)
             .await
-            .map_err(|e| PoolError::Tls {
-                hbone,
-                reason: peer_cert_error(&e).map_or_else(
-                    || e.to_string(),
-                    |r| format!("server certificate refused: {r}"),
-                ),
+            .map_err(|e| {
+                hs.handshake_failed(Direction::Outbound, HandshakeFailure::of_tls_error(&e));
+                PoolError::Tls {
+                    hbone,
+                    reason: peer_cert_error(&e).map_or_else(
+                        || e.to_string(),
+                        |r| format!("server certificate refused: {r}"),
+                    ),
+                }
             })?;
+        hs.handshake(Direction::Outbound, began.elapsed().as_secs_f64());
         h2::client::Builder::new()
             .initial_window_size(self.config.stream_window)
             .initial_connection_window_size(self.config.connection_window)
@@ -321,10 +349,15 @@ impl Pool {
         let timeout = self.config.handshake_timeout;
         let result = match tokio::time::timeout(timeout, self.handshake(&conn.key)).await {
             Ok(r) => r,
-            Err(_) => Err(PoolError::HandshakeTimeout {
-                hbone: conn.key.hbone,
-                timeout,
-            }),
+            Err(_) => {
+                self.config
+                    .handshake_metrics
+                    .handshake_failed(Direction::Outbound, HandshakeFailure::Timeout);
+                Err(PoolError::HandshakeTimeout {
+                    hbone: conn.key.hbone,
+                    timeout,
+                })
+            }
         };
         let (send, mut h2conn) = match result {
             Ok(pair) => pair,
@@ -445,6 +478,7 @@ impl Pool {
             }
         };
         let mut send = send.ready().await.map_err(stream_err)?;
+        let connect_began = Instant::now();
         let (response, send_stream) = send.send_request(req, false).map_err(stream_err)?;
         let timeout = self.config.response_timeout;
         let response = tokio::time::timeout(timeout, response)
@@ -454,6 +488,9 @@ impl Pool {
                 hbone,
                 reason: e.to_string(),
             })?;
+        self.config
+            .handshake_metrics
+            .connected(Direction::Outbound, connect_began.elapsed().as_secs_f64());
         let (parts, recv) = response.into_parts();
         Ok(PooledStream {
             response: Response::from_parts(parts, ()),
@@ -462,5 +499,40 @@ impl Pool {
             connection_id: slot.conn.id,
             _slot: SlotGuard(slot),
         })
+    }
+}
+
+struct PoolCollector(Arc<Pool>);
+
+impl std::fmt::Debug for PoolCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PoolCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for PoolCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{encoding::EncodeMetric, metrics::gauge::ConstGauge};
+        let gauges = [
+            (
+                "pool_connections",
+                "Outbound HBONE connections in the pool (any state)",
+                self.0.connection_count(),
+            ),
+            (
+                "pool_streams",
+                "Streams reserved on the pool's connections",
+                self.0.stream_count(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let metric = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            let enc = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            metric.encode(enc)?;
+        }
+        Ok(())
     }
 }

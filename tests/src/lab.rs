@@ -7,9 +7,14 @@
 //! namespace and cgroup, and an echo server on port 8080 in every pod whose name starts with
 //! `server`. The topology goes to `target/lab/lab.json`.
 //!
-//! Names are fixed (`nm-lab-…`), so `down` removes everything a previous `up` made even after a
-//! crash: processes found in the lab's cgroups, pins of the agents' instances, namespaces named
-//! `nm-lab-*`, the cgroups, the state directory.
+//! Every name derives from the lab's prefix (`nm-lab` for `cargo xtask lab`; tests and the
+//! benchmark use their own, so they can run beside a user's lab), so `down` removes everything a
+//! previous `up` made even after a crash: processes found in the lab's cgroups
+//! (`<cgroup2>/<prefix>/…`), pins of the agents' instances (`<prefix>-<node>`), namespaces named
+//! `<prefix>-*`, the cgroups and the state directory. The pods' namespaces come from the lab file,
+//! so they must be named `/run/netns/<prefix>-…` too (`up` checks). Two labs' prefixes must not
+//! extend one another with a dash (`nm-lab` and `nm-lab-x`): `down` of the first would take the
+//! second's namespaces.
 
 use std::{
     fs,
@@ -24,19 +29,67 @@ use mesh_agent::{local_config::LocalConfigSource, model::ClusterModel};
 
 use crate::{agent_exe, probe_exe, run};
 
-/// Prefix of every namespace, cgroup and pin instance the lab makes.
+/// Prefix of every namespace, cgroup and pin instance `cargo xtask lab` makes.
 pub const PREFIX: &str = "nm-lab";
 /// The echo port of the lab's servers (the services' `targetPort`).
 pub const ECHO_PORT: u16 = 8080;
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
-/// Where the lab keeps its state: `target/lab` of the workspace.
-pub fn state_dir(workspace: &Path) -> PathBuf {
-    workspace.join("target").join("lab")
+/// One lab: the prefix of its names and where it keeps its state (`lab.json`, logs, the CA and
+/// the agents' state directories).
+#[derive(Clone, Debug)]
+pub struct Lab {
+    prefix: String,
+    state: PathBuf,
 }
 
-fn lab_cgroup() -> Result<PathBuf> {
-    Ok(mesh_agent::cgroup::cgroup2_mount()?.join(PREFIX))
+impl Lab {
+    /// The lab of `cargo xtask lab`: prefix `nm-lab`, state in `target/lab` of the workspace.
+    pub fn default_for(workspace: &Path) -> Self {
+        Self {
+            prefix: PREFIX.to_owned(),
+            state: workspace.join("target").join("lab"),
+        }
+    }
+
+    /// A lab with its own names (ASCII letters, digits and `-`; at most 20 characters).
+    pub fn new(prefix: &str, state: PathBuf) -> Result<Self> {
+        ensure!(
+            !prefix.is_empty()
+                && prefix.len() <= 20
+                && prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            "lab prefix `{prefix}`: use 1 to 20 ASCII letters, digits or `-`"
+        );
+        Ok(Self {
+            prefix: prefix.to_owned(),
+            state,
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Where the lab keeps its state (`lab.json`, `<node>.log`, `<node>/ready`, `ca/`).
+    pub fn state_dir(&self) -> &Path {
+        &self.state
+    }
+
+    fn cgroup(&self) -> Result<PathBuf> {
+        Ok(mesh_agent::cgroup::cgroup2_mount()?.join(&self.prefix))
+    }
+
+    /// The network namespace name of node `node` (also its agent's pin instance).
+    pub fn node_ns(&self, node: &str) -> String {
+        format!("{}-{node}", self.prefix)
+    }
+
+    fn owns_ns(&self, name: &str) -> bool {
+        name.strip_prefix(&self.prefix)
+            .is_some_and(|rest| rest.starts_with('-'))
+    }
 }
 
 fn ns_name(path: &Path) -> Result<String> {
@@ -45,10 +98,6 @@ fn ns_name(path: &Path) -> Result<String> {
         .context("netns path has no file name")?
         .to_string_lossy()
         .into_owned())
-}
-
-fn node_ns(node: &str) -> String {
-    format!("{PREFIX}-{node}")
 }
 
 fn exec_in(ns: &str, args: &[&str]) -> Result<String> {
@@ -74,264 +123,279 @@ fn short_if(prefix: &str, name: &str) -> String {
     s
 }
 
-/// Brings the lab up from `config` (must be down first).
-pub fn up(config: &Path, workspace: &Path) -> Result<serde_json::Value> {
-    let config = fs::canonicalize(config)
-        .with_context(|| format!("cannot find the lab file {}", config.display()))?;
-    let model: std::sync::Arc<ClusterModel> = LocalConfigSource::new(&config, None)
-        .load()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let nodes: Vec<_> = model.nodes().cloned().collect();
-    ensure!(nodes.len() == 2, "the lab wires exactly two nodes");
-    let state = state_dir(workspace);
-    ensure!(
-        !state.join("lab.json").exists(),
-        "the lab is already up (run `cargo xtask lab down` first)"
-    );
-    fs::create_dir_all(&state)?;
-    let root_cg = lab_cgroup()?;
-    fs::create_dir_all(&root_cg)?;
-
-    for n in &nodes {
-        let ns = node_ns(&n.name);
-        run("ip", &["netns", "add", &ns])?;
-        exec_in(&ns, &["ip", "link", "set", "lo", "up"])?;
-        exec_in(&ns, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
-        fs::create_dir_all(root_cg.join(&n.name))?;
-    }
-    let (a, b) = (&nodes[0], &nodes[1]);
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            "nmlab0",
-            "netns",
-            &node_ns(&a.name),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "nmlab0",
-            "netns",
-            &node_ns(&b.name),
-        ],
-    )?;
-    for n in [a, b] {
-        exec_in(
-            &node_ns(&n.name),
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("{}/24", n.address),
-                "dev",
-                "nmlab0",
-            ],
-        )?;
-        exec_in(&node_ns(&n.name), &["ip", "link", "set", "nmlab0", "up"])?;
-    }
-
-    let mut pods = Vec::new();
-    for w in model.workloads() {
-        let ns = ns_name(&w.netns)?;
-        let node_ns = node_ns(&w.node);
-        let ip = *w.ips.first().context("workload without an address")?;
-        let gw = gateway(ip)?;
-        run("ip", &["netns", "add", &ns])?;
-        run(
-            "ip",
-            &["netns", "exec", &ns, "ip", "link", "set", "lo", "up"],
-        )?;
-        let host_if = short_if("v", &w.key.name);
-        run(
-            "ip",
-            &[
-                "link", "add", &host_if, "netns", &node_ns, "type", "veth", "peer", "name", "eth0",
-                "netns", &ns,
-            ],
-        )?;
-        // Several pods of a node share the /24: the gateway address goes on each veth as /32
-        // with a host route to the pod.
-        exec_in(
-            &node_ns,
-            &["ip", "addr", "add", &format!("{gw}/32"), "dev", &host_if],
-        )?;
-        exec_in(&node_ns, &["ip", "link", "set", &host_if, "up"])?;
-        // Pods see their /24 as on-link: the node answers ARP for the other pods.
-        exec_in(
-            &node_ns,
-            &[
-                "sysctl",
-                "-q",
-                "-w",
-                &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
-            ],
-        )?;
-        exec_in(
-            &node_ns,
-            &["ip", "route", "add", &format!("{ip}/32"), "dev", &host_if],
-        )?;
-        exec_in(
-            &ns,
-            &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
-        )?;
-        exec_in(&ns, &["ip", "link", "set", "eth0", "up"])?;
-        exec_in(
-            &ns,
-            &["ip", "route", "add", "default", "via", &gw.to_string()],
-        )?;
-        let peer = if w.node == a.name { b } else { a };
-        let other_ns = self::node_ns(&peer.name);
-        let via = model
-            .node(&w.node)
-            .context("workload's node")?
-            .address
-            .to_string();
-        exec_in(
-            &other_ns,
-            &["ip", "route", "replace", &format!("{ip}/32"), "via", &via],
-        )?;
-        let cg = root_cg.join(&w.node).join(&w.key.name);
-        fs::create_dir_all(&cg)?;
-        pods.push(serde_json::json!({
-            "name": w.key.name, "node": w.node, "namespace": w.key.namespace,
-            "service_account": w.service_account, "netns": w.netns, "ip": ip.to_string(),
-            "cgroup": cg,
-        }));
-        if w.key.name.starts_with("server") {
-            Command::new(probe_exe()?)
-                .arg(&cg)
-                .arg(&w.netns)
-                .args(["echo", &format!("{ip}:{ECHO_PORT}"), "--forever"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(fs::File::create(state.join(format!("{}.log", w.key.name)))?)
-                .spawn()
-                .context("cannot start an echo server")?;
-        }
-    }
-
-    let mut node_json = Vec::new();
-    for n in &nodes {
-        let node_state = state.join(&n.name);
-        let log = state.join(format!("{}.log", n.name));
-        let cg = root_cg.join(&n.name);
-        Command::new(probe_exe()?)
-            .arg(&cg)
-            .arg(Path::new("/run/netns").join(node_ns(&n.name)))
-            .arg("exec")
-            .arg(agent_exe()?)
-            .args(["local", "--config"])
-            .arg(&config)
-            .args(["--node", &n.name, "--state-dir"])
-            .arg(&node_state)
-            .arg("--ca-dir")
-            .arg(state.join("ca"))
-            .arg("--cgroup")
-            .arg(&cg)
-            .args(["--instance", &node_ns(&n.name)])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .context("cannot start an agent")?;
-        // One at a time: the first creates the shared CA.
-        let deadline = Instant::now() + READY_WITHIN;
-        while !node_state.join("ready").exists() {
+impl Lab {
+    /// Brings the lab up from `config` (must be down first).
+    pub fn up(&self, config: &Path) -> Result<serde_json::Value> {
+        let config = fs::canonicalize(config)
+            .with_context(|| format!("cannot find the lab file {}", config.display()))?;
+        let model: std::sync::Arc<ClusterModel> = LocalConfigSource::new(&config, None)
+            .load()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let nodes: Vec<_> = model.nodes().cloned().collect();
+        ensure!(nodes.len() == 2, "the lab wires exactly two nodes");
+        for w in model.workloads() {
+            let ns = ns_name(&w.netns)?;
             ensure!(
-                Instant::now() < deadline,
-                "agent {} not ready within {READY_WITHIN:?}; see {}",
-                n.name,
-                log.display()
+                w.netns.parent() == Some(Path::new("/run/netns")) && self.owns_ns(&ns),
+                "workload {}: its netns must be `/run/netns/{}-…` (got {}) so that `down` finds it",
+                w.key.name,
+                self.prefix,
+                w.netns.display()
             );
-            std::thread::sleep(Duration::from_millis(50));
         }
-        node_json.push(serde_json::json!({
-            "name": n.name, "netns": Path::new("/run/netns").join(node_ns(&n.name)),
-            "ip": n.address.to_string(), "tunnel_ip": n.tunnel_address.to_string(),
-            "link_if": "nmlab0",
-            "metrics_url": format!("http://{}:{}/metrics", n.address, n.metrics_port),
-            "admin_url": format!("http://127.0.0.1:{}/", n.admin_port),
-            "log": log, "cgroup": cg,
-        }));
-    }
-    let services: Vec<_> = model
-        .services()
-        .map(|s| {
-            serde_json::json!({
-                "name": s.key.name, "namespace": s.key.namespace,
-                "vip": s.vips.first().map(ToString::to_string),
-                "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
-                "endpoints": s.endpoints.iter().map(|e| e.name.clone()).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    let lab = serde_json::json!({
-        "config": config, "nodes": node_json, "pods": pods, "services": services,
-    });
-    fs::write(state.join("lab.json"), serde_json::to_string_pretty(&lab)?)?;
-    Ok(lab)
-}
+        let state = self.state.clone();
+        ensure!(
+            !state.join("lab.json").exists(),
+            "the lab `{}` is already up (run `cargo xtask lab down` first)",
+            self.prefix
+        );
+        fs::create_dir_all(&state)?;
+        let root_cg = self.cgroup()?;
+        fs::create_dir_all(&root_cg)?;
 
-/// Removes everything the lab makes (idempotent; works without `lab.json`).
-pub fn down(workspace: &Path) -> Result<()> {
-    let mut problems = Vec::new();
-    let root_cg = lab_cgroup()?;
-    // Processes: every one in a lab cgroup, deepest first. SIGTERM, then SIGKILL.
-    let mut cgroups = Vec::new();
-    collect_cgroups(&root_cg, &mut cgroups);
-    for signal in [libc::SIGTERM, libc::SIGKILL] {
-        for cg in &cgroups {
-            for pid in procs(cg) {
-                // SAFETY: plain syscall with integers; a stale pid at worst gets ESRCH.
-                unsafe { libc::kill(pid, signal) };
+        for n in &nodes {
+            let ns = self.node_ns(&n.name);
+            run("ip", &["netns", "add", &ns])?;
+            exec_in(&ns, &["ip", "link", "set", "lo", "up"])?;
+            exec_in(&ns, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+            fs::create_dir_all(root_cg.join(&n.name))?;
+        }
+        let (a, b) = (&nodes[0], &nodes[1]);
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                "nmlab0",
+                "netns",
+                &self.node_ns(&a.name),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "nmlab0",
+                "netns",
+                &self.node_ns(&b.name),
+            ],
+        )?;
+        for n in [a, b] {
+            exec_in(
+                &self.node_ns(&n.name),
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{}/24", n.address),
+                    "dev",
+                    "nmlab0",
+                ],
+            )?;
+            exec_in(
+                &self.node_ns(&n.name),
+                &["ip", "link", "set", "nmlab0", "up"],
+            )?;
+        }
+
+        let mut pods = Vec::new();
+        for w in model.workloads() {
+            let ns = ns_name(&w.netns)?;
+            let node_ns = self.node_ns(&w.node);
+            let ip = *w.ips.first().context("workload without an address")?;
+            let gw = gateway(ip)?;
+            run("ip", &["netns", "add", &ns])?;
+            run(
+                "ip",
+                &["netns", "exec", &ns, "ip", "link", "set", "lo", "up"],
+            )?;
+            let host_if = short_if("v", &w.key.name);
+            run(
+                "ip",
+                &[
+                    "link", "add", &host_if, "netns", &node_ns, "type", "veth", "peer", "name",
+                    "eth0", "netns", &ns,
+                ],
+            )?;
+            // Several pods of a node share the /24: the gateway address goes on each veth as /32
+            // with a host route to the pod.
+            exec_in(
+                &node_ns,
+                &["ip", "addr", "add", &format!("{gw}/32"), "dev", &host_if],
+            )?;
+            exec_in(&node_ns, &["ip", "link", "set", &host_if, "up"])?;
+            // Pods see their /24 as on-link: the node answers ARP for the other pods.
+            exec_in(
+                &node_ns,
+                &[
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
+                ],
+            )?;
+            exec_in(
+                &node_ns,
+                &["ip", "route", "add", &format!("{ip}/32"), "dev", &host_if],
+            )?;
+            exec_in(
+                &ns,
+                &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+            )?;
+            exec_in(&ns, &["ip", "link", "set", "eth0", "up"])?;
+            exec_in(
+                &ns,
+                &["ip", "route", "add", "default", "via", &gw.to_string()],
+            )?;
+            let peer = if w.node == a.name { b } else { a };
+            let other_ns = self.node_ns(&peer.name);
+            let via = model
+                .node(&w.node)
+                .context("workload's node")?
+                .address
+                .to_string();
+            exec_in(
+                &other_ns,
+                &["ip", "route", "replace", &format!("{ip}/32"), "via", &via],
+            )?;
+            let cg = root_cg.join(&w.node).join(&w.key.name);
+            fs::create_dir_all(&cg)?;
+            pods.push(serde_json::json!({
+                "name": w.key.name, "node": w.node, "namespace": w.key.namespace,
+                "service_account": w.service_account, "netns": w.netns, "ip": ip.to_string(),
+                "cgroup": cg,
+            }));
+            if w.key.name.starts_with("server") {
+                Command::new(probe_exe()?)
+                    .arg(&cg)
+                    .arg(&w.netns)
+                    .args(["echo", &format!("{ip}:{ECHO_PORT}"), "--forever"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(fs::File::create(state.join(format!("{}.log", w.key.name)))?)
+                    .spawn()
+                    .context("cannot start an echo server")?;
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while cgroups.iter().any(|cg| !procs(cg).is_empty()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
+
+        let mut node_json = Vec::new();
+        for n in &nodes {
+            let node_state = state.join(&n.name);
+            let log = state.join(format!("{}.log", n.name));
+            let cg = root_cg.join(&n.name);
+            Command::new(probe_exe()?)
+                .arg(&cg)
+                .arg(Path::new("/run/netns").join(self.node_ns(&n.name)))
+                .arg("exec")
+                .arg(agent_exe()?)
+                .args(["local", "--config"])
+                .arg(&config)
+                .args(["--node", &n.name, "--state-dir"])
+                .arg(&node_state)
+                .arg("--ca-dir")
+                .arg(state.join("ca"))
+                .arg("--cgroup")
+                .arg(&cg)
+                .args(["--instance", &self.node_ns(&n.name)])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(&log)?)
+                .spawn()
+                .context("cannot start an agent")?;
+            // One at a time: the first creates the shared CA.
+            let deadline = Instant::now() + READY_WITHIN;
+            while !node_state.join("ready").exists() {
+                ensure!(
+                    Instant::now() < deadline,
+                    "agent {} not ready within {READY_WITHIN:?}; see {}",
+                    n.name,
+                    log.display()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            node_json.push(serde_json::json!({
+                "name": n.name, "netns": Path::new("/run/netns").join(self.node_ns(&n.name)),
+                "ip": n.address.to_string(), "tunnel_ip": n.tunnel_address.to_string(),
+                "link_if": "nmlab0",
+                "metrics_url": format!("http://{}:{}/metrics", n.address, n.metrics_port),
+                "admin_url": format!("http://127.0.0.1:{}/", n.admin_port),
+                "log": log, "cgroup": cg,
+            }));
         }
-    }
-    let nodes: Vec<String> = fs::read_dir(&root_cg)
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    for n in &nodes {
-        let uninstall = agent_exe().and_then(|exe| {
-            run(
-                &exe.to_string_lossy(),
-                &["uninstall", "--instance", &node_ns(n)],
-            )
+        let services: Vec<_> = model
+            .services()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.key.name, "namespace": s.key.namespace,
+                    "vip": s.vips.first().map(ToString::to_string),
+                    "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+                    "endpoints": s.endpoints.iter().map(|e| e.name.clone()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let lab = serde_json::json!({
+            "config": config, "nodes": node_json, "pods": pods, "services": services,
         });
-        if let Err(e) = uninstall {
-            problems.push(format!("{e:#}"));
+        fs::write(state.join("lab.json"), serde_json::to_string_pretty(&lab)?)?;
+        Ok(lab)
+    }
+
+    /// Removes everything the lab makes (idempotent; works without `lab.json`).
+    pub fn down(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        let root_cg = self.cgroup()?;
+        // Processes: every one in a lab cgroup, deepest first. SIGTERM, then SIGKILL.
+        let mut cgroups = Vec::new();
+        collect_cgroups(&root_cg, &mut cgroups);
+        for signal in [libc::SIGTERM, libc::SIGKILL] {
+            for cg in &cgroups {
+                for pid in procs(cg) {
+                    // SAFETY: plain syscall with integers; a stale pid at worst gets ESRCH.
+                    unsafe { libc::kill(pid, signal) };
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while cgroups.iter().any(|cg| !procs(cg).is_empty()) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
-    }
-    let list = run("ip", &["netns", "list"])?;
-    for line in list.lines() {
-        let name = line.split_whitespace().next().unwrap_or_default();
-        if name.starts_with(&format!("{PREFIX}-"))
-            && let Err(e) = run("ip", &["netns", "del", name])
-        {
-            problems.push(format!("{e:#}"));
+        let nodes: Vec<String> = fs::read_dir(&root_cg)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for n in &nodes {
+            let uninstall = agent_exe().and_then(|exe| {
+                run(
+                    &exe.to_string_lossy(),
+                    &["uninstall", "--instance", &self.node_ns(n)],
+                )
+            });
+            if let Err(e) = uninstall {
+                problems.push(format!("{e:#}"));
+            }
         }
-    }
-    for cg in cgroups.iter().rev() {
-        if let Err(e) = fs::remove_dir(cg) {
-            problems.push(format!("cannot remove cgroup {}: {e}", cg.display()));
+        let list = run("ip", &["netns", "list"])?;
+        for line in list.lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if self.owns_ns(name)
+                && let Err(e) = run("ip", &["netns", "del", name])
+            {
+                problems.push(format!("{e:#}"));
+            }
         }
+        for cg in cgroups.iter().rev() {
+            if let Err(e) = fs::remove_dir(cg) {
+                problems.push(format!("cannot remove cgroup {}: {e}", cg.display()));
+            }
+        }
+        if self.state.exists() {
+            fs::remove_dir_all(&self.state)?;
+        }
+        ensure!(problems.is_empty(), "lab down: {}", problems.join("; "));
+        Ok(())
     }
-    let state = state_dir(workspace);
-    if state.exists() {
-        fs::remove_dir_all(&state)?;
-    }
-    ensure!(problems.is_empty(), "lab down: {}", problems.join("; "));
-    Ok(())
 }
 
 /// `dir` and every cgroup below it, parents first.
@@ -357,31 +421,52 @@ fn procs(cg: &Path) -> Vec<libc::pid_t> {
         .collect()
 }
 
-/// The lab's `lab.json`, if it is up.
-pub fn status(workspace: &Path) -> Result<Option<serde_json::Value>> {
-    let path = state_dir(workspace).join("lab.json");
-    if !path.exists() {
-        return Ok(None);
+impl Lab {
+    /// The lab's `lab.json`, if it is up.
+    pub fn status(&self) -> Result<Option<serde_json::Value>> {
+        let path = self.state.join("lab.json");
+        if !path.exists() {
+            return Ok(None);
+        }
+        Ok(Some(serde_json::from_str(&fs::read_to_string(&path)?)?))
     }
-    Ok(Some(serde_json::from_str(&fs::read_to_string(&path)?)?))
-}
 
-/// The cgroup and netns of pod `name` from `lab.json`.
-pub fn pod_place(workspace: &Path, name: &str) -> Result<(PathBuf, PathBuf)> {
-    let lab = status(workspace)?.context("the lab is not up (`cargo xtask lab`)")?;
-    let pods = lab["pods"].as_array().context("lab.json has no pods")?;
-    let pod = pods
-        .iter()
-        .find(|p| p["name"] == name)
-        .with_context(|| format!("no pod `{name}` in the lab"))?;
-    let get = |k: &str| -> Result<PathBuf> {
+    /// The cgroup and netns of pod `name` from `lab.json`.
+    pub fn pod_place(&self, name: &str) -> Result<(PathBuf, PathBuf)> {
+        let lab = self
+            .status()?
+            .context("the lab is not up (`cargo xtask lab`)")?;
+        let pods = lab["pods"].as_array().context("lab.json has no pods")?;
+        let pod = pods
+            .iter()
+            .find(|p| p["name"] == name)
+            .with_context(|| format!("no pod `{name}` in the lab"))?;
+        let get = |k: &str| -> Result<PathBuf> {
+            Ok(PathBuf::from(
+                pod[k]
+                    .as_str()
+                    .with_context(|| format!("pod {name} has no {k}"))?,
+            ))
+        };
+        Ok((get("cgroup")?, get("netns")?))
+    }
+
+    /// The network namespace of node `name` from `lab.json`.
+    pub fn node_netns(&self, name: &str) -> Result<PathBuf> {
+        let lab = self
+            .status()?
+            .context("the lab is not up (`cargo xtask lab`)")?;
+        let nodes = lab["nodes"].as_array().context("lab.json has no nodes")?;
+        let node = nodes
+            .iter()
+            .find(|n| n["name"] == name)
+            .with_context(|| format!("no node or pod `{name}` in the lab"))?;
         Ok(PathBuf::from(
-            pod[k]
+            node["netns"]
                 .as_str()
-                .with_context(|| format!("pod {name} has no {k}"))?,
+                .with_context(|| format!("node {name} has no netns"))?,
         ))
-    };
-    Ok((get("cgroup")?, get("netns")?))
+    }
 }
 
 /// One row of the demo: what was tried, what should happen, what did.
@@ -394,15 +479,15 @@ pub struct DemoRow {
 
 /// Sends the demo traffic from `client-a` (same-node, cross-node, via the first service, to the
 /// denied port 9090) with `nm-probe roundtrip`, and reports each outcome.
-pub fn demo(workspace: &Path) -> Result<Vec<DemoRow>> {
-    let lab = status(workspace)?.context("the lab is not up")?;
-    let pods = lab["pods"].as_array().context("lab.json has no pods")?;
+pub fn demo(lab: &Lab) -> Result<Vec<DemoRow>> {
+    let topo = lab.status()?.context("the lab is not up")?;
+    let pods = topo["pods"].as_array().context("lab.json has no pods")?;
     let ip_of = |name: &str| -> Option<String> {
         pods.iter()
             .find(|p| p["name"] == name)
             .and_then(|p| p["ip"].as_str().map(str::to_owned))
     };
-    let (cgroup, netns) = pod_place(workspace, "client-a")?;
+    let (cgroup, netns) = lab.pod_place("client-a")?;
     let mut tries = Vec::new();
     if let Some(ip) = ip_of("server-a") {
         tries.push((
@@ -423,7 +508,7 @@ pub fn demo(workspace: &Path) -> Result<Vec<DemoRow>> {
             false,
         ));
     }
-    if let Some(svc) = lab["services"].as_array().and_then(|s| s.first()) {
+    if let Some(svc) = topo["services"].as_array().and_then(|s| s.first()) {
         let vip = svc["vip"].as_str().unwrap_or_default();
         let port = svc["ports"][0].as_u64().unwrap_or(80);
         tries.push((

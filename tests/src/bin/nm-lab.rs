@@ -4,16 +4,20 @@
 //!   and writes `target/lab/lab.json`.
 //! - `nm-lab down`: removes everything (also after a crash).
 //! - `nm-lab status`: prints `lab.json` and whether each agent serves.
-//! - `nm-lab exec POD -- CMD...`: runs CMD in the pod's cgroup and network namespace.
+//! - `nm-lab exec POD -- CMD...`: runs CMD in the pod's cgroup and network namespace;
+//!   `nm-lab exec NODE -- CMD...` in the node's network namespace (where its metrics listen).
 //!
 //! The workspace root is the current directory (xtask runs it there).
 
 use std::{os::unix::process::CommandExt, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result, bail};
-use nodemesh_tests::{lab, probe_exe, require_root};
+use nodemesh_tests::{
+    lab::{self, Lab},
+    probe_exe, require_root,
+};
 
-const USAGE: &str = "usage: nm-lab [up [--config FILE] | down | status | exec POD -- CMD...]";
+const USAGE: &str = "usage: nm-lab [up [--config FILE] | down | status | exec POD|NODE -- CMD...]";
 
 fn main() -> ExitCode {
     match run() {
@@ -28,6 +32,7 @@ fn main() -> ExitCode {
 fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let workspace = std::env::current_dir()?;
+    let lab = Lab::default_for(&workspace);
     require_root();
     match args
         .iter()
@@ -35,19 +40,20 @@ fn run() -> Result<()> {
         .collect::<Vec<_>>()
         .as_slice()
     {
-        [] | ["up"] => up(&workspace, workspace.join("tests/lab/lab.yaml")),
-        ["up", "--config", file] => up(&workspace, PathBuf::from(file)),
+        [] | ["up"] => up(&lab, workspace.join("tests/lab/lab.yaml")),
+        ["up", "--config", file] => up(&lab, PathBuf::from(file)),
         ["down"] => {
-            lab::down(&workspace)?;
+            lab.down()?;
             println!("lab down: namespaces, cgroups, pins, processes and target/lab removed");
             Ok(())
         }
         ["status"] => {
-            match lab::status(&workspace)? {
+            match lab.status()? {
                 None => println!("the lab is down"),
                 Some(l) => {
                     for n in l["nodes"].as_array().into_iter().flatten() {
-                        let ready = lab::state_dir(&workspace)
+                        let ready = lab
+                            .state_dir()
                             .join(n["name"].as_str().unwrap_or_default())
                             .join("ready")
                             .exists();
@@ -63,25 +69,37 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
-        ["exec", pod, "--", cmd @ ..] if !cmd.is_empty() => {
-            let (cgroup, netns) = lab::pod_place(&workspace, pod)?;
-            let e = std::process::Command::new(probe_exe()?)
-                .arg(cgroup)
-                .arg(netns)
-                .arg("exec")
-                .args(cmd)
-                .exec();
-            Err(e).context("cannot run nm-probe")
+        ["exec", name, "--", cmd @ ..] if !cmd.is_empty() => {
+            let e = match lab.pod_place(name) {
+                Ok((cgroup, netns)) => std::process::Command::new(probe_exe()?)
+                    .arg(cgroup)
+                    .arg(netns)
+                    .arg("exec")
+                    .args(cmd)
+                    .exec(),
+                // A node: its namespace only (the agent's cgroup is the node's).
+                Err(pod_err) => {
+                    let netns = lab
+                        .node_netns(name)
+                        .map_err(|_| pod_err.context(format!("`{name}` is no pod or node")))?;
+                    std::process::Command::new("nsenter")
+                        .arg(format!("--net={}", netns.display()))
+                        .arg("--")
+                        .args(cmd)
+                        .exec()
+                }
+            };
+            Err(e).context("cannot run the command")
         }
         _ => bail!(USAGE),
     }
 }
 
-fn up(workspace: &std::path::Path, config: PathBuf) -> Result<()> {
-    let lab = match lab::up(&config, workspace) {
+fn up(place: &Lab, config: PathBuf) -> Result<()> {
+    let lab = match place.up(&config) {
         Ok(l) => l,
         Err(e) => {
-            let _ = lab::down(workspace);
+            let _ = place.down();
             return Err(e.context("lab up failed (cleaned up)"));
         }
     };
@@ -98,7 +116,7 @@ fn up(workspace: &std::path::Path, config: PathBuf) -> Result<()> {
         );
     }
     println!("\ndemo traffic:");
-    let rows = lab::demo(workspace)?;
+    let rows = lab::demo(place)?;
     for r in &rows {
         println!(
             "  {} {:<58} expected {:<24} got {}",
@@ -109,6 +127,13 @@ fn up(workspace: &std::path::Path, config: PathBuf) -> Result<()> {
         );
     }
     println!("\ntopology: target/lab/lab.json; agent logs (access lines): target/lab/<node>.log");
+    for n in lab["nodes"].as_array().into_iter().flatten() {
+        let name = n["name"].as_str().unwrap_or_default();
+        println!(
+            "metrics of {name}: cargo xtask lab exec {name} -- curl -s {}",
+            n["metrics_url"].as_str().unwrap_or_default()
+        );
+    }
     println!(
         "explore: cargo xtask lab exec client-a -- CMD; cargo xtask lab status; cargo xtask lab down"
     );

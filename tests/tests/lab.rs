@@ -1,0 +1,148 @@
+//! The lab as a new user runs it (`cargo xtask lab`, then `cargo xtask lab down`), on the real
+//! lab file `tests/lab/lab.yaml` with its policies, under its own prefix so that it can run beside
+//! a user's lab: every demo row behaves as expected, `lab.json` has the documented fields, and
+//! `down` leaves no namespace, cgroup, pin or process behind. Root.
+
+use std::{fs, path::Path};
+
+use anyhow::{Context, Result, ensure};
+use nodemesh_tests::{
+    lab::{self, Lab},
+    require_root, run,
+};
+
+const PREFIX: &str = "nmlabt";
+
+/// Copies the lab files into `dir` with the pods' namespaces renamed to this test's prefix.
+fn lab_files(dir: &Path) -> Result<std::path::PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("lab");
+    for f in ["lab.yaml", "policies.yaml"] {
+        let text = fs::read_to_string(src.join(f)).with_context(|| format!("read {f}"))?;
+        fs::write(
+            dir.join(f),
+            text.replace(
+                &format!("/run/netns/{}-", lab::PREFIX),
+                &format!("/run/netns/{PREFIX}-"),
+            ),
+        )?;
+    }
+    Ok(dir.join("lab.yaml"))
+}
+
+fn leftovers(lab: &Lab, pids: &[i32]) -> Result<Vec<String>> {
+    let mut left = Vec::new();
+    for line in run("ip", &["netns", "list"])?.lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if name.starts_with(&format!("{PREFIX}-")) {
+            left.push(format!("netns {name}"));
+        }
+    }
+    let cg = mesh_agent::cgroup::cgroup2_mount()?.join(PREFIX);
+    if cg.exists() {
+        left.push(format!("cgroup {}", cg.display()));
+    }
+    for node in ["node-a", "node-b"] {
+        let pins = Path::new("/sys/fs/bpf/nodemesh").join(lab.node_ns(node));
+        if pins.exists() {
+            left.push(format!("pins {}", pins.display()));
+        }
+    }
+    for pid in pids {
+        // The lab's processes are this test's children: killed ones stay zombies until reaped.
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+        if !matches!(state, None | Some('Z' | 'X')) {
+            left.push(format!("process {pid}"));
+        }
+    }
+    if lab.state_dir().exists() {
+        left.push(format!("state {}", lab.state_dir().display()));
+    }
+    Ok(left)
+}
+
+fn pids_in(dir: &Path, out: &mut Vec<i32>) {
+    if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            pids_in(&e.path(), out);
+        }
+    }
+}
+
+#[test]
+fn lab_up_demo_and_down_leave_nothing_behind() -> Result<()> {
+    require_root();
+    let tmp = tempfile::tempdir()?;
+    let config = lab_files(tmp.path())?;
+    let lab = Lab::new(PREFIX, tmp.path().join("state"))?;
+    // A previous crashed run of this test: start clean (down is idempotent).
+    lab.down()?;
+
+    let result = (|| -> Result<Vec<i32>> {
+        let topo = lab.up(&config)?;
+        for key in [
+            "name",
+            "netns",
+            "ip",
+            "tunnel_ip",
+            "link_if",
+            "metrics_url",
+            "admin_url",
+        ] {
+            for n in topo["nodes"].as_array().context("nodes")? {
+                ensure!(!n[key].is_null(), "node without {key}: {n}");
+            }
+        }
+        let pods = topo["pods"].as_array().context("pods")?;
+        ensure!(pods.len() >= 4, "at least four pods, got {}", pods.len());
+        for key in [
+            "name",
+            "node",
+            "namespace",
+            "service_account",
+            "netns",
+            "ip",
+            "cgroup",
+        ] {
+            for p in pods {
+                ensure!(!p[key].is_null(), "pod without {key}: {p}");
+            }
+        }
+        let svc = &topo["services"][0];
+        ensure!(
+            svc["endpoints"].as_array().map_or(0, Vec::len) == 2,
+            "a service with two endpoints: {svc}"
+        );
+        let rows = lab::demo(&lab)?;
+        ensure!(rows.len() == 4, "four demo rows, got {}", rows.len());
+        for r in &rows {
+            ensure!(
+                r.ok,
+                "demo row `{}`: expected {}, got {}",
+                r.what,
+                r.expected,
+                r.outcome
+            );
+        }
+        ensure!(
+            rows.iter().any(|r| r.outcome.contains("refused")),
+            "the denied row is refused"
+        );
+        let mut pids = Vec::new();
+        pids_in(&mesh_agent::cgroup::cgroup2_mount()?.join(PREFIX), &mut pids);
+        ensure!(
+            pids.len() >= 4,
+            "two agents and two echo servers run, got {pids:?}"
+        );
+        Ok(pids)
+    })();
+    let down = lab.down();
+    let pids = result?;
+    down?;
+    let left = leftovers(&lab, &pids)?;
+    ensure!(left.is_empty(), "lab down left: {left:?}");
+    Ok(())
+}

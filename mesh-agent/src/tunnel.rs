@@ -227,6 +227,12 @@ pub trait LocalWorkloads: Send + Sync {
         let _ = server_name;
         None
     }
+
+    /// The identity of the workload (on any node) that owns `ip`: lets the inbound side trust a
+    /// peer's `forwarded: for=` address only when it belongs to the identity the peer proved.
+    fn identity_of_ip(&self, ip: IpAddr) -> Option<SpiffeId> {
+        self.by_ip(ip).map(|w| w.identity.clone())
+    }
 }
 
 /// The identity among `workloads` whose SNI form is `server_name`.

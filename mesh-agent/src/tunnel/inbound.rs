@@ -489,9 +489,15 @@ impl Inbound {
             );
             return;
         }
+        // The source address policies see (`ipBlocks`): the client pod's, from `forwarded`, when
+        // that address belongs to the identity the peer proved; otherwise the peer's (a node).
+        let source_addr = match forwarded {
+            Some(f) if self.workloads.identity_of_ip(f.ip()).as_ref() == Some(&*source) => f,
+            _ => peer,
+        };
         let decision = self.authorizer.authorize(&AuthzRequest {
             source_identity: Some(&source),
-            source_addr: peer,
+            source_addr,
             destination: dst,
             destination_workload: &workload,
             transport: Transport::Mtls,
@@ -558,7 +564,7 @@ impl Inbound {
         let recv = req.into_body();
         let mut registration = self.connections.register(Authorized {
             source_identity: Some((*source).clone()),
-            source_addr: peer,
+            source_addr,
             destination: dst,
             workload: workload.clone(),
             transport: Transport::Mtls,

@@ -2,7 +2,7 @@
 //! echo "pod" (127.0.0.2). Listeners bind port 0; waits are polls with deadlines.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -130,8 +130,18 @@ impl Mesh {
         let certs = Arc::new(CertCache::new(ca.clone()));
         let (client, server) = (id("client"), id("server"));
         let echo = echo_server([127, 0, 0, 2]).await;
-        let workloads: Arc<dyn LocalWorkloads> =
-            Arc::new(StaticWorkloads::default().with(server_workload(echo, &server)));
+        // The client pod's address (nothing listens there): what `forwarded` may name.
+        let client_pod = LocalWorkload {
+            name: "client".into(),
+            namespace: "default".into(),
+            identity: client.clone(),
+            ip: CLIENT_POD_IP.into(),
+        };
+        let workloads: Arc<dyn LocalWorkloads> = Arc::new(
+            StaticWorkloads::default()
+                .with(server_workload(echo, &server))
+                .with(client_pod),
+        );
         let (trigger, watch) = drain::channel();
 
         let inbound_listener =
@@ -375,6 +385,81 @@ async fn denied_principal_gets_401_and_the_app_socket_is_closed() {
     let req = pool::connect_request(mesh.echo, &http::HeaderMap::new()).expect("req");
     let (resp, _send) = other.send_request(req, false).expect("send");
     assert_eq!(resp.await.expect("resp").status(), http::StatusCode::OK);
+}
+
+const CLIENT_POD_IP: [u8; 4] = [127, 0, 0, 9];
+
+/// Records the source address each decision saw.
+#[derive(Default)]
+struct RecordSources(std::sync::Mutex<Vec<SocketAddr>>);
+
+impl Authorizer for RecordSources {
+    fn authorize(&self, req: &AuthzRequest<'_>) -> AuthzDecision {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(req.source_addr);
+        AuthzDecision::Allow
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_see_the_forwarded_pod_address_only_when_it_is_the_peers() {
+    let record = Arc::new(RecordSources::default());
+    let mesh = Mesh::start(MeshOptions {
+        inbound_authz: record.clone(),
+        ..MeshOptions::default()
+    })
+    .await;
+    let pod = SocketAddr::from((CLIENT_POD_IP, 5000));
+    let forwarded = |addr: SocketAddr| {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "forwarded",
+            format!("for=\"{addr}\"").parse().expect("header value"),
+        );
+        h
+    };
+    let open = |source: SpiffeId, headers: http::HeaderMap| {
+        let mesh = &mesh;
+        async move {
+            let mut s = mesh.h2_client(&source).await.ready().await.expect("ready");
+            let req = pool::connect_request(mesh.echo, &headers).expect("req");
+            let (resp, _body) = s.send_request(req, false).expect("send");
+            resp.await.expect("response").status()
+        }
+    };
+    // The client identity owns the pod address: policies see it (`ipBlocks` on pod IPs work).
+    assert_eq!(
+        open(mesh.client.clone(), forwarded(pod)).await,
+        http::StatusCode::OK
+    );
+    // Another identity claiming that address, an unknown address, no header: the peer's address.
+    assert_eq!(
+        open(id("other"), forwarded(pod)).await,
+        http::StatusCode::OK
+    );
+    assert_eq!(
+        open(
+            mesh.client.clone(),
+            forwarded(SocketAddr::from(([127, 0, 0, 10], 5000)))
+        )
+        .await,
+        http::StatusCode::OK
+    );
+    assert_eq!(
+        open(mesh.client.clone(), http::HeaderMap::new()).await,
+        http::StatusCode::OK
+    );
+    let seen: Vec<_> = record
+        .0
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(SocketAddr::ip)
+        .collect();
+    let peer: IpAddr = [127, 0, 0, 1].into();
+    assert_eq!(seen, vec![pod.ip(), peer, peer, peer]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,6 +64,17 @@ impl LocalWorkloads for TunnelState {
     fn identity_for_sni(&self, server_name: &str) -> Option<SpiffeId> {
         super::identity_by_sni(self.snapshot().local_workloads.values(), server_name)
     }
+
+    fn identity_of_ip(&self, ip: IpAddr) -> Option<SpiffeId> {
+        let snapshot = self.snapshot();
+        if let Some(w) = snapshot.local_workloads.get(&ip) {
+            return Some(w.identity.clone());
+        }
+        snapshot
+            .workload_addresses
+            .get(&ip)
+            .map(|(id, _)| id.clone())
+    }
 }
 
 impl Resolver for TunnelState {

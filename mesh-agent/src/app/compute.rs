@@ -101,15 +101,6 @@ pub fn desired_state(
     Ok(d)
 }
 
-fn attrs(src: &Workload, src_ip: IpAddr, dst_ip: IpAddr, port: u16) -> ConnectionAttrs {
-    ConnectionAttrs {
-        src_identity: Some(src.identity.to_peer()),
-        src_ip,
-        dst_ip,
-        dst_port: port,
-    }
-}
-
 /// The kernel's early-deny entries: for each (local source identity, destination identity), the
 /// ports on which **every** local pod of the source identity is denied by the policies of
 /// **every** workload of the destination identity (the kernel keys on identities, not pods).
@@ -128,20 +119,36 @@ pub fn early_denies(model: &ClusterModel) -> BTreeSet<PolicyRule> {
     for w in model.workloads() {
         dests.entry(w.identity_id).or_default().push(w);
     }
+    // Per-workload inputs computed once, not per (source, destination, port) evaluation.
+    let metas: HashMap<&model::ObjectKey, _> =
+        model.workloads().map(|w| (&w.key, w.meta())).collect();
+    let peers: HashMap<&model::ObjectKey, _> = model
+        .local_workloads()
+        .map(|w| (&w.key, w.identity.to_peer()))
+        .collect();
     let denied = |srcs: &[&Workload], dsts: &[&Workload], port: u16| {
-        srcs.iter().all(|s| {
-            dsts.iter().all(|d| {
-                let meta = d.meta();
-                s.ips.iter().all(|&sip| {
-                    d.ips.iter().all(|&dip| {
-                        !policies
-                            .authorize(&meta, &attrs(s, sip, dip, port))
-                            .is_allowed()
-                    })
-                })
-            })
-        })
+        for s in srcs {
+            for &src_ip in &s.ips {
+                let mut conn = ConnectionAttrs {
+                    src_identity: Some(peers[&s.key].clone()),
+                    src_ip,
+                    dst_ip: src_ip,
+                    dst_port: port,
+                };
+                for d in dsts {
+                    for &dst_ip in &d.ips {
+                        conn.dst_ip = dst_ip;
+                        if policies.authorize(&metas[&d.key], &conn).is_allowed() {
+                            return false;
+                        }
+                    }
+                }
+            }
+        }
+        true
     };
+    // A destination identity with a workload no policy selects is never denied to anyone.
+    dests.retain(|_, dsts| dsts.iter().all(|d| policies.selects_any(&metas[&d.key])));
     let mut out = BTreeSet::new();
     for (&src_id, srcs) in &sources {
         for (&dst_id, dsts) in &dests {

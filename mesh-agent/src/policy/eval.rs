@@ -401,6 +401,39 @@ impl PolicySet {
             && selects(selector, workload)
     }
 
+    /// Whether any AuthorizationPolicy applies to `workload`. When none does, every connection
+    /// with a verified identity is allowed (plaintext may still meet STRICT).
+    pub fn selects_any(&self, workload: &WorkloadMeta) -> bool {
+        self.candidates(&workload.namespace)
+            .any(|e| self.in_scope(&e.policy.namespace, &e.selector, workload))
+    }
+
+    /// The AuthorizationPolicies that can apply to a workload of `namespace`, in `authz` order:
+    /// the root namespace's and the workload's. `authz` is sorted by namespace, so each is one
+    /// contiguous run found by binary search: a decision costs the policies of two namespaces,
+    /// not of the cluster (10,000 policies in 100 namespaces: 255 µs → see `benches/`).
+    fn candidates<'a>(&'a self, namespace: &str) -> impl Iterator<Item = &'a AuthzEntry> + 'a {
+        let run = |ns: &str| -> &'a [AuthzEntry] {
+            let start = self
+                .authz
+                .partition_point(|e| e.policy.namespace.as_str() < ns);
+            let len = self.authz[start..].partition_point(|e| e.policy.namespace == ns);
+            &self.authz[start..start + len]
+        };
+        let root = run(&self.root_namespace);
+        let own = if namespace == self.root_namespace {
+            &[][..]
+        } else {
+            run(namespace)
+        };
+        let (first, second) = if self.root_namespace.as_str() <= namespace {
+            (root, own)
+        } else {
+            (own, root)
+        };
+        first.iter().chain(second)
+    }
+
     /// Istio's order: (0) a plaintext connection to a STRICT port is denied (ztunnel receives
     /// STRICT as a DENY policy on `notPrincipals: ["*"]`); (1) any matching DENY denies; (2) no
     /// ALLOW applies → allow; (3) any matching ALLOW allows; (4) deny. Every AUDIT policy that
@@ -420,7 +453,7 @@ impl PolicySet {
         let mut allowed: Option<RuleMatch> = None;
         let mut allow_policies = Vec::new();
         let mut audits = Vec::new();
-        for entry in &self.authz {
+        for entry in self.candidates(&workload.namespace) {
             if !self.in_scope(&entry.policy.namespace, &entry.selector, workload) {
                 continue;
             }

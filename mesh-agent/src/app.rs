@@ -262,6 +262,7 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
         delivery_source: Some(node.tunnel_address),
         drain_deadline: opts.drain_deadline,
         handshake_metrics: obs.handshake.clone(),
+        node_identity: Some(node_identity(&trust_domain)?),
         ..TunnelConfig::default()
     };
     let inbound_addr = SocketAddr::new(node.address, node.hbone_port);
@@ -389,6 +390,18 @@ fn program(
     );
     Ok(())
 }
+
+/// The identity the inbound presents to clients that name none (see
+/// `TunnelConfig::node_identity`): the agent's own service account in the mesh's namespace.
+fn node_identity(trust_domain: &str) -> Result<SpiffeId> {
+    format!("spiffe://{trust_domain}/ns/{NODE_NAMESPACE}/sa/{NODE_SERVICE_ACCOUNT}")
+        .parse()
+        .map_err(|e| anyhow::anyhow!("trust domain `{trust_domain}`: {e}"))
+}
+
+/// Namespace and service account of the node agent's own identity.
+pub const NODE_NAMESPACE: &str = "nodemesh-system";
+pub const NODE_SERVICE_ACCOUNT: &str = "nodemesh-agent";
 
 /// This process's cgroup v2 directory.
 fn own_cgroup() -> Option<PathBuf> {

@@ -94,6 +94,11 @@ pub struct TunnelConfig {
     /// tunnel address, which the datapath's plaintext guard recognises as "through the mesh".
     /// `None`: the kernel picks (tests without a guard).
     pub delivery_source: Option<IpAddr>,
+    /// The identity the inbound presents to a client that names no local identity in SNI (no
+    /// SNI, as clients dialling an IP address send none, or an unknown name) on an address that
+    /// is no workload's, such as the node address. Such a connection may then reach any local
+    /// workload; authorization decides each stream as always. `None`: they are refused.
+    pub node_identity: Option<SpiffeId>,
     /// TLS handshake and connect metrics, shared by inbound and the pool (a cheap handle; the
     /// wiring registers it, tests read it).
     pub handshake_metrics: metrics::HandshakeMetrics,
@@ -123,6 +128,7 @@ impl Default for TunnelConfig {
             max_inbound_connections: 16 * 1024,
             max_outbound_connections: 32 * 1024,
             delivery_source: None,
+            node_identity: None,
             handshake_metrics: metrics::HandshakeMetrics::default(),
         }
     }

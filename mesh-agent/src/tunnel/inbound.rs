@@ -67,12 +67,17 @@ enum Target {
     Identity(SpiffeId),
     /// No usable SNI: the workload whose address the connection arrived on (ztunnel style).
     Arrival(Arc<LocalWorkload>),
+    /// No usable SNI on an address that is no workload's (a generic client dialling the node
+    /// address): the node's identity ([`super::TunnelConfig::node_identity`]); any local
+    /// workload may be named.
+    Node(SpiffeId),
 }
 
 impl Target {
+    /// The identity the server presented.
     fn identity(&self) -> &SpiffeId {
         match self {
-            Target::Identity(id) => id,
+            Target::Identity(id) | Target::Node(id) => id,
             Target::Arrival(w) => &w.identity,
         }
     }
@@ -261,11 +266,11 @@ impl Inbound {
                 .and_then(|name| self.workloads.identity_for_sni(name))
             {
                 Some(identity) => Target::Identity(identity),
-                None => Target::Arrival(
-                    self.workloads
-                        .by_ip(local.ip())
-                        .ok_or(ConnError::NotAWorkload(local))?,
-                ),
+                None => match (self.workloads.by_ip(local.ip()), &self.config.node_identity) {
+                    (Some(w), _) => Target::Arrival(w),
+                    (None, Some(node)) => Target::Node(node.clone()),
+                    (None, None) => return Err(ConnError::NotAWorkload(local)),
+                },
             };
             let identity = target.identity().clone();
             let cert = self.certs.get(&identity).await.map_err(|e| {
@@ -389,7 +394,6 @@ impl Inbound {
         source: Arc<SpiffeId>,
         target: Arc<Target>,
     ) {
-        let dst_identity = target.identity();
         let _gauge = Gauge::new(&self.active_streams);
         let start = Instant::now();
         let forwarded = req
@@ -408,6 +412,16 @@ impl Inbound {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+        // Whom the stream reaches: the presented identity, or under the node's identity the
+        // workload the authority names (what metrics and the access log report).
+        let dst_identity = match &*target {
+            Target::Node(node) => authority
+                .as_deref()
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+                .and_then(|d| self.workloads.by_ip(d.ip()))
+                .map_or_else(|| node.clone(), |w| w.identity.clone()),
+            other => other.identity().clone(),
+        };
         let labels = |response_flags| TrafficLabels {
             reporter: Reporter::Destination,
             source_principal: source.to_string(),
@@ -466,6 +480,7 @@ impl Inbound {
             Target::Arrival(w) if dst.ip() == local.ip() && dst.ip() == w.ip => Some(w.clone()),
             Target::Arrival(_) => None,
             Target::Identity(id) => self.workloads.by_ip(dst.ip()).filter(|w| &w.identity == id),
+            Target::Node(_) => self.workloads.by_ip(dst.ip()),
         };
         let Some(workload) = workload else {
             let _ = reply(&mut respond, StatusCode::BAD_REQUEST);

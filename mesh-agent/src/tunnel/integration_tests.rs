@@ -948,6 +948,61 @@ async fn node_address_listener_picks_the_certificate_from_sni() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_sni_a_node_address_presents_the_node_identity() {
+    // A generic client dialling the node address by IP sends no SNI: with a node identity
+    // configured, the server presents it and the stream may name any local workload.
+    let node = id("nodemesh-agent");
+    let mut config = test_config();
+    config.node_identity = Some(node.clone());
+    let mesh = Mesh::start(MeshOptions {
+        config,
+        inbound_ip: [127, 0, 0, 3],
+        ..MeshOptions::default()
+    })
+    .await;
+    let cert = mesh.certs.get(&mesh.client).await.expect("cert");
+    let connect = |expected: SpiffeId| {
+        let cfg = client_config(&cert, &mesh.certs.trust_bundle(), &expected).expect("config");
+        let addr = mesh.inbound_addr;
+        async move {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            tokio_rustls::TlsConnector::from(cfg)
+                .connect(placeholder_server_name(), tcp)
+                .await
+        }
+    };
+    // The presented identity is the node's: a client expecting the workload's refuses it.
+    assert!(connect(mesh.server.clone()).await.is_err());
+    let tls = connect(node).await.expect("the node identity is presented");
+    let (send, conn) = h2::client::handshake(tls).await.expect("h2");
+    tokio::spawn(conn);
+    let mut send = send.ready().await.expect("ready");
+    let req = pool::connect_request(mesh.echo, &http::HeaderMap::new()).expect("req");
+    let (resp, mut body) = send.send_request(req, false).expect("send");
+    let resp = resp.await.expect("response");
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    body.send_data(Bytes::from_static(b"via node"), true)
+        .expect("data");
+    let mut recv = resp.into_body();
+    let mut echoed = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.expect("chunk");
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        echoed.extend_from_slice(&chunk);
+    }
+    assert_eq!(echoed, b"via node");
+    // An authority that is no local workload is still refused.
+    let mut send = send.ready().await.expect("ready");
+    let other = SocketAddr::from(([127, 0, 0, 77], 80));
+    let req = pool::connect_request(other, &http::HeaderMap::new()).expect("req");
+    let (resp, _body) = send.send_request(req, false).expect("send");
+    assert_eq!(
+        resp.await.expect("response").status(),
+        http::StatusCode::BAD_REQUEST
+    );
+}
+
 #[test]
 fn identity_server_names_are_stable_dns_labels() {
     let name = crate::identity::tls::identity_server_name(&id("server"));

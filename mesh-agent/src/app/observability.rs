@@ -26,7 +26,7 @@ use crate::{
     metrics::{
         BuildInfo, MetricsRegistry,
         agent::{AgentMetrics, CertExpiry, CertificateExpiry},
-        datapath as dp_metrics,
+        datapath::{self as dp_metrics, MapUsage},
     },
     model::ClusterModel,
     readiness::{Gate, Readiness},
@@ -110,17 +110,7 @@ impl Observability {
             ],
         );
         tunnel::pool::Pool::register(self.registry.nodemesh(), tunnel.outbound.pool().clone());
-        let dp = datapath.clone();
-        dp_metrics::register(
-            self.registry.nodemesh(),
-            Box::new(move || {
-                dp.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .counters()
-                    .unwrap_or_default()
-            }),
-            None,
-        );
+        register_datapath(self.registry.nodemesh(), datapath.clone());
         let expiry_certs = certs.clone();
         CertExpiry::register(
             self.registry.nodemesh(),
@@ -128,10 +118,10 @@ impl Observability {
                 expiry_certs
                     .snapshot()
                     .into_iter()
-                    .filter_map(|(id, exp)| {
+                    .filter_map(|c| {
                         Some(CertificateExpiry {
-                            identity: id.to_string(),
-                            not_after_unix_seconds: unix_seconds(exp?),
+                            identity: c.identity.to_string(),
+                            not_after_unix_seconds: unix_seconds(c.not_after()?),
                         })
                     })
                     .collect()
@@ -162,7 +152,10 @@ impl Observability {
         };
         let quit = self.quit.clone();
         let admin_state = AdminState {
-            config_dump: Arc::new(move || config_dump(&models.borrow(), &certs)),
+            config_dump: Arc::new(move || {
+                let maps = map_usage(&datapath.lock().unwrap_or_else(|p| p.into_inner()));
+                config_dump(&models.borrow(), &certs, &maps)
+            }),
             logging: opts.logging.clone(),
             quit: Arc::new(move || quit.notify_one()),
         };
@@ -182,6 +175,48 @@ impl Observability {
     }
 }
 
+/// Registers `nodemesh_datapath_events_total` and the map entries/capacity gauges over the
+/// shared datapath (also used by `mesh-agent node`).
+pub fn register_datapath(
+    registry: &mut prometheus_client::registry::Registry,
+    dp: Arc<Mutex<Datapath>>,
+) {
+    let for_maps = dp.clone();
+    dp_metrics::register(
+        registry,
+        Box::new(move || {
+            dp.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .counters()
+                .unwrap_or_default()
+        }),
+        Some(Box::new(move || {
+            map_usage(&for_maps.lock().unwrap_or_else(|p| p.into_inner()))
+        })),
+    );
+}
+
+/// The datapath's map usage in the metrics layer's type; empty (and logged) if the kernel
+/// refuses to tell.
+pub fn map_usage(dp: &Datapath) -> BTreeMap<&'static str, MapUsage> {
+    match dp.map_usage() {
+        Ok(maps) => maps
+            .into_iter()
+            .map(|(name, u)| {
+                let u = MapUsage {
+                    entries: u.entries,
+                    capacity: u.capacity,
+                };
+                (name, u)
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the eBPF map sizes");
+            BTreeMap::new()
+        }
+    }
+}
+
 fn unix_seconds(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
@@ -189,8 +224,12 @@ fn unix_seconds(t: SystemTime) -> i64 {
     }
 }
 
-/// `/config_dump`: the model this agent follows and its certificates.
-fn config_dump(model: &ClusterModel, certs: &CertCache) -> Value {
+/// `/config_dump`: the model this agent follows, its certificates and its eBPF maps' fill.
+fn config_dump(
+    model: &ClusterModel,
+    certs: &CertCache,
+    maps: &BTreeMap<&'static str, MapUsage>,
+) -> Value {
     let node = model.this_node();
     let workloads: Vec<Value> = model
         .workloads()
@@ -209,11 +248,26 @@ fn config_dump(model: &ClusterModel, certs: &CertCache) -> Value {
     let certificates: Vec<Value> = certs
         .snapshot()
         .into_iter()
-        .map(|(id, exp)| {
+        .map(|c| {
+            let cert = c.cert.as_deref();
             json!({
-                "identity": id.to_string(),
-                "not_after_unix_seconds": exp.map(unix_seconds),
+                "identity": c.identity.to_string(),
+                "serial": cert.and_then(|c| c.serial_hex()),
+                "not_before_unix_seconds": cert.map(|c| unix_seconds(c.not_before)),
+                "not_after_unix_seconds": cert.map(|c| unix_seconds(c.not_after)),
+                "expires_in_seconds": cert.map(|c| {
+                    unix_seconds(c.not_after) - unix_seconds(SystemTime::now())
+                }),
             })
+        })
+        .collect();
+    let maps: BTreeMap<&str, Value> = maps
+        .iter()
+        .map(|(name, u)| {
+            (
+                *name,
+                json!({ "entries": u.entries, "capacity": u.capacity }),
+            )
         })
         .collect();
     let warnings: Vec<String> = model.warnings().iter().map(ToString::to_string).collect();
@@ -234,6 +288,7 @@ fn config_dump(model: &ClusterModel, certs: &CertCache) -> Value {
     dump.insert("services", Value::from(services));
     dump.insert("policies", Value::from(format!("{:?}", model.policies())));
     dump.insert("certificates", Value::from(certificates));
+    dump.insert("maps", json!(maps));
     dump.insert("warnings", Value::from(warnings));
     json!(dump)
 }

@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod datapath;
 pub mod process;
+pub mod runtime;
 
 use std::fmt::Write as _;
 

@@ -635,7 +635,11 @@ async fn logging_changes_the_level_at_runtime() {
 /// The dashboard queries only metrics the agent exports, and metrics.md documents every one.
 #[test]
 fn dashboard_and_docs_match_the_exposition() {
-    let f = fixture();
+    let mut f = fixture();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    crate::metrics::runtime::RuntimeCollector::register(f.registry.nodemesh(), rt.handle().clone());
     let l = traffic(Reporter::Destination);
     f.inbound.opened(&l);
     f.inbound.closed(&l, 1, 1);

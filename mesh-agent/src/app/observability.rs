@@ -27,6 +27,7 @@ use crate::{
         BuildInfo, MetricsRegistry,
         agent::{AgentMetrics, CertExpiry, CertificateExpiry},
         datapath::{self as dp_metrics, MapUsage},
+        runtime::RuntimeCollector,
     },
     model::ClusterModel,
     readiness::{Gate, Readiness},
@@ -111,6 +112,7 @@ impl Observability {
         );
         tunnel::pool::Pool::register(self.registry.nodemesh(), tunnel.outbound.pool().clone());
         register_datapath(self.registry.nodemesh(), datapath.clone());
+        RuntimeCollector::register(self.registry.nodemesh(), tokio::runtime::Handle::current());
         let expiry_certs = certs.clone();
         CertExpiry::register(
             self.registry.nodemesh(),

@@ -128,6 +128,8 @@ fn traffic(reporter: Reporter) -> TrafficLabels {
         destination_service: "web.shop.svc.cluster.local".into(),
         connection_security_policy: "mutual_tls",
         response_flags: flags::NONE,
+        source_addr: None,
+        destination_addr: None,
     }
 }
 

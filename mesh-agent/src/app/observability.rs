@@ -9,7 +9,7 @@
 //! [`Running::run`](super::Running::run) treats like SIGTERM.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::{SystemTime, UNIX_EPOCH},
@@ -33,7 +33,7 @@ use crate::{
     readiness::{Gate, Readiness},
     tunnel::{
         self,
-        metrics::{HandshakeMetrics, TunnelMetrics},
+        metrics::{HandshakeMetrics, TunnelMetrics, WorkloadDirectory, WorkloadMeta},
     },
 };
 
@@ -103,6 +103,9 @@ impl Observability {
         certs: Arc<CertCache>,
         models: watch::Receiver<Arc<ClusterModel>>,
     ) -> Result<(Endpoints, Vec<tokio::task::JoinHandle<()>>)> {
+        let directory: Arc<dyn WorkloadDirectory> = Arc::new(ModelDirectory::new(models.clone()));
+        tunnel.outbound.metrics().set_directory(directory.clone());
+        tunnel.inbound.metrics().set_directory(directory);
         TunnelMetrics::register(
             self.registry.istio(),
             [
@@ -219,6 +222,76 @@ pub fn map_usage(dp: &Datapath) -> BTreeMap<&'static str, MapUsage> {
     }
 }
 
+/// The traffic labels' view of the model: workloads by address and service hostnames, indexed
+/// once per model version (a reload swaps the `Arc`), so a connection costs two hash lookups.
+struct ModelDirectory {
+    models: watch::Receiver<Arc<ClusterModel>>,
+    index: Mutex<Option<(Arc<ClusterModel>, Arc<DirectoryIndex>)>>,
+}
+
+#[derive(Default)]
+struct DirectoryIndex {
+    workloads: HashMap<IpAddr, Arc<WorkloadMeta>>,
+    services: HashSet<String>,
+}
+
+impl ModelDirectory {
+    fn new(models: watch::Receiver<Arc<ClusterModel>>) -> Self {
+        Self {
+            models,
+            index: Mutex::new(None),
+        }
+    }
+
+    fn index(&self) -> Arc<DirectoryIndex> {
+        let model = self.models.borrow().clone();
+        let mut cached = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((m, index)) = cached.as_ref()
+            && Arc::ptr_eq(m, &model)
+        {
+            return index.clone();
+        }
+        let index = Arc::new(DirectoryIndex::of(&model));
+        *cached = Some((model, index.clone()));
+        index
+    }
+}
+
+impl DirectoryIndex {
+    fn of(model: &ClusterModel) -> Self {
+        let mut index = Self::default();
+        for w in model.workloads() {
+            let meta = Arc::new(WorkloadMeta::from_labels(
+                w.identity.spiffe_id(),
+                w.key.name.clone(),
+                w.key.namespace.clone(),
+                &w.labels,
+            ));
+            for ip in &w.ips {
+                index.workloads.insert(ip.to_canonical(), meta.clone());
+            }
+        }
+        for s in model.services() {
+            // The hostname form the tunnel state uses (`app::compute`).
+            index.services.insert(format!(
+                "{}.{}.svc.cluster.local",
+                s.key.name, s.key.namespace
+            ));
+        }
+        index
+    }
+}
+
+impl WorkloadDirectory for ModelDirectory {
+    fn workload(&self, ip: IpAddr) -> Option<Arc<WorkloadMeta>> {
+        self.index().workloads.get(&ip.to_canonical()).cloned()
+    }
+
+    fn is_service(&self, hostname: &str) -> bool {
+        self.index().services.contains(hostname)
+    }
+}
+
 fn unix_seconds(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
@@ -293,4 +366,112 @@ fn config_dump(
     dump.insert("maps", json!(maps));
     dump.insert("warnings", Value::from(warnings));
     json!(dump)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local_config::build_from_texts;
+
+    const FILE: &str = "apiVersion: local.nodemesh.io/v1alpha1
+kind: LocalCluster
+thisNode: n1
+nodes:
+- {name: n1, address: 10.0.0.1, tunnelAddress: 169.254.0.1}
+workloads:
+- {name: web, namespace: shop, serviceAccount: web, labels: {app: web, version: v2}, ips: [10.1.0.1, 'fd00::1'], netns: /run/netns/web, node: n1}
+- {name: db, namespace: shop, serviceAccount: db, ips: [10.1.0.3], netns: /run/netns/db, node: n1}
+services:
+- {name: web, namespace: shop, vips: [10.96.0.1], ports: [{port: 80}], selector: {matchLabels: {app: web}}}
+";
+
+    fn models(text: &str) -> (watch::Sender<Arc<ClusterModel>>, ModelDirectory) {
+        let model = build_from_texts(&[("f.yaml".into(), text.into())], None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (tx, rx) = watch::channel(Arc::new(model));
+        (tx, ModelDirectory::new(rx))
+    }
+
+    #[test]
+    fn the_directory_follows_the_model() {
+        let (tx, dir) = models(FILE);
+        let web = dir.workload("10.1.0.1".parse().expect("ip")).expect("web");
+        assert_eq!(web.identity, "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!((web.name.as_str(), web.namespace.as_str()), ("web", "shop"));
+        assert_eq!(
+            (
+                web.canonical_service.as_str(),
+                web.canonical_revision.as_str()
+            ),
+            ("web", "v2")
+        );
+        let mapped = dir
+            .workload("::ffff:10.1.0.1".parse().expect("ip"))
+            .expect("v4-mapped");
+        assert!(Arc::ptr_eq(&web, &mapped));
+        assert!(dir.workload("fd00::1".parse().expect("ip")).is_some());
+        let db = dir.workload("10.1.0.3".parse().expect("ip")).expect("db");
+        assert_eq!(
+            (
+                db.canonical_service.as_str(),
+                db.canonical_revision.as_str()
+            ),
+            ("db", "latest"),
+            "no app label: the workload name, as Istio"
+        );
+        assert!(
+            dir.workload("10.96.0.1".parse().expect("ip")).is_none(),
+            "a VIP is no workload"
+        );
+        assert!(dir.is_service("web.shop.svc.cluster.local"));
+        assert!(!dir.is_service("db.shop.svc.cluster.local"));
+
+        // A reload that removes db is seen at the next lookup.
+        let without_db = FILE.replace(
+            "- {name: db, namespace: shop, serviceAccount: db, ips: [10.1.0.3], netns: /run/netns/db, node: n1}\n",
+            "",
+        );
+        let model = build_from_texts(&[("f.yaml".into(), without_db)], None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        tx.send(Arc::new(model)).expect("send");
+        assert!(dir.workload("10.1.0.3".parse().expect("ip")).is_none());
+    }
+
+    #[test]
+    fn config_dump_has_maps_and_certificates_with_serials() {
+        let (_tx, dir) = models(FILE);
+        let model = dir.models.borrow().clone();
+        let ca_dir = tempfile::tempdir().expect("tempdir");
+        let ca = crate::identity::LocalCa::open(ca_dir.path(), "cluster.local").expect("ca");
+        let certs = CertCache::new(Arc::new(ca));
+        let id: crate::identity::SpiffeId =
+            "spiffe://cluster.local/ns/shop/sa/web".parse().expect("id");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let cert = rt.block_on(certs.get(&id)).expect("issue");
+        let maps = BTreeMap::from([(
+            "NM_POLICY",
+            MapUsage {
+                entries: 3,
+                capacity: 65536,
+            },
+        )]);
+        let dump = config_dump(&model, &certs, &maps);
+        assert_eq!(dump["maps"]["NM_POLICY"]["entries"], 3);
+        assert_eq!(dump["maps"]["NM_POLICY"]["capacity"], 65536);
+        let c = &dump["certificates"][0];
+        assert_eq!(c["identity"], id.to_string());
+        assert_eq!(c["serial"].as_str(), cert.serial_hex().as_deref());
+        assert!(c["serial"].as_str().is_some_and(|s| s.len() >= 2));
+        assert_eq!(
+            c["not_after_unix_seconds"].as_i64(),
+            Some(unix_seconds(cert.not_after))
+        );
+        let left = c["expires_in_seconds"].as_i64().expect("time left");
+        assert!(
+            left > 0 && left <= crate::identity::DEFAULT_CERT_TTL.as_secs() as i64,
+            "{left}"
+        );
+    }
 }

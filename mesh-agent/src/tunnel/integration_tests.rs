@@ -1186,6 +1186,8 @@ async fn metrics_count_connections_bytes_and_denials() {
         destination_service: "unknown".into(),
         connection_security_policy: "mutual_tls",
         response_flags,
+        source_addr: None,
+        destination_addr: None,
     };
     let src = labels(Reporter::Source, flags::NONE);
     let dst = labels(Reporter::Destination, flags::NONE);

@@ -197,6 +197,7 @@ pub struct Running {
     ready: ReadyFile,
     agent_metrics: crate::metrics::agent::AgentMetrics,
     quit: Arc<tokio::sync::Notify>,
+    servers: observability::Servers,
 }
 
 /// Brings the agent up (see the module comment). Returns once it serves.
@@ -336,8 +337,7 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
         .with_context(|| format!("cannot write {}", ready.display()))?;
     let ready = ReadyFile(ready);
     info!(inbound = %bound.inbound, outbound = %bound.outbound, stats = %bound.stats, admin = %bound.admin, "{READY_LINE}");
-    let mut background = vec![beat, refresher, keep_watch];
-    background.extend(servers);
+    let background = vec![beat, refresher, keep_watch];
     Ok(Running {
         bound,
         opts,
@@ -352,6 +352,7 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
         ready,
         agent_metrics,
         quit,
+        servers,
     })
 }
 
@@ -423,11 +424,13 @@ impl Running {
             }
         }
         info!("draining the tunnel");
+        let _draining = self.servers.draining();
         drop(self.ready);
         let outcome = self.drain.drain(self.opts.drain_deadline).await;
         for t in self.tunnel.tasks.drain(..) {
             let _ = t.await;
         }
+        self.servers.shutdown().await;
         for t in &self.background {
             t.abort();
         }

@@ -6,7 +6,9 @@
 //! registers the tunnel, datapath and certificate metrics, binds the stats server
 //! (`<node address>:<metricsPort>`, default 15020) and the admin server (`127.0.0.1:<adminPort>`,
 //! default 15000) and spawns both. `/quitquitquit` notifies [`Observability::quit`], which
-//! [`Running::run`](super::Running::run) treats like SIGTERM.
+//! [`Running::run`](super::Running::run) treats like SIGTERM. On shutdown the agent registers
+//! a `draining` gate ([`Servers::draining`]: `/readyz` 503), drains the tunnel, then closes both
+//! servers gracefully ([`Servers::shutdown`]).
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -94,7 +96,8 @@ impl Observability {
         (obs, gates)
     }
 
-    /// Registers the remaining metrics, binds and spawns both servers. Returns the tasks.
+    /// Registers the remaining metrics, binds and spawns both servers. Returns where they
+    /// listen and the handle that stops them.
     pub async fn serve(
         mut self,
         opts: &ObservabilityOptions,
@@ -102,7 +105,7 @@ impl Observability {
         datapath: Arc<Mutex<Datapath>>,
         certs: Arc<CertCache>,
         models: watch::Receiver<Arc<ClusterModel>>,
-    ) -> Result<(Endpoints, Vec<tokio::task::JoinHandle<()>>)> {
+    ) -> Result<(Endpoints, Servers)> {
         let directory: Arc<dyn WorkloadDirectory> = Arc::new(ModelDirectory::new(models.clone()));
         tunnel.outbound.metrics().set_directory(directory.clone());
         tunnel.inbound.metrics().set_directory(directory);
@@ -164,19 +167,49 @@ impl Observability {
             logging: opts.logging.clone(),
             quit: Arc::new(move || quit.notify_one()),
         };
-        let stats = tokio::spawn(admin::serve_stats(
-            stats_listener,
-            stats_state,
-            std::future::pending(),
-        ));
+        let (stop, stopped) = watch::channel(false);
+        let signal = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }
+        };
+        let stats = tokio::spawn(admin::serve_stats(stats_listener, stats_state, signal()));
         let admin = tokio::spawn(async move {
-            if let Err(e) =
-                admin::serve_admin(admin_listener, admin_state, std::future::pending()).await
-            {
+            if let Err(e) = admin::serve_admin(admin_listener, admin_state, signal()).await {
                 tracing::warn!(error = %e, "the admin server stopped");
             }
         });
-        Ok((endpoints, vec![stats, admin]))
+        let servers = Servers {
+            stop,
+            tasks: vec![stats, admin],
+            readiness: self.readiness,
+        };
+        Ok((endpoints, servers))
+    }
+}
+
+/// The running stats and admin servers.
+pub struct Servers {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    readiness: Readiness,
+}
+
+impl Servers {
+    /// Marks the agent not ready (gate `draining`: `/readyz` answers 503 while the tunnel
+    /// drains, so probes and load balancers stop sending). Keep the gate until the agent exits.
+    pub fn draining(&self) -> Gate {
+        self.readiness.register("draining")
+    }
+
+    /// Stops both servers: no new connections, in-flight requests finish within
+    /// [`admin::http::SHUTDOWN_GRACE`]; returns when both have stopped.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
     }
 }
 

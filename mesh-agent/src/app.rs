@@ -198,6 +198,7 @@ pub struct Running {
     agent_metrics: crate::metrics::agent::AgentMetrics,
     quit: Arc<tokio::sync::Notify>,
     servers: observability::Servers,
+    enrollment: observability::EnrollmentGate,
 }
 
 /// Brings the agent up (see the module comment). Returns once it serves.
@@ -248,6 +249,8 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
     let mut cookies = BTreeMap::new();
     program(&mut datapath, &model, &mut cookies)?;
     obs.agent.workloads_enrolled(cookies.len() as u64);
+    let mut enrollment = gates.workloads_enrolled;
+    enrollment.observe(model.local_workloads().count(), cookies.len());
     gates.config_synced.ready();
     let local_ids: Vec<SpiffeId> = state
         .snapshot()
@@ -353,6 +356,7 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
         agent_metrics,
         quit,
         servers,
+        enrollment,
     })
 }
 
@@ -450,6 +454,8 @@ impl Running {
         )?;
         self.agent_metrics
             .workloads_enrolled(self.cookies.len() as u64);
+        self.enrollment
+            .observe(model.local_workloads().count(), self.cookies.len());
         self.state.replace(snapshot);
         self.authorizer.replace(model);
         let closed = self.tunnel.inbound.reauthorize() + self.tunnel.outbound.reauthorize();

@@ -1,7 +1,7 @@
 //! The agent's metrics, readiness and admin endpoints, wired for `mesh-agent local`.
 //!
 //! [`Observability::new`] builds the registry and the readiness gates (`bpf-attached`,
-//! `certificates`, `config-synced`, `listeners-bound`); [`app::build`](super::build) clears each
+//! `certificates`, `config-synced`, `listeners-bound`, `workloads-enrolled`); [`app::build`](super::build) clears each
 //! gate when its step is done and calls [`Observability::serve`] once the tunnel is bound, which
 //! registers the tunnel, datapath and certificate metrics, binds the stats server
 //! (`<node address>:<metricsPort>`, default 15020) and the admin server (`127.0.0.1:<adminPort>`,
@@ -45,6 +45,30 @@ pub struct Gates {
     pub certificates: Gate,
     pub config_synced: Gate,
     pub listeners_bound: Gate,
+    /// Cleared once every workload of this node has been enrolled (its network namespace was
+    /// readable), which may take later reloads: see [`EnrollmentGate`].
+    pub workloads_enrolled: EnrollmentGate,
+}
+
+/// The `workloads-enrolled` gate: pending until, for the first time, every workload the model
+/// places on this node is captured by the datapath (ztunnel likewise waits for its initial pod
+/// snapshot). Once cleared it stays cleared; later enrollment problems are logged, not unready.
+#[derive(Debug)]
+pub struct EnrollmentGate(Option<Gate>);
+
+impl EnrollmentGate {
+    /// Call after each map reconcile with the number of local workloads and how many of them
+    /// are enrolled.
+    pub fn observe(&mut self, local: usize, enrolled: usize) {
+        if self.0.is_some() && enrolled >= local {
+            self.0 = None;
+            tracing::info!(workloads = local, "every workload of this node is enrolled");
+        }
+    }
+
+    pub fn is_pending(&self) -> bool {
+        self.0.is_some()
+    }
 }
 
 /// Where the endpoints listen (`None`: from the model's node ports).
@@ -85,6 +109,7 @@ impl Observability {
             certificates: readiness.register("certificates"),
             config_synced: readiness.register("config-synced"),
             listeners_bound: readiness.register("listeners-bound"),
+            workloads_enrolled: EnrollmentGate(Some(readiness.register("workloads-enrolled"))),
         };
         let obs = Self {
             registry,
@@ -423,6 +448,27 @@ services:
             .unwrap_or_else(|e| panic!("{e}"));
         let (tx, rx) = watch::channel(Arc::new(model));
         (tx, ModelDirectory::new(rx))
+    }
+
+    #[test]
+    fn the_enrollment_gate_clears_once_every_local_workload_is_enrolled() {
+        let (obs, gates) = Observability::new();
+        let Gates {
+            bpf_attached,
+            certificates,
+            config_synced,
+            listeners_bound,
+            mut workloads_enrolled,
+        } = gates;
+        drop((bpf_attached, certificates, config_synced, listeners_bound));
+        workloads_enrolled.observe(3, 2);
+        assert_eq!(obs.readiness.pending(), ["workloads-enrolled"]);
+        workloads_enrolled.observe(3, 3);
+        assert!(obs.readiness.is_ready());
+        // Once ready, a later shortfall does not make the agent unready again.
+        workloads_enrolled.observe(4, 3);
+        assert!(obs.readiness.is_ready());
+        assert!(!workloads_enrolled.is_pending());
     }
 
     #[test]

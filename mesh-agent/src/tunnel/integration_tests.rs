@@ -1237,3 +1237,4 @@ async fn metrics_count_connections_bytes_and_denials() {
 
 mod handshake_metrics;
 mod metrics_endpoint;
+mod outbound_handshake;

@@ -514,3 +514,100 @@ fn readiness_dump_gauges_labels_and_graceful_exit_of_a_local_agent() -> Result<(
     drop(late);
     Ok(())
 }
+
+/// `mesh-agent node --metrics-addr`: the data path alone serves the map gauges.
+#[test]
+fn node_mode_serves_map_gauges() -> Result<()> {
+    require_root();
+    let p = unique_prefix();
+    let ns = NetNs::new(&format!("{p}-n"))?;
+    let cgroup = ChildCgroup::new(&format!("{p}-n"))?;
+    let instance = format!("{p}-n");
+    let stats = addr("127.0.0.1", STATS_PORT)?;
+    let mut child = Command::new(probe_exe()?)
+        .arg(cgroup.path())
+        .arg(ns.path())
+        .arg("exec")
+        .arg(agent_exe()?)
+        .args(["node", "--instance", &instance, "--cgroup"])
+        .arg(cgroup.path())
+        .args(["--tunnel-ip4", TUNNEL, "--metrics-addr", &stats.to_string()])
+        .args(["--exclude", "10.96.0.0/12", "--exclude", "@53"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start mesh-agent node")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let outcome = (|| -> Result<()> {
+        let line = rx
+            .recv_timeout(READY_WITHIN)
+            .context("mesh-agent node said nothing")?;
+        ensure!(line == "ready", "mesh-agent node: {line}");
+        let (status, body) = http_in_netns(&ns.path(), stats, "GET", "/readyz")?;
+        assert_eq!((status, body.as_str()), (200, "ready\n"));
+        let (status, m) = http_in_netns(&ns.path(), stats, "GET", "/metrics")?;
+        assert_eq!(status, 200, "{m}");
+        let map = |name: &str, map: &str| metric_sum(&m, name, &[&format!("map=\"{map}\"")]);
+        assert_eq!(map("nodemesh_datapath_map_entries", "NM_EXCLUDE"), 2, "{m}");
+        assert_eq!(
+            map("nodemesh_datapath_map_capacity", "NM_EXCLUDE"),
+            u64::from(mesh_common::MAX_EXCLUSIONS),
+            "{m}"
+        );
+        assert_eq!(
+            map("nodemesh_datapath_map_entries", "NM_ENROLLED"),
+            0,
+            "{m}"
+        );
+        assert_eq!(
+            map("nodemesh_datapath_map_capacity", "NM_ENROLLED"),
+            u64::from(mesh_common::MAX_ENROLLED),
+            "{m}"
+        );
+        assert!(
+            m.contains("nodemesh_datapath_events_total{event=\"redirected\"} 0"),
+            "{m}"
+        );
+        assert_eq!(
+            metric_sum(&m, "nodemesh_runtime_workers", &[]),
+            1,
+            "current-thread runtime:\n{m}"
+        );
+        Ok(())
+    })();
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: `kill` takes plain integers; the pid is our unreaped child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break Some(s);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    run(
+        &agent_exe()?.to_string_lossy(),
+        &["uninstall", "--instance", &instance],
+    )?;
+    outcome?;
+    let status = status.context("mesh-agent node did not exit on SIGTERM")?;
+    assert!(status.success(), "exit: {status}");
+    drop(cgroup);
+    drop(ns);
+    Ok(())
+}

@@ -238,6 +238,29 @@ impl Servers {
     }
 }
 
+/// The stats server of `mesh-agent node --metrics-addr`: `/metrics` with the build, process,
+/// runtime and datapath metrics (events, map entries and capacity), `/healthz`, and `/readyz`
+/// (200: it starts once the data path is up). Stops gracefully when `stop` completes.
+pub fn serve_node_stats(
+    listener: std::net::TcpListener,
+    datapath: Arc<Mutex<Datapath>>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let mut registry = MetricsRegistry::new(&BuildInfo::default());
+    register_datapath(registry.nodemesh(), datapath);
+    RuntimeCollector::register(registry.nodemesh(), tokio::runtime::Handle::current());
+    listener
+        .set_nonblocking(true)
+        .context("cannot make the stats listener non-blocking")?;
+    let listener =
+        tokio::net::TcpListener::from_std(listener).context("cannot use the stats listener")?;
+    let state = StatsState {
+        registry: Arc::new(registry),
+        readiness: Readiness::new(),
+    };
+    Ok(tokio::spawn(admin::serve_stats(listener, state, stop)))
+}
+
 /// Registers `nodemesh_datapath_events_total` and the map entries/capacity gauges over the
 /// shared datapath (also used by `mesh-agent node`).
 pub fn register_datapath(

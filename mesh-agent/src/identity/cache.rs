@@ -130,7 +130,7 @@ impl CertCache {
                 cert: e.try_lock().ok().and_then(|c| c.clone()),
             })
             .collect();
-        out.sort_by(|a, b| a.identity.to_string().cmp(&b.identity.to_string()));
+        out.sort_by_key(|c| c.identity.to_string());
         out
     }
 }

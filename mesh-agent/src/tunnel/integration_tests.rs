@@ -1238,3 +1238,4 @@ async fn metrics_count_connections_bytes_and_denials() {
 mod handshake_metrics;
 mod metrics_endpoint;
 mod outbound_handshake;
+mod workload_labels;

@@ -209,10 +209,11 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("cannot start from {}", opts.config.display()))?;
     let models = watch.models.clone();
-    let (obs, gates) = observability::Observability::new();
+    let (mut obs, gates) = observability::Observability::new();
     let model = models.borrow().clone();
     let node = model.this_node().clone();
     info!(node = %node.name, address = %node.address, tunnel = %node.tunnel_address, config = %opts.config.display(), "starting the local agent");
+    obs.serve_stats_early(&opts.observability, &node).await?;
 
     let state_dir = opts.state_dir();
     std::fs::create_dir_all(&state_dir)

@@ -1,6 +1,6 @@
 //! Root end-to-end checks of one `mesh-agent local` (as `nm-agent`) in its own "node" (network
-//! namespace + cgroup) through its stats and admin endpoints: `/readyz` is 503 while a gate is
-//! pending and turns 200 once it clears, `/config_dump` shows certificate serials and eBPF map
+//! namespace + cgroup) through its stats and admin endpoints: `/readyz`, polled from the agent's
+//! start, is 503 while a gate is pending and turns 200 once it clears, `/config_dump` shows certificate serials and eBPF map
 //! fill, `/metrics` has the map and runtime gauges and Istio's workload labels for a same-node
 //! connection through a service VIP, and SIGTERM drains and exits, closing the servers.
 //!
@@ -100,7 +100,14 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(node: &Node, config: &Path, dir: &Path, instance: &str) -> Result<Self> {
+    /// Starts the agent and waits for its ready file, calling `each` while it waits.
+    fn start(
+        node: &Node,
+        config: &Path,
+        dir: &Path,
+        instance: &str,
+        mut each: impl FnMut(),
+    ) -> Result<Self> {
         let state = dir.join("state");
         let log = dir.join("agent.log");
         let child = Command::new(probe_exe()?)
@@ -128,6 +135,7 @@ impl Agent {
         };
         let deadline = Instant::now() + READY_WITHIN;
         while !state.join("ready").exists() {
+            each();
             if let Some(status) = agent.child.try_wait()? {
                 bail!("agent exited ({status}) before ready:\n{}", agent.logs());
             }
@@ -136,7 +144,7 @@ impl Agent {
                 "agent not ready within {READY_WITHIN:?}:\n{}",
                 agent.logs()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
         Ok(agent)
     }
@@ -245,6 +253,8 @@ services:
 /// node.
 struct Setup {
     agent: Agent,
+    /// `/readyz` answers seen while the agent started (before its ready file).
+    startup_readyz: Vec<(u16, String)>,
     _echo: Echo,
     client: Pod,
     server: Pod,
@@ -269,9 +279,18 @@ impl Setup {
         let cfg = dir.path().join("cluster.yaml");
         let late = Path::new("/run/netns").join(format!("{p}-late"));
         fs::write(&cfg, config(&client, &server, &late, "1"))?;
-        let agent = Agent::start(&node, &cfg, dir.path(), &format!("{p}-a"))?;
+        // `/readyz` from the very start: the stats server answers before the agent is ready.
+        let mut startup_readyz = Vec::new();
+        let readyz = addr(NODE, STATS_PORT)?;
+        let node_ns = node.ns.path();
+        let agent = Agent::start(&node, &cfg, dir.path(), &format!("{p}-a"), || {
+            if let Ok(answer) = http_in_netns(&node_ns, readyz, "GET", "/readyz") {
+                startup_readyz.push(answer);
+            }
+        })?;
         Ok(Self {
             agent,
+            startup_readyz,
             _echo: echo,
             client,
             server,
@@ -342,6 +361,41 @@ fn sample<'a>(exposition: &'a str, name: &str, labels: &[&str]) -> Option<&'a st
 #[test]
 fn readiness_dump_gauges_labels_and_graceful_exit_of_a_local_agent() -> Result<()> {
     let s = Setup::up()?;
+
+    // While starting: 503 naming the pending gates, never 200 (one gate stays pending).
+    assert!(
+        !s.startup_readyz.is_empty(),
+        "no /readyz answer while the agent started:\n{}",
+        s.agent.logs()
+    );
+    for (status, body) in &s.startup_readyz {
+        assert_eq!(*status, 503, "{body}");
+        let gates = body
+            .strip_prefix("not ready: ")
+            .and_then(|g| g.strip_suffix('\n'))
+            .with_context(|| format!("{body:?}"))?;
+        for gate in gates.split(", ") {
+            assert!(
+                [
+                    "bpf-attached",
+                    "certificates",
+                    "config-synced",
+                    "listeners-bound",
+                    "workloads-enrolled"
+                ]
+                .contains(&gate),
+                "{body}"
+            );
+        }
+        assert!(gates.contains("workloads-enrolled"), "{body}");
+    }
+    assert!(
+        s.startup_readyz
+            .iter()
+            .any(|(_, body)| body.contains("bpf-attached")),
+        "the stats server answers before the programs are attached: {:?}",
+        s.startup_readyz
+    );
 
     // Serving, but not ready: the late workload cannot be enrolled yet.
     let (status, body) = s.get(STATS_PORT, "/healthz")?;

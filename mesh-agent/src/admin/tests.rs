@@ -96,7 +96,7 @@ impl Stats {
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel();
         let state = StatsState {
-            registry: Arc::new(registry),
+            registry: Arc::new(registry).into(),
             readiness,
         };
         let task = tokio::spawn(serve_stats(listener, state, async {
@@ -721,7 +721,7 @@ async fn shutdown_is_graceful() {
     let addr = listener.local_addr().expect("addr");
     let (stop, rx) = oneshot::channel();
     let state = StatsState {
-        registry: Arc::new(registry),
+        registry: Arc::new(registry).into(),
         readiness: Readiness::new(),
     };
     let mut task = tokio::spawn(serve_stats(listener, state, async {

@@ -1,11 +1,13 @@
 //! The agent's metrics, readiness and admin endpoints, wired for `mesh-agent local`.
 //!
 //! [`Observability::new`] builds the registry and the readiness gates (`bpf-attached`,
-//! `certificates`, `config-synced`, `listeners-bound`, `workloads-enrolled`); [`app::build`](super::build) clears each
-//! gate when its step is done and calls [`Observability::serve`] once the tunnel is bound, which
-//! registers the tunnel, datapath and certificate metrics, binds the stats server
-//! (`<node address>:<metricsPort>`, default 15020) and the admin server (`127.0.0.1:<adminPort>`,
-//! default 15000) and spawns both. `/quitquitquit` notifies [`Observability::quit`], which
+//! `certificates`, `config-synced`, `listeners-bound`, `workloads-enrolled`);
+//! [`app::build`](super::build) starts the stats server (`<node address>:<metricsPort>`,
+//! default 15020) right after loading the model ([`Observability::serve_stats_early`]: `/readyz`
+//! 503 while gates are pending), clears each gate when its step is done and calls
+//! [`Observability::serve`] once the tunnel is bound, which registers the tunnel, datapath and
+//! certificate metrics, swaps the full registry into the stats server and binds and spawns the
+//! admin server (`127.0.0.1:<adminPort>`, default 15000). `/quitquitquit` notifies [`Observability::quit`], which
 //! [`Running::run`](super::Running::run) treats like SIGTERM. On shutdown the agent registers
 //! a `draining` gate ([`Servers::draining`]: `/readyz` 503), drains the tunnel, then closes both
 //! servers gracefully ([`Servers::shutdown`]).
@@ -26,12 +28,12 @@ use crate::{
     datapath::Datapath,
     identity::CertCache,
     metrics::{
-        BuildInfo, MetricsRegistry,
+        BuildInfo, MetricsRegistry, SharedRegistry,
         agent::{AgentMetrics, CertExpiry, CertificateExpiry},
         datapath::{self as dp_metrics, MapUsage},
         runtime::RuntimeCollector,
     },
-    model::ClusterModel,
+    model::{ClusterModel, Node},
     readiness::{Gate, Readiness},
     tunnel::{
         self,
@@ -89,6 +91,11 @@ pub struct Observability {
     pub handshake: HandshakeMetrics,
     /// Notified by `/quitquitquit`.
     pub quit: Arc<Notify>,
+    /// Set to `true` to stop both servers.
+    stop: watch::Sender<bool>,
+    /// The stats server started by [`Observability::serve_stats_early`]: its address, the
+    /// registry slot it reads, its task.
+    early_stats: Option<(SocketAddr, SharedRegistry, tokio::task::JoinHandle<()>)>,
 }
 
 /// Where the endpoints ended up.
@@ -117,8 +124,46 @@ impl Observability {
             agent,
             handshake,
             quit: Arc::new(Notify::new()),
+            stop: watch::channel(false).0,
+            early_stats: None,
         };
         (obs, gates)
+    }
+
+    /// Completes when the servers are told to stop.
+    fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut stopped = self.stop.subscribe();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    }
+
+    fn stats_addr(opts: &ObservabilityOptions, node: &Node) -> SocketAddr {
+        opts.metrics_addr
+            .unwrap_or_else(|| SocketAddr::new(node.address, node.metrics_port))
+    }
+
+    /// Binds and starts the stats server now, before the components exist: `/healthz` answers
+    /// and `/readyz` says 503 with the pending gates while the agent starts; `/metrics` has the
+    /// build and process metrics until [`Observability::serve`] swaps in the full registry.
+    pub async fn serve_stats_early(
+        &mut self,
+        opts: &ObservabilityOptions,
+        node: &Node,
+    ) -> Result<SocketAddr> {
+        let addr = Self::stats_addr(opts, node);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (stats)"))?;
+        let addr = listener.local_addr()?;
+        let registry = SharedRegistry::new(MetricsRegistry::new(&BuildInfo::default()));
+        let state = StatsState {
+            registry: registry.clone(),
+            readiness: self.readiness.clone(),
+        };
+        let task = tokio::spawn(admin::serve_stats(listener, state, self.stopped()));
+        self.early_stats = Some((addr, registry, task));
+        Ok(addr)
     }
 
     /// Registers the remaining metrics, binds and spawns both servers. Returns where they
@@ -162,27 +207,24 @@ impl Observability {
         );
 
         let node = models.borrow().this_node().clone();
-        let stats_addr = opts
-            .metrics_addr
-            .unwrap_or_else(|| SocketAddr::new(node.address, node.metrics_port));
+        if self.early_stats.is_none() {
+            self.serve_stats_early(opts, &node).await?;
+        }
+        let Some((stats_addr, shared, stats)) = self.early_stats.take() else {
+            anyhow::bail!("the stats server did not start");
+        };
         let admin_addr = opts
             .admin_addr
             .unwrap_or_else(|| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), node.admin_port));
-        let stats_listener = tokio::net::TcpListener::bind(stats_addr)
-            .await
-            .with_context(|| format!("cannot listen on {stats_addr} (stats)"))?;
         let admin_listener = tokio::net::TcpListener::bind(admin_addr)
             .await
             .with_context(|| format!("cannot listen on {admin_addr} (admin)"))?;
         let endpoints = Endpoints {
-            stats: stats_listener.local_addr()?,
+            stats: stats_addr,
             admin: admin_listener.local_addr()?,
         };
-
-        let stats_state = StatsState {
-            registry: Arc::new(self.registry),
-            readiness: self.readiness.clone(),
-        };
+        let admin_stopped = self.stopped();
+        shared.replace(self.registry);
         let quit = self.quit.clone();
         let admin_state = AdminState {
             config_dump: Arc::new(move || {
@@ -192,21 +234,13 @@ impl Observability {
             logging: opts.logging.clone(),
             quit: Arc::new(move || quit.notify_one()),
         };
-        let (stop, stopped) = watch::channel(false);
-        let signal = move || {
-            let mut stopped = stopped.clone();
-            async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            }
-        };
-        let stats = tokio::spawn(admin::serve_stats(stats_listener, stats_state, signal()));
         let admin = tokio::spawn(async move {
-            if let Err(e) = admin::serve_admin(admin_listener, admin_state, signal()).await {
+            if let Err(e) = admin::serve_admin(admin_listener, admin_state, admin_stopped).await {
                 tracing::warn!(error = %e, "the admin server stopped");
             }
         });
         let servers = Servers {
-            stop,
+            stop: self.stop,
             tasks: vec![stats, admin],
             readiness: self.readiness,
         };
@@ -255,7 +289,7 @@ pub fn serve_node_stats(
     let listener =
         tokio::net::TcpListener::from_std(listener).context("cannot use the stats listener")?;
     let state = StatsState {
-        registry: Arc::new(registry),
+        registry: SharedRegistry::new(registry),
         readiness: Readiness::new(),
     };
     Ok(tokio::spawn(admin::serve_stats(listener, state, stop)))

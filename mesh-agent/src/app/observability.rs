@@ -166,8 +166,9 @@ impl Observability {
         Ok(addr)
     }
 
-    /// Registers the remaining metrics, binds and spawns both servers. Returns where they
-    /// listen and the handle that stops them.
+    /// Registers the remaining metrics and puts the full registry behind the stats server
+    /// (starting it first if [`Observability::serve_stats_early`] was not called), binds and
+    /// spawns the admin server. Returns where they listen and the handle that stops them.
     pub async fn serve(
         mut self,
         opts: &ObservabilityOptions,

@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use self::http::{Body, query_value, respond, text};
 pub use self::logging::{LogFormat, LogHandle, LoggingError};
 use crate::{
-    metrics::{Format, MetricsRegistry},
+    metrics::{Format, SharedRegistry},
     readiness::Readiness,
 };
 
@@ -41,7 +41,8 @@ pub enum AdminError {
 /// What the stats server reads.
 #[derive(Clone, Debug)]
 pub struct StatsState {
-    pub registry: Arc<MetricsRegistry>,
+    /// `Arc<MetricsRegistry>` converts into it (`.into()`).
+    pub registry: SharedRegistry,
     pub readiness: Readiness,
 }
 

@@ -197,6 +197,8 @@ pub struct Running {
     ready: ReadyFile,
     agent_metrics: crate::metrics::agent::AgentMetrics,
     quit: Arc<tokio::sync::Notify>,
+    servers: observability::Servers,
+    enrollment: observability::EnrollmentGate,
 }
 
 /// Brings the agent up (see the module comment). Returns once it serves.
@@ -207,10 +209,11 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("cannot start from {}", opts.config.display()))?;
     let models = watch.models.clone();
-    let (obs, gates) = observability::Observability::new();
+    let (mut obs, gates) = observability::Observability::new();
     let model = models.borrow().clone();
     let node = model.this_node().clone();
     info!(node = %node.name, address = %node.address, tunnel = %node.tunnel_address, config = %opts.config.display(), "starting the local agent");
+    obs.serve_stats_early(&opts.observability, &node).await?;
 
     let state_dir = opts.state_dir();
     std::fs::create_dir_all(&state_dir)
@@ -247,6 +250,8 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
     let mut cookies = BTreeMap::new();
     program(&mut datapath, &model, &mut cookies)?;
     obs.agent.workloads_enrolled(cookies.len() as u64);
+    let mut enrollment = gates.workloads_enrolled;
+    enrollment.observe(model.local_workloads().count(), cookies.len());
     gates.config_synced.ready();
     let local_ids: Vec<SpiffeId> = state
         .snapshot()
@@ -337,8 +342,7 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
         .with_context(|| format!("cannot write {}", ready.display()))?;
     let ready = ReadyFile(ready);
     info!(inbound = %bound.inbound, outbound = %bound.outbound, stats = %bound.stats, admin = %bound.admin, "{READY_LINE}");
-    let mut background = vec![beat, refresher, keep_watch];
-    background.extend(servers);
+    let background = vec![beat, refresher, keep_watch];
     Ok(Running {
         bound,
         opts,
@@ -353,6 +357,8 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
         ready,
         agent_metrics,
         quit,
+        servers,
+        enrollment,
     })
 }
 
@@ -436,11 +442,13 @@ impl Running {
             }
         }
         info!("draining the tunnel");
+        let _draining = self.servers.draining();
         drop(self.ready);
         let outcome = self.drain.drain(self.opts.drain_deadline).await;
         for t in self.tunnel.tasks.drain(..) {
             let _ = t.await;
         }
+        self.servers.shutdown().await;
         for t in &self.background {
             t.abort();
         }
@@ -460,6 +468,8 @@ impl Running {
         )?;
         self.agent_metrics
             .workloads_enrolled(self.cookies.len() as u64);
+        self.enrollment
+            .observe(model.local_workloads().count(), self.cookies.len());
         self.state.replace(snapshot);
         self.authorizer.replace(model);
         let closed = self.tunnel.inbound.reauthorize() + self.tunnel.outbound.reauthorize();

@@ -85,6 +85,10 @@ struct NodeArgs {
     /// Remove the instance's pins (detaching its programs) and exit.
     #[arg(long)]
     uninstall: bool,
+    /// Serve /metrics (datapath events, map entries and capacity, process, runtime), /healthz
+    /// and /readyz here (e.g. `0.0.0.0:15020`); off by default.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -251,12 +255,35 @@ fn run_node(args: NodeArgs) -> ExitCode {
             }
         }
     };
-    let ready = || {
+    // Bound before the data path comes up, so a taken port fails the start.
+    let stats = match args.metrics_addr.map(std::net::TcpListener::bind) {
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => return report(&e),
+        None => None,
+    };
+    let (stop_stats, stats_stopped) = tokio::sync::watch::channel(false);
+    let mut stats_task = None;
+    let ready = |dp: &std::sync::Arc<std::sync::Mutex<Datapath>>| {
         use std::io::Write;
+        if let Some(listener) = stats {
+            let mut stopped = stats_stopped;
+            let stop = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            match crate::app::observability::serve_node_stats(listener, dp.clone(), stop) {
+                Ok(task) => stats_task = Some(task),
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "no stats server"),
+            }
+        }
         println!("ready");
         let _ = std::io::stdout().flush();
     };
-    match rt.block_on(node::run(opts, ready, shutdown)) {
+    let result = rt.block_on(node::run(opts, ready, shutdown));
+    let _ = stop_stats.send(true);
+    if let Some(task) = stats_task {
+        let _ = rt.block_on(task);
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => report(&e),
     }

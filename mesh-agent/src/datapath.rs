@@ -23,7 +23,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, MapError, PerCpuArray, SkStorage,
+        Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, SkStorage,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
@@ -627,6 +627,57 @@ impl Datapath {
         );
         Ok(out)
     }
+
+    /// Entries and capacity of each map that fills up (the hash and LPM maps), by map name.
+    /// Arrays are always full and socket storage has no count, so they are left out.
+    ///
+    /// Cost: one `bpf(MAP_GET_NEXT_KEY)` per entry, so a scrape of full 64 Ki maps takes a few
+    /// milliseconds; the count stops at the capacity, since a key deleted mid-walk restarts the
+    /// kernel's walk and could otherwise count the same entries again.
+    pub fn map_usage(&self) -> Result<BTreeMap<&'static str, MapUsage>, DatapathError> {
+        let mut out = BTreeMap::new();
+        macro_rules! add {
+            ($name:expr, $map:expr) => {
+                out.insert($name, usage($name, IterableMap::map($map), $map.keys())?);
+            };
+        }
+        add!(maps::ENROLLED, &self.enrolled);
+        add!(maps::EXCLUSIONS, &self.exclusions);
+        add!(maps::IDENTITIES, &self.identities);
+        add!(maps::POLICY, &self.policy);
+        add!(maps::GUARD_PORTS, &self.guard_ports);
+        let by_tuple = self
+            .orig_dst
+            .by_tuple
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        add!(maps::ORIG_DST_BY_TUPLE, &*by_tuple);
+        Ok(out)
+    }
+}
+
+/// How full one eBPF map is ([`Datapath::map_usage`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapUsage {
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+fn usage<K>(
+    name: &'static str,
+    data: &MapData,
+    keys: impl Iterator<Item = Result<K, MapError>>,
+) -> Result<MapUsage, DatapathError> {
+    let capacity = u64::from(data.info().map_err(map_err(name))?.max_entries());
+    let mut entries = 0u64;
+    for key in keys {
+        key.map_err(map_err(name))?;
+        entries += 1;
+        if entries >= capacity {
+            break;
+        }
+    }
+    Ok(MapUsage { entries, capacity })
 }
 
 impl KernelMaps for Datapath {

@@ -16,7 +16,7 @@ use std::{fmt, str::FromStr, sync::Arc, time::SystemTime};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-pub use cache::CertCache;
+pub use cache::{CachedCert, CertCache};
 pub use local_ca::LocalCa;
 
 /// Lifetime of a workload certificate when the caller does not choose one: 24 h, as Istio. Short
@@ -230,6 +230,17 @@ impl WorkloadCert {
 
     pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
+    }
+
+    /// The leaf's serial number as colon-separated hex bytes (`3a:0f:…`, as `openssl x509
+    /// -serial` groups them), or `None` if the chain is empty or the leaf does not parse.
+    pub fn serial_hex(&self) -> Option<String> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let leaf = self.chain.first()?;
+        let (_, parsed) = X509Certificate::from_der(leaf.as_ref()).ok()?;
+        let bytes = parsed.raw_serial();
+        let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Some(hex.join(":"))
     }
 
     /// When the cache should replace this certificate: half-way through its lifetime.

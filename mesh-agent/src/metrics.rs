@@ -16,8 +16,12 @@
 pub mod agent;
 pub mod datapath;
 pub mod process;
+pub mod runtime;
 
-use std::fmt::Write as _;
+use std::{
+    fmt::Write as _,
+    sync::{Arc, RwLock},
+};
 
 use prometheus_client::{
     encoding::{EncodeLabel, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder},
@@ -106,6 +110,35 @@ impl MetricsRegistry {
     /// The whole exposition.
     pub fn encode(&self, format: Format) -> String {
         encode_registry(&self.root, format)
+    }
+}
+
+/// The registry the stats server reads, replaceable while it serves: the agent starts serving
+/// `/healthz` and `/readyz` with a bootstrap registry (build and process metrics) before its
+/// components exist, then swaps in the full one. Clones share the slot.
+#[derive(Clone, Debug)]
+pub struct SharedRegistry(Arc<RwLock<Arc<MetricsRegistry>>>);
+
+impl SharedRegistry {
+    pub fn new(registry: MetricsRegistry) -> Self {
+        Arc::new(registry).into()
+    }
+
+    /// Serves `registry` from the next scrape on.
+    pub fn replace(&self, registry: MetricsRegistry) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(registry);
+    }
+
+    /// The whole exposition of the current registry.
+    pub fn encode(&self, format: Format) -> String {
+        let current = self.0.read().unwrap_or_else(|p| p.into_inner()).clone();
+        current.encode(format)
+    }
+}
+
+impl From<Arc<MetricsRegistry>> for SharedRegistry {
+    fn from(registry: Arc<MetricsRegistry>) -> Self {
+        Self(Arc::new(RwLock::new(registry)))
     }
 }
 
@@ -221,5 +254,24 @@ mod tests {
         assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
         let om = r.encode(Format::OpenMetrics);
         assert!(om.ends_with("# EOF\n"), "{om}");
+    }
+
+    #[test]
+    fn a_shared_registry_serves_its_replacement() {
+        let shared = SharedRegistry::new(MetricsRegistry::new(&BuildInfo::default()));
+        let clone = shared.clone();
+        assert!(!shared.encode(Format::Prometheus).contains("nodemesh_late"));
+        let mut full = MetricsRegistry::new(&BuildInfo::default());
+        full.nodemesh().register(
+            "late",
+            "Registered after serving began.",
+            prometheus_client::metrics::gauge::Gauge::<i64>::default(),
+        );
+        clone.replace(full);
+        assert!(
+            shared
+                .encode(Format::Prometheus)
+                .contains("\nnodemesh_late 0\n")
+        );
     }
 }

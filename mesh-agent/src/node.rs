@@ -7,7 +7,13 @@
 //!
 //! The heartbeat is beaten here until the tunnel component exists and takes it over.
 
-use std::{future::Future, net::IpAddr, path::PathBuf, time::Duration};
+use std::{
+    future::Future,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tracing::info;
 
@@ -70,25 +76,26 @@ pub fn start(opts: &NodeOptions) -> Result<Datapath, NodeError> {
 }
 
 /// Runs until `shutdown` completes, beating the heartbeat well within its staleness window and
-/// forwarding kernel log records. `ready` is called once the data path is up.
+/// forwarding kernel log records. `ready` is called once the data path is up, with the shared
+/// data path (for scrape-time readers such as the map gauges).
 pub async fn run(
     opts: NodeOptions,
-    ready: impl FnOnce(),
+    ready: impl FnOnce(&Arc<Mutex<Datapath>>),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
-    let mut dp = start(&opts)?;
-    ready();
+    let dp = Arc::new(Mutex::new(start(&opts)?));
+    ready(&dp);
     let every = opts.tunnel.stale_after.map_or(Duration::from_secs(1), |d| {
         (d / 3).max(Duration::from_millis(10))
     });
-    let heartbeat = dp.heartbeat();
+    let heartbeat = dp.lock().unwrap_or_else(|p| p.into_inner()).heartbeat();
     let mut tick = tokio::time::interval(every);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 heartbeat.beat()?;
-                dp.flush_ebpf_logs();
+                dp.lock().unwrap_or_else(|p| p.into_inner()).flush_ebpf_logs();
             }
             () = &mut shutdown => break,
         }

@@ -1,7 +1,8 @@
 //! Readiness as drop guards: each component registers a [`Gate`] at start and drops it (or calls
 //! [`Gate::ready`]) once it can serve. `/readyz` answers 200 when no gate is pending and 503
 //! with the pending names otherwise. Gates the agent registers: `bpf-attached`,
-//! `certificates`, `config-sync`, `listeners-bound` (names are free text; duplicates allowed).
+//! `certificates`, `config-synced`, `listeners-bound`, `workloads-enrolled`, and `draining` during
+//! shutdown (names are free text; duplicates allowed).
 
 use std::{
     collections::BTreeMap,

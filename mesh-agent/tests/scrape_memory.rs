@@ -53,11 +53,13 @@ async fn a_thousand_scrapes_grow_nothing() {
         destination_service: "unknown".into(),
         connection_security_policy: "mutual_tls",
         response_flags: flags::NONE,
+        source_addr: None,
+        destination_addr: None,
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let state = StatsState {
-        registry: Arc::new(registry),
+        registry: Arc::new(registry).into(),
         readiness: Readiness::new(),
     };
     tokio::spawn(serve_stats(listener, state, std::future::pending()));

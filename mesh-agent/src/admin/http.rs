@@ -21,7 +21,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 /// After shutdown, in-flight requests get this long to finish.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 pub type Body = Full<Bytes>;
 
@@ -38,8 +38,10 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     respond(status, "text/plain; charset=utf-8", body)
 }
 
-/// Serves `handler` on `listener` until `shutdown` completes; then stops accepting and gives
-/// open connections [`SHUTDOWN_GRACE`] to finish their request.
+/// Serves `handler` on `listener` until `shutdown` completes; then stops accepting (the
+/// listener is closed on return), lets each open connection finish the request it is reading
+/// or answering (idle keep-alive connections close at once) and returns when all are done, or
+/// after [`SHUTDOWN_GRACE`], when the remaining connections are dropped.
 pub async fn serve<H>(
     listener: TcpListener,
     handler: H,
@@ -100,6 +102,15 @@ pub async fn serve<H>(
         });
     }
     let _ = stop_tx.send(true);
+    drop(listener);
+    // Every connection task holds a slot: all slots back means all connections are done.
+    let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
+    match tokio::time::timeout(SHUTDOWN_GRACE, slots.acquire_many(all)).await {
+        Ok(_) => debug!(server, "stopped; every connection finished"),
+        Err(_) => {
+            warn!(server, grace = ?SHUTDOWN_GRACE, "stopped; connections still open after the grace period are dropped")
+        }
+    }
 }
 
 /// `%XX` and `+` decoding of one query value; `None` if it is not UTF-8 after decoding.

@@ -96,7 +96,7 @@ impl Stats {
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel();
         let state = StatsState {
-            registry: Arc::new(registry),
+            registry: Arc::new(registry).into(),
             readiness,
         };
         let task = tokio::spawn(serve_stats(listener, state, async {
@@ -128,6 +128,8 @@ fn traffic(reporter: Reporter) -> TrafficLabels {
         destination_service: "web.shop.svc.cluster.local".into(),
         connection_security_policy: "mutual_tls",
         response_flags: flags::NONE,
+        source_addr: None,
+        destination_addr: None,
     }
 }
 
@@ -635,7 +637,11 @@ async fn logging_changes_the_level_at_runtime() {
 /// The dashboard queries only metrics the agent exports, and metrics.md documents every one.
 #[test]
 fn dashboard_and_docs_match_the_exposition() {
-    let f = fixture();
+    let mut f = fixture();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    crate::metrics::runtime::RuntimeCollector::register(f.registry.nodemesh(), rt.handle().clone());
     let l = traffic(Reporter::Destination);
     f.inbound.opened(&l);
     f.inbound.closed(&l, 1, 1);
@@ -680,4 +686,116 @@ fn dashboard_and_docs_match_the_exposition() {
             "docs/metrics.md does not mention {name}"
         );
     }
+}
+
+/// Shutdown stops accepting, closes idle keep-alive connections, lets a response that is being
+/// sent finish (the client reads it slowly, after the shutdown began), and `serve` returns once
+/// every connection is done.
+#[tokio::test]
+async fn shutdown_is_graceful() {
+    let mut registry = MetricsRegistry::new(&BuildInfo::default());
+    // About 2 MB of exposition, still being written when the shutdown begins.
+    let big = prometheus_client::metrics::family::Family::<
+        [(&str, String); 1],
+        prometheus_client::metrics::counter::Counter,
+    >::default();
+    for i in 0..40_000 {
+        big.get_or_create(&[("series", format!("s{i:06}"))]).inc();
+    }
+    registry.nodemesh().register("big", "Many series.", big);
+    // A small send buffer (accepted sockets inherit it), so most of the body waits in the
+    // server until the client reads.
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .expect("socket");
+    socket.set_send_buffer_size(64 * 1024).expect("sndbuf");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    socket.listen(64).expect("listen");
+    socket.set_nonblocking(true).expect("nonblocking");
+    let listener = TcpListener::from_std(socket.into()).expect("listener");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, rx) = oneshot::channel();
+    let state = StatsState {
+        registry: Arc::new(registry).into(),
+        readiness: Readiness::new(),
+    };
+    let mut task = tokio::spawn(serve_stats(listener, state, async {
+        let _ = rx.await;
+    }));
+    // An idle keep-alive connection, after one answered request.
+    let mut idle = TcpStream::connect(addr).await.expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).ends_with("ok\n") {
+        let n = tokio::time::timeout(DEADLINE, idle.read(&mut buf))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        assert!(n > 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // A large response, of which the client has read only the head.
+    let mut busy = TcpStream::connect(addr).await.expect("connect");
+    busy.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    while !String::from_utf8_lossy(&answer).contains("\r\n\r\n") {
+        let n = tokio::time::timeout(DEADLINE, busy.read(&mut buf[..1024]))
+            .await
+            .expect("head in time")
+            .expect("read");
+        assert!(n > 0, "closed before answering");
+        answer.extend_from_slice(&buf[..n]);
+    }
+
+    let _ = stop.send(());
+    // New connections are refused once the listener is closed.
+    let start = tokio::time::Instant::now();
+    loop {
+        match TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            // Queued in the backlog as the listener closed.
+            Ok(_) | Err(_) => {
+                assert!(start.elapsed() < DEADLINE, "still accepting after shutdown");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    let finished_early = task.is_finished();
+    // The idle connection is closed without another answer.
+    let n = tokio::time::timeout(DEADLINE, idle.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the idle keep-alive connection is closed");
+    // The response in flight arrives whole, then the connection closes.
+    tokio::time::timeout(DEADLINE, busy.read_to_end(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text.split_once("\r\n\r\n").expect("head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("content-length");
+    assert!(length > 1_000_000, "{length}");
+    assert_eq!(body.len(), length, "the whole body arrived");
+    assert!(body.contains("nodemesh_big_total{series=\"s039999\"} 1"));
+    assert!(!finished_early, "serve waited for the response being sent");
+    tokio::time::timeout(DEADLINE, &mut task)
+        .await
+        .expect("serve returns once the connections are done")
+        .expect("no panic");
 }

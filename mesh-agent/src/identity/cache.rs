@@ -118,19 +118,33 @@ impl CertCache {
         })
     }
 
-    /// Identities with a cached certificate and its expiry (for the admin dump).
-    pub fn snapshot(&self) -> Vec<(SpiffeId, Option<SystemTime>)> {
+    /// Every cached identity and its current certificate, sorted by identity (for the admin
+    /// dump and the expiry gauge). `cert` is `None` while the first issue is pending or failed;
+    /// an entry being renewed right now shows no certificate (the scrape never waits on a CA).
+    pub fn snapshot(&self) -> Vec<CachedCert> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries
+        let mut out: Vec<CachedCert> = entries
             .iter()
-            .map(|(id, e)| {
-                let exp = e
-                    .try_lock()
-                    .ok()
-                    .and_then(|c| c.as_ref().map(|c| c.not_after));
-                (id.clone(), exp)
+            .map(|(id, e)| CachedCert {
+                identity: id.clone(),
+                cert: e.try_lock().ok().and_then(|c| c.clone()),
             })
-            .collect()
+            .collect();
+        out.sort_by_key(|c| c.identity.to_string());
+        out
+    }
+}
+
+/// One entry of [`CertCache::snapshot`].
+#[derive(Clone, Debug)]
+pub struct CachedCert {
+    pub identity: SpiffeId,
+    pub cert: Option<Arc<WorkloadCert>>,
+}
+
+impl CachedCert {
+    pub fn not_after(&self) -> Option<SystemTime> {
+        self.cert.as_ref().map(|c| c.not_after)
     }
 }
 
@@ -202,5 +216,48 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         task.abort();
+    }
+
+    #[tokio::test]
+    async fn snapshot_shows_serial_and_validity_of_the_current_certificate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let provider = Arc::new(Counting {
+            ca: LocalCa::open(dir.path(), "cluster.local").expect("ca"),
+            calls: AtomicUsize::new(0),
+            ttl: Duration::from_secs(3600),
+        });
+        let cache = CertCache::new(provider);
+        let b: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().expect("id");
+        let a: SpiffeId = "spiffe://cluster.local/ns/a/sa/a".parse().expect("id");
+        let cert_b = cache.get(&b).await.expect("b");
+        let cert_a = cache.get(&a).await.expect("a");
+        let snap = cache.snapshot();
+        let ids: Vec<String> = snap.iter().map(|c| c.identity.to_string()).collect();
+        assert_eq!(ids, [a.to_string(), b.to_string()], "sorted by identity");
+        assert_eq!(snap[0].not_after(), Some(cert_a.not_after));
+        let serial_a = snap[0]
+            .cert
+            .as_ref()
+            .and_then(|c| c.serial_hex())
+            .expect("serial a");
+        let serial_b = snap[1]
+            .cert
+            .as_ref()
+            .and_then(|c| c.serial_hex())
+            .expect("serial b");
+        assert_ne!(serial_a, serial_b, "each certificate has its own serial");
+        assert!(
+            serial_a
+                .split(':')
+                .all(|b| b.len() == 2 && u8::from_str_radix(b, 16).is_ok()),
+            "{serial_a}"
+        );
+        // The serial is the one in the DER the peers see.
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, leaf) = X509Certificate::from_der(cert_b.chain[0].as_ref()).expect("parse");
+        assert_eq!(
+            serial_b.replace(':', "").trim_start_matches('0'),
+            format!("{:x}", leaf.serial)
+        );
     }
 }

@@ -270,6 +270,12 @@ impl ServerCertVerifier for MeshServerVerifier {
             .and_then(|id| {
                 if id == self.expected {
                     Ok(())
+                } else if id.trust_domain() != self.expected.trust_domain() {
+                    // As on the server side: "another mesh" says more than "someone else".
+                    Err(PeerCertError::WrongTrustDomain {
+                        want: self.expected.trust_domain().to_owned(),
+                        got: id,
+                    })
                 } else {
                     Err(PeerCertError::UnexpectedIdentity {
                         got: id,

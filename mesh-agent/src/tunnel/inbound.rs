@@ -422,13 +422,26 @@ impl Inbound {
                 .map_or_else(|| node.clone(), |w| w.identity.clone()),
             other => other.identity().clone(),
         };
+        // Label hints: the source pod (`forwarded: for=`), the pod addressed and the service the
+        // source asked for (`forwarded: host=`); `TunnelMetrics` checks them against the model.
+        let destination_addr = authority
+            .as_deref()
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .map(|a| a.ip());
+        let service = req
+            .headers()
+            .get("forwarded")
+            .and_then(|v| v.to_str().ok())
+            .and_then(super::metrics::forwarded_host);
         let labels = |response_flags| TrafficLabels {
             reporter: Reporter::Destination,
             source_principal: source.to_string(),
             destination_principal: dst_identity.to_string(),
-            destination_service: "unknown".into(),
+            destination_service: service.clone().unwrap_or_else(|| "unknown".into()),
             connection_security_policy: "mutual_tls",
             response_flags,
+            source_addr: forwarded.map(|f| f.ip()),
+            destination_addr,
         };
         let log = |dst: &str, status: StatusCode, bytes: copy::Transferred, result: &str| {
             match status {

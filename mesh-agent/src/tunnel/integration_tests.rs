@@ -1334,6 +1334,8 @@ async fn metrics_count_connections_bytes_and_denials() {
         destination_service: "unknown".into(),
         connection_security_policy: "mutual_tls",
         response_flags,
+        source_addr: None,
+        destination_addr: None,
     };
     let src = labels(Reporter::Source, flags::NONE);
     let dst = labels(Reporter::Destination, flags::NONE);
@@ -1383,3 +1385,5 @@ async fn metrics_count_connections_bytes_and_denials() {
 
 mod handshake_metrics;
 mod metrics_endpoint;
+mod outbound_handshake;
+mod workload_labels;

@@ -6,17 +6,25 @@
 //! adds one collector rendering each family once with the samples of all handles (inbound and
 //! outbound differ by `reporter`, so their series never collide).
 //!
-//! Labels follow ztunnel's `CommonTrafficLabels`. What the tunnel knows today (principals,
-//! destination service, security policy, response flags) is recorded; namespaces are derived
-//! from the SPIFFE principal (`spiffe://<td>/ns/<ns>/sa/<sa>`) and the service hostname
-//! (`<name>.<ns>.svc...`); workload and app names are `unknown` until the tunnel passes workload
-//! metadata. Every value is bounded by the cluster's identities and services: no ports, no IPs.
+//! Labels follow ztunnel's `CommonTrafficLabels`. The servers record what they know
+//! (principals, destination service, security policy, response flags) plus two lookup hints,
+//! the source and destination pod addresses ([`TrafficLabels::source_addr`],
+//! [`TrafficLabels::destination_addr`]). [`TunnelMetrics`] resolves the hints through the
+//! [`WorkloadDirectory`] the wiring installs ([`TunnelMetrics::set_directory`]) into each side's
+//! workload name, namespace, app and canonical service/revision ([`WorkloadMeta`], Istio's
+//! conventions), then drops them: no address ever becomes a label. A workload is used only if
+//! its identity is that side's principal (a stale address, or a `forwarded` header naming
+//! someone else, gives `unknown`); a destination service is kept only if the directory knows
+//! the hostname. Without a workload, namespaces come from the SPIFFE principal
+//! (`spiffe://<td>/ns/<ns>/sa/<sa>`) and the service hostname (`<name>.<ns>.svc...`). Every value
+//! is bounded by the cluster's workloads, identities and services: no ports, no IPs.
 //!
-//! Invariant: recording takes a read lock on the label map and bumps atomics; only the first
-//! connection of a new label set takes the write lock.
+//! Invariant: recording resolves the key (two directory lookups), takes a read lock on the label
+//! map and bumps atomics; only the first connection of a new label set takes the write lock.
 
 use std::{
     collections::{BTreeMap, HashMap},
+    net::IpAddr,
     sync::{Arc, RwLock},
 };
 
@@ -74,6 +82,108 @@ pub struct TrafficLabels {
     /// `mutual_tls` or `none` (same node).
     pub connection_security_policy: &'static str,
     pub response_flags: &'static str,
+    /// Lookup hint, never a label: the source pod's address, resolved to its workload.
+    pub source_addr: Option<IpAddr>,
+    /// Lookup hint, never a label: the destination pod's address.
+    pub destination_addr: Option<IpAddr>,
+}
+
+/// A workload as Istio's traffic labels describe it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkloadMeta {
+    /// The SPIFFE ID it runs as; a hint resolves to this workload only for this principal.
+    pub identity: String,
+    /// `*_workload`: the workload's name.
+    pub name: String,
+    /// `*_workload_namespace`.
+    pub namespace: String,
+    /// `*_canonical_service` and `*_app` (ztunnel reports the canonical name as the app).
+    pub canonical_service: String,
+    /// `*_canonical_revision`.
+    pub canonical_revision: String,
+}
+
+impl WorkloadMeta {
+    /// Istio's canonical name and revision from the workload's labels: the name is
+    /// `service.istio.io/canonical-name`, else `app.kubernetes.io/name`, else `app`, else the
+    /// workload's name; the revision is `service.istio.io/canonical-revision`, else
+    /// `app.kubernetes.io/version`, else `version`, else `latest`.
+    pub fn from_labels(
+        identity: String,
+        name: String,
+        namespace: String,
+        labels: &BTreeMap<String, String>,
+    ) -> Self {
+        let first = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| labels.get(*k).filter(|v| !v.is_empty()).cloned())
+        };
+        let canonical_service = first(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .unwrap_or_else(|| name.clone());
+        let canonical_revision = first(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .unwrap_or_else(|| "latest".to_owned());
+        Self {
+            identity,
+            name,
+            namespace,
+            canonical_service,
+            canonical_revision,
+        }
+    }
+}
+
+/// The cluster as the traffic labels need it; implemented by the wiring over its model.
+pub trait WorkloadDirectory: Send + Sync {
+    /// The workload owning `ip` (IPv4-mapped IPv6 addresses included), if any.
+    fn workload(&self, ip: IpAddr) -> Option<Arc<WorkloadMeta>>;
+    /// Whether `hostname` is a service of the mesh.
+    fn is_service(&self, hostname: &str) -> bool;
+}
+
+/// What a series is keyed and rendered by: the labels without hints, plus each side's workload.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct SeriesKey {
+    labels: TrafficLabels,
+    source: Option<Arc<WorkloadMeta>>,
+    destination: Option<Arc<WorkloadMeta>>,
+}
+
+const UNKNOWN: &str = "unknown";
+
+impl SeriesKey {
+    fn resolve(labels: &TrafficLabels, directory: Option<&dyn WorkloadDirectory>) -> Self {
+        let mut labels = labels.clone();
+        let (src, dst) = (labels.source_addr.take(), labels.destination_addr.take());
+        let Some(dir) = directory else {
+            return Self {
+                labels,
+                source: None,
+                destination: None,
+            };
+        };
+        let lookup = |ip: Option<IpAddr>, principal: &str| {
+            ip.and_then(|ip| dir.workload(ip))
+                .filter(|w| w.identity == principal)
+        };
+        let source = lookup(src, &labels.source_principal);
+        let destination = lookup(dst, &labels.destination_principal);
+        if labels.destination_service != UNKNOWN && !dir.is_service(&labels.destination_service) {
+            labels.destination_service = UNKNOWN.to_owned();
+        }
+        Self {
+            labels,
+            source,
+            destination,
+        }
+    }
 }
 
 /// `<ns>` of `spiffe://<td>/ns/<ns>/sa/<sa>`, else `unknown`.
@@ -89,6 +199,14 @@ fn principal_namespace(principal: &str) -> &str {
         .unwrap_or("unknown")
 }
 
+/// The `host=` of a `forwarded` header (the service the source addressed), if present.
+pub fn forwarded_host(value: &str) -> Option<String> {
+    value.split(';').find_map(|part| {
+        let h = part.trim().strip_prefix("host=")?.trim_matches('"');
+        (!h.is_empty()).then(|| h.to_owned())
+    })
+}
+
 /// `(<name>, <ns>)` of a `<name>.<ns>.svc...` hostname, else `unknown`s.
 fn service_name_namespace(host: &str) -> (&str, &str) {
     let mut parts = host.split('.');
@@ -98,38 +216,53 @@ fn service_name_namespace(host: &str) -> (&str, &str) {
     }
 }
 
-impl EncodeLabelSet for TrafficLabels {
+impl EncodeLabelSet for SeriesKey {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        let (svc_name, svc_ns) = service_name_namespace(&self.destination_service);
-        let pairs: [(&str, &str); 14] = [
-            ("reporter", self.reporter.as_str()),
-            ("source_workload", "unknown"),
-            (
-                "source_workload_namespace",
-                principal_namespace(&self.source_principal),
-            ),
-            ("source_principal", &self.source_principal),
-            ("source_app", "unknown"),
-            ("destination_workload", "unknown"),
-            (
-                "destination_workload_namespace",
-                principal_namespace(&self.destination_principal),
-            ),
-            ("destination_principal", &self.destination_principal),
-            ("destination_app", "unknown"),
-            ("destination_service", &self.destination_service),
+        let l = &self.labels;
+        let (svc_name, svc_ns) = service_name_namespace(&l.destination_service);
+        let side = |w: &Option<Arc<WorkloadMeta>>, principal: &str| -> [String; 4] {
+            match w {
+                Some(w) => [
+                    w.name.clone(),
+                    w.namespace.clone(),
+                    w.canonical_service.clone(),
+                    w.canonical_revision.clone(),
+                ],
+                None => [
+                    UNKNOWN.to_owned(),
+                    principal_namespace(principal).to_owned(),
+                    UNKNOWN.to_owned(),
+                    UNKNOWN.to_owned(),
+                ],
+            }
+        };
+        let [src_wl, src_ns, src_svc, src_rev] = side(&self.source, &l.source_principal);
+        let [dst_wl, dst_ns, dst_svc, dst_rev] = side(&self.destination, &l.destination_principal);
+        let pairs: [(&str, &str); 19] = [
+            ("reporter", l.reporter.as_str()),
+            ("source_workload", &src_wl),
+            ("source_canonical_service", &src_svc),
+            ("source_canonical_revision", &src_rev),
+            ("source_workload_namespace", &src_ns),
+            ("source_principal", &l.source_principal),
+            ("source_app", &src_svc),
+            ("destination_workload", &dst_wl),
+            ("destination_canonical_service", &dst_svc),
+            ("destination_canonical_revision", &dst_rev),
+            ("destination_workload_namespace", &dst_ns),
+            ("destination_principal", &l.destination_principal),
+            ("destination_app", &dst_svc),
+            ("destination_service", &l.destination_service),
             ("destination_service_name", svc_name),
             ("destination_service_namespace", svc_ns),
             ("request_protocol", "tcp"),
-            (
-                "connection_security_policy",
-                self.connection_security_policy,
-            ),
+            ("connection_security_policy", l.connection_security_policy),
+            ("response_flags", l.response_flags),
         ];
         for (k, v) in pairs {
             label(encoder, k, v)?;
         }
-        label(encoder, "response_flags", self.response_flags)
+        Ok(())
     }
 }
 
@@ -164,12 +297,22 @@ impl LiveCounters {
     }
 }
 
-type Traffic = RwLock<HashMap<TrafficLabels, Arc<LiveCounters>>>;
+type Traffic = RwLock<HashMap<SeriesKey, Arc<LiveCounters>>>;
+type Directory = RwLock<Option<Arc<dyn WorkloadDirectory>>>;
 
-/// One server's Istio TCP counters. Clones share the counters.
-#[derive(Clone, Debug, Default)]
+/// One server's Istio TCP counters. Clones share the counters and the directory.
+#[derive(Clone, Default)]
 pub struct TunnelMetrics {
     traffic: Arc<Traffic>,
+    directory: Arc<Directory>,
+}
+
+impl std::fmt::Debug for TunnelMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelMetrics")
+            .field("series", &self.series())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The Istio families: OpenMetrics name (the encoder adds `_total`), help, value.
@@ -203,16 +346,32 @@ const ISTIO_FAMILIES: [IstioFamily; 5] = [
 ];
 
 impl TunnelMetrics {
+    /// Resolves the address hints of every later recording through `directory` (this handle
+    /// and its clones). Until then, workload labels are `unknown`.
+    pub fn set_directory(&self, directory: Arc<dyn WorkloadDirectory>) {
+        *self.directory.write().unwrap_or_else(|p| p.into_inner()) = Some(directory);
+    }
+
+    fn key(&self, labels: &TrafficLabels) -> SeriesKey {
+        let dir = self
+            .directory
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        SeriesKey::resolve(labels, dir.as_deref())
+    }
+
     fn with(&self, labels: &TrafficLabels, f: impl FnOnce(&LiveCounters)) {
+        let key = self.key(labels);
         {
             let t = self.traffic.read().unwrap_or_else(|p| p.into_inner());
-            if let Some(c) = t.get(labels) {
+            if let Some(c) = t.get(&key) {
                 f(c);
                 return;
             }
         }
         let mut t = self.traffic.write().unwrap_or_else(|p| p.into_inner());
-        f(t.entry(labels.clone()).or_default());
+        f(t.entry(key).or_default());
     }
 
     /// A connection was established end to end.
@@ -239,11 +398,13 @@ impl TunnelMetrics {
         });
     }
 
+    /// The counters of the series `labels` records into (hints resolved as when recording).
     pub fn get(&self, labels: &TrafficLabels) -> TcpCounters {
+        let key = self.key(labels);
         self.traffic
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(labels)
+            .get(&key)
             .map(|c| c.snapshot())
             .unwrap_or_default()
     }
@@ -266,7 +427,7 @@ impl TunnelMetrics {
         self.traffic.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    fn snapshot(&self) -> BTreeMap<TrafficLabels, TcpCounters> {
+    fn snapshot(&self) -> BTreeMap<SeriesKey, TcpCounters> {
         self.traffic
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -512,6 +673,8 @@ mod tests {
             destination_service: "web.shop.svc.cluster.local".into(),
             connection_security_policy: "mutual_tls",
             response_flags: flags::NONE,
+            source_addr: None,
+            destination_addr: None,
         }
     }
 
@@ -526,7 +689,7 @@ mod tests {
             text.contains("# TYPE istio_tcp_connections_opened_total counter"),
             "{text}"
         );
-        assert!(text.contains("istio_tcp_sent_bytes_total{reporter=\"destination\",source_workload=\"unknown\",source_workload_namespace=\"a\",source_principal=\"spiffe://td/ns/a/sa/b\""), "{text}");
+        assert!(text.contains("istio_tcp_sent_bytes_total{reporter=\"destination\",source_workload=\"unknown\",source_canonical_service=\"unknown\",source_canonical_revision=\"unknown\",source_workload_namespace=\"a\",source_principal=\"spiffe://td/ns/a/sa/b\""), "{text}");
         assert!(
             text.contains("destination_principal=\"we\\\"ird\""),
             "{text}"
@@ -563,6 +726,144 @@ mod tests {
         );
     }
 
+    struct Dir(HashMap<IpAddr, Arc<WorkloadMeta>>);
+
+    impl WorkloadDirectory for Dir {
+        fn workload(&self, ip: IpAddr) -> Option<Arc<WorkloadMeta>> {
+            self.0.get(&ip.to_canonical()).cloned()
+        }
+        fn is_service(&self, hostname: &str) -> bool {
+            hostname == "web.shop.svc.cluster.local"
+        }
+    }
+
+    fn meta(sa: &str, name: &str, labels: &[(&str, &str)]) -> Arc<WorkloadMeta> {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Arc::new(WorkloadMeta::from_labels(
+            format!("spiffe://td/ns/shop/sa/{sa}"),
+            name.into(),
+            "shop".into(),
+            &labels,
+        ))
+    }
+
+    #[test]
+    fn canonical_names_follow_istio_precedence() {
+        let m = meta("x", "wl", &[]);
+        assert_eq!(
+            (m.canonical_service.as_str(), m.canonical_revision.as_str()),
+            ("wl", "latest")
+        );
+        let m = meta("x", "wl", &[("app", "a"), ("version", "v1")]);
+        assert_eq!(
+            (m.canonical_service.as_str(), m.canonical_revision.as_str()),
+            ("a", "v1")
+        );
+        let m = meta(
+            "x",
+            "wl",
+            &[
+                ("app", "a"),
+                ("app.kubernetes.io/name", "k"),
+                ("app.kubernetes.io/version", "2"),
+                ("version", "v1"),
+            ],
+        );
+        assert_eq!(
+            (m.canonical_service.as_str(), m.canonical_revision.as_str()),
+            ("k", "2")
+        );
+        let m = meta(
+            "x",
+            "wl",
+            &[
+                ("app.kubernetes.io/name", "k"),
+                ("service.istio.io/canonical-name", "c"),
+                ("service.istio.io/canonical-revision", "r"),
+            ],
+        );
+        assert_eq!(
+            (m.canonical_service.as_str(), m.canonical_revision.as_str()),
+            ("c", "r")
+        );
+    }
+
+    #[test]
+    fn hints_resolve_to_workload_labels_and_never_to_addresses() {
+        let client = meta(
+            "client",
+            "client-v1",
+            &[("app", "client"), ("version", "v1")],
+        );
+        let server = meta("server", "server", &[("app.kubernetes.io/name", "web")]);
+        let dir = Dir(HashMap::from([
+            (IpAddr::from([10, 0, 0, 1]), client.clone()),
+            (IpAddr::from([10, 0, 0, 2]), client.clone()),
+            (IpAddr::from([10, 0, 1, 1]), server.clone()),
+        ]));
+        let m = TunnelMetrics::default();
+        m.set_directory(Arc::new(dir));
+        let from = |src: [u8; 4], dst: [u8; 4]| TrafficLabels {
+            reporter: Reporter::Source,
+            source_principal: client.identity.clone(),
+            destination_principal: server.identity.clone(),
+            destination_service: "web.shop.svc.cluster.local".into(),
+            connection_security_policy: "mutual_tls",
+            response_flags: flags::NONE,
+            source_addr: Some(src.into()),
+            destination_addr: Some(dst.into()),
+        };
+        // Two replicas of the client, v4 and v4-mapped: one series.
+        m.opened(&from([10, 0, 0, 1], [10, 0, 1, 1]));
+        let mut mapped = from([10, 0, 0, 2], [10, 0, 1, 1]);
+        mapped.source_addr = Some("::ffff:10.0.0.2".parse().expect("ip"));
+        m.opened(&mapped);
+        assert_eq!(m.series(), 1);
+        assert_eq!(m.get(&from([10, 0, 0, 1], [10, 0, 1, 1])).opened, 2);
+        let text = m.render();
+        for want in [
+            "source_workload=\"client-v1\"",
+            "source_canonical_service=\"client\"",
+            "source_canonical_revision=\"v1\"",
+            "source_workload_namespace=\"shop\"",
+            "source_app=\"client\"",
+            "destination_workload=\"server\"",
+            "destination_canonical_service=\"web\"",
+            "destination_canonical_revision=\"latest\"",
+            "destination_app=\"web\"",
+            "destination_service=\"web.shop.svc.cluster.local\"",
+        ] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
+        assert!(
+            !text.contains("10.0."),
+            "an address leaked into a label:\n{text}"
+        );
+
+        // An address whose workload runs as someone else (stale, or a forged `forwarded`
+        // header) and a hostname the directory does not know resolve to `unknown`.
+        let mut forged = from([10, 0, 1, 1], [10, 0, 0, 1]);
+        forged.reporter = Reporter::Destination;
+        forged.destination_service = "evil.example".into();
+        m.failed(&forged);
+        let text = m.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_failed_total{reporter=\"destination\""))
+            .expect("failed series");
+        assert!(line.contains("source_workload=\"unknown\""), "{line}");
+        assert!(line.contains("destination_workload=\"unknown\""), "{line}");
+        assert!(line.contains("destination_service=\"unknown\""), "{line}");
+        assert!(
+            line.contains("source_workload_namespace=\"shop\""),
+            "from the principal: {line}"
+        );
+        assert!(line.ends_with("} 1"), "{line}");
+    }
+
     #[test]
     fn namespaces_from_principal_and_host() {
         assert_eq!(principal_namespace("spiffe://td/ns/x/sa/y"), "x");
@@ -570,5 +871,11 @@ mod tests {
         assert_eq!(principal_namespace("spiffe://td/other"), "unknown");
         assert_eq!(service_name_namespace("a.b.svc.cluster.local"), ("a", "b"));
         assert_eq!(service_name_namespace("unknown"), ("unknown", "unknown"));
+        assert_eq!(
+            forwarded_host("for=\"10.0.0.1:4\";host=web.shop.svc.cluster.local").as_deref(),
+            Some("web.shop.svc.cluster.local")
+        );
+        assert_eq!(forwarded_host("for=\"10.0.0.1:4\""), None);
+        assert_eq!(forwarded_host("for=\"10.0.0.1:4\";host="), None);
     }
 }

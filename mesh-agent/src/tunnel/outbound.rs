@@ -91,12 +91,15 @@ impl Outcome {
     }
 }
 
+/// `(peer, endpoint)`: the source pod and the endpoint chosen, lookup hints for the workload
+/// labels (`TunnelMetrics` resolves them; no address becomes a label).
 fn traffic_labels(
     redirect: &Redirect,
     dst_identity: Option<&str>,
     service: Option<&str>,
     mtls: bool,
     response_flags: &'static str,
+    (peer, endpoint): (SocketAddr, Option<SocketAddr>),
 ) -> TrafficLabels {
     TrafficLabels {
         reporter: Reporter::Source,
@@ -105,6 +108,8 @@ fn traffic_labels(
         destination_service: service.unwrap_or("unknown").to_string(),
         connection_security_policy: if mtls { "mutual_tls" } else { "none" },
         response_flags,
+        source_addr: Some(peer.ip()),
+        destination_addr: endpoint.map(|e| e.ip()),
     }
 }
 
@@ -217,6 +222,7 @@ impl Outbound {
                 service.as_deref(),
                 outcome.hbone.is_some(),
                 flag,
+                (peer, outcome.endpoint),
             )
         };
         if outcome.established {
@@ -370,6 +376,7 @@ impl Outbound {
             host,
             true,
             flags::NONE,
+            (peer, Some(ep.addr)),
         ));
         let counters = copy::Counters::default();
         let result = copy::bidirectional(
@@ -450,6 +457,7 @@ impl Outbound {
             service,
             false,
             flags::NONE,
+            (peer, Some(ep.addr)),
         ));
         let mut registration = self.connections.register(Authorized {
             source_identity: Some(redirect.source.clone()),

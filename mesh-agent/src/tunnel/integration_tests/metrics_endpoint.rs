@@ -25,7 +25,7 @@ async fn metrics_endpoint_counts_a_tunneled_connection_exactly() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let state = StatsState {
-        registry: Arc::new(registry),
+        registry: Arc::new(registry).into(),
         readiness: Readiness::new(),
     };
     let server = tokio::spawn(serve_stats(listener, state, std::future::pending()));

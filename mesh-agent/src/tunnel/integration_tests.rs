@@ -1233,5 +1233,6 @@ async fn metrics_count_connections_bytes_and_denials() {
     .await;
 }
 
+mod endpoint_failures;
 mod handshake_metrics;
 mod metrics_endpoint;

@@ -333,11 +333,7 @@ impl Outbound {
                 hbone: failure.hbone,
                 bytes: Default::default(),
                 result: if tried.len() > 1 {
-                    format!(
-                        "failed after {} endpoints: {}",
-                        tried.len(),
-                        failure.reason
-                    )
+                    format!("failed after {} endpoints: {}", tried.len(), failure.reason)
                 } else {
                     format!("failed: {}", failure.reason)
                 },

@@ -82,7 +82,10 @@ async fn every_connection_succeeds_and_the_refusing_endpoint_is_ejected(
     // per connection; 64 misses in a row would take odds of 2^-64.
     let mut n = 0;
     while !outbound.is_ejected(dead) {
-        assert!(n < 64, "{dead} never tried (or never ejected) in {n} connections");
+        assert!(
+            n < 64,
+            "{dead} never tried (or never ejected) in {n} connections"
+        );
         let s = TcpStream::connect(addr).await.expect("connect");
         round_trip(s, 64 * 1024).await;
         n += 1;
@@ -108,10 +111,16 @@ async fn same_node_endpoint_refusing_is_ejected_and_the_connection_retried() {
     let mesh = Mesh::start(MeshOptions::default()).await;
     let dead = refusing_addr().await;
     let vip = SocketAddr::from(VIP);
-    let endpoints = vec![endpoint(&mesh, dead, false), endpoint(&mesh, mesh.echo, false)];
+    let endpoints = vec![
+        endpoint(&mesh, dead, false),
+        endpoint(&mesh, mesh.echo, false),
+    ];
     let (outbound, addr, _trigger) = outbound(&mesh, vip, service(endpoints));
     every_connection_succeeds_and_the_refusing_endpoint_is_ejected(&outbound, addr, dead).await;
-    assert!(!outbound.is_ejected(mesh.echo), "the good endpoint stays in");
+    assert!(
+        !outbound.is_ejected(mesh.echo),
+        "the good endpoint stays in"
+    );
     assert_eq!(
         outbound.pool().connection_count(),
         0,
@@ -126,10 +135,16 @@ async fn remote_endpoint_answering_503_is_ejected_and_the_connection_retried() {
     // inbound answers that CONNECT with 503.
     let dead = refusing_addr().await;
     let vip = SocketAddr::from(VIP);
-    let endpoints = vec![endpoint(&mesh, dead, true), endpoint(&mesh, mesh.echo, true)];
+    let endpoints = vec![
+        endpoint(&mesh, dead, true),
+        endpoint(&mesh, mesh.echo, true),
+    ];
     let (outbound, addr, _trigger) = outbound(&mesh, vip, service(endpoints));
     every_connection_succeeds_and_the_refusing_endpoint_is_ejected(&outbound, addr, dead).await;
-    assert!(!outbound.is_ejected(mesh.echo), "the good endpoint stays in");
+    assert!(
+        !outbound.is_ejected(mesh.echo),
+        "the good endpoint stays in"
+    );
     // The destination answered (and counted) exactly one 503: after it, the endpoint was skipped.
     eventually("the destination to count its 503", || {
         mesh.inbound.metrics().totals().failed == 1

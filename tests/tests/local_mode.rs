@@ -2,7 +2,8 @@
 //! "node" (network namespace + cgroup), fed one generated cluster file. Pods are namespaces in
 //! child cgroups of their node's cgroup, where the agent attaches. Checks cross-node traffic
 //! through the mesh (byte-exact, delivered from the destination node's tunnel address, access
-//! log naming both identities), same-node traffic, and a DENY policy refused in the kernel.
+//! log naming both identities), same-node traffic, a DENY policy refused in the kernel, and a
+//! policy file edit closing live cross-node and same-node connections it now denies.
 //!
 //! Addresses (every namespace is private to the test, so they never collide between tests):
 //! node link 10.100.0.1 (node-a) ↔ 10.100.0.2 (node-b); pods on node-a 10.1.<i>.2 behind
@@ -92,6 +93,16 @@ spec:
   rules:
   - from: [{{source: {{principals: [cluster.local/ns/demo/sa/client]}}}}]
     to: [{{operation: {{ports: [{ports}]}}}}]
+---
+apiVersion: security.nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: no-admin-port-local, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: local}}}}
+  action: DENY
+  rules:
+  - from: [{{source: {{principals: [cluster.local/ns/demo/sa/client]}}}}]
+    to: [{{operation: {{ports: [{ports}]}}}}]
 "#,
         client.ip,
         client.ns.path().display(),
@@ -100,6 +111,15 @@ spec:
         server_b.ip,
         server_b.ns.path().display(),
     )
+}
+
+/// One 4-byte echo on a held connection.
+fn ping(stream: &mut TcpStream) -> Result<()> {
+    stream.write_all(b"ping")?;
+    let mut buf = [0u8; 4];
+    stream.read_exact(&mut buf)?;
+    ensure!(&buf == b"ping", "echoed {buf:?}");
+    Ok(())
 }
 
 impl Mesh {
@@ -273,38 +293,56 @@ fn policy_reload_closes_denied_connections_and_a_killed_agent_recovers() -> Resu
     let mut c = Mesh::up()?;
     let server = addr(&c.server_b.ip, ECHO_PORT)?;
 
-    // A live cross-node connection.
+    // A live cross-node connection, and a live same-node one.
     let mut held = c
         .hold(server)
         .with_context(|| format!("connect:\n{}", c.logs()))?;
-    held.write_all(b"ping")?;
-    let mut buf = [0u8; 4];
-    held.read_exact(&mut buf)?;
-    assert_eq!(&buf, b"ping");
+    ping(&mut held)?;
     c.echo_b.next_peer()?;
+    let local = addr(&c.server_a.ip, ECHO_PORT)?;
+    let mut held_local = c
+        .hold(local)
+        .with_context(|| format!("connect same node:\n{}", c.logs()))?;
+    ping(&mut held_local)?;
+    c.echo_a.next_peer()?;
 
-    // Deny the port it uses: node b re-authorizes and closes it; new connects are refused.
+    // Deny the port they use: node b re-authorizes and closes the cross-node one, node a's
+    // outbound the same-node one; new connects are refused.
     c.set_denied_ports(&[DENIED_PORT, ECHO_PORT])?;
-    let mut rest = Vec::new();
-    let closed = held.read_to_end(&mut rest);
-    assert!(
-        matches!(closed, Ok(0)) || closed.is_err(),
-        "the now-denied connection must be closed, got {closed:?}"
-    );
-    c.agents[1].wait_log("re-authorization closing the connection", |l| {
-        l.contains("policy now denies it")
-    })?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match c.roundtrip(server, "x") {
-            Err(e) if e.to_string().contains("Connection refused") => break,
-            other => ensure!(
-                Instant::now() < deadline,
-                "connects to the denied port still go through after the reload: {other:?}\n{}",
-                c.logs()
-            ),
+    for (stream, which, agent) in [
+        (&mut held, "cross-node", 1),
+        (&mut held_local, "same-node", 0),
+    ] {
+        let mut rest = Vec::new();
+        let closed = stream.read_to_end(&mut rest);
+        // A read timeout is an error too, but it means the connection is still open.
+        assert!(
+            matches!(&closed, Ok(0))
+                || closed.as_ref().is_err_and(|e| !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                )),
+            "the now-denied {which} connection must be closed, got {closed:?}\n{}",
+            c.logs()
+        );
+        c.agents[agent].wait_log(
+            &format!("re-authorization closing the {which} connection"),
+            |l| l.contains("policy now denies it"),
+        )?;
+    }
+    for dst in [server, local] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match c.roundtrip(dst, "x") {
+                Err(e) if e.to_string().contains("Connection refused") => break,
+                other => ensure!(
+                    Instant::now() < deadline,
+                    "connects to the denied port of {dst} still go through after the reload: {other:?}\n{}",
+                    c.logs()
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
     c.set_denied_ports(&[DENIED_PORT])?;
 

@@ -164,4 +164,25 @@ mod tests {
         assert_eq!(e.addr, eps[1].addr);
         assert!(b.pick(&eps, &[eps[0].addr, eps[1].addr]).is_none());
     }
+
+    #[test]
+    fn an_ejection_expires_and_the_endpoint_is_picked_again() {
+        let b = Balancer::new(Duration::from_millis(50));
+        let eps = [ep(1), ep(2)];
+        b.eject(eps[1].addr, "test");
+        assert!(b.is_ejected(eps[1].addr));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while b.is_ejected(eps[1].addr) {
+            assert!(Instant::now() < deadline, "the ejection never expired");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let picked_again = (0..64).any(|_| {
+            b.pick(&eps, &[])
+                .is_some_and(|(e, _g)| e.addr == eps[1].addr)
+        });
+        assert!(
+            picked_again,
+            "an endpoint whose ejection expired is a candidate again"
+        );
+    }
 }

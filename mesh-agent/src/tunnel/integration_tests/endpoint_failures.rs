@@ -24,11 +24,26 @@ fn outbound(
     dst: SocketAddr,
     destination: Destination,
 ) -> (Arc<Outbound>, SocketAddr, drain::Trigger) {
+    outbound_with(mesh, dst, destination, test_config(), None)
+}
+
+/// [`outbound`] with `config` and one more local workload.
+fn outbound_with(
+    mesh: &Mesh,
+    dst: SocketAddr,
+    destination: Destination,
+    config: TunnelConfig,
+    extra: Option<LocalWorkload>,
+) -> (Arc<Outbound>, SocketAddr, drain::Trigger) {
     let config = TunnelConfig {
         // Longer than any test: an ejected endpoint stays ejected while we look.
         ejection_time: Duration::from_secs(600),
-        ..test_config()
+        ..config
     };
+    let mut workloads = StaticWorkloads::default().with(server_workload(mesh.echo, &mesh.server));
+    if let Some(w) = extra {
+        workloads = workloads.with(w);
+    }
     let outbound = Outbound::new(
         config.clone(),
         Pool::new(config, mesh.certs.clone()),
@@ -38,7 +53,7 @@ fn outbound(
             baggage: None,
         })),
         Arc::new(StaticResolver([(dst, destination)].into_iter().collect())),
-        Arc::new(StaticWorkloads::default().with(server_workload(mesh.echo, &mesh.server))),
+        Arc::new(workloads),
         Arc::new(AllowAll),
     );
     let listener = bind_reuseport("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
@@ -125,6 +140,47 @@ async fn same_node_endpoint_refusing_is_ejected_and_the_connection_retried() {
         outbound.pool().connection_count(),
         0,
         "same node opens no HBONE connection"
+    );
+}
+
+/// A port on 127.0.0.2 whose connects hang: a listener that never accepts, its accept queue
+/// filled, so the kernel drops further SYNs. Keep the returned sockets while it must stay silent.
+async fn silent_addr() -> (SocketAddr, Vec<TcpStream>, TcpListener) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.2:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(1).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut queued = Vec::new();
+    loop {
+        assert!(queued.len() < 64, "the accept queue never filled");
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => queued.push(s),
+            Ok(Err(e)) => panic!("connect to the silent listener: {e}"),
+            Err(_) => return (addr, queued, listener),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_node_endpoint_timing_out_is_ejected_and_the_connection_retried() {
+    let mesh = Mesh::start(MeshOptions::default()).await;
+    let (silent, _queued, _listener) = silent_addr().await;
+    let vip = SocketAddr::from(VIP);
+    let endpoints = vec![
+        endpoint(&mesh, silent, false),
+        endpoint(&mesh, mesh.echo, false),
+    ];
+    let config = TunnelConfig {
+        upstream_connect_timeout: Duration::from_millis(200),
+        ..test_config()
+    };
+    let (outbound, addr, _trigger) = outbound_with(&mesh, vip, service(endpoints), config, None);
+    every_connection_succeeds_and_the_refusing_endpoint_is_ejected(&outbound, addr, silent).await;
+    assert!(
+        !outbound.is_ejected(mesh.echo),
+        "the good endpoint stays in"
     );
 }
 

@@ -64,6 +64,8 @@ pub struct LocalOptions {
     pub bpffs: PathBuf,
     pub poll_interval: Duration,
     pub drain_deadline: Duration,
+    /// How long a service endpoint that could not be reached is skipped.
+    pub ejection_time: Duration,
     /// Stats/admin addresses and the `/logging` handle.
     pub observability: observability::ObservabilityOptions,
 }
@@ -88,6 +90,7 @@ impl Default for LocalOptions {
             bpffs: PathBuf::from(Pins::DEFAULT_BPFFS),
             poll_interval: DEFAULT_POLL_INTERVAL,
             drain_deadline: Duration::from_secs(10),
+            ejection_time: TunnelConfig::default().ejection_time,
             observability: Default::default(),
         }
     }
@@ -266,6 +269,7 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
     let config = TunnelConfig {
         delivery_source: Some(node.tunnel_address),
         drain_deadline: opts.drain_deadline,
+        ejection_time: opts.ejection_time,
         handshake_metrics: obs.handshake.clone(),
         node_identity: Some(node_identity(&trust_domain)?),
         ..TunnelConfig::default()

@@ -117,6 +117,9 @@ struct LocalArgs {
     /// How often the config file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     poll_ms: u64,
+    /// How long a service endpoint that could not be reached is skipped, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    ejection_ms: u64,
     /// Stats server (/metrics, /healthz, /readyz); default `<node address>:<metricsPort>` (15020).
     #[arg(long)]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -149,6 +152,7 @@ fn run_local(args: LocalArgs) -> ExitCode {
         instance: args.instance,
         bpffs: args.bpffs,
         poll_interval: Duration::from_millis(args.poll_ms.max(10)),
+        ejection_time: Duration::from_millis(args.ejection_ms),
         observability: crate::app::observability::ObservabilityOptions {
             metrics_addr: args.metrics_addr,
             admin_addr: args.admin_addr,

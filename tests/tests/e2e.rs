@@ -2,8 +2,11 @@
 //! (as `nm-agent`), each in its own "node" (network namespace + cgroup), one generated cluster
 //! file, pods as namespaces in child cgroups of their node's cgroup.
 //!
-//! - service VIP: connections to a VIP with an endpoint on each node are spread across both;
-//!   once one endpoint's node is down, new connections all succeed through the other.
+//! - service VIP: connections to a VIP with an endpoint on each node are spread across both; when
+//!   one endpoint's pod stops listening (the same-node one, then the remote one) or its node is
+//!   down, every new connection succeeds through the other and node a logs the ejection; a pod
+//!   that listens again gets traffic once its ejection (`--ejection-ms`, 2 s here) expires; a
+//!   connection to a refusing pod's own address fails at once.
 //! - forged path: an HBONE CONNECT made straight to the destination node's :15008 (skipping the
 //!   source node's kernel deny) with a valid mesh certificate of a denied identity gets 401 and
 //!   is counted as a policy deny on the destination node; the same path to an allowed port
@@ -21,18 +24,15 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    path::Path,
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use mesh_agent::identity::{LocalCa, SpiffeId, TrustBundle, tls};
 use nodemesh_tests::{
-    ChildCgroup, NetNs, agent_exe, probe_exe, require_root, run, unique_prefix,
+    cluster::{Cluster, Echo, Net, Pod, addr, scrape},
     with_process_in_cgroup,
 };
 
@@ -40,223 +40,29 @@ const ECHO_PORT: u16 = 8080;
 /// The client may not reach the servers on this port (DENY policy).
 const DENIED_PORT: u16 = 9090;
 const HBONE_PORT: u16 = 15008;
-const STATS_PORT: u16 = 15020;
 const VIP: &str = "10.96.110.10";
 const VIP_PORT: u16 = 80;
 const NODE_A: &str = "10.110.0.1";
 const NODE_B: &str = "10.110.0.2";
 const TUNNEL_A: &str = "169.254.110.1";
 const TUNNEL_B: &str = "169.254.110.2";
-/// How long an agent may take from start to ready (loading eBPF, CA, certificates).
-const READY_WITHIN: Duration = Duration::from_secs(20);
-
-struct Pod {
-    cgroup: ChildCgroup,
-    ns: NetNs,
-    ip: String,
-}
-
-/// An echo server inside a pod (`nm-probe echo`: streams, one thread per connection); reports
-/// each accepted peer. Dropping it stops the server, so its port refuses.
-struct Echo {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Echo {
-    fn start(pod: &Pod, port: u16) -> Result<Self> {
-        let mut child = Command::new(probe_exe()?)
-            .arg(pod.cgroup.path())
-            .arg(pod.ns.path())
-            .arg("echo")
-            .arg(format!("{}:{port}", pod.ip))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start the echo server")?;
-        let stdout = child.stdout.take().context("echo stdout")?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let echo = Self { child, lines };
-        let first = echo
-            .lines
-            .recv_timeout(Duration::from_secs(10))
-            .context("echo server said nothing within 10 s")?;
-        ensure!(first == "ready", "echo server failed: {first}");
-        Ok(echo)
-    }
-
-    /// How many connections it has accepted since the last call.
-    fn accepted(&self) -> usize {
-        self.lines
-            .try_iter()
-            .filter(|l| l.starts_with("peer="))
-            .count()
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        // Closing stdin ends it; kill as a fallback.
-        drop(self.child.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Node {
-    name: String,
-    cgroup: ChildCgroup,
-    ns: NetNs,
-}
-
-/// A `mesh-agent local` process inside a node's namespace and cgroup; stopped and uninstalled
-/// on drop.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-    instance: String,
-}
-
-impl Agent {
-    fn start(node: &Node, config: &Path, dir: &Path, instance: &str) -> Result<Self> {
-        let state = dir.join(&node.name);
-        let log = dir.join(format!("{}.log", node.name));
-        let child = Command::new(probe_exe()?)
-            .arg(node.cgroup.path())
-            .arg(node.ns.path())
-            .arg("exec")
-            .arg(agent_exe()?)
-            .args(["local", "--config"])
-            .arg(config)
-            .args(["--node", &node.name, "--state-dir"])
-            .arg(&state)
-            .arg("--ca-dir")
-            .arg(dir.join("ca"))
-            .arg("--cgroup")
-            .arg(node.cgroup.path())
-            .args(["--instance", instance, "--poll-ms", "100"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .context("cannot start the agent")?;
-        let mut agent = Self {
-            child,
-            log,
-            instance: instance.to_owned(),
-        };
-        let deadline = Instant::now() + READY_WITHIN;
-        while !state.join("ready").exists() {
-            if let Some(status) = agent.child.try_wait()? {
-                bail!("agent exited ({status}) before ready:\n{}", agent.logs());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "agent not ready within {READY_WITHIN:?}:\n{}",
-                agent.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(agent)
-    }
-
-    fn logs(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-                // SAFETY: `kill` takes plain integers; the pid is our unreaped child, so it
-                // cannot have been reused by another process.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        // An empty instance: another `Agent` (a restart) owns the pins now.
-        if !self.instance.is_empty()
-            && let Ok(exe) = agent_exe()
-            && let Err(e) = run(
-                &exe.to_string_lossy(),
-                &["uninstall", "--instance", &self.instance],
-            )
-        {
-            eprintln!("cleanup: {e:#}");
-        }
-    }
-}
+const NET: Net = Net {
+    node_a: NODE_A,
+    node_b: NODE_B,
+    tunnel_a: TUNNEL_A,
+    tunnel_b: TUNNEL_B,
+    pods_a: 11,
+    pods_b: 12,
+};
+/// How long the agents skip a service endpoint that could not be reached (`--ejection-ms`):
+/// short, so the VIP test sees an endpoint come back within a few seconds.
+const EJECTION: Duration = Duration::from_secs(2);
 
 /// The cluster: a client and a server on node a, a server on node b, the service `echo` with
-/// both servers as endpoints. Field order is drop order: agents, then pods, then nodes.
-struct Cluster {
-    agents: Vec<Agent>,
-    client: Pod,
-    server_a: Pod,
-    server_b: Pod,
-    node_a: Node,
-    node_b: Node,
-    dir: tempfile::TempDir,
-}
-
-fn node(prefix: &str, name: &str) -> Result<Node> {
-    let ns = NetNs::new(&format!("{prefix}-{name}"))?;
-    ns.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
-    let cgroup = ChildCgroup::new(&format!("{prefix}-{name}"))?;
-    Ok(Node {
-        name: name.to_owned(),
-        cgroup,
-        ns,
-    })
-}
-
-/// A pod on `node` at `10.<net>.<i>.2`, its gateway `.1` on the node.
-fn pod(prefix: &str, node: &Node, name: &str, net: u8, i: u8) -> Result<Pod> {
-    let ns = NetNs::new(&format!("{prefix}-{name}"))?;
-    let gw = format!("10.{net}.{i}.1");
-    let ip = format!("10.{net}.{i}.2");
-    nodemesh_tests::veth(
-        &node.ns,
-        &format!("v{name}"),
-        &format!("{gw}/24"),
-        &ns,
-        "eth0",
-        &format!("{ip}/24"),
-    )?;
-    ns.exec(&["ip", "route", "add", "default", "via", &gw])?;
-    let cgroup = ChildCgroup::new(&format!(
-        "{}/{name}",
-        node.cgroup
-            .path()
-            .file_name()
-            .context("node cgroup name")?
-            .to_string_lossy()
-    ))?;
-    Ok(Pod { cgroup, ns, ip })
+/// both servers as endpoints.
+fn up() -> Result<Cluster> {
+    let ejection = EJECTION.as_millis().to_string();
+    Cluster::up(NET, &["--ejection-ms", &ejection], config)
 }
 
 fn config(client: &Pod, server_a: &Pod, server_b: &Pod) -> String {
@@ -303,92 +109,49 @@ spec:
     )
 }
 
-impl Cluster {
-    fn up() -> Result<Self> {
-        require_root();
-        let p = unique_prefix();
-        let node_a = node(&p, "a")?;
-        let node_b = node(&p, "b")?;
-        nodemesh_tests::veth(
-            &node_a.ns,
-            "wire0",
-            &format!("{NODE_A}/24"),
-            &node_b.ns,
-            "wire0",
-            &format!("{NODE_B}/24"),
-        )?;
-        node_a
-            .ns
-            .exec(&["ip", "route", "add", "10.12.0.0/16", "via", NODE_B])?;
-        node_b
-            .ns
-            .exec(&["ip", "route", "add", "10.11.0.0/16", "via", NODE_A])?;
-        let client = pod(&p, &node_a, "client", 11, 1)?;
-        let server_a = pod(&p, &node_a, "srva", 11, 2)?;
-        let server_b = pod(&p, &node_b, "srvb", 12, 1)?;
-        let dir = tempfile::tempdir()?;
-        let cfg = dir.path().join("cluster.yaml");
-        fs::write(&cfg, config(&client, &server_a, &server_b))?;
-        let mut cluster = Self {
-            agents: Vec::new(),
-            client,
-            server_a,
-            server_b,
-            node_a,
-            node_b,
-            dir,
-        };
-        // One after the other: the first creates the shared CA.
-        let a = Agent::start(&cluster.node_a, &cfg, cluster.dir.path(), &format!("{p}-a"))?;
-        cluster.agents.push(a);
-        let b = Agent::start(&cluster.node_b, &cfg, cluster.dir.path(), &format!("{p}-b"))?;
-        cluster.agents.push(b);
-        Ok(cluster)
-    }
-
-    /// A byte-exact round trip from the client pod; the error carries the probe's reason.
-    fn roundtrip(&self, dst: SocketAddr, payload: &str) -> Result<()> {
-        let out = Command::new(probe_exe()?)
-            .arg(self.client.cgroup.path())
-            .arg(self.client.ns.path())
-            .arg("roundtrip")
-            .arg(dst.to_string())
-            .arg(payload)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout).trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+/// Round trips to `vip` until `echo` has accepted one, each of which must succeed; fails after
+/// `within`. Returns how many it took.
+fn until_reached(c: &Cluster, vip: SocketAddr, echo: &Echo, within: Duration) -> Result<usize> {
+    let deadline = Instant::now() + within;
+    for i in 0.. {
+        c.roundtrip(vip, &format!("until reached {i}"))
+            .with_context(|| format!("round trip {i} to the VIP:\n{}", c.logs()))?;
+        if echo.accepted() > 0 {
+            return Ok(i + 1);
         }
-        Ok(())
+        ensure!(
+            Instant::now() < deadline,
+            "the endpoint got no connection within {within:?} ({i} round trips):\n{}",
+            c.logs()
+        );
     }
-
-    fn logs(&self) -> String {
-        self.agents
-            .iter()
-            .map(|a| format!("--- {}\n{}", a.log.display(), a.logs()))
-            .collect()
-    }
+    unreachable!("the loop returns or fails")
 }
 
-fn addr(ip: &str, port: u16) -> Result<SocketAddr> {
-    Ok(SocketAddr::new(ip.parse()?, port))
+/// `n` round trips to `vip`, every one of which must succeed; `what` names the situation.
+fn all_succeed(c: &Cluster, vip: SocketAddr, n: usize, what: &str) -> Result<()> {
+    for i in 0..n {
+        c.roundtrip(vip, &format!("{what} {i}"))
+            .with_context(|| format!("round trip {i} to the VIP with {what}:\n{}", c.logs()))?;
+    }
+    Ok(())
 }
 
 #[test]
 fn service_vip_spreads_across_endpoints_and_avoids_a_down_one() -> Result<()> {
-    let mut c = Cluster::up()?;
-    let echo_a = Echo::start(&c.server_a, ECHO_PORT)?;
-    let echo_b = Echo::start(&c.server_b, ECHO_PORT)?;
+    let mut c = up()?;
+    let mut echo_a = Echo::start(&c.server_a, ECHO_PORT)?;
+    let mut echo_b = Echo::start(&c.server_b, ECHO_PORT)?;
     let vip = addr(VIP, VIP_PORT)?;
+    let ejected = |server: &Pod, why: &'static str| {
+        let endpoint = format!("{}:{ECHO_PORT}", server.ip);
+        c.agents[0].wait_log(&format!("the ejection of {endpoint} ({why})"), |l| {
+            l.contains("endpoint ejected") && l.contains(&endpoint) && l.contains(why)
+        })
+    };
 
     // 20 connections to the VIP: each is echoed, and both endpoints (one per node) get some.
-    for i in 0..20 {
-        c.roundtrip(vip, &format!("via the service {i}"))
-            .with_context(|| format!("round trip {i} to the VIP:\n{}", c.logs()))?;
-    }
+    all_succeed(&c, vip, 20, "both endpoints up")?;
     let (on_a, on_b) = (echo_a.accepted(), echo_b.accepted());
     assert_eq!(on_a + on_b, 20, "every connection reaches one endpoint");
     assert!(
@@ -396,21 +159,46 @@ fn service_vip_spreads_across_endpoints_and_avoids_a_down_one() -> Result<()> {
         "the VIP must spread connections over both endpoints: {on_a} on node a, {on_b} on node b"
     );
 
-    // Node b goes down (its agent killed: its HBONE port refuses): new connections to the VIP
-    // all succeed through the endpoint on node a. (A same-node endpoint whose pod refuses is
-    // not avoided yet: see the report in docs/architecture.md.)
-    c.agents[1].child.kill()?;
-    c.agents[1].child.wait()?;
+    // The same-node endpoint's pod stops listening (its port refuses): not one connection
+    // fails; the one that finds it refusing is retried on server-b, which gets them all.
+    drop(echo_a);
+    all_succeed(&c, vip, 10, "server-a refusing")?;
+    assert_eq!(echo_b.accepted(), 10, "all went to the remaining endpoint");
+    ejected(&c.server_a, "same-node connect")?;
+    // Back: once its ejection expires, traffic reaches it again.
+    echo_a = Echo::start(&c.server_a, ECHO_PORT)?;
+    let n = until_reached(&c, vip, &echo_a, EJECTION * 5)?;
+    echo_b.accepted();
+    eprintln!("server-a reached again after {n} round trips");
+
+    // The remote endpoint's pod stops listening: node b's inbound answers 503, node a ejects
+    // server-b and retries on server-a. A connection to that pod's own address (no other
+    // endpoint) is reset at once.
     drop(echo_b);
-    for i in 0..10 {
-        c.roundtrip(vip, &format!("node b down {i}"))
-            .with_context(|| {
-                format!(
-                    "round trip {i} to the VIP with node b down must use server-a:\n{}",
-                    c.logs()
-                )
-            })?;
-    }
+    all_succeed(&c, vip, 10, "server-b refusing")?;
+    assert_eq!(echo_a.accepted(), 10, "all went to the remaining endpoint");
+    ejected(&c.server_b, "answered 503")?;
+    let started = Instant::now();
+    let direct = c.roundtrip(addr(&c.server_b.ip, ECHO_PORT)?, "to a refusing pod");
+    ensure!(
+        direct.is_err(),
+        "a connection to a pod that refuses cannot succeed"
+    );
+    ensure!(
+        started.elapsed() < Duration::from_secs(5),
+        "a refusing pod's connection must fail at once, took {:?}: {direct:?}",
+        started.elapsed()
+    );
+    echo_b = Echo::start(&c.server_b, ECHO_PORT)?;
+    let n = until_reached(&c, vip, &echo_b, EJECTION * 5)?;
+    echo_a.accepted();
+    eprintln!("server-b reached again after {n} round trips");
+
+    // Node b goes down (its agent killed: its HBONE port refuses): new connections to the VIP
+    // all succeed through the endpoint on node a.
+    c.agents[1].kill()?;
+    drop(echo_b);
+    all_succeed(&c, vip, 10, "node b down")?;
     assert_eq!(echo_a.accepted(), 10, "all went to the remaining endpoint");
     Ok(())
 }
@@ -462,17 +250,9 @@ fn forged_connect(
     })
 }
 
-/// One `/metrics` scrape of a node's agent, from inside the node's namespace.
-fn scrape(node: &Node, ip: &str) -> Result<String> {
-    let (status, body) =
-        nodemesh_tests::http_in_netns(&node.ns.path(), addr(ip, STATS_PORT)?, "GET", "/metrics")?;
-    ensure!(status == 200, "/metrics answered {status}: {body}");
-    Ok(body)
-}
-
 #[test]
 fn forged_hbone_connect_around_the_kernel_deny_is_refused_at_the_destination() -> Result<()> {
-    let c = Cluster::up()?;
+    let c = up()?;
     let _echo_b = Echo::start(&c.server_b, ECHO_PORT)?;
     let client = SpiffeId::new("cluster.local", "demo", "client")?;
     let server = SpiffeId::new("cluster.local", "demo", "server")?;
@@ -530,7 +310,7 @@ const CHUNK: usize = 64 << 10;
 #[test]
 fn data_integrity_256_mib_across_nodes_on_four_streams() -> Result<()> {
     use std::io::{Read, Write};
-    let c = Cluster::up()?;
+    let c = up()?;
     let _echo_b = Echo::start(&c.server_b, ECHO_PORT)?;
     let dst = addr(&c.server_b.ip, ECHO_PORT)?;
     let ns = c.client.ns.path();
@@ -648,7 +428,7 @@ fn attached_programs(cgroup: &Path) -> Result<u32> {
 #[test]
 fn killed_agent_serves_again_within_2s_of_readiness_and_teardown_leaves_nothing() -> Result<()> {
     use std::io::{Read, Write};
-    let mut c = Cluster::up()?;
+    let mut c = up()?;
     let _echo_b = Echo::start(&c.server_b, ECHO_PORT)?;
     let server = addr(&c.server_b.ip, ECHO_PORT)?;
     for node in [&c.node_a, &c.node_b] {
@@ -689,21 +469,12 @@ fn killed_agent_serves_again_within_2s_of_readiness_and_teardown_leaves_nothing(
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    c.agents[0].child.kill()?;
-    c.agents[0].child.wait()?;
+    c.agents[0].kill()?;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     pump.join().map_err(|_| anyhow::anyhow!("pump panicked"))?;
 
     // Restart with the same instance: ready, then serving within 2 s; the pod is untouched.
-    let instance = c.agents[0].instance.clone();
-    let cfg = c.dir.path().join("cluster.yaml");
-    let restarted = Agent::start(&c.node_a, &cfg, c.dir.path(), &instance)?;
-    let ready_at = Instant::now();
-    // Replacing drops the killed agent's guard (whose uninstall would remove the pins): forget
-    // its instance first.
-    let mut old = std::mem::replace(&mut c.agents[0], restarted);
-    old.instance.clear();
-    drop(old);
+    let ready_at = c.restart_agent(0)?;
     loop {
         match c.roundtrip(server, "after restart") {
             Ok(()) => break,
@@ -722,7 +493,7 @@ fn killed_agent_serves_again_within_2s_of_readiness_and_teardown_leaves_nothing(
     );
 
     // Teardown: stop and uninstall both agents, then nothing pinned, nothing attached.
-    let instances: Vec<String> = c.agents.iter().map(|a| a.instance.clone()).collect();
+    let instances: Vec<String> = c.agents.iter().map(|a| a.instance().to_owned()).collect();
     drop(std::mem::take(&mut c.agents));
     for instance in &instances {
         let pins =

@@ -1,5 +1,6 @@
 //! Endpoint choice for services: power of two choices over healthy endpoints, by outstanding
-//! connections; an endpoint whose connect failed is ejected for a while.
+//! connections; an endpoint that could not be reached is ejected for a while (the outbound
+//! decides what counts: see `outbound.rs`).
 //!
 //! Power of two choices keeps load within a small factor of least-loaded without scanning every
 //! endpoint or sharing a global ordering; the state is one small map under a mutex held only for
@@ -109,11 +110,19 @@ impl Balancer {
         ))
     }
 
-    /// Skips `addr` for the ejection time.
-    pub fn eject(&self, addr: SocketAddr) {
-        info!(endpoint = %addr, for_ = ?self.ejection_time, "endpoint ejected after a failed connect");
+    /// Skips `addr` for the ejection time (from now; a repeated failure extends it).
+    pub fn eject(&self, addr: SocketAddr, reason: &str) {
+        info!(endpoint = %addr, ejected_for = ?self.ejection_time, reason, "endpoint ejected");
         self.lock().entry(addr).or_default().ejected_until =
             Some(Instant::now() + self.ejection_time);
+    }
+
+    /// Whether `addr` is ejected now.
+    pub fn is_ejected(&self, addr: SocketAddr) -> bool {
+        self.lock()
+            .get(&addr)
+            .and_then(|s| s.ejected_until)
+            .is_some_and(|t| t > Instant::now())
     }
 }
 
@@ -144,7 +153,8 @@ mod tests {
             other_seen |= e.addr != first.addr;
         }
         assert!(other_seen);
-        b.eject(eps[1].addr);
+        b.eject(eps[1].addr, "test");
+        assert!(b.is_ejected(eps[1].addr) && !b.is_ejected(eps[0].addr));
         for _ in 0..16 {
             let (e, _g) = b.pick(&eps, &[]).expect("pick");
             assert_eq!(e.addr, eps[0].addr, "ejected endpoint is skipped");
@@ -153,5 +163,26 @@ mod tests {
         let (e, _g) = b.pick(&eps, &[eps[0].addr]).expect("fallback");
         assert_eq!(e.addr, eps[1].addr);
         assert!(b.pick(&eps, &[eps[0].addr, eps[1].addr]).is_none());
+    }
+
+    #[test]
+    fn an_ejection_expires_and_the_endpoint_is_picked_again() {
+        let b = Balancer::new(Duration::from_millis(50));
+        let eps = [ep(1), ep(2)];
+        b.eject(eps[1].addr, "test");
+        assert!(b.is_ejected(eps[1].addr));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while b.is_ejected(eps[1].addr) {
+            assert!(Instant::now() < deadline, "the ejection never expired");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let picked_again = (0..64).any(|_| {
+            b.pick(&eps, &[])
+                .is_some_and(|(e, _g)| e.addr == eps[1].addr)
+        });
+        assert!(
+            picked_again,
+            "an endpoint whose ejection expired is a candidate again"
+        );
     }
 }

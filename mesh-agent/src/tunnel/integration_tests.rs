@@ -1383,6 +1383,7 @@ async fn metrics_count_connections_bytes_and_denials() {
     .await;
 }
 
+mod endpoint_failures;
 mod handshake_metrics;
 mod metrics_endpoint;
 mod outbound_handshake;

@@ -3,9 +3,18 @@
 //! Per connection: recover the original destination and source identity ([`RedirectSource`];
 //! a miss refuses the connection, never a guess), resolve it ([`Resolver`]), pick an endpoint
 //! ([`Balancer`]), then either connect directly (same node: no TLS, but the [`Authorizer`]
-//! decides first) or open a `CONNECT` stream over the [`Pool`] and copy. A failed connect to a
-//! node ejects the endpoint and, for services, tries one other endpoint. Any non-200 answer
-//! closes the app's socket. One access-log line per connection.
+//! decides first) or open a `CONNECT` stream over the [`Pool`] and copy. One access-log line per
+//! connection.
+//!
+//! Endpoint failures: for a service, an endpoint that cannot be reached (same-node connect
+//! refused or timed out, peer node's connect or handshake failed, or the peer's inbound answered
+//! 503 because the pod refused) is ejected from the [`Balancer`] for `ejection_time` and the
+//! connection is retried on another endpoint, at most [`MAX_ATTEMPTS`] endpoints in all. Retrying
+//! is safe because nothing has been read from the app's socket yet: its bytes wait in the kernel
+//! for whichever endpoint answers, so none is lost or replayed. A pod address (no alternative)
+//! is not retried or ejected. When every attempt failed the app's socket is reset, the nearest
+//! thing to the `ECONNREFUSED` it would have had without the mesh; other refusals (401, 400,
+//! same-node deny) close it.
 
 use std::{
     net::SocketAddr,
@@ -30,8 +39,10 @@ use super::{
     pool::{Pool, PoolKey},
 };
 
-/// Endpoints tried per connection when connects fail (the first choice and one other).
-const MAX_ATTEMPTS: usize = 2;
+/// Endpoints a service connection tries before giving up: the first choice and two others. Each
+/// attempt may cost up to a connect timeout, so the bound keeps a dead service from holding the
+/// app for long; ejection makes later connections skip the failed ones anyway.
+pub const MAX_ATTEMPTS: usize = 3;
 
 pub struct Outbound {
     config: TunnelConfig,
@@ -75,6 +86,13 @@ struct Outcome {
     established: bool,
     /// Istio `response_flags` when not established.
     flag: &'static str,
+}
+
+/// An endpoint that could not be reached before any byte was forwarded.
+struct Unreachable {
+    reason: String,
+    /// The peer node tried, if the endpoint is remote.
+    hbone: Option<SocketAddr>,
 }
 
 impl Outcome {
@@ -155,6 +173,11 @@ impl Outbound {
 
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
+    }
+
+    /// Whether the balancer skips `endpoint` now (it failed within the ejection time).
+    pub fn is_ejected(&self, endpoint: SocketAddr) -> bool {
+        self.balancer.is_ejected(endpoint)
     }
 
     /// Serves `listener` until drained; returns when every connection has ended.
@@ -261,46 +284,82 @@ impl Outbound {
                 endpoints,
             } => (endpoints, Some(hostname)),
         };
+        let service = host.is_some();
+        let attempts = if service {
+            MAX_ATTEMPTS.min(candidates.len()).max(1)
+        } else {
+            1
+        };
         let mut tried = Vec::new();
-        let mut last_error = String::from("no endpoints");
-        for _ in 0..MAX_ATTEMPTS {
+        let mut last: Option<(Endpoint, Unreachable)> = None;
+        for attempt in 1..=attempts {
             let Some((ep, _outstanding)) = self.balancer.pick(&candidates, &tried) else {
                 break;
             };
             tried.push(ep.addr);
-            match &ep.location {
+            let result = match &ep.location {
                 Location::SameNode => {
-                    let outcome = self
-                        .same_node(tcp, peer, redirect, &ep, host.as_deref())
-                        .await;
-                    return (outcome, host);
+                    self.same_node(tcp, peer, redirect, &ep, host.as_deref())
+                        .await
                 }
                 Location::Remote { hbone } => {
-                    match self
-                        .via_hbone(tcp, peer, redirect, &ep, *hbone, host.as_deref())
+                    self.via_hbone(tcp, peer, redirect, &ep, *hbone, host.as_deref())
                         .await
-                    {
-                        Ok(outcome) => return (outcome, host),
-                        Err(e) => {
-                            last_error = e;
-                        }
-                    }
                 }
+            };
+            let failure = match result {
+                Ok(outcome) => return (outcome, host),
+                Err(failure) => failure,
+            };
+            if service {
+                self.balancer.eject(ep.addr, &failure.reason);
+                if attempt < attempts {
+                    warn!(%peer, dst = %redirect.original_dst, endpoint = %ep.addr,
+                        reason = %failure.reason, retry = attempt, of = attempts - 1,
+                        "service endpoint unreachable before any byte was forwarded: ejected, retrying on another endpoint");
+                } else {
+                    warn!(%peer, dst = %redirect.original_dst, endpoint = %ep.addr,
+                        reason = %failure.reason, attempts,
+                        "service endpoint unreachable: ejected; no attempts left, resetting the app's connection");
+                }
+            } else {
+                warn!(%peer, dst = %redirect.original_dst, reason = %failure.reason,
+                    "pod unreachable: resetting the app's connection (no other endpoint to try)");
             }
+            last = Some((ep, failure));
         }
-        let outcome = Outcome {
-            dst_identity: None,
-            endpoint: tried.last().copied(),
-            hbone: None,
-            bytes: Default::default(),
-            result: format!("failed: {last_error}"),
-            established: false,
-            flag: flags::CONNECT,
+        // Every attempt failed (or there was no endpoint): a reset tells the app at once.
+        if let Err(e) = tcp.set_zero_linger() {
+            warn!(%peer, error = %e, "cannot arrange a reset; the app's socket is closed instead");
+        }
+        let outcome = match last {
+            Some((ep, failure)) => Outcome {
+                dst_identity: Some(ep.identity.to_string()),
+                endpoint: Some(ep.addr),
+                hbone: failure.hbone,
+                bytes: Default::default(),
+                result: if tried.len() > 1 {
+                    format!("failed after {} endpoints: {}", tried.len(), failure.reason)
+                } else {
+                    format!("failed: {}", failure.reason)
+                },
+                established: false,
+                flag: flags::CONNECT,
+            },
+            None => Outcome {
+                dst_identity: None,
+                endpoint: None,
+                hbone: None,
+                bytes: Default::default(),
+                result: "failed: the service has no endpoints".into(),
+                established: false,
+                flag: flags::CONNECT,
+            },
         };
         (outcome, host)
     }
 
-    /// `Err` means "the node could not be reached; try another endpoint".
+    /// `Err`: the endpoint could not be reached and nothing was forwarded (another may be tried).
     async fn via_hbone(
         &self,
         tcp: &mut tokio::net::TcpStream,
@@ -309,7 +368,7 @@ impl Outbound {
         ep: &Endpoint,
         hbone: SocketAddr,
         host: Option<&str>,
-    ) -> Result<Outcome, String> {
+    ) -> Result<Outcome, Unreachable> {
         let key = PoolKey {
             source: redirect.source.clone(),
             hbone,
@@ -341,8 +400,10 @@ impl Outbound {
         let stream = match self.pool.open(&key, ep.addr, &headers).await {
             Ok(s) => s,
             Err(e) if e.is_connect_failure() => {
-                self.balancer.eject(ep.addr);
-                return Err(e.to_string());
+                return Err(Unreachable {
+                    reason: e.to_string(),
+                    hbone: Some(hbone),
+                });
             }
             Err(e) => {
                 return Ok(outcome(
@@ -353,6 +414,16 @@ impl Outbound {
             }
         };
         let status = stream.response.status();
+        if status == http::StatusCode::SERVICE_UNAVAILABLE {
+            // The peer's inbound could not connect to the pod (nothing listening, or a timeout).
+            return Err(Unreachable {
+                reason: format!(
+                    "upstream {hbone} answered 503: the destination node could not reach the pod {}",
+                    ep.addr
+                ),
+                hbone: Some(hbone),
+            });
+        }
         if status != http::StatusCode::OK {
             // Dropping `tcp` (by returning) closes the app's socket.
             let (why, flag) = match status.as_u16() {
@@ -361,7 +432,6 @@ impl Outbound {
                     "the destination refused the request as malformed",
                     flags::BAD_REQUEST,
                 ),
-                503 => ("the destination could not reach the pod", flags::CONNECT),
                 _ => ("unexpected status", flags::BAD_REQUEST),
             };
             return Ok(outcome(
@@ -403,7 +473,7 @@ impl Outbound {
         redirect: &Redirect,
         ep: &Endpoint,
         service: Option<&str>,
-    ) -> Outcome {
+    ) -> Result<Outcome, Unreachable> {
         let mut outcome = Outcome {
             dst_identity: Some(ep.identity.to_string()),
             endpoint: Some(ep.addr),
@@ -418,7 +488,7 @@ impl Outbound {
                 "refused: same-node endpoint {} is not a workload on this node (stale endpoint data?)",
                 ep.addr
             );
-            return outcome;
+            return Ok(outcome);
         };
         let decision = self.authorizer.authorize(&AuthzRequest {
             source_identity: Some(&redirect.source),
@@ -430,9 +500,8 @@ impl Outbound {
         if let AuthzDecision::Deny { reason } = decision {
             outcome.result = format!("denied: {reason}");
             outcome.flag = flags::DENY;
-            return outcome;
+            return Ok(outcome);
         }
-        outcome.flag = flags::CONNECT;
         let mut upstream = match tokio::time::timeout(
             self.config.upstream_connect_timeout,
             super::listener::connect_from(ep.addr, self.config.delivery_source),
@@ -441,12 +510,22 @@ impl Outbound {
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                outcome.result = format!("failed: same-node upstream connect: {e}");
-                return outcome;
+                return Err(Unreachable {
+                    reason: format!(
+                        "same-node connect to {} failed: {e} (is the pod listening on this port?)",
+                        ep.addr
+                    ),
+                    hbone: None,
+                });
             }
             Err(_) => {
-                outcome.result = "failed: same-node upstream connect timed out".into();
-                return outcome;
+                return Err(Unreachable {
+                    reason: format!(
+                        "same-node connect to {} timed out after {:?}",
+                        ep.addr, self.config.upstream_connect_timeout
+                    ),
+                    hbone: None,
+                });
             }
         };
         super::listener::tune(&upstream);
@@ -482,6 +561,6 @@ impl Outbound {
                 outcome.result = format!("closed: policy now denies it: {reason}");
             }
         }
-        outcome
+        Ok(outcome)
     }
 }

@@ -158,9 +158,9 @@ async fn outbound_handshake_failures_count_by_reason() {
                 .get(&TrafficLabels {
                     reporter: Reporter::Source,
                     source_principal: mesh.client.to_string(),
-                    destination_principal: "unknown".into(),
+                    destination_principal: mesh.server.to_string(),
                     destination_service: "unknown".into(),
-                    connection_security_policy: "none",
+                    connection_security_policy: "mutual_tls",
                     response_flags: flags::CONNECT,
                     source_addr: None,
                     destination_addr: None,

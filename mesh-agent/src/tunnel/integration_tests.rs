@@ -787,15 +787,22 @@ async fn same_node_skips_tls_but_not_authorization() {
         let listener = bind_reuseport("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (_trigger, watch) = drain::channel();
-        tokio::spawn(outbound.serve(listener, watch));
+        tokio::spawn(outbound.clone().serve(listener, watch));
         let s = TcpStream::connect(addr).await.expect("connect");
         if allowed {
-            round_trip(s, 1 << 20).await;
+            // Large enough that the copy's buffers grow to their limit.
+            const TOTAL: u64 = 16 << 20;
+            round_trip(s, TOTAL).await;
             assert_eq!(
                 pool.connection_count(),
                 0,
                 "same node opens no HBONE connection"
             );
+            eventually("the connection to be counted closed with its bytes", || {
+                let t = outbound.metrics().totals();
+                t.closed == 1 && t.sent_bytes == TOTAL && t.received_bytes == TOTAL
+            })
+            .await;
         } else {
             let mut s = s;
             let _ = s.write_all(b"x").await;

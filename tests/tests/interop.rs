@@ -10,6 +10,8 @@
 //!   one frame) echoed byte-exact with END_STREAM both ways; to a port the policy denies → 401;
 //!   to an address that is no workload of node b → 400; no client certificate, or one from
 //!   another CA → refused.
+//! - node b's `/metrics` counts the echoed stream (mTLS, the client's principal, the bytes), the
+//!   401 and the two 400s, and the two refused handshakes (`no_certificate`, `untrusted_chain`).
 //! - `openssl s_client -tls1_3 -alpn h2` with the same certificate: TLSv1.3, h2, `Verify return
 //!   code: 0` (the server's chain verified against the mesh root).
 //!
@@ -27,7 +29,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use nodemesh_tests::cluster::{Cluster, Echo, Net, Pod};
+use nodemesh_tests::cluster::{Cluster, Echo, Net, Pod, delta, scrape, scrape_until};
 use serde_json::Value;
 
 const ECHO_PORT: u16 = 8080;
@@ -317,6 +319,7 @@ fn third_party_clients_speak_hbone_with_the_node_address() -> Result<()> {
         hbone_client(&c, &root, &args)
     };
     let authority = |ip: &str, port: u16| format!("{ip}:{port}");
+    let before = scrape(&c.node_b, NODE_B)?;
 
     // Allowed: the handshake as specified, 200, the payload echoed, END_STREAM both ways.
     let sent = payload();
@@ -433,6 +436,51 @@ fn third_party_clients_speak_hbone_with_the_node_address() -> Result<()> {
         )
     );
     eprintln!("foreign CA: {}", foreign["refused"]);
+
+    // Node b accounts for the third-party client like for a peer node: the echoed stream as
+    // mTLS traffic of the client's principal (no `forwarded` header: the source workload is
+    // unknown), each refusal and each failed handshake once.
+    let dst = ["reporter=\"destination\""];
+    let principal = format!("source_principal=\"{CLIENT_ID}\"");
+    let ok_series = [
+        dst[0],
+        "response_flags=\"-\"",
+        "connection_security_policy=\"mutual_tls\"",
+        &principal,
+        "destination_workload=\"server-b\"",
+    ];
+    let closed = "istio_tcp_connections_closed_total";
+    let bytes = u64::try_from(sent.len())?;
+    let failed = "istio_tcp_connections_failed_total";
+    let tls_failures = "nodemesh_tls_handshake_failures_total";
+    let expected = [
+        ("istio_tcp_connections_opened_total", &ok_series[..], 1),
+        (closed, &ok_series[..], 1),
+        ("istio_tcp_received_bytes_total", &ok_series[..], bytes),
+        ("istio_tcp_sent_bytes_total", &ok_series[..], bytes),
+        (failed, &[dst[0], "response_flags=\"DENY\""][..], 1),
+        (failed, &[dst[0], "response_flags=\"BAD_REQUEST\""][..], 2),
+        (tls_failures, &["reason=\"no_certificate\""][..], 1),
+        (tls_failures, &["reason=\"untrusted_chain\""][..], 1),
+    ];
+    // A server records some of these just after its answer reached the client: wait for all.
+    let after = scrape_until(
+        &c.node_b,
+        NODE_B,
+        "the third-party client's accounting",
+        |m| {
+            expected
+                .iter()
+                .all(|(metric, labels, want)| delta(&before, m, metric, labels) >= *want)
+        },
+    )?;
+    for (metric, labels, want) in expected {
+        assert_eq!(
+            delta(&before, &after, metric, labels),
+            want,
+            "{metric} {labels:?} on node b:\n{after}"
+        );
+    }
 
     // OpenSSL's own client: TLS 1.3, h2, the server's chain verified against the mesh root.
     let server = format!("{NODE_B}:{HBONE_PORT}");

@@ -200,11 +200,9 @@ fn issue_client(
              subjectAltName=URI:{uri}\n"
         ),
     )?;
-    // `-set_serial`, not `-CAcreateserial`: that would write a serial file into the agents' CA dir.
-    let serial = format!(
-        "0x{:x}",
-        std::process::id() as u64 * 1000 + name.len() as u64
-    );
+    // A random serial given with `-set_serial`: `-CAcreateserial` would write a serial file into
+    // the agents' CA dir.
+    let serial = format!("0x{}", openssl(&["rand", "-hex", "15"])?.trim());
     openssl(&[
         "x509",
         "-req",

@@ -2,7 +2,10 @@
 //! namespace + cgroup) through its stats and admin endpoints: `/readyz`, polled from the agent's
 //! start, is 503 while a gate is pending and turns 200 once it clears, `/config_dump` shows certificate serials and eBPF map
 //! fill, `/metrics` has the map and runtime gauges and Istio's workload labels for a same-node
-//! connection through a service VIP, and SIGTERM drains and exits, closing the servers.
+//! connection through a service VIP, and SIGTERM drains and exits, closing the servers. Across
+//! nodes (the two-node cluster of `nodemesh_tests::cluster`), one connection carries both
+//! workloads' exact Istio labels and `mutual_tls` on node a (source) and node b (destination),
+//! with exact opened/closed/byte deltas.
 //!
 //! The gate kept pending: the config places a third workload on the node whose network
 //! namespace does not exist yet, so `workloads-enrolled` stays pending; the test then creates
@@ -23,8 +26,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use nodemesh_tests::{
-    ChildCgroup, NetNs, agent_exe, http_in_netns, metric_sum, probe_exe, require_root, run,
-    unique_prefix,
+    ChildCgroup, NetNs, agent_exe, cluster, http_in_netns, metric_sum, probe_exe, require_root,
+    run, unique_prefix,
 };
 
 const NODE: &str = "10.100.0.1";
@@ -663,5 +666,125 @@ fn node_mode_serves_map_gauges() -> Result<()> {
     assert!(status.success(), "exit: {status}");
     drop(cgroup);
     drop(ns);
+    Ok(())
+}
+
+/// The cross-node test's addresses (private to its namespaces).
+const CROSS: cluster::Net = cluster::Net {
+    node_a: "10.140.0.1",
+    node_b: "10.140.0.2",
+    tunnel_a: "169.254.140.1",
+    tunnel_b: "169.254.140.2",
+    pods_a: 41,
+    pods_b: 42,
+};
+
+/// Two nodes: the client on node a, `server-b` (app `web`) on node b; `server-a` is unused.
+fn cross_node_config(
+    client: &cluster::Pod,
+    server_a: &cluster::Pod,
+    server_b: &cluster::Pod,
+) -> String {
+    let (na, nb, ta, tb) = (CROSS.node_a, CROSS.node_b, CROSS.tunnel_a, CROSS.tunnel_b);
+    format!(
+        r#"apiVersion: local.nodemesh.io/v1alpha1
+kind: LocalCluster
+thisNode: a
+nodes:
+- {{name: a, address: {na}, tunnelAddress: {ta}}}
+- {{name: b, address: {nb}, tunnelAddress: {tb}}}
+workloads:
+- {{name: client, namespace: demo, serviceAccount: client, labels: {{app: shop-client}}, ips: [{}], netns: {}, node: a}}
+- {{name: server-a, namespace: demo, serviceAccount: server, labels: {{app: web}}, ips: [{}], netns: {}, node: a}}
+- {{name: server-b, namespace: demo, serviceAccount: server, labels: {{app: web}}, ips: [{}], netns: {}, node: b}}
+"#,
+        client.ip,
+        client.ns.path().display(),
+        server_a.ip,
+        server_a.ns.path().display(),
+        server_b.ip,
+        server_b.ns.path().display(),
+    )
+}
+
+/// The labels of one sample line (`name{k="v",…} value`); values here hold no `"` or `,`.
+fn labels_of(line: &str) -> std::collections::BTreeMap<&str, &str> {
+    let inner = line
+        .split_once('{')
+        .and_then(|(_, rest)| rest.rsplit_once('}'))
+        .map_or("", |(inner, _)| inner);
+    inner
+        .split("\",")
+        .filter_map(|kv| kv.split_once("=\""))
+        .map(|(k, v)| (k, v.trim_end_matches('"')))
+        .collect()
+}
+
+/// Issue 6 across nodes: one connection from the client pod on node a to the server pod on node
+/// b is reported by node a (`reporter="source"`) and node b (`reporter="destination"`) with both
+/// workloads' exact Istio labels, mTLS, and exact opened/closed/byte deltas.
+#[test]
+fn istio_labels_of_a_cross_node_connection_on_both_nodes() -> Result<()> {
+    let c = cluster::Cluster::up(CROSS, &[], cross_node_config)?;
+    let _echo = cluster::Echo::start(&c.server_b, ECHO_PORT)?;
+    let nodes = [
+        (&c.node_a, CROSS.node_a, "source"),
+        (&c.node_b, CROSS.node_b, "destination"),
+    ];
+    let before = nodes
+        .iter()
+        .map(|(node, ip, _)| cluster::scrape(node, ip))
+        .collect::<Result<Vec<_>>>()?;
+    let payload = "istio labels across nodes 0123456789";
+    let n = payload.len() as u64;
+    c.roundtrip(addr(&c.server_b.ip, ECHO_PORT)?, payload)
+        .with_context(|| format!("cross-node round trip:\n{}", c.logs()))?;
+
+    let closed = "istio_tcp_connections_closed_total";
+    for ((node, ip, reporter), before) in nodes.into_iter().zip(&before) {
+        let reporter_label = format!("reporter=\"{reporter}\"");
+        let sel = [reporter_label.as_str()];
+        let after = cluster::scrape_until(node, ip, "the closed connection", |m| {
+            cluster::delta(before, m, closed, &sel) >= 1
+        })?;
+        for (metric, want) in [
+            ("istio_tcp_connections_opened_total", 1),
+            (closed, 1),
+            ("istio_tcp_sent_bytes_total", n),
+            ("istio_tcp_received_bytes_total", n),
+        ] {
+            assert_eq!(
+                cluster::delta(before, &after, metric, &sel),
+                want,
+                "{metric}{{{reporter_label}}} on {ip}:\n{after}"
+            );
+        }
+        let lines: Vec<&str> = after
+            .lines()
+            .filter(|l| l.starts_with(&format!("{closed}{{")) && l.contains(&reporter_label))
+            .collect();
+        let [line] = lines[..] else {
+            bail!("one {closed} series with {reporter_label} expected on {ip}, got {lines:#?}");
+        };
+        let labels = labels_of(line);
+        for (key, want) in [
+            ("reporter", reporter),
+            ("source_workload", "client"),
+            ("source_workload_namespace", "demo"),
+            ("source_principal", CLIENT_ID),
+            ("source_app", "shop-client"),
+            ("destination_workload", "server-b"),
+            ("destination_workload_namespace", "demo"),
+            ("destination_principal", SERVER_ID),
+            ("destination_app", "web"),
+            ("connection_security_policy", "mutual_tls"),
+        ] {
+            assert_eq!(
+                labels.get(key).copied(),
+                Some(want),
+                "{key} on {ip} ({reporter}): {line}"
+            );
+        }
+    }
     Ok(())
 }

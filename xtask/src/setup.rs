@@ -236,8 +236,32 @@ fn ensure_ip(r: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// Third-party HBONE clients of `tests/tests/interop.rs`: `openssl` (the CLI) and Python's `h2`
+/// for the system interpreter (Debian's python3-h2 is not seen by a pyenv or venv `python3`).
+fn ensure_interop_tools(r: &mut Report) -> Result<()> {
+    let has_openssl = output(Command::new("openssl").arg("version")).is_some();
+    let has_h2 = output(Command::new("/usr/bin/python3").args(["-c", "import h2, ssl"])).is_some();
+    let missing: Vec<&str> = [("openssl", has_openssl), ("python3-h2", has_h2)]
+        .into_iter()
+        .filter_map(|(pkg, present)| (!present).then_some(pkg))
+        .collect();
+    if missing.is_empty() {
+        r.ok("openssl and python3-h2 (third-party HBONE clients of the interop test)");
+    } else if apt_available() {
+        apt_install(r, &missing)?;
+    } else {
+        bail!(
+            "{} missing: the interop test runs third-party HBONE clients with them; install \
+             openssl and Python's h2 package for /usr/bin/python3",
+            missing.join(" and ")
+        );
+    }
+    Ok(())
+}
+
 fn ensure_test_tools(r: &mut Report) -> Result<()> {
     ensure_ip(r)?;
+    ensure_interop_tools(r)?;
     if output(Command::new("cargo").args(["nextest", "--version"])).is_some() {
         r.ok("cargo-nextest (the test runner)");
     } else {

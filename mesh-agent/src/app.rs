@@ -221,6 +221,19 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
     let state_dir = opts.state_dir();
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;
+    // A ready file left by a killed predecessor must not announce this process before it serves.
+    match std::fs::remove_file(state_dir.join(READY_FILE)) {
+        Ok(()) => info!("removed the ready file of a previous run that did not stop cleanly"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot remove the stale ready file in {}",
+                    state_dir.display()
+                )
+            });
+        }
+    }
     let trust_domain = model.local_workloads().next().map_or_else(
         || "cluster.local".to_owned(),
         |w| w.identity.trust_domain.clone(),
@@ -342,7 +355,8 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
     });
 
     let ready = state_dir.join(READY_FILE);
-    std::fs::write(&ready, b"ready\n")
+    // The pid lets a supervisor tell this process's file from a predecessor's.
+    std::fs::write(&ready, format!("ready\npid={}\n", std::process::id()))
         .with_context(|| format!("cannot write {}", ready.display()))?;
     let ready = ReadyFile(ready);
     info!(inbound = %bound.inbound, outbound = %bound.outbound, stats = %bound.stats, admin = %bound.admin, "{READY_LINE}");

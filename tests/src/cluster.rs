@@ -8,12 +8,14 @@
 //! stopped (SIGTERM, then SIGKILL) and uninstalled, then pods, then nodes.
 
 use std::{
+    collections::VecDeque,
     fs,
-    io::{BufRead, BufReader},
+    io::Read,
     net::{SocketAddr, TcpStream},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -86,9 +88,42 @@ pub fn pod(prefix: &str, node: &Node, name: &str, net: u8, i: u8) -> Result<Pod>
 
 /// An echo server inside a pod (`nm-probe echo`: streams, one thread per connection); reports
 /// each accepted peer. Dropping it stops the server, so its port refuses.
+///
+/// The server prints `peer=…` (flushed) before it echoes a byte, so once a round trip through
+/// it has completed its line is in the pipe: reading the pipe in the caller's thread (not
+/// through a reader thread, which may lag) makes [`Echo::accepted`] exact.
 pub struct Echo {
     child: Child,
-    lines: mpsc::Receiver<String>,
+    out: Mutex<EchoOutput>,
+}
+
+struct EchoOutput {
+    stdout: std::process::ChildStdout,
+    partial: Vec<u8>,
+    lines: VecDeque<String>,
+}
+
+impl EchoOutput {
+    /// Takes in what the server has written so far, without blocking.
+    fn pull(&mut self) -> Result<()> {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stdout.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    self.partial.extend_from_slice(&buf[..n]);
+                    while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = self.partial.drain(..=i).collect();
+                        self.lines
+                            .push_back(String::from_utf8_lossy(&line[..i]).into_owned());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("reading the echo server's output"),
+            }
+        }
+    }
 }
 
 impl Echo {
@@ -103,24 +138,52 @@ impl Echo {
             .spawn()
             .context("cannot start the echo server")?;
         let stdout = child.stdout.take().context("echo stdout")?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let echo = Self { child, lines };
+        // SAFETY: fcntl on a descriptor this process owns (the pipe's read end); only the
+        // O_NONBLOCK flag is added to the flags the kernel returned.
+        let nonblocking = unsafe {
+            let fd = stdout.as_raw_fd();
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+        };
+        ensure!(
+            nonblocking,
+            "cannot make the echo server's output non-blocking: {}",
+            std::io::Error::last_os_error()
+        );
+        let echo = Self {
+            child,
+            out: Mutex::new(EchoOutput {
+                stdout,
+                partial: Vec::new(),
+                lines: VecDeque::new(),
+            }),
+        };
         let first = echo.next_line()?;
         ensure!(first == "ready", "echo server failed: {first}");
         Ok(echo)
     }
 
+    fn output(&self) -> std::sync::MutexGuard<'_, EchoOutput> {
+        self.out.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next line the server prints (polled, within 10 s).
     fn next_line(&self) -> Result<String> {
-        self.lines
-            .recv_timeout(Duration::from_secs(10))
-            .context("echo server said nothing within 10 s")
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            {
+                let mut out = self.output();
+                out.pull()?;
+                if let Some(line) = out.lines.pop_front() {
+                    return Ok(line);
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "echo server said nothing within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// The peer address of the next accepted connection.
@@ -132,10 +195,15 @@ impl Echo {
             .context("bad peer address")
     }
 
-    /// How many connections it has accepted since the last call (or `next_peer`).
+    /// How many connections it has accepted since the last call (or `next_peer`); exact for
+    /// every connection a completed round trip went through.
     pub fn accepted(&self) -> usize {
-        self.lines
-            .try_iter()
+        let mut out = self.output();
+        if let Err(e) = out.pull() {
+            eprintln!("echo server output: {e:#}");
+        }
+        out.lines
+            .drain(..)
             .filter(|l| l.starts_with("peer="))
             .count()
     }
@@ -209,9 +277,14 @@ impl Agent {
         Ok(agent)
     }
 
+    /// Waits for the ready file of this very process (`pid=` in it: a killed predecessor's
+    /// file may still be there).
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_WITHIN;
-        while !self.state.join("ready").exists() {
+        let mine = format!("pid={}", self.child.id());
+        while !fs::read_to_string(self.state.join("ready"))
+            .is_ok_and(|text| text.lines().any(|l| l == mine))
+        {
             if let Some(status) = self.child.try_wait()? {
                 bail!("agent exited ({status}) before ready:\n{}", self.logs());
             }

@@ -475,6 +475,15 @@ fn killed_agent_serves_again_within_2s_of_readiness_and_teardown_leaves_nothing(
 
     // Restart with the same instance: ready, then serving within 2 s; the pod is untouched.
     let ready_at = c.restart_agent(0)?;
+    // The killed agent's ready file was still there: the new one must not have been announced
+    // by it (readiness would then start the 2 s clock before the agent serves).
+    ensure!(
+        c.agents[0]
+            .logs()
+            .contains("removed the ready file of a previous run"),
+        "the restarted agent did not clear its predecessor's ready file:\n{}",
+        c.agents[0].logs()
+    );
     loop {
         match c.roundtrip(server, "after restart") {
             Ok(()) => break,

@@ -14,6 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
+pub mod bench;
 pub mod lab;
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);

@@ -132,7 +132,10 @@ fn lab_up_demo_and_down_leave_nothing_behind() -> Result<()> {
             "the denied row is refused"
         );
         let mut pids = Vec::new();
-        pids_in(&mesh_agent::cgroup::cgroup2_mount()?.join(PREFIX), &mut pids);
+        pids_in(
+            &mesh_agent::cgroup::cgroup2_mount()?.join(PREFIX),
+            &mut pids,
+        );
         ensure!(
             pids.len() >= 4,
             "two agents and two echo servers run, got {pids:?}"

@@ -336,7 +336,16 @@ fn tune_namespaces(topo: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-fn measure(lab: &Lab, config: &Path, plan: Plan) -> Result<(Vec<Sample>, u64)> {
+/// The bench lab, up and serving: its agents, idle memory, servers and the three paths.
+pub struct Setup {
+    pub agents: Vec<libc::pid_t>,
+    pub idle_kb: u64,
+    pub servers: Vec<Child>,
+    pub paths: Vec<PathSpec>,
+}
+
+/// Brings the bench lab up and starts the servers. On error the caller takes the lab down.
+pub fn setup(lab: &Lab, config: &Path) -> Result<Setup> {
     println!("bench lab up from {} ...", config.display());
     let topo = lab.up(config).context("bench lab up")?;
     check_interrupted()?;
@@ -356,46 +365,90 @@ fn measure(lab: &Lab, config: &Path, plan: Plan) -> Result<(Vec<Sample>, u64)> {
     let (server_b_cg, server_b_ns, server_b_ip) = pod(&topo, "server-b")?;
     let addr =
         |ip: &str, port: u16| -> Result<SocketAddr> { Ok(SocketAddr::new(ip.parse()?, port)) };
-    let mut servers = Vec::new();
+    // Servers live in the lab's cgroups (the raw one too): teardown ends them.
+    let servers = vec![
+        start_server(&server_a_cg, &server_a_ns, addr(&server_a_ip, MESH_PORT)?)?,
+        start_server(&server_b_cg, &server_b_ns, addr(&server_b_ip, MESH_PORT)?)?,
+        start_server(&raw_cg, &server_b_ns, addr(&server_b_ip, RAW_PORT)?)?,
+    ];
+    let paths = vec![
+        PathSpec {
+            name: "raw",
+            cgroup: raw_cg.clone(),
+            netns: client_ns.clone(),
+            dst: addr(&server_b_ip, RAW_PORT)?,
+            mesh: false,
+        },
+        PathSpec {
+            name: "mesh_same_node",
+            cgroup: client_cg.clone(),
+            netns: client_ns.clone(),
+            dst: addr(&server_a_ip, MESH_PORT)?,
+            mesh: true,
+        },
+        PathSpec {
+            name: "mesh_cross_node",
+            cgroup: client_cg,
+            netns: client_ns,
+            dst: addr(&server_b_ip, MESH_PORT)?,
+            mesh: true,
+        },
+    ];
+    Ok(Setup {
+        agents,
+        idle_kb,
+        servers,
+        paths,
+    })
+}
+
+/// `nm-bench up`: the bench lab with its servers, left running for profiling; prints how to
+/// drive each path. `nm-bench down` (or the next `run`) removes it.
+pub fn up_only(workspace: &Path, config: &Path) -> Result<()> {
+    let lab = Lab::new(PREFIX, workspace.join("target").join("bench").join("lab"))?;
+    teardown(&lab).context("cannot clean up an earlier bench lab")?;
+    let s = match setup(&lab, config) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = teardown(&lab);
+            return Err(e);
+        }
+    };
+    let exe = std::env::current_exe()?;
+    for p in &s.paths {
+        println!(
+            "{}: {} stream {} {} {} 1 10   (or rr DST SIZE SECS, crr DST CLIENTS SECS)",
+            p.name,
+            exe.display(),
+            p.cgroup.display(),
+            p.netns.display(),
+            p.dst
+        );
+    }
+    println!(
+        "agents: {:?}; remove with: {} down",
+        s.agents,
+        exe.display()
+    );
+    Ok(())
+}
+
+/// `nm-bench down`: removes the bench lab (also after a crash).
+pub fn down_only(workspace: &Path) -> Result<()> {
+    teardown(&Lab::new(
+        PREFIX,
+        workspace.join("target").join("bench").join("lab"),
+    )?)
+}
+
+fn measure(lab: &Lab, config: &Path, plan: Plan) -> Result<(Vec<Sample>, u64)> {
+    let Setup {
+        agents,
+        idle_kb,
+        servers,
+        paths,
+    } = setup(lab, config)?;
     let result = (|| -> Result<Vec<Sample>> {
-        servers.push(start_server(
-            &server_a_cg,
-            &server_a_ns,
-            addr(&server_a_ip, MESH_PORT)?,
-        )?);
-        servers.push(start_server(
-            &server_b_cg,
-            &server_b_ns,
-            addr(&server_b_ip, MESH_PORT)?,
-        )?);
-        servers.push(start_server(
-            &raw_cg,
-            &server_b_ns,
-            addr(&server_b_ip, RAW_PORT)?,
-        )?);
-        let paths = [
-            PathSpec {
-                name: "raw",
-                cgroup: raw_cg.clone(),
-                netns: client_ns.clone(),
-                dst: addr(&server_b_ip, RAW_PORT)?,
-                mesh: false,
-            },
-            PathSpec {
-                name: "mesh_same_node",
-                cgroup: client_cg.clone(),
-                netns: client_ns.clone(),
-                dst: addr(&server_a_ip, MESH_PORT)?,
-                mesh: true,
-            },
-            PathSpec {
-                name: "mesh_cross_node",
-                cgroup: client_cg.clone(),
-                netns: client_ns.clone(),
-                dst: addr(&server_b_ip, MESH_PORT)?,
-                mesh: true,
-            },
-        ];
         // Warm-up: the first connection of a mesh path sets up its pool connection.
         for p in &paths {
             run_one(p, Test::Rr1, 0.3, &agents)?;

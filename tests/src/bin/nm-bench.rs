@@ -5,6 +5,8 @@
 //!   `target/bench`): brings the bench lab up, measures raw, mesh same-node and mesh
 //!   cross-node, takes the lab down (also on error and Ctrl-C) and writes `report.md` and
 //!   `report.json`.
+//! - `nm-bench up [--config FILE]` / `nm-bench down`: the same lab and servers left running (for
+//!   profiling: it prints the command that drives each path), and its removal.
 //! - The load, each in its own process placed in a cgroup and network namespace:
 //!   `nm-bench serve CGROUP NETNS ADDR`, `stream CGROUP NETNS DST FLOWS SECS`,
 //!   `rr CGROUP NETNS DST SIZE SECS`, `crr CGROUP NETNS DST CLIENTS SECS`.
@@ -18,6 +20,7 @@ use nodemesh_tests::{
 };
 
 const USAGE: &str = "usage: nm-bench run [--quick] [--config FILE] [--out DIR] | \
+                     up [--config FILE] | down | \
                      serve CGROUP NETNS ADDR | stream CGROUP NETNS DST FLOWS SECS | \
                      rr CGROUP NETNS DST SIZE SECS | crr CGROUP NETNS DST CLIENTS SECS";
 
@@ -58,6 +61,20 @@ fn run() -> Result<()> {
                 }
             }
             bench::run_bench(&workspace, &config, &out, bench::Plan::new(quick))
+        }
+        ["up", opts @ ..] => {
+            require_root();
+            let workspace = std::env::current_dir()?;
+            let config = match opts {
+                [] => workspace.join("tests/lab/bench.yaml"),
+                ["--config", file] => PathBuf::from(file),
+                _ => bail!(USAGE),
+            };
+            bench::up_only(&workspace, &config)
+        }
+        ["down"] => {
+            require_root();
+            bench::down_only(&std::env::current_dir()?)
         }
         [verb, cgroup, netns, rest @ ..] => {
             load::join_place(cgroup.as_ref(), netns.as_ref())?;

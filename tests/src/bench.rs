@@ -521,7 +521,12 @@ fn run_one(
         if Instant::now() > deadline || INTERRUPTED.load(Ordering::SeqCst) {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("{verb} on {} did not finish in time", p.name);
+            check_interrupted()?;
+            bail!(
+                "{verb} on {} did not finish within {secs} s + 30 s: an agent may be stuck \
+                 (reproduce with `nm-bench up` and read target/bench/lab/<node>.log)",
+                p.name
+            );
         }
         if p.mesh {
             rss = rss.max(max_rss_kb(agents)?);

@@ -392,3 +392,84 @@ fn machine() -> String {
         .unwrap_or_default();
     format!("{cpu}, {cores} CPUs, Linux {kernel}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_non_finite() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(vec![f64::NAN, 5.0]), Some(5.0));
+        assert_eq!(median(Vec::new()), None);
+    }
+
+    fn sample(round: usize, path: &'static str, test: Test, result: serde_json::Value) -> Sample {
+        Sample {
+            round,
+            path,
+            test,
+            result,
+            agent_cpu_s: 1.0,
+            agent_rss_max_kb: 20 * 1024,
+        }
+    }
+
+    #[test]
+    fn ratios_are_paired_by_round_and_targets_judged() {
+        let plan = Plan::new(true);
+        let mut samples = Vec::new();
+        // Raw doubles from round to round; the mesh stays at a quarter of it each round.
+        for (round, raw) in [(0, 10.0), (1, 20.0), (2, 40.0)] {
+            for (path, gbit) in [
+                ("raw", raw),
+                ("mesh_same_node", raw / 2.0),
+                ("mesh_cross_node", raw / 4.0),
+            ] {
+                let bytes = gbit * 1e9 / 8.0;
+                samples.push(sample(
+                    round,
+                    path,
+                    Test::Stream1,
+                    serde_json::json!({"gbit_s": gbit, "bytes": bytes}),
+                ));
+            }
+            for (path, p50) in [
+                ("raw", 20.0),
+                ("mesh_same_node", 40.0),
+                ("mesh_cross_node", 50.0),
+            ] {
+                samples.push(sample(
+                    round,
+                    path,
+                    Test::Rr1,
+                    serde_json::json!({"p50_us": p50, "count": 1000}),
+                ));
+            }
+        }
+        let r = Report::new(plan, &samples, 12 * 1024, Duration::from_secs(1));
+        let cross = &r.ratios["mesh_cross_node"];
+        assert_eq!(cross["throughput_1flow_ratio"], 0.25);
+        assert_eq!(cross["rr_1b_p50_added_us"], 30.0);
+        assert_eq!(r.paths["raw"]["throughput_1flow_gbit_s"], 20.0);
+        assert_eq!(r.paths["mesh_cross_node"]["agent_rss_idle_mb"], 12.0);
+        let json = r.json();
+        let targets = json["targets"].as_array().expect("targets");
+        let by = |m: &str| {
+            targets
+                .iter()
+                .find(|t| t["metric"] == m)
+                .map(|t| t["pass"].clone())
+        };
+        assert_eq!(by("throughput_1flow_ratio"), Some(serde_json::json!(false)));
+        assert_eq!(by("rr_1b_p50_added_us"), Some(serde_json::json!(true)));
+        assert_eq!(by("agent_rss_idle_mb"), Some(serde_json::json!(true)));
+        // Not measured here: no crr samples.
+        assert_eq!(by("conn_per_s_ratio"), Some(serde_json::Value::Null));
+        assert!(
+            r.markdown()
+                .contains("| single-flow throughput, mesh/raw | ≥ 0.4 × | 0.25 × | FAIL |")
+        );
+    }
+}

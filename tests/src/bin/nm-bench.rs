@@ -14,10 +14,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result, bail};
-use nodemesh_tests::{
-    bench::{self, load},
-    require_root,
-};
+use nodemesh_tests::bench::{self, load};
 
 const USAGE: &str = "usage: nm-bench run [--quick] [--config FILE] [--out DIR] | \
                      up [--config FILE] | down | \
@@ -34,6 +31,15 @@ fn main() -> ExitCode {
     }
 }
 
+fn require_root() -> Result<()> {
+    anyhow::ensure!(
+        nix::unistd::Uid::effective().is_root(),
+        "nm-bench creates network namespaces and cgroups and loads eBPF programs: run it as \
+         root (`sudo -E cargo xtask bench`)"
+    );
+    Ok(())
+}
+
 fn parse<T: std::str::FromStr>(what: &str, s: &str) -> Result<T>
 where
     T::Err: std::error::Error + Send + Sync + 'static,
@@ -46,7 +52,7 @@ fn run() -> Result<()> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
         ["run", opts @ ..] => {
-            require_root();
+            require_root()?;
             let workspace = std::env::current_dir()?;
             let mut quick = false;
             let mut config = workspace.join("tests/lab/bench.yaml");
@@ -63,7 +69,7 @@ fn run() -> Result<()> {
             bench::run_bench(&workspace, &config, &out, bench::Plan::new(quick))
         }
         ["up", opts @ ..] => {
-            require_root();
+            require_root()?;
             let workspace = std::env::current_dir()?;
             let config = match opts {
                 [] => workspace.join("tests/lab/bench.yaml"),
@@ -73,7 +79,7 @@ fn run() -> Result<()> {
             bench::up_only(&workspace, &config)
         }
         ["down"] => {
-            require_root();
+            require_root()?;
             bench::down_only(&std::env::current_dir()?)
         }
         [verb, cgroup, netns, rest @ ..] => {

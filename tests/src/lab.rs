@@ -33,6 +33,9 @@ use crate::{agent_exe, probe_exe, run};
 pub const PREFIX: &str = "nm-lab";
 /// The echo port of the lab's servers (the services' `targetPort`).
 pub const ECHO_PORT: u16 = 8080;
+/// The agents' glibc tunables: `memmove` keeps vector copies up to 4 MiB instead of `rep movsb`
+/// (docs/performance.md, "Tunables").
+pub const AGENT_GLIBC_TUNABLES: &str = "glibc.cpu.x86_rep_movsb_threshold=4194304";
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
 /// One lab: the prefix of its names and where it keeps its state (`lab.json`, logs, the CA and
@@ -295,6 +298,9 @@ impl Lab {
                 .arg("--cgroup")
                 .arg(&cg)
                 .args(["--instance", &self.node_ns(&n.name)])
+                // glibc's `rep movsb` memmove halves rustls decryption on the Zen 3 hosts we
+                // develop on (glibc BZ 30994); docs/performance.md has the measurement.
+                .env("GLIBC_TUNABLES", AGENT_GLIBC_TUNABLES)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(fs::File::create(&log)?)

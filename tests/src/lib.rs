@@ -14,6 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
+pub mod bench;
 pub mod cluster;
 pub mod lab;
 

@@ -1,6 +1,7 @@
 //! `cargo xtask …`: developer tasks for nodemesh. One file per subcommand, each with an
 //! `Options` struct and `run(opts)`.
 
+mod bench;
 mod build_ebpf;
 mod lab;
 mod setup;
@@ -28,6 +29,9 @@ enum Command {
     /// The local lab: two nodes and their pods on this machine (`up`, the default; `down`;
     /// `status`; `exec POD -- CMD`). Needs root. Topology in target/lab/lab.json.
     Lab(lab::Options),
+    /// The mesh against the raw path in one run (root): throughput, latency, connection rate,
+    /// agent CPU and memory. Report in target/bench/report.{md,json}.
+    Bench(bench::Options),
 }
 
 fn main() {
@@ -37,6 +41,7 @@ fn main() {
         Command::BuildEbpf(opts) => build_ebpf::run(opts),
         Command::Test(opts) => test::run(opts),
         Command::Lab(opts) => lab::run(opts),
+        Command::Bench(opts) => bench::run(opts),
     };
     if let Err(e) = result {
         eprintln!("\nerror: {e:#}");

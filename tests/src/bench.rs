@@ -1,0 +1,553 @@
+//! The benchmark (`cargo xtask bench`, binary `nm-bench`): the mesh against the raw path in one
+//! run, on a lab of its own (prefix `nm-bench`, topology `tests/lab/bench.yaml`, state in
+//! `target/bench/lab`). Method and the latest numbers: docs/performance.md.
+//!
+//! Three paths, all from the `client-a` pod's network namespace:
+//! - `raw`: to `server-b`'s namespace, but client and server run in the cgroup
+//!   `<cgroup2>/nm-bench/raw`, outside the node cgroups the agents' connect hooks are attached
+//!   to, so the kernel routes them over the same veths with no mesh;
+//! - `mesh_same_node`: `client-a` → `server-a` from the pods' cgroups (through node-a's tunnel);
+//! - `mesh_cross_node`: `client-a` → `server-b` (both tunnels, HBONE over mTLS between them).
+//!
+//! Every round runs each test on each path, in a rotating order, so slow drift of a shared
+//! machine hits all paths alike; the report takes medians over rounds, and ratios to raw round
+//! by round (paired).
+
+pub mod load;
+pub mod report;
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::{lab::Lab, run};
+
+/// The bench lab's prefix (namespaces `nm-bench-…`, cgroup `<cgroup2>/nm-bench`).
+pub const PREFIX: &str = "nm-bench";
+/// The port of the mesh paths' servers (in the server pods' cgroups).
+pub const MESH_PORT: u16 = 5201;
+/// The port of the raw path's server (in the raw cgroup, `server-b`'s namespace).
+pub const RAW_PORT: u16 = 5202;
+/// Concurrent clients of the connection-rate test.
+pub const CRR_CLIENTS: usize = 8;
+/// The raw path's cgroup, a sibling of the node cgroups under the lab's.
+const RAW_CGROUP: &str = "raw";
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// How long and how often.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    pub quick: bool,
+    pub rounds: usize,
+    pub stream_secs: f64,
+    pub rr_secs: f64,
+    pub crr_secs: f64,
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                quick,
+                rounds: 3,
+                stream_secs: 1.5,
+                rr_secs: 1.0,
+                crr_secs: 1.5,
+            }
+        } else {
+            Self {
+                quick,
+                rounds: 7,
+                stream_secs: 3.0,
+                rr_secs: 2.0,
+                crr_secs: 3.0,
+            }
+        }
+    }
+}
+
+/// One measured path.
+#[derive(Clone, Debug)]
+pub struct PathSpec {
+    pub name: &'static str,
+    pub cgroup: PathBuf,
+    pub netns: PathBuf,
+    pub dst: SocketAddr,
+    pub mesh: bool,
+}
+
+/// The tests of one round, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Test {
+    Stream1,
+    Stream4,
+    Rr1,
+    Rr1k,
+    Crr,
+}
+
+impl Test {
+    pub const ALL: [Test; 5] = [
+        Test::Stream1,
+        Test::Stream4,
+        Test::Rr1,
+        Test::Rr1k,
+        Test::Crr,
+    ];
+}
+
+/// One run of one test on one path: the generator's JSON and what the agents did meanwhile.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub round: usize,
+    pub path: &'static str,
+    pub test: Test,
+    pub result: serde_json::Value,
+    /// utime + stime of both agents during the run.
+    pub agent_cpu_s: f64,
+    /// The largest VmRSS of one agent seen during the run.
+    pub agent_rss_max_kb: u64,
+}
+
+/// Brings the bench lab up from `config`, measures, always takes it down, and writes
+/// `report.md` and `report.json` into `out`.
+pub fn run_bench(workspace: &Path, config: &Path, out: &Path, plan: Plan) -> Result<()> {
+    let lab = Lab::new(PREFIX, workspace.join("target").join("bench").join("lab"))?;
+    // SAFETY: installs a handler that only stores to an atomic (async-signal-safe).
+    unsafe {
+        let handler = on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+    // A previous run that crashed may have left its lab behind.
+    teardown(&lab).context("cannot clean up an earlier bench lab")?;
+    let started = Instant::now();
+    let measured = measure(&lab, config, plan);
+    let down = teardown(&lab);
+    let (samples, idle_kb) = measured?;
+    down.context("bench lab teardown")?;
+    let report = report::Report::new(plan, &samples, idle_kb, started.elapsed());
+    fs::create_dir_all(out)?;
+    let md = report.markdown();
+    fs::write(out.join("report.md"), &md)?;
+    fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report.json())?,
+    )?;
+    println!("\n{md}");
+    println!(
+        "written: {} and report.json",
+        out.join("report.md").display()
+    );
+    Ok(())
+}
+
+fn check_interrupted() -> Result<()> {
+    ensure!(
+        !INTERRUPTED.load(Ordering::SeqCst),
+        "interrupted (the lab is being taken down)"
+    );
+    Ok(())
+}
+
+fn raw_cgroup(lab: &Lab) -> Result<PathBuf> {
+    Ok(mesh_agent::cgroup::cgroup2_mount()?
+        .join(lab.prefix())
+        .join(RAW_CGROUP))
+}
+
+/// Kills what runs in the raw cgroup and removes it, then takes the lab down.
+fn teardown(lab: &Lab) -> Result<()> {
+    let raw = raw_cgroup(lab)?;
+    if raw.is_dir() {
+        for signal in [libc::SIGTERM, libc::SIGKILL] {
+            for pid in procs(&raw) {
+                // SAFETY: plain syscall with integers; a stale pid at worst gets ESRCH.
+                unsafe { libc::kill(pid, signal) };
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !procs(&raw).is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        fs::remove_dir(&raw).with_context(|| format!("cannot remove {}", raw.display()))?;
+    }
+    lab.down()
+}
+
+fn procs(cg: &Path) -> Vec<libc::pid_t> {
+    fs::read_to_string(cg.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// The agents: the processes directly in the node cgroups (pods are in child cgroups).
+fn agent_pids(lab: &Lab, topo: &serde_json::Value) -> Result<Vec<libc::pid_t>> {
+    let mut pids = Vec::new();
+    for n in topo["nodes"].as_array().context("lab.json has no nodes")? {
+        let cg = n["cgroup"].as_str().context("a node without a cgroup")?;
+        let found = procs(Path::new(cg));
+        ensure!(
+            found.len() == 1,
+            "expected one agent in {cg}, found {:?}; see the agent log in {}",
+            found,
+            lab.state_dir().display()
+        );
+        pids.extend(found);
+    }
+    Ok(pids)
+}
+
+/// utime + stime of `pid` in seconds (all its threads).
+fn cpu_seconds(pid: libc::pid_t) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("agent {pid} is gone"))?;
+    // The command name may hold spaces: fields count from after its closing parenthesis.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("unexpected /proc/<pid>/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .context("unexpected /proc/<pid>/stat")
+    };
+    // Fields 14 and 15 of proc(5); `rest` starts at field 3.
+    let total = ticks(11)? + ticks(12)?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ensure!(hz > 0, "sysconf(_SC_CLK_TCK) failed");
+    Ok(total as f64 / hz as f64)
+}
+
+fn agents_cpu(pids: &[libc::pid_t]) -> Result<f64> {
+    pids.iter().map(|&p| cpu_seconds(p)).sum()
+}
+
+/// VmRSS of `pid` in KiB.
+fn rss_kb(pid: libc::pid_t) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("agent {pid} is gone"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/<pid>/status")
+}
+
+fn max_rss_kb(pids: &[libc::pid_t]) -> Result<u64> {
+    let mut max = 0;
+    for &p in pids {
+        max = max.max(rss_kb(p)?);
+    }
+    Ok(max)
+}
+
+/// `nm-bench VERB CGROUP NETNS ARGS…` as a child process.
+fn generator(cgroup: &Path, netns: &Path, verb: &str, args: &[String]) -> Result<Command> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg(verb).arg(cgroup).arg(netns).args(args);
+    Ok(cmd)
+}
+
+/// Starts a server and waits for its `ready`.
+fn start_server(cgroup: &Path, netns: &Path, addr: SocketAddr) -> Result<Child> {
+    let mut child = generator(cgroup, netns, "serve", &[addr.to_string()])?
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start a bench server")?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let mut line = String::new();
+    // The server prints `ready` once it listens, or exits with an error (EOF here).
+    BufReader::new(stdout).read_line(&mut line)?;
+    if line.trim() != "ready" {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the bench server on {addr} did not start (see its error above)");
+    }
+    Ok(child)
+}
+
+fn pod(topo: &serde_json::Value, name: &str) -> Result<(PathBuf, PathBuf, String)> {
+    let p = topo["pods"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .with_context(|| format!("no pod {name} in the bench lab file"))?;
+    let s = |k: &str| -> Result<String> {
+        Ok(p[k]
+            .as_str()
+            .with_context(|| format!("pod {name} has no {k}"))?
+            .to_owned())
+    };
+    Ok((s("cgroup")?.into(), s("netns")?.into(), s("ip")?))
+}
+
+/// Connection-rate tests churn through ephemeral ports: reuse TIME_WAIT ports and widen the
+/// range in every namespace that opens connections (pods and nodes: the agents connect too).
+fn tune_namespaces(topo: &serde_json::Value) -> Result<()> {
+    let netns = topo["nodes"]
+        .as_array()
+        .into_iter()
+        .chain(topo["pods"].as_array())
+        .flatten()
+        .filter_map(|n| n["netns"].as_str());
+    for ns in netns {
+        let name = Path::new(ns)
+            .file_name()
+            .context("netns path")?
+            .to_string_lossy()
+            .into_owned();
+        if name.contains("-idle-") {
+            continue;
+        }
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &name,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.tcp_tw_reuse=1",
+                "net.ipv4.ip_local_port_range=10000 65000",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// The bench lab, up and serving: its agents, idle memory, servers and the three paths.
+pub struct Setup {
+    pub agents: Vec<libc::pid_t>,
+    pub idle_kb: u64,
+    pub servers: Vec<Child>,
+    pub paths: Vec<PathSpec>,
+}
+
+/// Brings the bench lab up and starts the servers. On error the caller takes the lab down.
+pub fn setup(lab: &Lab, config: &Path) -> Result<Setup> {
+    println!("bench lab up from {} ...", config.display());
+    let topo = lab.up(config).context("bench lab up")?;
+    check_interrupted()?;
+    tune_namespaces(&topo)?;
+    let agents = agent_pids(lab, &topo)?;
+    let idle_kb = max_rss_kb(&agents)?;
+    println!(
+        "{} workloads, agents {:?}, idle VmRSS (largest) {:.1} MB",
+        topo["pods"].as_array().map_or(0, Vec::len),
+        agents,
+        idle_kb as f64 / 1024.0
+    );
+    let raw_cg = raw_cgroup(lab)?;
+    fs::create_dir_all(&raw_cg)?;
+    let (client_cg, client_ns, _) = pod(&topo, "client-a")?;
+    let (server_a_cg, server_a_ns, server_a_ip) = pod(&topo, "server-a")?;
+    let (server_b_cg, server_b_ns, server_b_ip) = pod(&topo, "server-b")?;
+    let addr =
+        |ip: &str, port: u16| -> Result<SocketAddr> { Ok(SocketAddr::new(ip.parse()?, port)) };
+    // Servers live in the lab's cgroups (the raw one too): teardown ends them.
+    let servers = vec![
+        start_server(&server_a_cg, &server_a_ns, addr(&server_a_ip, MESH_PORT)?)?,
+        start_server(&server_b_cg, &server_b_ns, addr(&server_b_ip, MESH_PORT)?)?,
+        start_server(&raw_cg, &server_b_ns, addr(&server_b_ip, RAW_PORT)?)?,
+    ];
+    let paths = vec![
+        PathSpec {
+            name: "raw",
+            cgroup: raw_cg.clone(),
+            netns: client_ns.clone(),
+            dst: addr(&server_b_ip, RAW_PORT)?,
+            mesh: false,
+        },
+        PathSpec {
+            name: "mesh_same_node",
+            cgroup: client_cg.clone(),
+            netns: client_ns.clone(),
+            dst: addr(&server_a_ip, MESH_PORT)?,
+            mesh: true,
+        },
+        PathSpec {
+            name: "mesh_cross_node",
+            cgroup: client_cg,
+            netns: client_ns,
+            dst: addr(&server_b_ip, MESH_PORT)?,
+            mesh: true,
+        },
+    ];
+    Ok(Setup {
+        agents,
+        idle_kb,
+        servers,
+        paths,
+    })
+}
+
+/// `nm-bench up`: the bench lab with its servers, left running for profiling; prints how to
+/// drive each path. `nm-bench down` (or the next `run`) removes it.
+pub fn up_only(workspace: &Path, config: &Path) -> Result<()> {
+    let lab = Lab::new(PREFIX, workspace.join("target").join("bench").join("lab"))?;
+    teardown(&lab).context("cannot clean up an earlier bench lab")?;
+    let s = match setup(&lab, config) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = teardown(&lab);
+            return Err(e);
+        }
+    };
+    let exe = std::env::current_exe()?;
+    for p in &s.paths {
+        println!(
+            "{}: {} stream {} {} {} 1 10   (or rr DST SIZE SECS, crr DST CLIENTS SECS)",
+            p.name,
+            exe.display(),
+            p.cgroup.display(),
+            p.netns.display(),
+            p.dst
+        );
+    }
+    println!(
+        "agents: {:?}; remove with: {} down",
+        s.agents,
+        exe.display()
+    );
+    Ok(())
+}
+
+/// `nm-bench down`: removes the bench lab (also after a crash).
+pub fn down_only(workspace: &Path) -> Result<()> {
+    teardown(&Lab::new(
+        PREFIX,
+        workspace.join("target").join("bench").join("lab"),
+    )?)
+}
+
+fn measure(lab: &Lab, config: &Path, plan: Plan) -> Result<(Vec<Sample>, u64)> {
+    let Setup {
+        agents,
+        idle_kb,
+        servers,
+        paths,
+    } = setup(lab, config)?;
+    let result = (|| -> Result<Vec<Sample>> {
+        // Warm-up: the first connection of a mesh path sets up its pool connection.
+        for p in &paths {
+            run_one(p, Test::Rr1, 0.3, &agents)?;
+        }
+        let mut samples = Vec::new();
+        for round in 0..plan.rounds {
+            println!("round {}/{}", round + 1, plan.rounds);
+            for test in Test::ALL {
+                for i in 0..paths.len() {
+                    let p = &paths[(i + round) % paths.len()];
+                    let secs = match test {
+                        Test::Stream1 | Test::Stream4 => plan.stream_secs,
+                        Test::Rr1 | Test::Rr1k => plan.rr_secs,
+                        Test::Crr => plan.crr_secs,
+                    };
+                    let (result, cpu, rss) = run_one(p, test, secs, &agents)?;
+                    println!("  {:<16} {:<8} {}", p.name, format!("{test:?}"), result);
+                    samples.push(Sample {
+                        round,
+                        path: p.name,
+                        test,
+                        result,
+                        agent_cpu_s: cpu,
+                        agent_rss_max_kb: rss,
+                    });
+                }
+            }
+        }
+        Ok(samples)
+    })();
+    for mut s in servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    Ok((result?, idle_kb))
+}
+
+/// Runs one test on one path; returns the generator's result, the agents' CPU seconds during
+/// it and the largest agent VmRSS sampled meanwhile.
+fn run_one(
+    p: &PathSpec,
+    test: Test,
+    secs: f64,
+    agents: &[libc::pid_t],
+) -> Result<(serde_json::Value, f64, u64)> {
+    check_interrupted()?;
+    let secs_s = format!("{secs}");
+    let dst = p.dst.to_string();
+    let (verb, args) = match test {
+        Test::Stream1 => ("stream", [dst, "1".into(), secs_s]),
+        Test::Stream4 => ("stream", [dst, "4".into(), secs_s]),
+        Test::Rr1 => ("rr", [dst, "1".into(), secs_s]),
+        Test::Rr1k => ("rr", [dst, "1024".into(), secs_s]),
+        Test::Crr => ("crr", [dst, CRR_CLIENTS.to_string(), secs_s]),
+    };
+    let cpu_before = agents_cpu(agents)?;
+    let mut rss = max_rss_kb(agents)?;
+    let mut child = generator(&p.cgroup, &p.netns, verb, &args)?
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start a load generator")?;
+    let deadline = Instant::now() + Duration::from_secs_f64(secs) + Duration::from_secs(30);
+    // Sample the agents' memory while the load runs.
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if Instant::now() > deadline || INTERRUPTED.load(Ordering::SeqCst) {
+            let _ = child.kill();
+            let _ = child.wait();
+            check_interrupted()?;
+            bail!(
+                "{verb} on {} did not finish within {secs} s + 30 s: an agent may be stuck \
+                 (reproduce with `nm-bench up` and read target/bench/lab/<node>.log)",
+                p.name
+            );
+        }
+        if p.mesh {
+            rss = rss.max(max_rss_kb(agents)?);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output()?;
+    let cpu = agents_cpu(agents)? - cpu_before;
+    ensure!(
+        out.status.success(),
+        "{verb} on {} ({}) failed: {}",
+        p.name,
+        p.dst,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .last()
+        .context("the generator printed nothing")?;
+    let result: serde_json::Value = serde_json::from_str(line)
+        .with_context(|| format!("unexpected generator output {line:?}"))?;
+    Ok((result, cpu, rss))
+}

@@ -1,0 +1,111 @@
+//! `nm-bench`: the benchmark (`cargo xtask bench` builds it in release and runs it as root from
+//! the workspace root; the method is in `nodemesh_tests::bench` and docs/performance.md).
+//!
+//! - `nm-bench run [--quick] [--config FILE] [--out DIR]` (defaults `tests/lab/bench.yaml`,
+//!   `target/bench`): brings the bench lab up, measures raw, mesh same-node and mesh
+//!   cross-node, takes the lab down (also on error and Ctrl-C) and writes `report.md` and
+//!   `report.json`.
+//! - `nm-bench up [--config FILE]` / `nm-bench down`: the same lab and servers left running (for
+//!   profiling: it prints the command that drives each path), and its removal.
+//! - The load, each in its own process placed in a cgroup and network namespace:
+//!   `nm-bench serve CGROUP NETNS ADDR`, `stream CGROUP NETNS DST FLOWS SECS`,
+//!   `rr CGROUP NETNS DST SIZE SECS`, `crr CGROUP NETNS DST CLIENTS SECS`.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context, Result, bail};
+use nodemesh_tests::bench::{self, load};
+
+const USAGE: &str = "usage: nm-bench run [--quick] [--config FILE] [--out DIR] | \
+                     up [--config FILE] | down | \
+                     serve CGROUP NETNS ADDR | stream CGROUP NETNS DST FLOWS SECS | \
+                     rr CGROUP NETNS DST SIZE SECS | crr CGROUP NETNS DST CLIENTS SECS";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn require_root() -> Result<()> {
+    anyhow::ensure!(
+        nix::unistd::Uid::effective().is_root(),
+        "nm-bench creates network namespaces and cgroups and loads eBPF programs: run it as \
+         root (`sudo -E cargo xtask bench`)"
+    );
+    Ok(())
+}
+
+fn parse<T: std::str::FromStr>(what: &str, s: &str) -> Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    s.parse().with_context(|| format!("bad {what} `{s}`"))
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["run", opts @ ..] => {
+            require_root()?;
+            let workspace = std::env::current_dir()?;
+            let mut quick = false;
+            let mut config = workspace.join("tests/lab/bench.yaml");
+            let mut out = workspace.join("target/bench");
+            let mut it = opts.iter();
+            while let Some(o) = it.next() {
+                match *o {
+                    "--quick" => quick = true,
+                    "--config" => config = PathBuf::from(it.next().context(USAGE)?),
+                    "--out" => out = PathBuf::from(it.next().context(USAGE)?),
+                    _ => bail!(USAGE),
+                }
+            }
+            bench::run_bench(&workspace, &config, &out, bench::Plan::new(quick))
+        }
+        ["up", opts @ ..] => {
+            require_root()?;
+            let workspace = std::env::current_dir()?;
+            let config = match opts {
+                [] => workspace.join("tests/lab/bench.yaml"),
+                ["--config", file] => PathBuf::from(file),
+                _ => bail!(USAGE),
+            };
+            bench::up_only(&workspace, &config)
+        }
+        ["down"] => {
+            require_root()?;
+            bench::down_only(&std::env::current_dir()?)
+        }
+        [verb, cgroup, netns, rest @ ..] => {
+            load::join_place(cgroup.as_ref(), netns.as_ref())?;
+            let result = match (*verb, rest) {
+                ("serve", [addr]) => return load::serve(parse("address", addr)?),
+                ("stream", [dst, flows, secs]) => load::stream(
+                    parse("address", dst)?,
+                    parse("flows", flows)?,
+                    parse("seconds", secs)?,
+                )?,
+                ("rr", [dst, size, secs]) => load::rr(
+                    parse("address", dst)?,
+                    parse("size", size)?,
+                    parse("seconds", secs)?,
+                )?,
+                ("crr", [dst, clients, secs]) => load::crr(
+                    parse("address", dst)?,
+                    parse("clients", clients)?,
+                    parse("seconds", secs)?,
+                )?,
+                _ => bail!(USAGE),
+            };
+            println!("{result}");
+            Ok(())
+        }
+        _ => bail!(USAGE),
+    }
+}

@@ -1,0 +1,37 @@
+//! `cargo xtask bench [--quick]`: builds the eBPF object and the tests crate's binaries in
+//! release, then runs `nm-bench run` (root) from the workspace root: the mesh against the raw
+//! path on a lab of its own, report in `target/bench/report.{md,json}` (docs/performance.md).
+
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::{
+    build_ebpf, setup,
+    util::{exec, workspace_root},
+};
+
+#[derive(clap::Args, Debug, Default)]
+pub struct Options {
+    /// A short run (under 3 minutes after the build) for a first look; the full run's ratios
+    /// repeat within 15%.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+pub fn run(opts: Options) -> Result<()> {
+    let root = workspace_root();
+    setup::ensure_lab_tools()?;
+    build_ebpf::run(build_ebpf::Options::default())?;
+    exec(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .args(["build", "--release", "-p", "nodemesh-tests", "--bins"]),
+    )?;
+    let mut bench = Command::new(root.join("target/release/nm-bench"));
+    bench.current_dir(&root).arg("run");
+    if opts.quick {
+        bench.arg("--quick");
+    }
+    exec(&mut bench)
+}

@@ -1,6 +1,8 @@
 //! `cargo xtask bench [--quick]`: builds the eBPF object and the tests crate's binaries in
 //! release, then runs `nm-bench run` (root) from the workspace root: the mesh against the raw
 //! path on a lab of its own, report in `target/bench/report.{md,json}` (docs/performance.md).
+//! The full run then runs the criterion micro-benchmarks (`cargo bench -p mesh-agent --bench
+//! hot_paths`; reports in `target/criterion`).
 
 use std::process::Command;
 
@@ -33,5 +35,14 @@ pub fn run(opts: Options) -> Result<()> {
     if opts.quick {
         bench.arg("--quick");
     }
-    exec(&mut bench)
+    exec(&mut bench)?;
+    if !opts.quick {
+        // The hot pure code (policy with 10k policies, maps for 5k workloads, HBONE headers).
+        exec(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .current_dir(&root)
+                .args(["bench", "-p", "mesh-agent", "--bench", "hot_paths"]),
+        )?;
+    }
+    Ok(())
 }

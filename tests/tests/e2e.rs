@@ -18,6 +18,11 @@
 //!   pins); after teardown (SIGTERM + uninstall) both instances' pin directories are gone and
 //!   the node cgroups have no program attached (`BPF_PROG_QUERY`).
 //!
+//! - same-node authorization: a DENY that selects only server-a (server-b shares its identity,
+//!   so the kernel's identity-keyed early deny cannot refuse it) is enforced by node a's tunnel
+//!   on the same-node path: the client's connection is closed unanswered, server-a accepts
+//!   nothing, node a counts the deny and logs it; the same client reaches server-b.
+//!
 //! Addresses (private to each test's namespaces): node link 10.110.0.1 (a) ↔ 10.110.0.2 (b);
 //! pods on node a 10.11.<i>.2, on node b 10.12.<i>.2; tunnel addresses 169.254.110.1 / .2;
 //! the service VIP 10.96.110.10:80 → 8080.
@@ -75,7 +80,7 @@ nodes:
 - {{name: b, address: {NODE_B}, tunnelAddress: {TUNNEL_B}}}
 workloads:
 - {{name: client, namespace: demo, serviceAccount: client, ips: [{}], netns: {}, node: a}}
-- {{name: server-a, namespace: demo, serviceAccount: server, labels: {{app: server}}, ips: [{}], netns: {}, node: a}}
+- {{name: server-a, namespace: demo, serviceAccount: server, labels: {{app: server, instance: server-a}}, ips: [{}], netns: {}, node: a}}
 - {{name: server-b, namespace: demo, serviceAccount: server, labels: {{app: server}}, ips: [{}], netns: {}, node: b}}
 services:
 - name: echo
@@ -529,5 +534,67 @@ fn killed_agent_serves_again_within_2s_of_readiness_and_teardown_leaves_nothing(
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    Ok(())
+}
+
+/// Denies the client on server-a only (by its `instance` label).
+const DENY_SERVER_A: &str = r#"---
+apiVersion: security.nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: not-server-a, namespace: demo}
+spec:
+  selector: {matchLabels: {instance: server-a}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/demo/sa/client]}}]
+"#;
+
+#[test]
+fn same_node_connections_are_authorized_by_the_tunnel() -> Result<()> {
+    let c = Cluster::up(NET, &[], |client, a, b| {
+        format!("{}{DENY_SERVER_A}", config(client, a, b))
+    })?;
+    let echo_a = Echo::start(&c.server_a, ECHO_PORT)?;
+    let _echo_b = Echo::start(&c.server_b, ECHO_PORT)?;
+    let to_a = addr(&c.server_a.ip, ECHO_PORT)?;
+    let deny = ["action=\"deny\""];
+    let decisions = "nodemesh_policy_decisions_total";
+    let before = nodemesh_tests::metric_sum(&scrape(&c.node_a, NODE_A)?, decisions, &deny);
+
+    // Cross node to server-b (same identity, not selected): allowed.
+    c.roundtrip(addr(&c.server_b.ip, ECHO_PORT)?, "to server-b")
+        .with_context(|| format!("server-b must be reachable:\n{}", c.logs()))?;
+    // Same node to server-a: the kernel lets the connect through (no early-deny entry can say
+    // "server-a but not server-b"), node a's tunnel refuses it.
+    let denied = c.roundtrip(to_a, "to server-a");
+    let err = match denied {
+        Ok(()) => anyhow::bail!(
+            "a same-node connection the policy denies was echoed:\n{}",
+            c.logs()
+        ),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(
+        !err.contains("Connection refused"),
+        "refused by the kernel, not by the tunnel (the test needs the tunnel's check): {err}"
+    );
+    ensure!(
+        echo_a.accepted() == 0,
+        "server-a must not see the denied connection"
+    );
+    let line = c.agents[0].wait_log("the same-node deny", |l| {
+        l.contains("direction=\"outbound\"")
+            && l.contains(&format!("endpoint=Some({to_a})"))
+            && l.contains("denied")
+    })?;
+    ensure!(
+        line.contains("not-server-a"),
+        "the access line names the policy: {line}"
+    );
+    let after = nodemesh_tests::metric_sum(&scrape(&c.node_a, NODE_A)?, decisions, &deny);
+    ensure!(
+        after == before + 1,
+        "node a counts exactly one policy deny ({before} -> {after})"
+    );
     Ok(())
 }

@@ -80,11 +80,13 @@ fn parse_filter(filter: &str) -> Result<EnvFilter, LoggingError> {
         })
 }
 
-/// Builds (does not install) a subscriber writing to `writer`.
+/// Builds (does not install) a subscriber writing to `writer`; text logs are coloured only when
+/// `ansi` (a terminal), so files and log collectors get plain `key=value` lines.
 pub fn subscriber<W>(
     format: LogFormat,
     filter: &str,
     writer: W,
+    ansi: bool,
 ) -> Result<(impl tracing::Subscriber + Send + Sync + 'static, LogHandle), LoggingError>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
@@ -92,7 +94,11 @@ where
     let (filter, handle) = reload::Layer::new(parse_filter(filter)?);
     let (text, json) = match format {
         LogFormat::Text => (
-            Some(tracing_subscriber::fmt::layer().with_writer(writer)),
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(writer),
+            ),
             None,
         ),
         LogFormat::Json => (
@@ -115,7 +121,9 @@ where
 /// Installs the process's subscriber on stderr; `filter` is the starting filter (e.g. from
 /// `RUST_LOG`, default `info`).
 pub fn init(format: LogFormat, filter: &str) -> Result<LogHandle, LoggingError> {
-    let (s, handle) = subscriber(format, filter, std::io::stderr)?;
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal();
+    let (s, handle) = subscriber(format, filter, std::io::stderr, ansi)?;
     s.try_init()?;
     Ok(handle)
 }

@@ -598,7 +598,7 @@ async fn logging_changes_the_level_at_runtime() {
     let buf = Buffer::default();
     let b = buf.clone();
     let (subscriber, handle) =
-        logging::subscriber(LogFormat::Json, "info", move || b.clone()).expect("subscriber");
+        logging::subscriber(LogFormat::Json, "info", move || b.clone(), false).expect("subscriber");
     let _guard = tracing::subscriber::set_default(subscriber);
     let admin = start_admin(Some(handle)).await;
 

@@ -244,6 +244,19 @@ impl Agent {
         instance: &str,
         extra: &[String],
     ) -> Result<Self> {
+        Self::start_watching(node, config, dir, instance, extra, || {})
+    }
+
+    /// [`Agent::start`], calling `each` again and again while it waits for readiness (to
+    /// observe the agent during its startup).
+    pub fn start_watching(
+        node: &Node,
+        config: &Path,
+        dir: &Path,
+        instance: &str,
+        extra: &[String],
+        each: impl FnMut(),
+    ) -> Result<Self> {
         let state = dir.join(&node.name);
         let log = dir.join(format!("{}.log", node.name));
         let child = Command::new(probe_exe()?)
@@ -273,18 +286,19 @@ impl Agent {
             state,
             instance: instance.to_owned(),
         };
-        agent.wait_ready()?;
+        agent.wait_ready(each)?;
         Ok(agent)
     }
 
     /// Waits for the ready file of this very process (`pid=` in it: a killed predecessor's
     /// file may still be there).
-    fn wait_ready(&mut self) -> Result<()> {
+    fn wait_ready(&mut self, mut each: impl FnMut()) -> Result<()> {
         let deadline = Instant::now() + READY_WITHIN;
         let mine = format!("pid={}", self.child.id());
         while !fs::read_to_string(self.state.join("ready"))
             .is_ok_and(|text| text.lines().any(|l| l == mine))
         {
+            each();
             if let Some(status) = self.child.try_wait()? {
                 bail!("agent exited ({status}) before ready:\n{}", self.logs());
             }
@@ -329,6 +343,31 @@ impl Agent {
         Ok(())
     }
 
+    /// Asks the agent to drain and exit (SIGTERM), without waiting.
+    pub fn sigterm(&self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: `kill` takes plain integers; the pid is our unreaped child, so it cannot
+            // have been reused by another process.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+
+    /// Waits for the agent's exit; SIGKILL and an error after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("the agent did not exit within {within:?}:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Another `Agent` (a restart with the same instance) owns the pins now: this one's drop
     /// must not uninstall them.
     pub fn disown_pins(&mut self) {
@@ -338,20 +377,8 @@ impl Agent {
     /// SIGTERM, then SIGKILL if it does not exit in time; removes its pins unless disowned.
     pub fn stop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-                // SAFETY: `kill` takes plain integers; the pid is our unreaped child, so it
-                // cannot have been reused by another process.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            self.sigterm();
+            let _ = self.wait_exit(Duration::from_secs(15));
         }
         if !self.instance.is_empty()
             && let Ok(exe) = agent_exe()

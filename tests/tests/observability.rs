@@ -18,16 +18,17 @@ use std::{
     fs,
     io::{BufRead, BufReader},
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use nodemesh_tests::{
-    ChildCgroup, NetNs, agent_exe, cluster, http_in_netns, metric_sum, probe_exe, require_root,
-    run, unique_prefix,
+    ChildCgroup, NetNs, agent_exe,
+    cluster::{self, Agent, Echo, Node, Pod},
+    http_in_netns, metric_sum, probe_exe, require_root, run, unique_prefix,
 };
 
 const NODE: &str = "10.100.0.1";
@@ -45,187 +46,6 @@ const WITHIN: Duration = Duration::from_secs(10);
 
 fn addr(ip: &str, port: u16) -> Result<SocketAddr> {
     Ok(SocketAddr::new(ip.parse()?, port))
-}
-
-/// A pod: its namespace and cgroup (a child of the node's).
-struct Pod {
-    cgroup: ChildCgroup,
-    ns: NetNs,
-    ip: String,
-}
-
-/// An echo server inside a pod (`nm-probe echo`).
-struct Echo {
-    child: Child,
-}
-
-impl Echo {
-    fn start(pod: &Pod, port: u16) -> Result<Self> {
-        let mut child = Command::new(probe_exe()?)
-            .arg(pod.cgroup.path())
-            .arg(pod.ns.path())
-            .arg("echo")
-            .arg(format!("{}:{port}", pod.ip))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start the echo server")?;
-        let stdout = child.stdout.take().context("echo stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let echo = Self { child };
-        let first = rx
-            .recv_timeout(WITHIN)
-            .context("the echo server said nothing")?;
-        ensure!(first == "ready", "echo server failed: {first}");
-        Ok(echo)
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A `mesh-agent local` process inside the node's namespace and cgroup.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-    instance: String,
-}
-
-impl Agent {
-    /// Starts the agent and waits for its ready file, calling `each` while it waits.
-    fn start(
-        node: &Node,
-        config: &Path,
-        dir: &Path,
-        instance: &str,
-        mut each: impl FnMut(),
-    ) -> Result<Self> {
-        let state = dir.join("state");
-        let log = dir.join("agent.log");
-        let child = Command::new(probe_exe()?)
-            .arg(node.cgroup.path())
-            .arg(node.ns.path())
-            .arg("exec")
-            .arg(agent_exe()?)
-            .args(["local", "--config"])
-            .arg(config)
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--cgroup")
-            .arg(node.cgroup.path())
-            .args(["--instance", instance, "--poll-ms", "100"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .context("cannot start the agent")?;
-        let mut agent = Self {
-            child,
-            log,
-            instance: instance.to_owned(),
-        };
-        let deadline = Instant::now() + READY_WITHIN;
-        while !state.join("ready").exists() {
-            each();
-            if let Some(status) = agent.child.try_wait()? {
-                bail!("agent exited ({status}) before ready:\n{}", agent.logs());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "agent not ready within {READY_WITHIN:?}:\n{}",
-                agent.logs()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(agent)
-    }
-
-    fn logs(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn sigterm(&self) {
-        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-            // SAFETY: `kill` takes plain integers; the pid is our unreaped child, so it cannot
-            // have been reused by another process.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-    }
-
-    /// Waits for the exit (SIGKILL after the deadline).
-    fn wait_exit(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = self.child.try_wait()? {
-                return Ok(s);
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                bail!("the agent did not exit within {within:?}:\n{}", self.logs());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.sigterm();
-            let _ = self.wait_exit(Duration::from_secs(15));
-        }
-        if let Ok(exe) = agent_exe()
-            && let Err(e) = run(
-                &exe.to_string_lossy(),
-                &["uninstall", "--instance", &self.instance],
-            )
-        {
-            eprintln!("cleanup: {e:#}");
-        }
-    }
-}
-
-struct Node {
-    cgroup: ChildCgroup,
-    ns: NetNs,
-}
-
-/// A pod on `node` at `10.1.<i>.2`, its gateway `.1` on the node.
-fn pod(prefix: &str, node: &Node, name: &str, i: u8) -> Result<Pod> {
-    let ns = NetNs::new(&format!("{prefix}-{name}"))?;
-    let gw = format!("10.1.{i}.1");
-    let ip = format!("10.1.{i}.2");
-    nodemesh_tests::veth(
-        &node.ns,
-        &format!("v{name}"),
-        &format!("{gw}/24"),
-        &ns,
-        "eth0",
-        &format!("{ip}/24"),
-    )?;
-    ns.exec(&["ip", "route", "add", "default", "via", &gw])?;
-    let cgroup = ChildCgroup::new(&format!(
-        "{}/{name}",
-        node.cgroup
-            .path()
-            .file_name()
-            .context("node cgroup name")?
-            .to_string_lossy()
-    ))?;
-    Ok(Pod { cgroup, ns, ip })
 }
 
 /// The cluster file: client and server pods, a `late` workload whose namespace is `late_netns`
@@ -270,13 +90,12 @@ impl Setup {
     fn up() -> Result<Self> {
         require_root();
         let p = unique_prefix();
-        let ns = NetNs::new(&format!("{p}-a"))?;
-        ns.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
-        ns.exec(&["ip", "addr", "add", &format!("{NODE}/32"), "dev", "lo"])?;
-        let cgroup = ChildCgroup::new(&format!("{p}-a"))?;
-        let node = Node { cgroup, ns };
-        let client = pod(&p, &node, "client", 1)?;
-        let server = pod(&p, &node, "server", 2)?;
+        // One node: its address on `lo` (no node link).
+        let node = cluster::node(&p, "a")?;
+        node.ns
+            .exec(&["ip", "addr", "add", &format!("{NODE}/32"), "dev", "lo"])?;
+        let client = cluster::pod(&p, &node, "client", 1, 1)?;
+        let server = cluster::pod(&p, &node, "server", 1, 2)?;
         let echo = Echo::start(&server, ECHO_PORT)?;
         let dir = tempfile::tempdir()?;
         let cfg = dir.path().join("cluster.yaml");
@@ -286,7 +105,7 @@ impl Setup {
         let mut startup_readyz = Vec::new();
         let readyz = addr(NODE, STATS_PORT)?;
         let node_ns = node.ns.path();
-        let agent = Agent::start(&node, &cfg, dir.path(), &format!("{p}-a"), || {
+        let agent = Agent::start_watching(&node, &cfg, dir.path(), &format!("{p}-a"), &[], || {
             if let Ok(answer) = http_in_netns(&node_ns, readyz, "GET", "/readyz") {
                 startup_readyz.push(answer);
             }
@@ -680,11 +499,7 @@ const CROSS: cluster::Net = cluster::Net {
 };
 
 /// Two nodes: the client on node a, `server-b` (app `web`) on node b; `server-a` is unused.
-fn cross_node_config(
-    client: &cluster::Pod,
-    server_a: &cluster::Pod,
-    server_b: &cluster::Pod,
-) -> String {
+fn cross_node_config(client: &Pod, server_a: &Pod, server_b: &Pod) -> String {
     let (na, nb, ta, tb) = (CROSS.node_a, CROSS.node_b, CROSS.tunnel_a, CROSS.tunnel_b);
     format!(
         r#"apiVersion: local.nodemesh.io/v1alpha1
@@ -726,7 +541,7 @@ fn labels_of(line: &str) -> std::collections::BTreeMap<&str, &str> {
 #[test]
 fn istio_labels_of_a_cross_node_connection_on_both_nodes() -> Result<()> {
     let c = cluster::Cluster::up(CROSS, &[], cross_node_config)?;
-    let _echo = cluster::Echo::start(&c.server_b, ECHO_PORT)?;
+    let _echo = Echo::start(&c.server_b, ECHO_PORT)?;
     let nodes = [
         (&c.node_a, CROSS.node_a, "source"),
         (&c.node_b, CROSS.node_b, "destination"),

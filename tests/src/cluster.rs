@@ -411,6 +411,53 @@ pub struct Net {
     pub pods_b: u8,
 }
 
+impl Net {
+    /// The head of a cluster file on this net: node `a` is this node, both nodes listed, and an
+    /// open `workloads:` list for [`workload`] lines.
+    pub fn cluster_head(&self) -> String {
+        format!(
+            "apiVersion: local.nodemesh.io/v1alpha1\nkind: LocalCluster\nthisNode: a\nnodes:\n\
+             - {{name: a, address: {}, tunnelAddress: {}}}\n\
+             - {{name: b, address: {}, tunnelAddress: {}}}\nworkloads:\n",
+            self.node_a, self.tunnel_a, self.node_b, self.tunnel_b
+        )
+    }
+}
+
+/// One `workloads:` line: `pod` as `name` in namespace `demo` with service account `sa`,
+/// `labels` (YAML flow-mapping entries, may be empty) on `node`.
+pub fn workload(pod: &Pod, name: &str, sa: &str, labels: &str, node: &str) -> String {
+    format!(
+        "- {{name: {name}, namespace: demo, serviceAccount: {sa}, labels: {{{labels}}}, ips: [{}], netns: {}, node: {node}}}\n",
+        pod.ip,
+        pod.ns.path().display()
+    )
+}
+
+/// The policies most cluster files share: STRICT mTLS in `demo`, and a DENY of the client's
+/// identity to `app: server` pods on `ports` (YAML strings, e.g. `"9090"`).
+pub fn strict_and_deny_client(ports: &str) -> String {
+    format!(
+        r#"---
+apiVersion: security.nodemesh.io/v1alpha1
+kind: PeerAuthentication
+metadata: {{name: default, namespace: demo}}
+spec:
+  mtls: {{mode: STRICT}}
+---
+apiVersion: security.nodemesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: no-admin-port, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: server}}}}
+  action: DENY
+  rules:
+  - from: [{{source: {{principals: [cluster.local/ns/demo/sa/client]}}}}]
+    to: [{{operation: {{ports: [{ports}]}}}}]
+"#
+    )
+}
+
 /// The cluster: a client and a server on node a, a server on node b, an agent on each node.
 /// Field order is drop order: agents, then pods, then nodes.
 pub struct Cluster {

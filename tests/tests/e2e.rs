@@ -37,7 +37,7 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use mesh_agent::identity::{LocalCa, SpiffeId, TrustBundle, tls};
 use nodemesh_tests::{
-    cluster::{Cluster, Echo, Net, Pod, addr, scrape},
+    cluster::{Cluster, Echo, Net, Pod, addr, scrape, strict_and_deny_client, workload},
     with_process_in_cgroup,
 };
 
@@ -72,45 +72,24 @@ fn up() -> Result<Cluster> {
 
 fn config(client: &Pod, server_a: &Pod, server_b: &Pod) -> String {
     format!(
-        r#"apiVersion: local.nodemesh.io/v1alpha1
-kind: LocalCluster
-thisNode: a
-nodes:
-- {{name: a, address: {NODE_A}, tunnelAddress: {TUNNEL_A}}}
-- {{name: b, address: {NODE_B}, tunnelAddress: {TUNNEL_B}}}
-workloads:
-- {{name: client, namespace: demo, serviceAccount: client, ips: [{}], netns: {}, node: a}}
-- {{name: server-a, namespace: demo, serviceAccount: server, labels: {{app: server, instance: server-a}}, ips: [{}], netns: {}, node: a}}
-- {{name: server-b, namespace: demo, serviceAccount: server, labels: {{app: server}}, ips: [{}], netns: {}, node: b}}
-services:
+        r#"{head}{client}{server_a}{server_b}services:
 - name: echo
   namespace: demo
   vips: [{VIP}]
   ports: [{{port: {VIP_PORT}, targetPort: {ECHO_PORT}}}]
   endpoints: [server-a, server-b]
----
-apiVersion: security.nodemesh.io/v1alpha1
-kind: PeerAuthentication
-metadata: {{name: default, namespace: demo}}
-spec:
-  mtls: {{mode: STRICT}}
----
-apiVersion: security.nodemesh.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: no-admin-port, namespace: demo}}
-spec:
-  selector: {{matchLabels: {{app: server}}}}
-  action: DENY
-  rules:
-  - from: [{{source: {{principals: [cluster.local/ns/demo/sa/client]}}}}]
-    to: [{{operation: {{ports: ["{DENIED_PORT}"]}}}}]
-"#,
-        client.ip,
-        client.ns.path().display(),
-        server_a.ip,
-        server_a.ns.path().display(),
-        server_b.ip,
-        server_b.ns.path().display(),
+{policies}"#,
+        head = NET.cluster_head(),
+        client = workload(client, "client", "client", "", "a"),
+        server_a = workload(
+            server_a,
+            "server-a",
+            "server",
+            "app: server, instance: server-a",
+            "a"
+        ),
+        server_b = workload(server_b, "server-b", "server", "app: server", "b"),
+        policies = strict_and_deny_client(&format!("\"{DENIED_PORT}\"")),
     )
 }
 

@@ -29,7 +29,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use nodemesh_tests::cluster::{Cluster, Echo, Net, Pod, delta, scrape, scrape_until};
+use nodemesh_tests::cluster::{
+    Cluster, Echo, Net, Pod, delta, scrape, scrape_until, strict_and_deny_client, workload,
+};
 use serde_json::Value;
 
 const ECHO_PORT: u16 = 8080;
@@ -60,39 +62,12 @@ const SETUP_HINT: &str = "run `cargo xtask setup` (it installs the Debian packag
 
 fn config(client: &Pod, server_a: &Pod, server_b: &Pod) -> String {
     format!(
-        r#"apiVersion: local.nodemesh.io/v1alpha1
-kind: LocalCluster
-thisNode: a
-nodes:
-- {{name: a, address: {NODE_A}, tunnelAddress: {TUNNEL_A}}}
-- {{name: b, address: {NODE_B}, tunnelAddress: {TUNNEL_B}}}
-workloads:
-- {{name: client, namespace: demo, serviceAccount: client, ips: [{}], netns: {}, node: a}}
-- {{name: server-a, namespace: demo, serviceAccount: server, labels: {{app: server}}, ips: [{}], netns: {}, node: a}}
-- {{name: server-b, namespace: demo, serviceAccount: server, labels: {{app: server}}, ips: [{}], netns: {}, node: b}}
----
-apiVersion: security.nodemesh.io/v1alpha1
-kind: PeerAuthentication
-metadata: {{name: default, namespace: demo}}
-spec:
-  mtls: {{mode: STRICT}}
----
-apiVersion: security.nodemesh.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: no-admin-port, namespace: demo}}
-spec:
-  selector: {{matchLabels: {{app: server}}}}
-  action: DENY
-  rules:
-  - from: [{{source: {{principals: [cluster.local/ns/demo/sa/client]}}}}]
-    to: [{{operation: {{ports: ["{DENIED_PORT}"]}}}}]
-"#,
-        client.ip,
-        client.ns.path().display(),
-        server_a.ip,
-        server_a.ns.path().display(),
-        server_b.ip,
-        server_b.ns.path().display(),
+        "{}{}{}{}{}",
+        NET.cluster_head(),
+        workload(client, "client", "client", "", "a"),
+        workload(server_a, "server-a", "server", "app: server", "a"),
+        workload(server_b, "server-b", "server", "app: server", "b"),
+        strict_and_deny_client(&format!("\"{DENIED_PORT}\"")),
     )
 }
 

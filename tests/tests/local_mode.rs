@@ -19,7 +19,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use nodemesh_tests::cluster::{
-    Cluster, Echo, Net, Pod, STATS_PORT, addr, delta, scrape, scrape_until,
+    Cluster, Echo, Net, Pod, STATS_PORT, addr, delta, scrape, scrape_until, strict_and_deny_client,
+    workload,
 };
 
 const ECHO_PORT: u16 = 8080;
@@ -67,33 +68,7 @@ fn config(client: &Pod, server_a: &Pod, server_b: &Pod, denied_ports: &[u16]) ->
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        r#"apiVersion: local.nodemesh.io/v1alpha1
-kind: LocalCluster
-thisNode: a
-nodes:
-- {{name: a, address: {NODE_A}, tunnelAddress: {TUNNEL_A}}}
-- {{name: b, address: {NODE_B}, tunnelAddress: {TUNNEL_B}}}
-workloads:
-- {{name: client, namespace: demo, serviceAccount: client, ips: [{}], netns: {}, node: a}}
-- {{name: local-server, namespace: demo, serviceAccount: local-server, labels: {{app: local}}, ips: [{}], netns: {}, node: a}}
-- {{name: server, namespace: demo, serviceAccount: server, labels: {{app: server}}, ips: [{}], netns: {}, node: b}}
----
-apiVersion: security.nodemesh.io/v1alpha1
-kind: PeerAuthentication
-metadata: {{name: default, namespace: demo}}
-spec:
-  mtls: {{mode: STRICT}}
----
-apiVersion: security.nodemesh.io/v1alpha1
-kind: AuthorizationPolicy
-metadata: {{name: no-admin-port, namespace: demo}}
-spec:
-  selector: {{matchLabels: {{app: server}}}}
-  action: DENY
-  rules:
-  - from: [{{source: {{principals: [cluster.local/ns/demo/sa/client]}}}}]
-    to: [{{operation: {{ports: [{ports}]}}}}]
----
+        r#"{head}{client}{local_server}{server}{policies}---
 apiVersion: security.nodemesh.io/v1alpha1
 kind: AuthorizationPolicy
 metadata: {{name: no-admin-port-local, namespace: demo}}
@@ -104,12 +79,11 @@ spec:
   - from: [{{source: {{principals: [cluster.local/ns/demo/sa/client]}}}}]
     to: [{{operation: {{ports: [{ports}]}}}}]
 "#,
-        client.ip,
-        client.ns.path().display(),
-        server_a.ip,
-        server_a.ns.path().display(),
-        server_b.ip,
-        server_b.ns.path().display(),
+        head = NET.cluster_head(),
+        client = workload(client, "client", "client", "", "a"),
+        local_server = workload(server_a, "local-server", "local-server", "app: local", "a"),
+        server = workload(server_b, "server", "server", "app: server", "b"),
+        policies = strict_and_deny_client(&ports),
     )
 }
 

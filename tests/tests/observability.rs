@@ -500,25 +500,12 @@ const CROSS: cluster::Net = cluster::Net {
 
 /// Two nodes: the client on node a, `server-b` (app `web`) on node b; `server-a` is unused.
 fn cross_node_config(client: &Pod, server_a: &Pod, server_b: &Pod) -> String {
-    let (na, nb, ta, tb) = (CROSS.node_a, CROSS.node_b, CROSS.tunnel_a, CROSS.tunnel_b);
     format!(
-        r#"apiVersion: local.nodemesh.io/v1alpha1
-kind: LocalCluster
-thisNode: a
-nodes:
-- {{name: a, address: {na}, tunnelAddress: {ta}}}
-- {{name: b, address: {nb}, tunnelAddress: {tb}}}
-workloads:
-- {{name: client, namespace: demo, serviceAccount: client, labels: {{app: shop-client}}, ips: [{}], netns: {}, node: a}}
-- {{name: server-a, namespace: demo, serviceAccount: server, labels: {{app: web}}, ips: [{}], netns: {}, node: a}}
-- {{name: server-b, namespace: demo, serviceAccount: server, labels: {{app: web}}, ips: [{}], netns: {}, node: b}}
-"#,
-        client.ip,
-        client.ns.path().display(),
-        server_a.ip,
-        server_a.ns.path().display(),
-        server_b.ip,
-        server_b.ns.path().display(),
+        "{}{}{}{}",
+        CROSS.cluster_head(),
+        cluster::workload(client, "client", "client", "app: shop-client", "a"),
+        cluster::workload(server_a, "server-a", "server", "app: web", "a"),
+        cluster::workload(server_b, "server-b", "server", "app: web", "b"),
     )
 }
 

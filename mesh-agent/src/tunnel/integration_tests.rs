@@ -15,7 +15,7 @@ use tokio::{
 
 use super::{
     inbound::Inbound,
-    listener::bind_reuseport,
+    listener::bind_exclusive,
     outbound::Outbound,
     pool::{Pool, PoolKey},
     *,
@@ -145,7 +145,7 @@ impl Mesh {
         let (trigger, watch) = drain::channel();
 
         let inbound_listener =
-            bind_reuseport(SocketAddr::from((opts.inbound_ip, 0)), 1024).expect("bind inbound");
+            bind_exclusive(SocketAddr::from((opts.inbound_ip, 0)), 1024).expect("bind inbound");
         let inbound_addr = inbound_listener.local_addr().expect("addr");
         let destination = Destination::Workload(Endpoint {
             addr: echo,
@@ -161,7 +161,7 @@ impl Mesh {
             baggage: Some("k8s.namespace.name=default,k8s.deployment.name=client".into()),
         }));
         let outbound_listener =
-            bind_reuseport(SocketAddr::from(([127, 0, 0, 1], 0)), 1024).expect("bind outbound");
+            bind_exclusive(SocketAddr::from(([127, 0, 0, 1], 0)), 1024).expect("bind outbound");
         let running = start(
             opts.config,
             certs.clone(),
@@ -784,7 +784,7 @@ async fn same_node_skips_tls_but_not_authorization() {
             workloads.clone(),
             authz,
         );
-        let listener = bind_reuseport("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+        let listener = bind_exclusive("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (_trigger, watch) = drain::channel();
         tokio::spawn(outbound.clone().serve(listener, watch));
@@ -859,7 +859,7 @@ async fn failed_endpoint_is_ejected_and_another_is_tried() {
         Arc::new(StaticWorkloads::default()),
         Arc::new(AllowAll),
     );
-    let listener = bind_reuseport("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+    let listener = bind_exclusive("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (_trigger, watch) = drain::channel();
     tokio::spawn(outbound.serve(listener, watch));
@@ -1132,7 +1132,7 @@ async fn outbound_sends_hbone_request_shape() {
         Arc::new(StaticWorkloads::default()),
         Arc::new(AllowAll),
     );
-    let listener = bind_reuseport("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+    let listener = bind_exclusive("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (_trigger, watch) = drain::channel();
     tokio::spawn(outbound.serve(listener, watch));

@@ -8,10 +8,37 @@ use tokio::net::TcpListener;
 /// Binds `addr` with `SO_REUSEPORT` (and `SO_REUSEADDR`), so a new agent can bind beside a
 /// draining one during an upgrade and the kernel spreads new connections over both until the
 /// old one closes its listener.
+///
+/// Port 0 is refused: the kernel may give two `SO_REUSEPORT` sockets of the same user the same
+/// ephemeral port, and then connections meant for one process are spread over both (parallel
+/// test processes reset each other's connections this way). Tests that want a kernel-chosen
+/// port use [`bind_exclusive`].
 pub fn bind_reuseport(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    if addr.port() == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "refusing to bind {addr} with SO_REUSEPORT on port 0: the kernel may hand the same \
+                 ephemeral port to another process of this user and connections would be shared \
+                 with it; give a fixed port (or use bind_exclusive for a kernel-chosen one)"
+            ),
+        ));
+    }
+    bind(addr, backlog, true)
+}
+
+/// Binds `addr` without `SO_REUSEPORT`: no other socket can share the port, so a kernel-chosen
+/// port (0) is this process's alone. What tests and one-off listeners use.
+pub fn bind_exclusive(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    bind(addr, backlog, false)
+}
+
+fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> std::io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
@@ -58,11 +85,46 @@ pub async fn connect_from(
 mod tests {
     use super::*;
 
+    /// A free port on its own loopback address: reserved with an exclusive bind, released, then
+    /// bound with `SO_REUSEPORT`. Nothing else in the tests binds reuse-port sockets on port 0
+    /// (the guard below), so a racing bind of the same port fails loudly (EADDRINUSE) instead of
+    /// sharing; retried then.
+    async fn reuseport_pair() -> (TcpListener, TcpListener) {
+        let ip = std::net::Ipv4Addr::new(127, 23, (std::process::id() % 250) as u8 + 1, 9);
+        for _ in 0..50 {
+            let port = bind_exclusive(SocketAddr::from((ip, 0)), 1)
+                .and_then(|l| l.local_addr())
+                .expect("reserve a port")
+                .port();
+            let addr = SocketAddr::from((ip, port));
+            let Ok(a) = bind_reuseport(addr, 16) else { continue };
+            let b = bind_reuseport(addr, 16).expect("second agent binds beside the first");
+            return (a, b);
+        }
+        panic!("no free port on {ip} after 50 tries");
+    }
+
     #[tokio::test]
     async fn two_listeners_share_a_port() {
-        let a = bind_reuseport("127.0.0.1:0".parse().expect("addr"), 16).expect("first");
-        let addr = a.local_addr().expect("addr");
-        let b = bind_reuseport(addr, 16).expect("second agent binds beside the first");
-        assert_eq!(b.local_addr().expect("addr"), addr);
+        let (a, b) = reuseport_pair().await;
+        assert_eq!(a.local_addr().expect("addr"), b.local_addr().expect("addr"));
+    }
+
+    /// The guard: a reuse-port listener on port 0 is refused, so a test that tries fails.
+    #[test]
+    fn reuseport_on_port_zero_is_refused() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _enter = rt.enter();
+        for addr in ["127.0.0.1:0", "[::1]:0", "0.0.0.0:0"] {
+            let err = bind_reuseport(addr.parse().expect("addr"), 16)
+                .expect_err("SO_REUSEPORT on port 0 must be refused");
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{addr}: {err}");
+            assert!(err.to_string().contains("port 0"), "{err}");
+        }
+        let l = bind_exclusive("127.0.0.1:0".parse().expect("addr"), 16).expect("exclusive");
+        assert_ne!(l.local_addr().expect("addr").port(), 0);
     }
 }

@@ -56,7 +56,7 @@ fn outbound_with(
         Arc::new(workloads),
         Arc::new(AllowAll),
     );
-    let listener = bind_reuseport("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+    let listener = bind_exclusive("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (trigger, watch) = drain::channel();
     tokio::spawn(outbound.clone().serve(listener, watch));

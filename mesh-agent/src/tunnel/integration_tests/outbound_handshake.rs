@@ -112,7 +112,7 @@ async fn outbound_handshake_failures_count_by_reason() {
             Arc::new(StaticWorkloads::default()),
             Arc::new(AllowAll),
         );
-        let listener = bind_reuseport("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+        let listener = bind_exclusive("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (_trigger, watch) = drain::channel();
         tokio::spawn(outbound.clone().serve(listener, watch));

@@ -119,7 +119,7 @@ async fn both_reporters_name_the_workloads_and_the_service() {
         Arc::new(AllowAll),
     );
     outbound.metrics().set_directory(directory);
-    let listener = bind_reuseport("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+    let listener = bind_exclusive("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (_trigger, watch) = drain::channel();
     tokio::spawn(outbound.clone().serve(listener, watch));

@@ -96,13 +96,8 @@ fn run() -> Result<()> {
 }
 
 fn up(place: &Lab, config: PathBuf) -> Result<()> {
-    let lab = match place.up(&config) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = place.down();
-            return Err(e.context("lab up failed (cleaned up)"));
-        }
-    };
+    // A failed `up` removes what it made itself, and nothing of a lab that was already up.
+    let lab = place.up(&config)?;
     println!(
         "lab up ({} pods):",
         lab["pods"].as_array().map_or(0, Vec::len)

@@ -179,7 +179,10 @@ impl Made {
         }
         for instance in &self.instances {
             let uninstall = agent_exe().and_then(|exe| {
-                run(&exe.to_string_lossy(), &["uninstall", "--instance", instance])
+                run(
+                    &exe.to_string_lossy(),
+                    &["uninstall", "--instance", instance],
+                )
             });
             if let Err(e) = uninstall {
                 problems.push(format!("{e:#}"));

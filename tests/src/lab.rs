@@ -265,7 +265,7 @@ impl Lab {
             );
         }
         let mut made = Made::default();
-        match self.build(config, &model, &nodes, &mut made) {
+        match self.build(&config, &model, &nodes, &mut made) {
             Ok(lab) => Ok(lab),
             Err(e) => {
                 let problems = made.undo();
@@ -426,7 +426,7 @@ impl Lab {
         }
 
         let mut node_json = Vec::new();
-        for n in &nodes {
+        for n in nodes {
             let node_state = state.join(&n.name);
             let log = state.join(format!("{}.log", n.name));
             let cg = root_cg.join(&n.name);

@@ -1,6 +1,6 @@
 //! One agent per instance: a second `mesh-agent local` started with the instance (and the state
-//! directory) of a running one fails at once, saying another agent runs it, and leaves the first
-//! serving: its ready file, pins and tunnel interface stay, traffic still flows. Root.
+//! directory) of a running one, on other stats and admin ports, fails at once, saying another
+//! agent runs it, and leaves the first serving: its ready file, pins and tunnel interface stay, traffic still flows. Root.
 
 use std::{
     fs,
@@ -65,6 +65,11 @@ fn a_second_agent_of_a_running_instance_fails_and_leaves_the_first_serving() -> 
         .arg("--cgroup")
         .arg(c.node_a.cgroup.path())
         .args(["--instance", first.instance()])
+        // Other stats and admin ports: without them the second agent would stop at a port
+        // conflict; with them only the instance claim stands between it and the first one's
+        // ready file, pins and listeners.
+        .args(["--metrics-addr", &format!("{}:15990", NET.node_a)])
+        .args(["--admin-addr", "127.0.0.1:15991"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log)?)

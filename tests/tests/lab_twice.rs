@@ -1,9 +1,10 @@
-//! `lab up` typed a second time while the lab is up: it fails saying so, and the first lab keeps
+//! `lab up` (the `nm-lab` binary `cargo xtask lab` runs) typed a second time while the lab is up:
+//! it fails saying so, and the first lab keeps
 //! serving (every namespace there, `status` up, the demo traffic still echoed). A failed start
 //! never removes what it did not create. Root; own prefix `nmlabu` (runs beside `lab.rs`'s
 //! `nmlabt` and a user's `nm-lab`).
 
-use std::path::Path;
+use std::{path::Path, process::Command};
 
 use anyhow::{Context, Result, ensure};
 use nodemesh_tests::{
@@ -26,6 +27,18 @@ fn lab_files(dir: &Path) -> Result<std::path::PathBuf> {
         )?;
     }
     Ok(dir.join("lab.yaml"))
+}
+
+/// `nm-lab --prefix … --state-dir … up --config FILE`, as `cargo xtask lab up` runs it.
+fn nm_lab(lab: &Lab, config: &Path) -> Result<std::process::Output> {
+    Command::new(env!("CARGO_BIN_EXE_nm-lab"))
+        .args(["--prefix", lab.prefix(), "--state-dir"])
+        .arg(lab.state_dir())
+        .args(["up", "--config"])
+        .arg(config)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .context("cannot run nm-lab")
 }
 
 fn namespaces() -> Result<Vec<String>> {
@@ -63,15 +76,23 @@ fn a_second_lab_up_fails_and_leaves_the_first_lab_serving() -> Result<()> {
     lab.down()?;
 
     let result = (|| -> Result<()> {
-        lab.up(&config)?;
+        let first = nm_lab(&lab, &config)?;
+        ensure!(
+            first.status.success(),
+            "the first `nm-lab up` succeeds:\n{}{}",
+            String::from_utf8_lossy(&first.stdout),
+            String::from_utf8_lossy(&first.stderr)
+        );
         all_rows_ok(&lab).context("the first lab serves")?;
         let before = namespaces()?;
         ensure!(before.len() >= 6, "two nodes and four pods: {before:?}");
 
-        let err = match lab.up(&config) {
-            Ok(_) => anyhow::bail!("a second `up` while the lab is up must fail"),
-            Err(e) => format!("{e:#}"),
-        };
+        let second = nm_lab(&lab, &config)?;
+        let err = String::from_utf8_lossy(&second.stderr);
+        ensure!(
+            !second.status.success(),
+            "a second `up` while the lab is up must fail"
+        );
         ensure!(
             err.contains("already up") && err.contains("nothing was changed"),
             "the second `up` says the lab is already up: {err}"

@@ -855,14 +855,22 @@ impl Pins {
     /// second agent of the same instance gets [`DatapathError::InstanceBusy`] and must stop
     /// before touching anything of the first (pins, state, ready file, interfaces).
     pub fn lock(&self) -> Result<InstanceLock, DatapathError> {
-        use std::os::fd::AsRawFd;
         self.check_bpffs()?;
+        std::fs::create_dir_all(&self.instance_dir).map_err(|source| DatapathError::PinDir {
+            path: self.instance_dir.clone(),
+            source,
+        })?;
+        self.lock_existing()
+    }
+
+    /// [`Pins::lock`] on an instance directory that exists.
+    fn lock_existing(&self) -> Result<InstanceLock, DatapathError> {
+        use std::os::fd::AsRawFd;
         let dir = &self.instance_dir;
         let pin_dir = |source| DatapathError::PinDir {
             path: dir.clone(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(pin_dir)?;
         let file = File::open(dir).map_err(pin_dir)?;
         // SAFETY: flock on a descriptor owned by `file`, alive for the call; no memory is passed.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
@@ -991,13 +999,14 @@ fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result
 }
 
 /// Removes every pin of the instance (all layout versions): its links detach once no process
-/// holds them any more (stop the agent first), and its maps are freed. Returns whether there was
-/// anything to remove.
+/// holds them any more, and its maps are freed. Returns whether there was anything to remove.
+/// Refuses ([`DatapathError::InstanceBusy`]) while an agent runs the instance: stop it first.
 pub fn uninstall(pins: &Pins) -> Result<bool, DatapathError> {
     let dir = pins.instance_dir();
     if !dir.exists() {
         return Ok(false);
     }
+    let _claim = pins.lock_existing()?;
     std::fs::remove_dir_all(dir).map_err(|source| DatapathError::PinDir {
         path: dir.to_path_buf(),
         source,

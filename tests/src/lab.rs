@@ -15,6 +15,10 @@
 //! so they must be named `/run/netns/<prefix>-…` too (`up` checks). Two labs' prefixes must not
 //! extend one another with a dash (`nm-lab` and `nm-lab-x`): `down` of the first would take the
 //! second's namespaces.
+//!
+//! `up` touches nothing while anything of the lab exists (`lab.json`, a namespace, the cgroup):
+//! a second `up` says the lab is already up and leaves it serving. An `up` that fails later
+//! removes exactly what it created (its processes, its agents' pins, namespaces and cgroups).
 
 use std::{
     fs,

@@ -447,7 +447,7 @@ impl Lab {
                 .arg("exec")
                 .arg(agent_exe()?)
                 .args(["local", "--config"])
-                .arg(&config)
+                .arg(config)
                 .args(["--node", &n.name, "--state-dir"])
                 .arg(&node_state)
                 .arg("--ca-dir")

@@ -1,6 +1,7 @@
 //! One agent per instance: a second `mesh-agent local` started with the instance (and the state
 //! directory) of a running one, on other stats and admin ports, fails at once, saying another
-//! agent runs it, and leaves the first serving: its ready file, pins and tunnel interface stay, traffic still flows. Root.
+//! agent runs it, and leaves the first serving: its ready file, pins and tunnel interface stay,
+//! traffic still flows. `uninstall` of the running instance refuses too. Root.
 
 use std::{
     fs,
@@ -104,6 +105,15 @@ fn a_second_agent_of_a_running_instance_fails_and_leaves_the_first_serving() -> 
         "the first agent's ready file is untouched"
     );
     ensure!(pins.is_dir(), "{} still there", pins.display());
+    // Nor does `uninstall` take the pins of a running agent.
+    let uninstall = Command::new(agent_exe()?)
+        .args(["uninstall", "--instance", first.instance()])
+        .output()?;
+    ensure!(
+        !uninstall.status.success() && pins.is_dir(),
+        "uninstall refuses while the agent runs: {}",
+        String::from_utf8_lossy(&uninstall.stderr)
+    );
     c.node_a
         .ns
         .exec(&["ip", "link", "show", "nm-tunnel"])

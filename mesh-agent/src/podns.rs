@@ -108,8 +108,9 @@ pub enum PodNetnsError {
 const HINT_NO_PODS: &str = "no process is in a kubelet cgroup at all: does the agent see the \
      host's processes (`hostPID: true` or the host's /proc mounted there), and does the kubelet \
      name cgroups kubepods/… (cgroupfs driver) or kubepods.slice/… (systemd driver)?";
-const HINT_NOT_STARTED: &str = "other pods are there: has this pod's sandbox started yet \
-     (scheduled to this node, not Pending on image pulls)? It is found once it has a process";
+const HINT_NOT_STARTED: &str = "other pods are there: is this pod scheduled to this node, and has \
+     the kubelet created its sandbox yet (its events: FailedCreatePodSandBox)? It is found once it \
+     has a process";
 
 /// A pod's network namespace, as found through one of its processes.
 #[derive(Clone, Debug, PartialEq, Eq)]

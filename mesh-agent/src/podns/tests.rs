@@ -320,7 +320,7 @@ fn missing_pod_says_what_to_check() {
 
     fake.process(60, "0::/kubepods/pod11111111-2222/c\n", Some(61), 1);
     let err = fake.scanner().find(UID).unwrap_err().to_string();
-    assert!(err.contains("started"), "other pods present: {err}");
+    assert!(err.contains("sandbox"), "other pods present: {err}");
 
     let gone = ProcScanner::new(fake.root().join("nope"));
     let err = gone.find(UID).unwrap_err();

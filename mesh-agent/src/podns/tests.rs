@@ -424,3 +424,16 @@ fn unreadable_namespace_links_say_which_permission_is_missing() {
     };
     assert!(err.to_string().contains("CAP_SYS_PTRACE"), "{err}");
 }
+
+#[test]
+fn the_real_proc_scans_without_error() {
+    // Any user may read other processes' `cgroup` files; only `ns/net` needs privileges.
+    let scanner = ProcScanner::default().with_min_rescan(Duration::ZERO);
+    scanner.refresh().expect("scan /proc");
+    match scanner.find(UID) {
+        Err(PodNetnsError::NotFound { processes, .. }) => {
+            assert!(processes > 0, "this test's own process at least")
+        }
+        other => panic!("a made-up UID: {other:?}"),
+    }
+}

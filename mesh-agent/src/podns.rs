@@ -7,14 +7,15 @@
 //!
 //! - cgroupfs driver: `/kubepods/pod<uid>/<ctr>`, `/kubepods/burstable/pod<uid>/<ctr>`,
 //!   `/kubepods/besteffort/pod<uid>/<ctr>`;
-//! - systemd driver: `/kubepods.slice/kubepods-pod<uid_>.slice/<cri-containerd|crio|docker>-<id>.scope`
-//!   and `kubepods-{burstable,besteffort}.slice/kubepods-{burstable,besteffort}-pod<uid_>.slice/…`,
-//!   where `uid_` is the UID with `-` replaced by `_` (systemd uses `-` for nesting).
+//! - systemd driver: `/kubepods.slice/kubepods-pod<uid_>.slice/<runtime>-<id>.scope` (runtime
+//!   `cri-containerd`, `crio` or `docker`) and, for the QoS classes,
+//!   `kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice/…` (`<qos>` `burstable` or
+//!   `besteffort`), where `uid_` is the UID with `-` replaced by `_` (systemd nests with `-`).
 //!
-//! Either may sit below other prefixes (a kind node's `/kubelet.slice/kubelet-kubepods.slice/…`, a
-//! nested node's cgroup), and a reader in a private cgroup namespace sees other pods' paths
-//! relative to its own root (`/../../kubepods-besteffort-pod<uid_>.slice/…`). So the pod component
-//! is matched anywhere in the path, and the UID is compared exactly (a UID that is a prefix of
+//! Either may sit below other prefixes (a kind node's `/kubelet.slice/kubelet-kubepods.slice/…`,
+//! a nested node's cgroup), and a reader in a private cgroup namespace sees other pods' paths
+//! relative to its own root (`/../../kubepods-besteffort-pod<uid_>.slice/…`). So the pod
+//! component is matched anywhere in the path, and the UID is compared exactly (a UID that is a prefix of
 //! another never matches it). Every line of `/proc/<pid>/cgroup` counts: `0::/path` (cgroup v2)
 //! and `N:controllers:/path` (v1 or hybrid).
 //!

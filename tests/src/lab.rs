@@ -5,7 +5,8 @@
 //! "Pods' cgroups"); veth pairs join pods to their node (the node side holds `<pod /24>.1`, the
 //! pod's gateway) and the two nodes to each other (their `address`es, one /24). One
 //! `mesh-agent local` (`nm-agent`) runs per node inside the node's namespace and cgroup, and an
-//! echo server on port 8080 in every pod whose name starts with `server`. The topology goes to `target/lab/lab.json`.
+//! echo server on port 8080 in every pod whose name starts with `server`. The topology goes to
+//! `target/lab/lab.json`.
 //!
 //! Every name derives from the lab's prefix (`nm-lab` for `cargo xtask lab`; tests and the
 //! benchmark use their own, so they can run beside a user's lab), so `down` removes everything a

@@ -204,7 +204,7 @@ fn procs(cg: &Path) -> Vec<libc::pid_t> {
         .collect()
 }
 
-/// The agents: the processes directly in the node cgroups (pods are in child cgroups).
+/// The agents: the processes directly in the node cgroups (pods are in cgroups below them).
 fn agent_pids(lab: &Lab, topo: &serde_json::Value) -> Result<Vec<libc::pid_t>> {
     let mut pids = Vec::new();
     for n in topo["nodes"].as_array().context("lab.json has no nodes")? {

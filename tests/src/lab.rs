@@ -1,11 +1,12 @@
 //! The local lab (`cargo xtask lab`, binary `nm-lab`): the cluster of a local-mode file
 //! (`tests/lab/lab.yaml`) built on this machine. Each node is a network namespace
 //! `nm-lab-<node>` with a cgroup `<cgroup2>/nm-lab/<node>`; each workload a namespace (its
-//! `netns` path) and a child cgroup of its node's; veth pairs join pods to their node (the node
-//! side holds `<pod /24>.1`, the pod's gateway) and the two nodes to each other (their
-//! `address`es, one /24). One `mesh-agent local` (`nm-agent`) runs per node inside the node's
-//! namespace and cgroup, and an echo server on port 8080 in every pod whose name starts with
-//! `server`. The topology goes to `target/lab/lab.json`.
+//! `netns` path) and cgroups below its node's named the way the kubelet names them (see
+//! "Pods' cgroups"); veth pairs join pods to their node (the node side holds `<pod /24>.1`, the
+//! pod's gateway) and the two nodes to each other (their `address`es, one /24). One
+//! `mesh-agent local` (`nm-agent`) runs per node inside the node's namespace and cgroup, and an
+//! echo server on port 8080 in every pod whose name starts with `server`. The topology goes to
+//! `target/lab/lab.json`.
 //!
 //! Every name derives from the lab's prefix (`nm-lab` for `cargo xtask lab`; tests and the
 //! benchmark use their own, so they can run beside a user's lab), so `down` removes everything a
@@ -19,10 +20,22 @@
 //! `up` touches nothing while anything of the lab exists (`lab.json`, a namespace, the cgroup):
 //! a second `up` says the lab is already up and leaves it serving. An `up` that fails later
 //! removes exactly what it created (its processes, its agents' pins, namespaces and cgroups).
+//!
+//! Pods' cgroups: every pod has a UID (`metadata.uid`; [`Lab::with_pod_uid`] sets it, e.g. to the
+//! apiserver's, otherwise [`default_pod_uid`] derives one from the prefix and the pod's name) and
+//! lives where a kubelet would put it, so `mesh_agent::podns` finds its namespace for real: the
+//! first node's kubelet uses the systemd driver
+//! (`<node>/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice/`, `uid_`
+//! the UID with `_` for `-`, containers `cri-containerd-<id>.scope`), the second the cgroupfs one
+//! (`<node>/kubepods/besteffort/pod<uid>/<id>`). Each pod has a sandbox container running a pause
+//! process (`sleep`) for as long as the lab is up, and an app container (its `cgroup` in
+//! `lab.json`, where the echo servers and `lab exec` run).
 
 use std::{
+    collections::BTreeMap,
     fs,
     net::IpAddr,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -48,6 +61,8 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 pub struct Lab {
     prefix: String,
     state: PathBuf,
+    /// Pod UIDs given by [`Lab::with_pod_uid`]; other pods get [`default_pod_uid`].
+    pod_uids: BTreeMap<String, String>,
 }
 
 impl Lab {
@@ -56,6 +71,7 @@ impl Lab {
         Self {
             prefix: PREFIX.to_owned(),
             state: workspace.join("target").join("lab"),
+            pod_uids: BTreeMap::new(),
         }
     }
 
@@ -72,7 +88,23 @@ impl Lab {
         Ok(Self {
             prefix: prefix.to_owned(),
             state,
+            pod_uids: BTreeMap::new(),
         })
+    }
+
+    /// Gives pod `name` the UID `uid` (e.g. the apiserver's `metadata.uid` of its Pod) instead of
+    /// [`default_pod_uid`]; its cgroups are named after it.
+    pub fn with_pod_uid(mut self, name: &str, uid: &str) -> Self {
+        self.pod_uids.insert(name.to_owned(), uid.to_owned());
+        self
+    }
+
+    /// The UID of pod `name` (`uid` in `lab.json`).
+    pub fn pod_uid(&self, name: &str) -> String {
+        self.pod_uids
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| default_pod_uid(&self.prefix, name))
     }
 
     pub fn prefix(&self) -> &str {
@@ -124,6 +156,77 @@ fn gateway(ip: IpAddr) -> Result<std::net::Ipv4Addr> {
     }
 }
 
+/// A UUID-shaped UID derived from the lab's prefix and a pod's name (stable across runs).
+pub fn default_pod_uid(prefix: &str, pod: &str) -> String {
+    let key = format!("{prefix}/{pod}");
+    let (a, b) = (
+        fnv1a(0xcbf2_9ce4_8422_2325, &key),
+        fnv1a(0x8422_2325_cbf2_9ce4, &key),
+    );
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        (b >> 48) & 0xfff,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+fn fnv1a(seed: u64, s: &str) -> u64 {
+    s.bytes().fold(seed, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The cgroups of a pod below its node's, named as a kubelet with the systemd or the cgroupfs
+/// driver names them: (its sandbox container's, its app container's).
+fn kubelet_cgroups(node_cg: &Path, systemd: bool, uid: &str) -> (PathBuf, PathBuf) {
+    let id = |what: &str| {
+        format!(
+            "{:016x}",
+            fnv1a(0xcbf2_9ce4_8422_2325, &format!("{uid}/{what}"))
+        )
+    };
+    if systemd {
+        let pod = node_cg.join(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        let ctr = |what: &str| pod.join(format!("cri-containerd-{}.scope", id(what)));
+        (ctr("sandbox"), ctr("app"))
+    } else {
+        let pod = node_cg.join(format!("kubepods/besteffort/pod{uid}"));
+        (pod.join(id("sandbox")), pod.join(id("app")))
+    }
+}
+
+/// Starts a pod's pause process in its sandbox cgroup and namespace and waits until it is there.
+fn start_pause(cgroup: &Path, netns: &Path) -> Result<std::process::Child> {
+    let child = Command::new(probe_exe()?)
+        .arg(cgroup)
+        .arg(netns)
+        .args(["exec", "sleep", "infinity"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start a pod's pause process")?;
+    let want = fs::metadata(netns)?.ino();
+    let ns = PathBuf::from(format!("/proc/{}/ns/net", child.id()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::metadata(&ns).map(|m| m.ino()).ok() != Some(want) {
+        ensure!(
+            Instant::now() < deadline,
+            "the pause process in {} did not enter {}",
+            cgroup.display(),
+            netns.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(child)
+}
+
 fn short_if(prefix: &str, name: &str) -> String {
     let mut s = format!("{prefix}{name}");
     s.truncate(15);
@@ -158,6 +261,19 @@ impl Made {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(e).with_context(|| format!("cannot create cgroup {}", dir.display())),
         }
+    }
+
+    /// Creates `dir` and every missing cgroup between `base` (which exists) and it, parents first.
+    fn cgroup_tree(&mut self, base: &Path, dir: &Path) -> Result<()> {
+        let rel = dir
+            .strip_prefix(base)
+            .with_context(|| format!("{} is not below {}", dir.display(), base.display()))?;
+        let mut at = base.to_path_buf();
+        for part in rel.components() {
+            at.push(part);
+            self.cgroup(&at)?;
+        }
+        Ok(())
     }
 
     /// Removes what was made, newest first: processes (SIGTERM, then SIGKILL), the agents' pins,
@@ -408,12 +524,17 @@ impl Lab {
                 &other_ns,
                 &["ip", "route", "replace", &format!("{ip}/32"), "via", &via],
             )?;
-            let cg = root_cg.join(&w.node).join(&w.key.name);
-            made.cgroup(&cg)?;
+            let uid = self.pod_uid(&w.key.name);
+            let systemd = w.node == a.name;
+            let node_cg = root_cg.join(&w.node);
+            let (sandbox_cg, cg) = kubelet_cgroups(&node_cg, systemd, &uid);
+            made.cgroup_tree(&node_cg, &sandbox_cg)?;
+            made.cgroup_tree(&node_cg, &cg)?;
+            made.children.push(start_pause(&sandbox_cg, &w.netns)?);
             pods.push(serde_json::json!({
                 "name": w.key.name, "node": w.node, "namespace": w.key.namespace,
                 "service_account": w.service_account, "netns": w.netns, "ip": ip.to_string(),
-                "cgroup": cg,
+                "cgroup": cg, "uid": uid,
             }));
             if w.key.name.starts_with("server") {
                 let child = Command::new(probe_exe()?)

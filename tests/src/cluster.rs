@@ -257,6 +257,25 @@ impl Agent {
         extra: &[String],
         each: impl FnMut(),
     ) -> Result<Self> {
+        let mut args: Vec<std::ffi::OsString> = vec!["local".into(), "--config".into()];
+        args.push(config.into());
+        args.extend(["--node".into(), node.name.clone().into()]);
+        args.extend(["--ca-dir".into(), dir.join("ca").into_os_string()]);
+        args.extend(["--poll-ms".into(), "100".into()]);
+        args.extend(extra.iter().map(Into::into));
+        Self::spawn(node, dir, instance, &args, each)
+    }
+
+    /// Starts `mesh-agent ARGS --state-dir DIR/<node> --cgroup <node cgroup> --instance
+    /// INSTANCE` inside `node` (any mode: `local`, `node`), its log in `DIR/<node>.log`; returns
+    /// once it is ready, calling `each` while it waits.
+    pub fn spawn(
+        node: &Node,
+        dir: &Path,
+        instance: &str,
+        args: &[std::ffi::OsString],
+        each: impl FnMut(),
+    ) -> Result<Self> {
         let state = dir.join(&node.name);
         let log = dir.join(format!("{}.log", node.name));
         let child = Command::new(probe_exe()?)
@@ -264,16 +283,12 @@ impl Agent {
             .arg(node.ns.path())
             .arg("exec")
             .arg(agent_exe()?)
-            .args(["local", "--config"])
-            .arg(config)
-            .args(["--node", &node.name, "--state-dir"])
+            .args(args)
+            .arg("--state-dir")
             .arg(&state)
-            .arg("--ca-dir")
-            .arg(dir.join("ca"))
             .arg("--cgroup")
             .arg(node.cgroup.path())
-            .args(["--instance", instance, "--poll-ms", "100"])
-            .args(extra)
+            .args(["--instance", instance])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

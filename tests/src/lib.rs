@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail, ensure};
 pub mod bench;
 pub mod cluster;
 pub mod k8s;
+pub mod k8s_cluster;
 pub mod lab;
 
 pub use k8s::block_on_in_netns;

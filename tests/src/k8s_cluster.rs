@@ -1,0 +1,466 @@
+//! A two-node cluster in Kubernetes mode for end-to-end tests (`tests/k8s_mode.rs`): the nodes
+//! and pods of [`crate::cluster`] (network namespaces, child cgroups, real eBPF), a real
+//! kube-apiserver and etcd ([`crate::k8s::ControlPlane`]) running in node a's namespace and
+//! reached by both agents on node a's address, and one `mesh-agent node` per node fed by it,
+//! running with the `nodemesh-agent` ServiceAccount's own token and the chart's RBAC.
+//!
+//! There is no kubelet: a pod is created as an API object (with `spec.nodeName`), then built on
+//! its node as a kubelet would — a network namespace, the kubelet's cgroup names with the UID the
+//! API server gave it (node a as the systemd driver names them, node b as cgroupfs does), a
+//! pause process in the sandbox container — and its `status.podIP` written through the status
+//! subresource. The agents find the pods' namespaces through those cgroups
+//! (`mesh_agent::podns`), as on a real node.
+
+use std::{
+    ffi::OsString,
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::{
+    ChildCgroup, NetNs,
+    cluster::{Agent, Node, Pod, node},
+    k8s::{ControlPlane, Network, Options},
+    probe_exe, require_root, unique_prefix,
+};
+
+/// Node link, pods and tunnel addresses (all inside the test's own namespaces).
+pub const NODE_A: &str = "10.170.0.1";
+pub const NODE_B: &str = "10.170.0.2";
+pub const TUNNEL_A: &str = "169.254.170.1";
+pub const TUNNEL_B: &str = "169.254.170.2";
+/// Pods on node a are `10.171.<i>.2`, on node b `10.172.<i>.2`.
+const PODS: [u8; 2] = [171, 172];
+/// The namespace the test's workloads live in.
+pub const NS: &str = "demo";
+/// The enrollment label.
+pub const ENROLL: &str = "nodemesh.io/dataplane=enabled";
+const SYSTEM_NS: &str = "nodemesh-system";
+
+/// Node `i`'s cgroup levels above the pods (`kubepods.slice/kubepods-besteffort.slice` or
+/// `kubepods/besteffort`), removed innermost first.
+struct KubeletRoot {
+    levels: Vec<ChildCgroup>,
+    systemd: bool,
+}
+
+impl KubeletRoot {
+    fn new(node: &Node, systemd: bool) -> Result<Self> {
+        let base = relative(node.cgroup.path())?;
+        let names: [&str; 2] = if systemd {
+            ["kubepods.slice", "kubepods-besteffort.slice"]
+        } else {
+            ["kubepods", "besteffort"]
+        };
+        let mut levels = Vec::new();
+        let mut at = base;
+        for n in names {
+            at = at.join(n);
+            levels.push(ChildCgroup::new(&at.to_string_lossy())?);
+        }
+        Ok(Self { levels, systemd })
+    }
+
+    fn path(&self) -> Result<PathBuf> {
+        relative(self.levels.last().context("levels")?.path())
+    }
+}
+
+impl Drop for KubeletRoot {
+    fn drop(&mut self) {
+        while let Some(level) = self.levels.pop() {
+            drop(level);
+        }
+    }
+}
+
+fn relative(path: &Path) -> Result<PathBuf> {
+    let root = mesh_agent::cgroup::cgroup2_mount()?;
+    Ok(path.strip_prefix(&root)?.to_path_buf())
+}
+
+/// A pod built the way a kubelet would (see the module comment). `pod.cgroup` is its app
+/// container's cgroup (where echo servers and probes run).
+pub struct KPod {
+    pub name: String,
+    pub uid: String,
+    pub node: usize,
+    pause: Child,
+    /// Field order is drop order: the app container's cgroup and the namespace (`pod`), then
+    /// the sandbox's cgroup, then the pod's.
+    pub pod: Pod,
+    _sandbox: ChildCgroup,
+    _pod_cg: ChildCgroup,
+}
+
+impl Drop for KPod {
+    fn drop(&mut self) {
+        // The cgroups can only go once the pause process has.
+        let _ = self.pause.kill();
+        let _ = self.pause.wait();
+    }
+}
+
+/// The cluster. Field order is drop order: agents, pods, cgroup levels, control plane, nodes.
+pub struct KCluster {
+    pub agents: Vec<Agent>,
+    pub pods: Vec<KPod>,
+    roots: Vec<KubeletRoot>,
+    pub cp: ControlPlane,
+    pub nodes: Vec<Node>,
+    pub dir: tempfile::TempDir,
+    prefix: String,
+    next_pod: [u8; 2],
+}
+
+impl KCluster {
+    /// Two nodes and a control plane in node a's namespace with the CRDs, the chart's
+    /// ServiceAccounts and RBAC, both Node objects, and namespace [`NS`] (enrolled when
+    /// `enrolled`). No pods and no agents yet.
+    pub fn up(enrolled: bool) -> Result<Self> {
+        require_root();
+        let prefix = unique_prefix();
+        let a = node(&prefix, "node-a")?;
+        let b = node(&prefix, "node-b")?;
+        crate::veth(
+            &a.ns,
+            "wire0",
+            &format!("{NODE_A}/24"),
+            &b.ns,
+            "wire0",
+            &format!("{NODE_B}/24"),
+        )?;
+        a.ns.exec(&["ip", "route", "add", "10.172.0.0/16", "via", NODE_B])?;
+        b.ns.exec(&["ip", "route", "add", "10.171.0.0/16", "via", NODE_A])?;
+        a.ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        b.ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        let node_a_ip: IpAddr = NODE_A.parse()?;
+        let cp = ControlPlane::start_with(Options {
+            network: Network::Existing(a.ns.path()),
+            extra_sans: vec![node_a_ip],
+            ..Options::new(&prefix)
+        })?;
+        let roots = vec![KubeletRoot::new(&a, true)?, KubeletRoot::new(&b, false)?];
+        let cluster = Self {
+            agents: Vec::new(),
+            pods: Vec::new(),
+            roots,
+            cp,
+            nodes: vec![a, b],
+            dir: tempfile::tempdir()?,
+            prefix,
+            next_pod: [1, 1],
+        };
+        cluster.install()?;
+        for (name, ip) in [("node-a", NODE_A), ("node-b", NODE_B)] {
+            cluster.cp.apply(&format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n"
+            ))?;
+            cluster.cp.kubectl(&[
+                "patch",
+                "node",
+                name,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &format!(
+                    r#"{{"status":{{"addresses":[{{"type":"InternalIP","address":"{ip}"}}]}}}}"#
+                ),
+            ])?;
+        }
+        let labels = if enrolled {
+            "\n  labels:\n    nodemesh.io/dataplane: enabled"
+        } else {
+            ""
+        };
+        cluster.cp.apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}{labels}\n---\n\
+             apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: client\n  namespace: {NS}\n---\n\
+             apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: server\n  namespace: {NS}\n"
+        ))?;
+        Ok(cluster)
+    }
+
+    /// The CRDs (charts/nodemesh/crds) and the chart's templates (ServiceAccounts, RBAC) as
+    /// `helm template` renders them.
+    fn install(&self) -> Result<()> {
+        let chart = crate::k8s::workspace_root().join("charts/nodemesh");
+        for entry in fs::read_dir(chart.join("crds"))? {
+            let path = entry?.path();
+            self.cp.apply(&fs::read_to_string(&path)?)?;
+        }
+        self.cp.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd/authorizationpolicies.security.nodemesh.io",
+            "crd/peerauthentications.security.nodemesh.io",
+        ])?;
+        self.cp.apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {SYSTEM_NS}\n"
+        ))?;
+        let out = Command::new(self.cp.binaries().helm())
+            .args(["template", "nodemesh"])
+            .arg(&chart)
+            .args(["--namespace", SYSTEM_NS])
+            .env("HELM_CACHE_HOME", self.dir.path().join("helm/cache"))
+            .env("HELM_CONFIG_HOME", self.dir.path().join("helm/config"))
+            .env("HELM_DATA_HOME", self.dir.path().join("helm/data"))
+            .output()
+            .context("helm template")?;
+        ensure!(
+            out.status.success(),
+            "helm template failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.cp.apply(&String::from_utf8_lossy(&out.stdout))?;
+        Ok(())
+    }
+
+    /// Creates pod `name` (service account `sa`, label `app: <app>`) on node `n` (0 or 1): the
+    /// API object, then its namespace, cgroups and pause process, then its status (Running,
+    /// its address). Returns its index in [`KCluster::pods`].
+    pub fn add_pod(&mut self, name: &str, sa: &str, app: &str, n: usize) -> Result<usize> {
+        let node_name = ["node-a", "node-b"][n];
+        self.cp.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  \
+             labels:\n    app: {app}\nspec:\n  nodeName: {node_name}\n  serviceAccountName: {sa}\n  \
+             containers:\n  - name: app\n    image: registry.k8s.io/pause:3.10\n    ports:\n    \
+             - containerPort: 8080\n"
+        ))?;
+        let uid = self
+            .cp
+            .kubectl(&[
+                "get",
+                "pod",
+                name,
+                "-n",
+                NS,
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ])?
+            .trim()
+            .to_owned();
+        ensure!(!uid.is_empty(), "pod {name} has no UID");
+        let i = self.next_pod[n];
+        self.next_pod[n] += 1;
+        let net = PODS[n];
+        let node = &self.nodes[n];
+        let ns = NetNs::new(&format!("{}-{name}", self.prefix))?;
+        let (gw, ip) = (format!("10.{net}.{i}.1"), format!("10.{net}.{i}.2"));
+        crate::veth(
+            &node.ns,
+            &short_if(&format!("v{name}")),
+            &format!("{gw}/24"),
+            &ns,
+            "eth0",
+            &format!("{ip}/24"),
+        )?;
+        ns.exec(&["ip", "route", "add", "default", "via", &gw])?;
+        let root = &self.roots[n];
+        let id = |what: &str| format!("{:016x}", fnv(&format!("{uid}/{what}")));
+        let (pod_dir, sandbox_dir, app_dir) = if root.systemd {
+            let pod = root.path()?.join(format!(
+                "kubepods-besteffort-pod{}.slice",
+                uid.replace('-', "_")
+            ));
+            let sandbox = pod.join(format!("cri-containerd-{}.scope", id("sandbox")));
+            let app = pod.join(format!("cri-containerd-{}.scope", id("app")));
+            (pod, sandbox, app)
+        } else {
+            let pod = root.path()?.join(format!("pod{uid}"));
+            (pod.clone(), pod.join(id("sandbox")), pod.join(id("app")))
+        };
+        let pod_cg = ChildCgroup::new(&pod_dir.to_string_lossy())?;
+        let sandbox = ChildCgroup::new(&sandbox_dir.to_string_lossy())?;
+        let app = ChildCgroup::new(&app_dir.to_string_lossy())?;
+        let pause = start_pause(sandbox.path(), &ns.path())?;
+        self.pods.push(KPod {
+            name: name.to_owned(),
+            uid,
+            node: n,
+            pause,
+            pod: Pod {
+                cgroup: app,
+                ns,
+                ip: ip.clone(),
+            },
+            _sandbox: sandbox,
+            _pod_cg: pod_cg,
+        });
+        self.cp.kubectl(&[
+            "patch",
+            "pod",
+            name,
+            "-n",
+            NS,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &format!(
+                r#"{{"status":{{"phase":"Running","podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#
+            ),
+        ])?;
+        Ok(self.pods.len() - 1)
+    }
+
+    /// Deletes pod `name` from the API (now, no grace) and then from its node.
+    pub fn delete_pod(&mut self, name: &str) -> Result<()> {
+        self.cp.kubectl(&[
+            "delete",
+            "pod",
+            name,
+            "-n",
+            NS,
+            "--grace-period=0",
+            "--force",
+            "--wait=false",
+        ])?;
+        self.pods.retain(|p| p.name != name);
+        Ok(())
+    }
+
+    pub fn pod(&self, name: &str) -> Result<&KPod> {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no pod {name}"))
+    }
+
+    /// Starts both agents (a, then b: the first creates the shared local CA) with the
+    /// `nodemesh-agent` ServiceAccount's token, reaching the API on node a's address.
+    pub fn start_agents(&mut self) -> Result<()> {
+        let kubeconfig = self.cp.service_account_kubeconfig(
+            SYSTEM_NS,
+            "nodemesh-agent",
+            Some(NODE_A.parse()?),
+        )?;
+        for n in 0..2 {
+            let agent = self.start_agent(n, &kubeconfig)?;
+            self.agents.push(agent);
+        }
+        Ok(())
+    }
+
+    fn start_agent(&self, n: usize, kubeconfig: &Path) -> Result<Agent> {
+        let node = &self.nodes[n];
+        let (tunnel, addr) = [(TUNNEL_A, NODE_A), (TUNNEL_B, NODE_B)][n];
+        let args: Vec<OsString> = vec![
+            "node".into(),
+            "--kubeconfig".into(),
+            kubeconfig.into(),
+            "--node".into(),
+            ["node-a", "node-b"][n].into(),
+            "--tunnel-ip4".into(),
+            tunnel.into(),
+            "--ca-dir".into(),
+            self.dir.path().join("ca").into(),
+            "--metrics-addr".into(),
+            format!("{addr}:15020").into(),
+        ];
+        let instance = format!("{}-{}", self.prefix, ["a", "b"][n]);
+        Agent::spawn(node, self.dir.path(), &instance, &args, || {})
+    }
+
+    /// A byte-exact round trip from pod `from` to `dst`; the error carries the probe's reason.
+    pub fn roundtrip(&self, from: &str, dst: SocketAddr) -> Result<()> {
+        let pod = &self.pod(from)?.pod;
+        let out = Command::new(probe_exe()?)
+            .arg(pod.cgroup.path())
+            .arg(pod.ns.path())
+            .arg("roundtrip")
+            .arg(dst.to_string())
+            .arg("hello-k8s")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// A connection from pod `from` that the test holds (reads time out after 10 s).
+    pub fn hold(&self, from: &str, dst: SocketAddr) -> Result<std::net::TcpStream> {
+        let pod = &self.pod(from)?.pod;
+        let ns = pod.ns.path();
+        let stream = crate::with_process_in_cgroup(pod.cgroup.path(), || {
+            Ok(mesh_agent::netns::in_netns(&ns, move || {
+                std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+            })?)
+        })?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(stream)
+    }
+
+    /// Every agent's log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.agents
+            .iter()
+            .map(|a| format!("--- {}\n{}", a.log.display(), a.logs()))
+            .collect()
+    }
+}
+
+/// Polls `f` until it returns `Ok(true)` or `within` passes; the error says what was awaited
+/// and carries the last error seen.
+pub fn until(what: &str, within: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + within;
+    let mut last = String::new();
+    loop {
+        match f() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{what}: not within {within:?} (last error: {last})"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start_pause(cgroup: &Path, netns: &Path) -> Result<Child> {
+    use std::os::unix::fs::MetadataExt;
+    let child = Command::new(probe_exe()?)
+        .arg(cgroup)
+        .arg(netns)
+        .args(["exec", "sleep", "infinity"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start a pod's pause process")?;
+    let want = fs::metadata(netns)?.ino();
+    let ns = PathBuf::from(format!("/proc/{}/ns/net", child.id()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::metadata(&ns).map(|m| m.ino()).ok() != Some(want) {
+        ensure!(
+            Instant::now() < deadline,
+            "the pause process did not enter {}",
+            netns.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(child)
+}
+
+fn short_if(name: &str) -> String {
+    let mut s = name.to_owned();
+    s.truncate(15);
+    s
+}
+
+fn fnv(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

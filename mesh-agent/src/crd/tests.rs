@@ -530,3 +530,41 @@ fn crds_have_status_subresource_short_names_and_printer_columns() {
         assert!(columns.contains(&"Accepted"), "{columns:?}");
     }
 }
+
+/// Every CEL rule sits under lists with `maxItems`, and the product of those bounds stays
+/// within what `policy::schema` budgets for: an unbounded list above a rule makes the API
+/// server's cost estimate explode and the CRD is refused.
+#[test]
+fn cel_rules_sit_under_bounded_lists() {
+    fn walk(schema: &Value, runs: u64, path: &str, found: &mut Vec<(String, u64)>) {
+        if schema.get("x-kubernetes-validations").is_some() {
+            found.push((path.to_owned(), runs));
+        }
+        if let Some(props) = schema["properties"].as_object() {
+            for (k, sub) in props {
+                walk(sub, runs, &format!("{path}.{k}"), found);
+            }
+        }
+        if let Some(items) = schema.get("items") {
+            let max = schema["maxItems"].as_u64().unwrap_or_else(|| {
+                // Only a list with no rule below it may be unbounded.
+                let mut below = Vec::new();
+                walk(items, 1, path, &mut below);
+                assert!(below.is_empty(), "{path} is unbounded above CEL rules");
+                1
+            });
+            walk(items, runs * max, &format!("{path}[]"), found);
+        }
+    }
+    for kind in ["AuthorizationPolicy", "PeerAuthentication"] {
+        let mut found = Vec::new();
+        walk(&schema_of(kind), 1, "", &mut found);
+        assert!(!found.is_empty(), "{kind} has CEL rules");
+        for (path, runs) in found {
+            assert!(
+                runs <= 256 * 128,
+                "{kind} {path}: a rule may run {runs} times"
+            );
+        }
+    }
+}

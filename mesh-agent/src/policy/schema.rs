@@ -20,12 +20,20 @@ use serde_json::{Value, json};
 
 use super::{L4_CONDITION_KEYS, Problem, spec::Unsupported};
 
-/// Bound on `rules`, and on `from`, `to` and `when` in one rule (see the module comment).
-pub const MAX_LIST_ITEMS: u64 = 512;
+/// Bounds on the lists CEL rules sit under (see the module comment). The API server multiplies
+/// a rule's cost by how many times it can run (the product of the bounds of the lists above
+/// it) and refuses a rule over 10^7 (and a CRD over 10^8 in total): the `when` key rule costs
+/// about 160 per run at [`MAX_CONDITION_KEY_LENGTH`], times 256 × 64 runs. Far above what a
+/// hand-written policy holds.
+pub const MAX_RULES: u64 = 256;
+/// `from` and `to` entries of one rule.
+pub const MAX_FROM_TO: u64 = 128;
+/// `when` conditions of one rule.
+pub const MAX_CONDITIONS: u64 = 64;
 
-/// Bound on a `when` key's length: the longest L4 key is 18 characters; Istio's L7 keys
-/// (`request.auth.claims[...]`) stay well below this too.
-pub const MAX_CONDITION_KEY_LENGTH: u64 = 1024;
+/// Bound on a `when` key's length (the rule compares it with each L4 key): the longest L4 key
+/// has 18 characters, Istio's L7 keys (`request.auth.claims[groups]`) stay well below.
+pub const MAX_CONDITION_KEY_LENGTH: u64 = 256;
 
 /// A port number from 1 to 65535 written as a string, as Istio writes `ports`; leading zeros
 /// are accepted as the agent accepts them (with [`PORT_MAX_LENGTH`]: at most five digits).
@@ -80,13 +88,13 @@ pub(super) fn authorization_policy_spec(schema: &mut Schema) {
         &Problem::CustomAction.to_string(),
         Some("action"),
     );
-    bound_list(schema, "rules");
+    bound_list(schema, "rules", MAX_RULES);
 }
 
 pub(super) fn rule(schema: &mut Schema) {
-    for list in ["from", "to", "when"] {
-        bound_list(schema, list);
-    }
+    bound_list(schema, "from", MAX_FROM_TO);
+    bound_list(schema, "to", MAX_FROM_TO);
+    bound_list(schema, "when", MAX_CONDITIONS);
 }
 
 pub(super) fn source(schema: &mut Schema) {
@@ -185,9 +193,9 @@ fn push_validation(schema: &mut Schema, rule: Value) {
     }
 }
 
-fn bound_list(schema: &mut Schema, field: &str) {
+fn bound_list(schema: &mut Schema, field: &str, max: u64) {
     if let Some(p) = property(schema, field) {
-        p["maxItems"] = json!(MAX_LIST_ITEMS);
+        p["maxItems"] = json!(max);
     }
 }
 

@@ -44,17 +44,10 @@ pub const CONDITION_ACCEPTED: &str = "Accepted";
     category = "nodemesh",
     doc = "Istio's L4 AuthorizationPolicy, enforced by nodemesh's node agents. HTTP (L7) fields, \
            action CUSTOM and waypoint attachment (targetRef/targetRefs) are refused.",
-    printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
-    printcolumn(
-        name = "Accepted",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    // JSON forms: clippy's `duplicated_attributes` takes repeated `type_ = ".."` for duplicates.
+    printcolumn = r#"{"name": "Action", "type": "string", "jsonPath": ".spec.action"}"#,
+    printcolumn = r#"{"name": "Accepted", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(transparent)]
 pub struct AuthorizationPolicySpec(pub spec::AuthorizationPolicySpec);
@@ -74,17 +67,9 @@ pub struct AuthorizationPolicySpec(pub spec::AuthorizationPolicySpec);
     category = "nodemesh",
     doc = "Istio's PeerAuthentication (mTLS mode per workload and port), enforced by nodemesh's \
            node agents. Mode DISABLE is refused.",
-    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mtls.mode"),
-    printcolumn(
-        name = "Accepted",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".spec.mtls.mode"}"#,
+    printcolumn = r#"{"name": "Accepted", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(transparent)]
 pub struct PeerAuthenticationSpec(pub spec::PeerAuthenticationSpec);

@@ -31,6 +31,9 @@ pub const MAX_FROM_TO: u64 = 128;
 /// `when` conditions of one rule.
 pub const MAX_CONDITIONS: u64 = 64;
 
+/// Entries of `portLevelMtls` (a workload's ports).
+pub const MAX_PORT_LEVEL_MTLS: u64 = 128;
+
 /// Bound on a `when` key's length (the rule compares it with each L4 key): the longest L4 key
 /// has 18 characters, Istio's L7 keys (`request.auth.claims[groups]`) stay well below.
 pub const MAX_CONDITION_KEY_LENGTH: u64 = 256;
@@ -78,10 +81,21 @@ impl schemars::JsonSchema for Unsupported {
 }
 
 pub(super) fn authorization_policy_spec(schema: &mut Schema) {
-    for field in ["targetRef", "targetRefs"] {
-        forbid(schema, field, &Problem::TargetRef { field });
-    }
-    forbid(schema, "provider", &Problem::Provider);
+    forbid(
+        schema,
+        "targetRef",
+        Shape::Object,
+        &Problem::TargetRef { field: "targetRef" },
+    );
+    forbid(
+        schema,
+        "targetRefs",
+        Shape::ObjectList,
+        &Problem::TargetRef {
+            field: "targetRefs",
+        },
+    );
+    forbid(schema, "provider", Shape::Object, &Problem::Provider);
     add_rule(
         schema,
         "!has(self.action) || self.action != 'CUSTOM'",
@@ -99,13 +113,23 @@ pub(super) fn rule(schema: &mut Schema) {
 
 pub(super) fn source(schema: &mut Schema) {
     for field in SOURCE_L7_FIELDS {
-        forbid(schema, field, &Problem::L7Field { field });
+        forbid(
+            schema,
+            field,
+            Shape::StringList,
+            &Problem::L7Field { field },
+        );
     }
 }
 
 pub(super) fn operation(schema: &mut Schema) {
     for field in OPERATION_L7_FIELDS {
-        forbid(schema, field, &Problem::L7Field { field });
+        forbid(
+            schema,
+            field,
+            Shape::StringList,
+            &Problem::L7Field { field },
+        );
     }
     for list in ["ports", "notPorts"] {
         if let Some(items) = property(schema, list).and_then(|p| p.get_mut("items")) {
@@ -150,6 +174,22 @@ pub(super) fn condition(schema: &mut Schema) {
     );
 }
 
+/// `portLevelMtls` is a map keyed by port: schemars writes `patternProperties` for integer
+/// keys, which CRD schemas do not support; the keys become plain strings (the agent checks that
+/// they are ports), the values keep their schema.
+pub(super) fn peer_authentication_spec(schema: &mut Schema) {
+    let Some(p) = property(schema, "portLevelMtls").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let value_schema = p
+        .remove("patternProperties")
+        .and_then(|pp| pp.as_object().and_then(|m| m.values().next().cloned()));
+    if let Some(v) = value_schema {
+        p.insert("additionalProperties".into(), v);
+    }
+    p.insert("maxProperties".into(), json!(MAX_PORT_LEVEL_MTLS));
+}
+
 pub(super) fn mutual_tls(schema: &mut Schema) {
     add_rule(
         schema,
@@ -159,12 +199,34 @@ pub(super) fn mutual_tls(schema: &mut Schema) {
     );
 }
 
-/// Refuses `field` with the parser's reason when it is present (in any shape).
-fn forbid(schema: &mut Schema, field: &str, problem: &Problem) {
-    debug_assert!(
-        property(schema, field).is_some(),
-        "{field} must be declared so that it is not pruned"
-    );
+/// The shape Istio gives a refused field. CEL sees only typed fields (a rule naming an
+/// untyped `x-kubernetes-preserve-unknown-fields` property does not compile), so each refused
+/// field is declared with its Istio type: a value of another shape is refused by the type check
+/// instead of the reason, but refused all the same, never pruned.
+#[derive(Clone, Copy)]
+enum Shape {
+    StringList,
+    Object,
+    ObjectList,
+}
+
+/// Declares `field` with `shape` and refuses it, when present, with the parser's reason.
+fn forbid(schema: &mut Schema, field: &str, shape: Shape, problem: &Problem) {
+    let any_object = json!({ "type": "object", "x-kubernetes-preserve-unknown-fields": true });
+    let typed = match shape {
+        Shape::StringList => json!({ "type": "array", "items": { "type": "string" } }),
+        Shape::Object => any_object,
+        Shape::ObjectList => json!({ "type": "array", "items": any_object }),
+    };
+    let Some(p) = property(schema, field) else {
+        debug_assert!(false, "{field} must be declared so that it is not pruned");
+        return;
+    };
+    let description = p.get("description").cloned();
+    *p = typed;
+    if let Some(d) = description {
+        p["description"] = d;
+    }
     add_rule(
         schema,
         &format!("!has(self.{field})"),

@@ -272,6 +272,7 @@ pub struct PeerAuthentication {
 /// Istio's `PeerAuthentication` spec.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = schema::peer_authentication_spec)]
 pub struct PeerAuthenticationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,

@@ -20,7 +20,10 @@ use mesh_agent::{
     policy::spec::API_VERSION,
     rbac::{COMPONENTS, Permission},
 };
-use nodemesh_tests::{k8s::ControlPlane, require_root, unique_prefix};
+use nodemesh_tests::{
+    k8s::{ControlPlane, pinned_version},
+    require_root, unique_prefix,
+};
 use serde_json::{Value, json};
 
 fn workspace() -> PathBuf {
@@ -150,7 +153,11 @@ fn generated_crds_are_served_and_refuse_what_the_agent_refuses() -> Result<()> {
     );
 
     // L7 operation fields: refused, with the reason, never pruned into a broader DENY.
-    for field in ["methods: [\"POST\"]", "paths: [\"/admin\"]", "hosts: [\"a.example\"]"] {
+    for field in [
+        "methods: [\"POST\"]",
+        "paths: [\"/admin\"]",
+        "hosts: [\"a.example\"]",
+    ] {
         let err = refused(&cp, &deny_with(field))?;
         let name = field.split(':').next().expect("a field");
         assert!(
@@ -167,7 +174,10 @@ fn generated_crds_are_served_and_refuse_what_the_agent_refuses() -> Result<()> {
             "requestPrincipals: [\"issuer/subject\"]",
         ),
     )?;
-    assert!(err.contains("`requestPrincipals` is an HTTP (L7) attribute"), "{err}");
+    assert!(
+        err.contains("`requestPrincipals` is an HTTP (L7) attribute"),
+        "{err}"
+    );
     // An L7 condition key.
     let err = refused(
         &cp,
@@ -203,7 +213,10 @@ fn generated_crds_are_served_and_refuse_what_the_agent_refuses() -> Result<()> {
         &cp,
         &ported(ISTIO_L4_POLICY).replace("action: ALLOW", "action: REJECT"),
     )?;
-    assert!(err.contains("REJECT") && err.contains("spec.action"), "{err}");
+    assert!(
+        err.contains("REJECT") && err.contains("spec.action"),
+        "{err}"
+    );
     // A port out of range.
     let err = refused(
         &cp,
@@ -211,7 +224,8 @@ fn generated_crds_are_served_and_refuse_what_the_agent_refuses() -> Result<()> {
     )?;
     assert!(err.contains("70000") && err.contains("ports[0]"), "{err}");
     // mTLS DISABLE, and a mode that does not exist.
-    let pa = std::fs::read_to_string(workspace().join("docs/examples/peerauthentication-strict.yaml"))?;
+    let pa =
+        std::fs::read_to_string(workspace().join("docs/examples/peerauthentication-strict.yaml"))?;
     let err = refused(&cp, &pa.replace("mode: STRICT", "mode: DISABLE"))?;
     assert!(err.contains("mode DISABLE is not supported"), "{err}");
     let err = refused(&cp, &pa.replace("mode: STRICT", "mode: STRICTEST"))?;
@@ -280,7 +294,14 @@ fn candidate_permissions() -> BTreeSet<(String, String)> {
 }
 
 const VERBS: [&str; 8] = [
-    "get", "list", "watch", "create", "update", "patch", "delete", "deletecollection",
+    "get",
+    "list",
+    "watch",
+    "create",
+    "update",
+    "patch",
+    "delete",
+    "deletecollection",
 ];
 
 /// What the API server's authorizer allows ServiceAccount `ns/sa`, out of the candidates, in
@@ -338,7 +359,12 @@ fn allowed(
             None => answers.push(v),
         }
     }
-    ensure!(answers.len() == asked.len(), "{} answers for {} reviews", answers.len(), asked.len());
+    ensure!(
+        answers.len() == asked.len(),
+        "{} answers for {} reviews",
+        answers.len(),
+        asked.len()
+    );
     Ok(asked
         .into_iter()
         .zip(answers)
@@ -361,6 +387,8 @@ fn chart_rbac_grants_each_component_exactly_its_list() -> Result<()> {
         .args(["template", "nodemesh"])
         .arg(&chart)
         .args(["--namespace", release_ns])
+        // Offline, Helm 3 assumes Kubernetes 1.20, below the chart's kubeVersion.
+        .args(["--kube-version", &pinned_version("KUBERNETES_VERSION")?])
         .output()
         .context("cannot run helm")?;
     ensure!(
@@ -386,7 +414,10 @@ fn chart_rbac_grants_each_component_exactly_its_list() -> Result<()> {
         let here = allowed(&cp, release_ns, &sa, Some(release_ns))?;
         let mut want_here = want.clone();
         want_here.extend(component.release_namespace_set());
-        assert_eq!(here, want_here, "{sa} in the release namespace {release_ns}");
+        assert_eq!(
+            here, want_here,
+            "{sa} in the release namespace {release_ns}"
+        );
     }
     Ok(())
 }

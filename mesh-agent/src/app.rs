@@ -1,6 +1,8 @@
 //! `mesh-agent local`: the whole node agent wired together, fed from the local YAML file.
 //!
-//! [`build`] loads the model (the first load must be valid), opens the local CA, brings up the
+//! [`build`] loads the model (the first load must be valid), claims the instance ([`Pins::lock`]:
+//! a second agent of the same `--instance` fails there, before touching anything of the running
+//! one), opens the local CA, brings up the
 //! datapath (pins under the instance, attach at the cgroup, tunnel interface and address), programs
 //! the maps from the model ([`compute`] + [`crate::reconcile`]), binds and starts the tunnel
 //! (inbound on the node address, outbound on the tunnel address) and returns the bound addresses
@@ -27,7 +29,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{Datapath, LoadOptions, Pins},
+    datapath::{Datapath, InstanceLock, LoadOptions, Pins},
     identity::{CertCache, LocalCa, SpiffeId},
     local_config::{DEFAULT_POLL_INTERVAL, LocalConfigSource},
     model::{ClusterModel, ObjectKey},
@@ -198,6 +200,8 @@ pub struct Running {
     drain: drain::Trigger,
     background: Vec<tokio::task::JoinHandle<()>>,
     ready: ReadyFile,
+    /// Held while the agent runs (after `ready` drops: fields drop in declaration order).
+    _instance_lock: InstanceLock,
     agent_metrics: crate::metrics::agent::AgentMetrics,
     quit: Arc<tokio::sync::Notify>,
     servers: observability::Servers,
@@ -216,6 +220,10 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
     let model = models.borrow().clone();
     let node = model.this_node().clone();
     info!(node = %node.name, address = %node.address, tunnel = %node.tunnel_address, config = %opts.config.display(), "starting the local agent");
+    // One agent per instance, claimed before anything is touched: a second one started by
+    // mistake fails here and leaves the running one's pins, state, ready file and interface alone.
+    let pins = Pins::new(&opts.bpffs, &opts.instance)?;
+    let instance_lock = pins.lock()?;
     obs.serve_stats_early(&opts.observability, &node).await?;
 
     let state_dir = opts.state_dir();
@@ -250,7 +258,6 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
         Some(p) => p.clone(),
         None => crate::cgroup::cgroup2_mount().context("cannot find the cgroup v2 hierarchy")?,
     };
-    let pins = Pins::new(&opts.bpffs, &opts.instance)?;
     let mut datapath = Datapath::load_with(Some(&pins), &LoadOptions::default())?;
     datapath.attach(&cgroup)?;
     if let Some(own) = own_cgroup()
@@ -373,6 +380,7 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
         drain: trigger,
         background,
         ready,
+        _instance_lock: instance_lock,
         agent_metrics,
         quit,
         servers,

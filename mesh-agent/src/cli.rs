@@ -47,6 +47,14 @@ enum Command {
         #[arg(long, default_value = Pins::DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
+    /// Write the CustomResourceDefinitions generated from the policy types into a directory
+    /// (`cargo xtask codegen` runs this for `charts/nodemesh/crds/`).
+    #[command(hide = true)]
+    WriteCrds {
+        /// The directory to write `<plural>.<group>.yaml` files into.
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -320,6 +328,15 @@ pub fn main() -> ExitCode {
         Command::Node(args) => run_node(args),
         Command::Local(args) => run_local(args),
         Command::Uninstall { instance, bpffs } => run_uninstall(bpffs, &instance),
+        Command::WriteCrds { out_dir } => match crate::crd::write_all(&out_dir) {
+            Ok(written) => {
+                for path in written {
+                    println!("wrote {}", path.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => report(&e),
+        },
     }
 }
 

@@ -12,6 +12,7 @@ mod error;
 mod eval;
 mod matcher;
 mod peer;
+pub mod schema;
 pub mod spec;
 
 pub use compile::{

@@ -3,6 +3,7 @@
 
 mod bench;
 mod build_ebpf;
+mod codegen;
 mod k8s;
 mod lab;
 mod setup;
@@ -25,6 +26,9 @@ enum Command {
     Setup(setup::Options),
     /// Build the eBPF object that mesh-agent embeds.
     BuildEbpf(build_ebpf::Options),
+    /// Regenerate the committed files derived from Rust types (the chart's CRDs); a test fails
+    /// when they are stale.
+    Codegen(codegen::Options),
     /// Everything CI checks: setup, eBPF build, fmt, clippy (host and eBPF), unit and root tests.
     Test(test::Options),
     /// The local lab: two nodes and their pods on this machine (`up`, the default; `down`;
@@ -43,6 +47,7 @@ fn main() {
     let result = match cli.command {
         Command::Setup(opts) => setup::run(opts),
         Command::BuildEbpf(opts) => build_ebpf::run(opts),
+        Command::Codegen(opts) => codegen::run(opts),
         Command::Test(opts) => test::run(opts),
         Command::Lab(opts) => lab::run(opts),
         Command::Bench(opts) => bench::run(opts),

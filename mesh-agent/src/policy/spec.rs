@@ -8,7 +8,10 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
+
+use super::schema;
 
 /// The `apiVersion` of nodemesh's policy objects. Istio users port a policy by replacing
 /// `security.istio.io/v1` (or `v1beta1`) with this.
@@ -50,15 +53,16 @@ pub struct AuthorizationPolicy {
 }
 
 /// Istio's `AuthorizationPolicy` spec.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = schema::authorization_policy_spec)]
 pub struct AuthorizationPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
     #[serde(default)]
     pub action: Action,
-    /// `None` (absent) and `Some(vec![])` both match nothing; `Some(vec![Rule::default()])`
-    /// (`rules: [{}]`) matches everything.
+    /// Absent or empty: the policy matches nothing. `rules: [{}]` (one empty rule) matches
+    /// every connection to the selected workloads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<Vec<Rule>>,
     /// Rejected: waypoint/gateway attachment.
@@ -73,7 +77,7 @@ pub struct AuthorizationPolicySpec {
 }
 
 /// `selector` of either policy kind.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadSelector {
     #[serde(default)]
@@ -82,7 +86,7 @@ pub struct WorkloadSelector {
 
 /// `action`. `AUDIT` never changes a decision; nodemesh reports the AUDIT policies that matched.
 /// `CUSTOM` parses so that it can be rejected with a reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Action {
     #[default]
@@ -94,8 +98,9 @@ pub enum Action {
 
 /// One entry of `rules`: `from` entries are ORed, `to` entries are ORed, `when` conditions are
 /// ANDed, and the three parts that are present are ANDed.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = schema::rule)]
 pub struct Rule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<Vec<From>>,
@@ -106,7 +111,7 @@ pub struct Rule {
 }
 
 /// `rules[].from[]`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct From {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -114,7 +119,7 @@ pub struct From {
 }
 
 /// `rules[].to[]`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct To {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -122,8 +127,9 @@ pub struct To {
 }
 
 /// `rules[].from[].source`: the fields present are ANDed, the values of one field ORed.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = schema::source)]
 pub struct Source {
     #[serde(
         default,
@@ -188,8 +194,9 @@ pub struct Source {
 }
 
 /// `rules[].to[].operation`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = schema::operation)]
 pub struct Operation {
     /// Port numbers as strings, as in Istio (`ports: ["8080"]`).
     #[serde(
@@ -225,8 +232,9 @@ pub struct Operation {
 }
 
 /// `rules[].when[]`: `values` ORed; `notValues` must all miss; both present are ANDed.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = schema::condition)]
 pub struct Condition {
     #[serde(default)]
     pub key: String,
@@ -262,8 +270,9 @@ pub struct PeerAuthentication {
 }
 
 /// Istio's `PeerAuthentication` spec.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = schema::peer_authentication_spec)]
 pub struct PeerAuthenticationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
@@ -275,15 +284,16 @@ pub struct PeerAuthenticationSpec {
 }
 
 /// `mtls` and the values of `portLevelMtls`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(transform = schema::mutual_tls)]
 pub struct MutualTls {
     #[serde(default)]
     pub mode: MtlsModeSpec,
 }
 
 /// `mtls.mode` as written. `DISABLE` parses so that it can be rejected with a reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum MtlsModeSpec {
     #[default]

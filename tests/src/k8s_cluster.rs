@@ -208,6 +208,10 @@ impl KCluster {
             .args(["template", "nodemesh"])
             .arg(&chart)
             .args(["--namespace", SYSTEM_NS])
+            .args([
+                "--kube-version",
+                &crate::k8s::pinned_version("KUBERNETES_VERSION")?,
+            ])
             .env("HELM_CACHE_HOME", self.dir.path().join("helm/cache"))
             .env("HELM_CONFIG_HOME", self.dir.path().join("helm/config"))
             .env("HELM_DATA_HOME", self.dir.path().join("helm/data"))

@@ -17,6 +17,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod datapath;
 pub mod identity;
+pub mod k8s;
 pub mod local_config;
 pub mod map_model;
 pub mod maps;

@@ -97,7 +97,9 @@ mod tests {
                 .expect("reserve a port")
                 .port();
             let addr = SocketAddr::from((ip, port));
-            let Ok(a) = bind_reuseport(addr, 16) else { continue };
+            let Ok(a) = bind_reuseport(addr, 16) else {
+                continue;
+            };
             let b = bind_reuseport(addr, 16).expect("second agent binds beside the first");
             return (a, b);
         }
@@ -121,7 +123,11 @@ mod tests {
         for addr in ["127.0.0.1:0", "[::1]:0", "0.0.0.0:0"] {
             let err = bind_reuseport(addr.parse().expect("addr"), 16)
                 .expect_err("SO_REUSEPORT on port 0 must be refused");
-            assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{addr}: {err}");
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::InvalidInput,
+                "{addr}: {err}"
+            );
             assert!(err.to_string().contains("port 0"), "{err}");
         }
         let l = bind_exclusive("127.0.0.1:0".parse().expect("addr"), 16).expect("exclusive");

@@ -69,3 +69,65 @@ impl NetnsFinder for NoNetns {
         ))
     }
 }
+
+/// A [`NetnsFinder`] reading `<dir>/<pod UID>` (a namespace file bind-mounted there, as
+/// `ip netns` does under `/run/netns`). Checks only that the file exists; opening it is the
+/// agent's job (and a failure there is retried too).
+#[derive(Debug, Clone)]
+pub struct DirNetns(pub PathBuf);
+
+impl NetnsFinder for DirNetns {
+    fn netns_of(&self, pod_uid: &str) -> Result<PathBuf, String> {
+        // A UID is a UUID; anything with a path separator is not one.
+        if pod_uid.is_empty() || pod_uid.contains('/') || pod_uid.starts_with('.') {
+            return Err(format!("`{pod_uid}` is not a pod UID"));
+        }
+        let path = self.0.join(pod_uid);
+        if path.exists() {
+            Ok(path)
+        } else {
+            Err(format!("{} does not exist", path.display()))
+        }
+    }
+}
+
+/// Why the API client cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot read the kubeconfig {path}")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no Kubernetes client configuration: pass --kubeconfig, set KUBECONFIG, or run in a pod \
+         with a service account"
+    )]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("cannot build the Kubernetes client")]
+    Client(#[source] kube::Error),
+}
+
+/// The API client: from `kubeconfig` when given, else kube's inference (KUBECONFIG,
+/// `~/.kube/config`, the in-cluster service account).
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, ClientError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|source| {
+                ClientError::Kubeconfig {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|source| ClientError::Kubeconfig {
+                    path: path.display().to_string(),
+                    source,
+                })?
+        }
+        None => kube::Config::infer().await.map_err(ClientError::Infer)?,
+    };
+    kube::Client::try_from(config).map_err(ClientError::Client)
+}

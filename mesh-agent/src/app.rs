@@ -1,6 +1,7 @@
-//! `mesh-agent local`: the whole node agent wired together, fed from the local YAML file.
+//! The whole node agent wired together, fed by a [`ModelFeed`] (the local YAML file for
+//! `mesh-agent local`, Kubernetes for `mesh-agent node`).
 //!
-//! [`build`] loads the model (the first load must be valid), opens the local CA, brings up the
+//! [`build_with`] takes the first model (the first load must be valid), opens the local CA, brings up the
 //! datapath (pins under the instance, attach at the cgroup, tunnel interface and address), programs
 //! the maps from the model ([`compute`] + [`crate::reconcile`]), binds and starts the tunnel
 //! (inbound on the node address, outbound on the tunnel address) and returns the bound addresses
@@ -281,7 +282,8 @@ pub struct Running {
     opts: AgentOptions,
     datapath: Arc<Mutex<Datapath>>,
     models: watch::Receiver<Arc<ClusterModel>>,
-    cookies: BTreeMap<ObjectKey, u64>,
+    /// Enrolled local workloads: the namespace path read and its cookie.
+    cookies: BTreeMap<ObjectKey, (PathBuf, u64)>,
     state: Arc<TunnelState>,
     authorizer: Arc<PolicyAuthorizer>,
     tunnel: tunnel::Running,
@@ -476,21 +478,25 @@ pub async fn build_with(opts: AgentOptions, feed: ModelFeed) -> Result<Running> 
     })
 }
 
-/// Reads the netns cookies of local workloads (keeping known ones) and reconciles the maps.
+/// Reads the netns cookies of local workloads (keeping known ones while their namespace path
+/// stays the same: a Kubernetes pod whose sandbox was recreated gets a new path) and reconciles
+/// the maps.
 fn program(
     datapath: &mut Datapath,
     model: &ClusterModel,
-    cookies: &mut BTreeMap<ObjectKey, u64>,
+    cookies: &mut BTreeMap<ObjectKey, (PathBuf, u64)>,
 ) -> Result<()> {
     let mut next = BTreeMap::new();
     for w in model.local_workloads() {
-        if let Some(&c) = cookies.get(&w.key) {
-            next.insert(w.key.clone(), c);
+        if let Some((path, c)) = cookies.get(&w.key)
+            && *path == w.netns
+        {
+            next.insert(w.key.clone(), (path.clone(), *c));
             continue;
         }
         match crate::netns::netns_cookie(&w.netns) {
             Ok(c) => {
-                next.insert(w.key.clone(), c);
+                next.insert(w.key.clone(), (w.netns.clone(), c));
             }
             Err(e) => {
                 warn!(workload = %w.key, netns = %w.netns.display(), error = %e,
@@ -499,7 +505,9 @@ fn program(
         }
     }
     *cookies = next;
-    let desired = compute::desired_state(model, cookies)?;
+    let by_key: BTreeMap<ObjectKey, u64> =
+        cookies.iter().map(|(k, (_, c))| (k.clone(), *c)).collect();
+    let desired = compute::desired_state(model, &by_key)?;
     let entries = reconcile::compile(&desired)?;
     let report = reconcile::reconcile(datapath, &entries)?;
     info!(

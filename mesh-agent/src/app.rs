@@ -1,7 +1,9 @@
 //! The whole node agent wired together, fed by a [`ModelFeed`] (the local YAML file for
 //! `mesh-agent local`, Kubernetes for `mesh-agent node`).
 //!
-//! [`build_with`] takes the first model (the first load must be valid), opens the local CA, brings up the
+//! [`build_with`] takes the first model (the first load must be valid), claims the instance
+//! ([`Pins::lock`]: a second agent of the same `--instance` fails there, before touching anything
+//! of the running one), opens the local CA, brings up the
 //! datapath (pins under the instance, attach at the cgroup, tunnel interface and address), programs
 //! the maps from the model ([`compute`] + [`crate::reconcile`]), binds and starts the tunnel
 //! (inbound on the node address, outbound on the tunnel address) and returns the bound addresses
@@ -28,7 +30,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{Datapath, LoadOptions, Pins},
+    datapath::{Datapath, InstanceLock, LoadOptions, Pins},
     identity::{CertCache, LocalCa, SpiffeId},
     local_config::{DEFAULT_POLL_INTERVAL, LocalConfigSource},
     model::{ClusterModel, ObjectKey},
@@ -290,6 +292,8 @@ pub struct Running {
     drain: drain::Trigger,
     background: Vec<tokio::task::JoinHandle<()>>,
     ready: ReadyFile,
+    /// Held while the agent runs (after `ready` drops: fields drop in declaration order).
+    _instance_lock: InstanceLock,
     agent_metrics: crate::metrics::agent::AgentMetrics,
     quit: Arc<tokio::sync::Notify>,
     servers: observability::Servers,
@@ -309,6 +313,10 @@ pub async fn build_with(opts: AgentOptions, feed: ModelFeed) -> Result<Running> 
     let model = models.borrow().clone();
     let node = model.this_node().clone();
     info!(node = %node.name, address = %node.address, tunnel = %node.tunnel_address, source = %feed.describe, "starting the agent");
+    // One agent per instance, claimed before anything is touched: a second one started by
+    // mistake fails here and leaves the running one's pins, state, ready file and interface alone.
+    let pins = Pins::new(&opts.bpffs, &opts.instance)?;
+    let instance_lock = pins.lock()?;
     obs.serve_stats_early(&opts.observability, &node).await?;
 
     let state_dir = opts.state_dir();
@@ -345,7 +353,6 @@ pub async fn build_with(opts: AgentOptions, feed: ModelFeed) -> Result<Running> 
         Some(p) => p.clone(),
         None => crate::cgroup::cgroup2_mount().context("cannot find the cgroup v2 hierarchy")?,
     };
-    let pins = Pins::new(&opts.bpffs, &opts.instance)?;
     let mut datapath = Datapath::load_with(Some(&pins), &LoadOptions::default())?;
     datapath.attach(&cgroup)?;
     if let Some(own) = own_cgroup()
@@ -471,6 +478,7 @@ pub async fn build_with(opts: AgentOptions, feed: ModelFeed) -> Result<Running> 
         drain: trigger,
         background,
         ready,
+        _instance_lock: instance_lock,
         agent_metrics,
         quit,
         servers,

@@ -131,9 +131,12 @@ struct NodeArgs {
     /// How long a service endpoint that could not be reached is skipped, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     ejection_ms: u64,
-    /// Where this node's pods' network namespaces are found by pod UID: `<dir>/<uid>` (a
-    /// bind-mounted namespace file). Until the /proc-scanning finder lands, pods whose namespace
-    /// is not there are not enrolled.
+    /// The host's processes, where this node's pods' network namespaces are found from the
+    /// kubelet's cgroup names (`hostPID: true`, or the host's /proc mounted here).
+    #[arg(long, default_value = crate::podns::DEFAULT_PROC_ROOT)]
+    proc_root: PathBuf,
+    /// Instead of scanning `--proc-root`: pods' network namespaces are `<dir>/<pod uid>`
+    /// (bind-mounted namespace files).
     #[arg(long)]
     pod_netns_dir: Option<PathBuf>,
     /// Log lines as `text` or `json` (Kubernetes mode); the filter starts from RUST_LOG
@@ -295,11 +298,11 @@ fn run_kubernetes(args: NodeArgs) -> ExitCode {
         },
         ..Default::default()
     };
-    // WIRING POINT (podns): the /proc-scanning finder (`crate::podns`) replaces the directory
-    // finder here (keep `--pod-netns-dir` for setups that bind-mount namespaces).
+    // Pods' network namespaces: found through the host's /proc (the kubelet's cgroup names),
+    // unless a directory of bind-mounted namespaces is given.
     let netns: std::sync::Arc<dyn crate::k8s::NetnsFinder> = match args.pod_netns_dir {
         Some(dir) => std::sync::Arc::new(crate::k8s::DirNetns(dir)),
-        None => std::sync::Arc::new(crate::k8s::NoNetns),
+        None => std::sync::Arc::new(crate::podns::ProcScanner::new(args.proc_root)),
     };
     let kubeconfig = args.kubeconfig;
     run_agent(async move {

@@ -114,6 +114,11 @@ pub enum DatapathError {
     NotBpffs { path: PathBuf },
     #[error("instance name `{0}` must be 1-64 characters of [A-Za-z0-9_.-] and not start with `.`")]
     BadInstance(String),
+    #[error(
+        "another agent runs instance `{instance}` (it holds the lock on {path}): stop it first, or \
+         start this one with another --instance; nothing of the running agent was touched"
+    )]
+    InstanceBusy { instance: String, path: PathBuf },
     #[error("cannot read CLOCK_MONOTONIC for the tunnel heartbeat: {0}")]
     Clock(#[source] nix::Error),
 }
@@ -845,7 +850,47 @@ impl Pins {
         self.version_dir().join("links")
     }
 
-    fn create_dirs(&self) -> Result<(), DatapathError> {
+    /// Claims the instance for this process: an exclusive `flock` on `<instance dir>` (created if
+    /// missing), held until the returned lock drops or the process exits (also on SIGKILL). A
+    /// second agent of the same instance gets [`DatapathError::InstanceBusy`] and must stop
+    /// before touching anything of the first (pins, state, ready file, interfaces).
+    pub fn lock(&self) -> Result<InstanceLock, DatapathError> {
+        self.check_bpffs()?;
+        std::fs::create_dir_all(&self.instance_dir).map_err(|source| DatapathError::PinDir {
+            path: self.instance_dir.clone(),
+            source,
+        })?;
+        self.lock_existing()
+    }
+
+    /// [`Pins::lock`] on an instance directory that exists.
+    fn lock_existing(&self) -> Result<InstanceLock, DatapathError> {
+        use std::os::fd::AsRawFd;
+        let dir = &self.instance_dir;
+        let pin_dir = |source| DatapathError::PinDir {
+            path: dir.clone(),
+            source,
+        };
+        let file = File::open(dir).map_err(pin_dir)?;
+        // SAFETY: flock on a descriptor owned by `file`, alive for the call; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(DatapathError::InstanceBusy {
+                    instance: dir
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    path: dir.clone(),
+                });
+            }
+            return Err(pin_dir(e));
+        }
+        Ok(InstanceLock { _dir: file })
+    }
+
+    fn check_bpffs(&self) -> Result<(), DatapathError> {
         // BPF_FS_MAGIC from linux/magic.h.
         let bpf_fs_magic = nix::sys::statfs::FsType(0xcafe_4a11);
         let is_bpffs = nix::sys::statfs::statfs(&self.bpffs)
@@ -856,12 +901,23 @@ impl Pins {
                 path: self.bpffs.clone(),
             });
         }
+        Ok(())
+    }
+
+    fn create_dirs(&self) -> Result<(), DatapathError> {
+        self.check_bpffs()?;
         for dir in [self.maps_dir(), self.links_dir()] {
             std::fs::create_dir_all(&dir)
                 .map_err(|source| DatapathError::PinDir { path: dir, source })?;
         }
         Ok(())
     }
+}
+
+/// One running agent's claim on its instance ([`Pins::lock`]); released on drop.
+#[derive(Debug)]
+pub struct InstanceLock {
+    _dir: File,
 }
 
 /// `BPF_OBJ_GET` on the pin, then `BPF_LINK_UPDATE` to `prog` (aya 0.14 exposes link updates
@@ -943,13 +999,14 @@ fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> std::io::Result
 }
 
 /// Removes every pin of the instance (all layout versions): its links detach once no process
-/// holds them any more (stop the agent first), and its maps are freed. Returns whether there was
-/// anything to remove.
+/// holds them any more, and its maps are freed. Returns whether there was anything to remove.
+/// Refuses ([`DatapathError::InstanceBusy`]) while an agent runs the instance: stop it first.
 pub fn uninstall(pins: &Pins) -> Result<bool, DatapathError> {
     let dir = pins.instance_dir();
     if !dir.exists() {
         return Ok(false);
     }
+    let _claim = pins.lock_existing()?;
     std::fs::remove_dir_all(dir).map_err(|source| DatapathError::PinDir {
         path: dir.to_path_buf(),
         source,

@@ -33,15 +33,11 @@ pub const POLICY_GROUP: &str = "security.nodemesh.io";
 /// The version of nodemesh's policy CRDs.
 pub const POLICY_VERSION: &str = "v1alpha1";
 
-/// Finds the network namespace of a pod of this node from its UID.
-///
-/// The seam between the pure conversion and the node's `/proc`: the real finder (the kubelet's
-/// cgroup names in `/proc/*/cgroup`, then `/proc/PID/ns/net`) lives in `crate::podns`; tests use
-/// [`FixedNetns`]. An error means "not found yet": the pod is left unenrolled and looked up
+/// Finds the network namespace of a pod of this node from its UID: the seam between the pure
+/// conversion and the node's `/proc` ([`crate::podns::ProcScanner`] on a real node; tests use
+/// [`FixedNetns`]). An error means "not found yet": the pod is left unenrolled and looked up
 /// again on the next recompute (at the latest after the source's re-scan interval).
-pub trait NetnsFinder: Send + Sync {
-    fn netns_of(&self, pod_uid: &str) -> Result<PathBuf, String>;
-}
+pub use crate::podns::NetnsFinder;
 
 /// A [`NetnsFinder`] with a fixed table (tests, and setups where a pod's namespace is known
 /// beforehand, such as the lab's `/run/netns/NAME`).
@@ -57,8 +53,8 @@ impl NetnsFinder for FixedNetns {
     }
 }
 
-/// A [`NetnsFinder`] that finds nothing: pods of this node are never enrolled. Used until the
-/// real finder (`crate::podns`) is wired (see `cli::run_node`).
+/// A [`NetnsFinder`] that finds nothing: pods of this node are never enrolled (a node that only
+/// routes, and tests).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoNetns;
 

@@ -4,7 +4,8 @@
 //! by the local-mode configuration file (`local_config`) or by Kubernetes (`k8s`, whose
 //! `convert` step is pure too), and the model of what goes into the eBPF maps (`map_model`). Seams: loading and attaching the eBPF programs (`datapath`), the trait
 //! every map write passes through (`maps`), level-triggered convergence (`reconcile`), reading
-//! network-namespace cookies for enrollment (`netns`), the node-local interface holding the tunnel
+//! network-namespace cookies for enrollment (`netns`), finding a Kubernetes pod's network
+//! namespace from its UID through `/proc` (`podns`), the node-local interface holding the tunnel
 //! address (`tunnel_iface`) and finding the cgroup v2 hierarchy (`cgroup`). Components: workload
 //! identities and certificates (`identity`), the HBONE tunnel (`tunnel`), the metrics registry
 //! (`metrics`), readiness gates (`readiness`) and the stats and admin HTTP servers (`admin`).
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod model;
 pub mod netns;
 pub mod node;
+pub mod podns;
 pub mod policy;
 pub mod readiness;
 pub mod reconcile;

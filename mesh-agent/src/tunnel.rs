@@ -16,6 +16,7 @@
 //! endpoints), [`LocalWorkloads`] (which workloads live on this node) and [`Authorizer`] (the
 //! policy engine).
 
+pub mod access;
 pub mod balance;
 pub mod connections;
 pub mod copy;

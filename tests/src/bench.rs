@@ -132,13 +132,9 @@ pub fn run_bench(workspace: &Path, config: &Path, out: &Path, plan: Plan) -> Res
         libc::signal(libc::SIGINT, handler);
         libc::signal(libc::SIGTERM, handler);
     }
-    // A previous run that crashed may have left its lab behind.
-    teardown(&lab).context("cannot clean up an earlier bench lab")?;
+    claim(&lab)?;
     let started = Instant::now();
-    let measured = measure(&lab, config, plan);
-    let down = teardown(&lab);
-    let (samples, idle_kb) = measured?;
-    down.context("bench lab teardown")?;
+    let (samples, idle_kb) = measure(&lab, config, plan)?;
     let report = report::Report::new(plan, &samples, idle_kb, started.elapsed());
     fs::create_dir_all(out)?;
     let md = report.markdown();
@@ -169,6 +165,18 @@ fn raw_cgroup(lab: &Lab) -> Result<PathBuf> {
         .join(RAW_CGROUP))
 }
 
+/// Makes the bench lab this invocation's: refuses (touching nothing) while a bench lab runs
+/// (`nm-bench up`, or another run), and removes what a crashed run left behind otherwise.
+fn claim(lab: &Lab) -> Result<()> {
+    ensure!(
+        !lab.is_running()?,
+        "the bench lab `{}` is up (`nm-bench up`, or another benchmark running): take it down with \
+         `target/release/nm-bench down` first; nothing was changed",
+        lab.prefix()
+    );
+    teardown(lab).context("cannot clean up an earlier bench lab")
+}
+
 /// Kills what runs in the raw cgroup and removes it, then takes the lab down.
 fn teardown(lab: &Lab) -> Result<()> {
     let raw = raw_cgroup(lab)?;
@@ -196,7 +204,7 @@ fn procs(cg: &Path) -> Vec<libc::pid_t> {
         .collect()
 }
 
-/// The agents: the processes directly in the node cgroups (pods are in child cgroups).
+/// The agents: the processes directly in the node cgroups (pods are in cgroups below them).
 fn agent_pids(lab: &Lab, topo: &serde_json::Value) -> Result<Vec<libc::pid_t>> {
     let mut pids = Vec::new();
     for n in topo["nodes"].as_array().context("lab.json has no nodes")? {
@@ -344,10 +352,19 @@ pub struct Setup {
     pub paths: Vec<PathSpec>,
 }
 
-/// Brings the bench lab up and starts the servers. On error the caller takes the lab down.
+/// Brings the bench lab up and starts the servers. On error it removes what it made: a failed
+/// `Lab::up` its own part, a later error the whole lab (this call made it).
 pub fn setup(lab: &Lab, config: &Path) -> Result<Setup> {
     println!("bench lab up from {} ...", config.display());
     let topo = lab.up(config).context("bench lab up")?;
+    servers_and_paths(lab, &topo).map_err(|e| match teardown(lab) {
+        Ok(()) => e,
+        Err(down) => e.context(format!("and taking the bench lab down failed: {down:#}")),
+    })
+}
+
+fn servers_and_paths(lab: &Lab, topo: &serde_json::Value) -> Result<Setup> {
+    let topo = topo.clone();
     check_interrupted()?;
     tune_namespaces(&topo)?;
     let agents = agent_pids(lab, &topo)?;
@@ -403,17 +420,11 @@ pub fn setup(lab: &Lab, config: &Path) -> Result<Setup> {
 }
 
 /// `nm-bench up`: the bench lab with its servers, left running for profiling; prints how to
-/// drive each path. `nm-bench down` (or the next `run`) removes it.
+/// drive each path. `nm-bench down` removes it (`run` and `up` refuse to start while it runs).
 pub fn up_only(workspace: &Path, config: &Path) -> Result<()> {
     let lab = Lab::new(PREFIX, workspace.join("target").join("bench").join("lab"))?;
-    teardown(&lab).context("cannot clean up an earlier bench lab")?;
-    let s = match setup(&lab, config) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = teardown(&lab);
-            return Err(e);
-        }
-    };
+    claim(&lab)?;
+    let s = setup(&lab, config)?;
     let exe = std::env::current_exe()?;
     for p in &s.paths {
         println!(
@@ -483,7 +494,11 @@ fn measure(lab: &Lab, config: &Path, plan: Plan) -> Result<(Vec<Sample>, u64)> {
         let _ = s.kill();
         let _ = s.wait();
     }
-    Ok((result?, idle_kb))
+    // This call made the lab (`setup`): it always takes it down.
+    let down = teardown(lab);
+    let samples = result?;
+    down.context("bench lab teardown")?;
+    Ok((samples, idle_kb))
 }
 
 /// Runs one test on one path; returns the generator's result, the agents' CPU seconds during

@@ -1,11 +1,12 @@
 //! The local lab (`cargo xtask lab`, binary `nm-lab`): the cluster of a local-mode file
 //! (`tests/lab/lab.yaml`) built on this machine. Each node is a network namespace
 //! `nm-lab-<node>` with a cgroup `<cgroup2>/nm-lab/<node>`; each workload a namespace (its
-//! `netns` path) and a child cgroup of its node's; veth pairs join pods to their node (the node
-//! side holds `<pod /24>.1`, the pod's gateway) and the two nodes to each other (their
-//! `address`es, one /24). One `mesh-agent local` (`nm-agent`) runs per node inside the node's
-//! namespace and cgroup, and an echo server on port 8080 in every pod whose name starts with
-//! `server`. The topology goes to `target/lab/lab.json`.
+//! `netns` path) and cgroups below its node's named the way the kubelet names them (see
+//! "Pods' cgroups"); veth pairs join pods to their node (the node side holds `<pod /24>.1`, the
+//! pod's gateway) and the two nodes to each other (their `address`es, one /24). One
+//! `mesh-agent local` (`nm-agent`) runs per node inside the node's namespace and cgroup, and an
+//! echo server on port 8080 in every pod whose name starts with `server`. The topology goes to
+//! `target/lab/lab.json`.
 //!
 //! Every name derives from the lab's prefix (`nm-lab` for `cargo xtask lab`; tests and the
 //! benchmark use their own, so they can run beside a user's lab), so `down` removes everything a
@@ -15,10 +16,26 @@
 //! so they must be named `/run/netns/<prefix>-…` too (`up` checks). Two labs' prefixes must not
 //! extend one another with a dash (`nm-lab` and `nm-lab-x`): `down` of the first would take the
 //! second's namespaces.
+//!
+//! `up` touches nothing while anything of the lab exists (`lab.json`, a namespace, the cgroup):
+//! a second `up` says the lab is already up and leaves it serving. An `up` that fails later
+//! removes exactly what it created (its processes, its agents' pins, namespaces and cgroups).
+//!
+//! Pods' cgroups: every pod has a UID (`metadata.uid`; [`Lab::with_pod_uid`] sets it, e.g. to the
+//! apiserver's, otherwise [`default_pod_uid`] derives one from the prefix and the pod's name) and
+//! lives where a kubelet would put it, so `mesh_agent::podns` finds its namespace for real: the
+//! first node's kubelet uses the systemd driver
+//! (`<node>/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice/`, `uid_`
+//! the UID with `_` for `-`, containers `cri-containerd-<id>.scope`), the second the cgroupfs one
+//! (`<node>/kubepods/besteffort/pod<uid>/<id>`). Each pod has a sandbox container running a pause
+//! process (`sleep`) for as long as the lab is up, and an app container (its `cgroup` in
+//! `lab.json`, where the echo servers and `lab exec` run).
 
 use std::{
+    collections::BTreeMap,
     fs,
     net::IpAddr,
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -44,6 +61,8 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 pub struct Lab {
     prefix: String,
     state: PathBuf,
+    /// Pod UIDs given by [`Lab::with_pod_uid`]; other pods get [`default_pod_uid`].
+    pod_uids: BTreeMap<String, String>,
 }
 
 impl Lab {
@@ -52,6 +71,7 @@ impl Lab {
         Self {
             prefix: PREFIX.to_owned(),
             state: workspace.join("target").join("lab"),
+            pod_uids: BTreeMap::new(),
         }
     }
 
@@ -68,7 +88,23 @@ impl Lab {
         Ok(Self {
             prefix: prefix.to_owned(),
             state,
+            pod_uids: BTreeMap::new(),
         })
+    }
+
+    /// Gives pod `name` the UID `uid` (e.g. the apiserver's `metadata.uid` of its Pod) instead of
+    /// [`default_pod_uid`]; its cgroups are named after it.
+    pub fn with_pod_uid(mut self, name: &str, uid: &str) -> Self {
+        self.pod_uids.insert(name.to_owned(), uid.to_owned());
+        self
+    }
+
+    /// The UID of pod `name` (`uid` in `lab.json`).
+    pub fn pod_uid(&self, name: &str) -> String {
+        self.pod_uids
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| default_pod_uid(&self.prefix, name))
     }
 
     pub fn prefix(&self) -> &str {
@@ -120,14 +156,203 @@ fn gateway(ip: IpAddr) -> Result<std::net::Ipv4Addr> {
     }
 }
 
+/// A UUID-shaped UID derived from the lab's prefix and a pod's name (stable across runs).
+pub fn default_pod_uid(prefix: &str, pod: &str) -> String {
+    let key = format!("{prefix}/{pod}");
+    let (a, b) = (
+        fnv1a(0xcbf2_9ce4_8422_2325, &key),
+        fnv1a(0x8422_2325_cbf2_9ce4, &key),
+    );
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        (b >> 48) & 0xfff,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+fn fnv1a(seed: u64, s: &str) -> u64 {
+    s.bytes().fold(seed, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The cgroups of a pod below its node's, named as a kubelet with the systemd or the cgroupfs
+/// driver names them: (its sandbox container's, its app container's).
+fn kubelet_cgroups(node_cg: &Path, systemd: bool, uid: &str) -> (PathBuf, PathBuf) {
+    let id = |what: &str| {
+        format!(
+            "{:016x}",
+            fnv1a(0xcbf2_9ce4_8422_2325, &format!("{uid}/{what}"))
+        )
+    };
+    if systemd {
+        let pod = node_cg.join(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        let ctr = |what: &str| pod.join(format!("cri-containerd-{}.scope", id(what)));
+        (ctr("sandbox"), ctr("app"))
+    } else {
+        let pod = node_cg.join(format!("kubepods/besteffort/pod{uid}"));
+        (pod.join(id("sandbox")), pod.join(id("app")))
+    }
+}
+
+/// Starts a pod's pause process in its sandbox cgroup and namespace and waits until it is there.
+fn start_pause(cgroup: &Path, netns: &Path) -> Result<std::process::Child> {
+    let child = Command::new(probe_exe()?)
+        .arg(cgroup)
+        .arg(netns)
+        .args(["exec", "sleep", "infinity"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start a pod's pause process")?;
+    let want = fs::metadata(netns)?.ino();
+    let ns = PathBuf::from(format!("/proc/{}/ns/net", child.id()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::metadata(&ns).map(|m| m.ino()).ok() != Some(want) {
+        ensure!(
+            Instant::now() < deadline,
+            "the pause process in {} did not enter {}",
+            cgroup.display(),
+            netns.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(child)
+}
+
 fn short_if(prefix: &str, name: &str) -> String {
     let mut s = format!("{prefix}{name}");
     s.truncate(15);
     s
 }
 
+/// What one `up` created, so that a failed `up` removes exactly that and nothing of a lab that
+/// was already there (a second `up` while the lab is up, or two at once).
+#[derive(Default)]
+struct Made {
+    children: Vec<std::process::Child>,
+    /// Pin instances of agents this `up` started.
+    instances: Vec<String>,
+    netns: Vec<String>,
+    /// Cgroups this `up` created, parents first.
+    cgroups: Vec<PathBuf>,
+}
+
+impl Made {
+    fn netns_add(&mut self, ns: &str) -> Result<()> {
+        run("ip", &["netns", "add", ns])?;
+        self.netns.push(ns.to_owned());
+        Ok(())
+    }
+
+    fn cgroup(&mut self, dir: &Path) -> Result<()> {
+        match fs::create_dir(dir) {
+            Ok(()) => {
+                self.cgroups.push(dir.to_path_buf());
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot create cgroup {}", dir.display())),
+        }
+    }
+
+    /// Creates `dir` and every missing cgroup between `base` (which exists) and it, parents first.
+    fn cgroup_tree(&mut self, base: &Path, dir: &Path) -> Result<()> {
+        let rel = dir
+            .strip_prefix(base)
+            .with_context(|| format!("{} is not below {}", dir.display(), base.display()))?;
+        let mut at = base.to_path_buf();
+        for part in rel.components() {
+            at.push(part);
+            self.cgroup(&at)?;
+        }
+        Ok(())
+    }
+
+    /// Removes what was made, newest first: processes (SIGTERM, then SIGKILL), the agents' pins,
+    /// namespaces (their veths go with them), cgroups. Returns what could not be removed.
+    fn undo(mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for c in &self.children {
+            if let Ok(pid) = libc::pid_t::try_from(c.id()) {
+                // SAFETY: plain syscall with integers on our own child (not reaped yet, so the
+                // pid cannot have been reused).
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for c in &mut self.children {
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for instance in &self.instances {
+            let uninstall = agent_exe().and_then(|exe| {
+                run(
+                    &exe.to_string_lossy(),
+                    &["uninstall", "--instance", instance],
+                )
+            });
+            if let Err(e) = uninstall {
+                problems.push(format!("{e:#}"));
+            }
+        }
+        for ns in self.netns.iter().rev() {
+            if let Err(e) = run("ip", &["netns", "del", ns]) {
+                problems.push(format!("{e:#}"));
+            }
+        }
+        for cg in self.cgroups.iter().rev() {
+            if let Err(e) = fs::remove_dir(cg) {
+                problems.push(format!("cannot remove cgroup {}: {e}", cg.display()));
+            }
+        }
+        problems
+    }
+}
+
 impl Lab {
-    /// Brings the lab up from `config` (must be down first).
+    /// Whether anything of the lab exists: `lab.json`, a namespace named `<prefix>-…` or the
+    /// lab's cgroup. Returns what was found first.
+    pub fn found(&self) -> Result<Option<String>> {
+        if self.state.join("lab.json").exists() {
+            return Ok(Some(format!("{}", self.state.join("lab.json").display())));
+        }
+        for line in run("ip", &["netns", "list"])?.lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if self.owns_ns(name) {
+                return Ok(Some(format!("network namespace {name}")));
+            }
+        }
+        let cg = self.cgroup()?;
+        if cg.exists() {
+            return Ok(Some(format!("cgroup {}", cg.display())));
+        }
+        Ok(None)
+    }
+
+    /// Whether a process runs in the lab's cgroups (its agents or servers).
+    pub fn is_running(&self) -> Result<bool> {
+        let mut cgroups = Vec::new();
+        collect_cgroups(&self.cgroup()?, &mut cgroups);
+        Ok(cgroups.iter().any(|cg| !procs(cg).is_empty()))
+    }
+
+    /// Brings the lab up from `config`. The lab must be down: when anything of it exists, `up`
+    /// fails before touching anything. When it fails later, it removes what it created itself
+    /// (processes, pins of its agents, namespaces, cgroups) and nothing else; the logs stay in the
+    /// state directory.
     pub fn up(&self, config: &Path) -> Result<serde_json::Value> {
         let config = fs::canonicalize(config)
             .with_context(|| format!("cannot find the lab file {}", config.display()))?;
@@ -146,22 +371,62 @@ impl Lab {
                 w.netns.display()
             );
         }
+        if let Some(what) = self.found()? {
+            if self.state.join("lab.json").exists() && self.is_running()? {
+                bail!(
+                    "the lab `{}` is already up (run `cargo xtask lab down` first); nothing was changed",
+                    self.prefix
+                );
+            }
+            bail!(
+                "the lab `{}` is partly up or still being brought up ({what} exists): run \
+                 `cargo xtask lab down` first; nothing was changed",
+                self.prefix
+            );
+        }
+        let mut made = Made::default();
+        match self.build(&config, &model, &nodes, &mut made) {
+            Ok(lab) => Ok(lab),
+            Err(e) => {
+                let problems = made.undo();
+                let cleaned = if problems.is_empty() {
+                    "what this attempt created is removed".to_owned()
+                } else {
+                    format!(
+                        "removing what this attempt created left: {}",
+                        problems.join("; ")
+                    )
+                };
+                Err(e.context(format!(
+                    "lab `{}` up failed ({cleaned}; logs in {})",
+                    self.prefix,
+                    self.state.display()
+                )))
+            }
+        }
+    }
+
+    fn build(
+        &self,
+        config: &Path,
+        model: &ClusterModel,
+        nodes: &[mesh_agent::model::Node],
+        made: &mut Made,
+    ) -> Result<serde_json::Value> {
         let state = self.state.clone();
-        ensure!(
-            !state.join("lab.json").exists(),
-            "the lab `{}` is already up (run `cargo xtask lab down` first)",
-            self.prefix
-        );
         fs::create_dir_all(&state)?;
         let root_cg = self.cgroup()?;
-        fs::create_dir_all(&root_cg)?;
-
-        for n in &nodes {
+        // The node namespaces first: `ip netns add` fails when one exists, so a second `up`
+        // racing this one stops here, before it made anything the first one uses.
+        for n in nodes {
+            made.netns_add(&self.node_ns(&n.name))?;
+        }
+        made.cgroup(&root_cg)?;
+        for n in nodes {
             let ns = self.node_ns(&n.name);
-            run("ip", &["netns", "add", &ns])?;
             exec_in(&ns, &["ip", "link", "set", "lo", "up"])?;
             exec_in(&ns, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
-            fs::create_dir_all(root_cg.join(&n.name))?;
+            made.cgroup(&root_cg.join(&n.name))?;
         }
         let (a, b) = (&nodes[0], &nodes[1]);
         run(
@@ -205,7 +470,7 @@ impl Lab {
             let node_ns = self.node_ns(&w.node);
             let ip = *w.ips.first().context("workload without an address")?;
             let gw = gateway(ip)?;
-            run("ip", &["netns", "add", &ns])?;
+            made.netns_add(&ns)?;
             run(
                 "ip",
                 &["netns", "exec", &ns, "ip", "link", "set", "lo", "up"],
@@ -259,15 +524,20 @@ impl Lab {
                 &other_ns,
                 &["ip", "route", "replace", &format!("{ip}/32"), "via", &via],
             )?;
-            let cg = root_cg.join(&w.node).join(&w.key.name);
-            fs::create_dir_all(&cg)?;
+            let uid = self.pod_uid(&w.key.name);
+            let systemd = w.node == a.name;
+            let node_cg = root_cg.join(&w.node);
+            let (sandbox_cg, cg) = kubelet_cgroups(&node_cg, systemd, &uid);
+            made.cgroup_tree(&node_cg, &sandbox_cg)?;
+            made.cgroup_tree(&node_cg, &cg)?;
+            made.children.push(start_pause(&sandbox_cg, &w.netns)?);
             pods.push(serde_json::json!({
                 "name": w.key.name, "node": w.node, "namespace": w.key.namespace,
                 "service_account": w.service_account, "netns": w.netns, "ip": ip.to_string(),
-                "cgroup": cg,
+                "cgroup": cg, "uid": uid,
             }));
             if w.key.name.starts_with("server") {
-                Command::new(probe_exe()?)
+                let child = Command::new(probe_exe()?)
                     .arg(&cg)
                     .arg(&w.netns)
                     .args(["echo", &format!("{ip}:{ECHO_PORT}"), "--forever"])
@@ -276,21 +546,29 @@ impl Lab {
                     .stderr(fs::File::create(state.join(format!("{}.log", w.key.name)))?)
                     .spawn()
                     .context("cannot start an echo server")?;
+                made.children.push(child);
             }
         }
 
         let mut node_json = Vec::new();
-        for n in &nodes {
+        for n in nodes {
             let node_state = state.join(&n.name);
             let log = state.join(format!("{}.log", n.name));
             let cg = root_cg.join(&n.name);
-            Command::new(probe_exe()?)
+            // A ready file left by an earlier failed `up` must not announce this agent.
+            match fs::remove_file(node_state.join("ready")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).context("cannot remove a stale ready file");
+                }
+                _ => {}
+            }
+            let child = Command::new(probe_exe()?)
                 .arg(&cg)
                 .arg(Path::new("/run/netns").join(self.node_ns(&n.name)))
                 .arg("exec")
                 .arg(agent_exe()?)
                 .args(["local", "--config"])
-                .arg(&config)
+                .arg(config)
                 .args(["--node", &n.name, "--state-dir"])
                 .arg(&node_state)
                 .arg("--ca-dir")
@@ -306,6 +584,8 @@ impl Lab {
                 .stderr(fs::File::create(&log)?)
                 .spawn()
                 .context("cannot start an agent")?;
+            made.children.push(child);
+            made.instances.push(self.node_ns(&n.name));
             // One at a time: the first creates the shared CA.
             let deadline = Instant::now() + READY_WITHIN;
             while !node_state.join("ready").exists() {

@@ -563,7 +563,7 @@ fn same_node_connections_are_authorized_by_the_tunnel() -> Result<()> {
     );
     let line = c.agents[0].wait_log("the same-node deny", |l| {
         l.contains("direction=\"outbound\"")
-            && l.contains(&format!("endpoint=Some({to_a})"))
+            && l.contains(&format!("endpoint={to_a} "))
             && l.contains("denied")
     })?;
     ensure!(

@@ -1,11 +1,14 @@
 //! The lab as a new user runs it (`cargo xtask lab`, then `cargo xtask lab down`), on the real
 //! lab file `tests/lab/lab.yaml` with its policies, under its own prefix so that it can run beside
-//! a user's lab: every demo row behaves as expected, `lab.json` has the documented fields, and
-//! `down` leaves no namespace, cgroup, pin or process behind. Root.
+//! a user's lab: every demo row behaves as expected, `lab.json` has the documented fields, the
+//! pod network-namespace finder (`mesh_agent::podns`) finds every pod from its UID through the
+//! kubelet-style cgroups the lab puts it in, and `down` leaves no namespace, cgroup, pin or
+//! process behind. Root.
 
-use std::{fs, path::Path};
+use std::{fs, os::unix::fs::MetadataExt, path::Path};
 
 use anyhow::{Context, Result, ensure};
+use mesh_agent::podns::{NetnsFinder, ProcScanner};
 use nodemesh_tests::{
     lab::{self, Lab},
     require_root, run,
@@ -106,10 +109,27 @@ fn lab_up_demo_and_down_leave_nothing_behind() -> Result<()> {
             "netns",
             "ip",
             "cgroup",
+            "uid",
         ] {
             for p in pods {
                 ensure!(!p[key].is_null(), "pod without {key}: {p}");
             }
+        }
+        // Each pod's namespace found the way the agent finds it on a real node.
+        let finder = ProcScanner::new("/proc");
+        for p in pods {
+            let (name, uid) = (p["name"].as_str(), p["uid"].as_str());
+            let (Some(name), Some(uid)) = (name, uid) else {
+                anyhow::bail!("pod without name or uid: {p}");
+            };
+            ensure!(uid == lab.pod_uid(name), "pod {name}: uid {uid}");
+            let netns = p["netns"].as_str().context("netns")?;
+            let found = finder.netns_of(uid).map_err(anyhow::Error::msg)?;
+            ensure!(
+                fs::metadata(&found)?.ino() == fs::metadata(netns)?.ino(),
+                "pod {name} ({uid}): found {}, its namespace is {netns}",
+                found.display()
+            );
         }
         let svc = &topo["services"][0];
         ensure!(
@@ -137,8 +157,8 @@ fn lab_up_demo_and_down_leave_nothing_behind() -> Result<()> {
             &mut pids,
         );
         ensure!(
-            pids.len() >= 4,
-            "two agents and two echo servers run, got {pids:?}"
+            pids.len() >= 4 + pods.len(),
+            "two agents, two echo servers and a pause process per pod run, got {pids:?}"
         );
         Ok(pids)
     })();

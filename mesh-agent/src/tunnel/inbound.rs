@@ -443,23 +443,33 @@ impl Inbound {
             source_addr: forwarded.map(|f| f.ip()),
             destination_addr,
         };
-        let log = |dst: &str, status: StatusCode, bytes: copy::Transferred, result: &str| {
-            match status {
-                StatusCode::OK => self.metrics.closed(
-                    &labels(flags::NONE),
-                    bytes.stream_to_tcp,
-                    bytes.tcp_to_stream,
-                ),
-                StatusCode::UNAUTHORIZED => self.metrics.failed(&labels(flags::DENY)),
-                StatusCode::SERVICE_UNAVAILABLE => self.metrics.failed(&labels(flags::CONNECT)),
-                _ => self.metrics.failed(&labels(flags::BAD_REQUEST)),
-            }
-            info!(target: "access", direction = "inbound", src = %peer, forwarded = ?forwarded,
-                src_identity = %source, dst = dst, dst_identity = %dst_identity,
-                status = status.as_u16(), bytes_sent = bytes.tcp_to_stream,
-                bytes_received = bytes.stream_to_tcp, duration_ms = start.elapsed().as_millis() as u64,
-                traceparent = ?traceparent, baggage = ?baggage, result, "connection");
-        };
+        let log =
+            |dst: Option<&str>, status: StatusCode, bytes: copy::Transferred, result: &str| {
+                match status {
+                    StatusCode::OK => self.metrics.closed(
+                        &labels(flags::NONE),
+                        bytes.stream_to_tcp,
+                        bytes.tcp_to_stream,
+                    ),
+                    StatusCode::UNAUTHORIZED => self.metrics.failed(&labels(flags::DENY)),
+                    StatusCode::SERVICE_UNAVAILABLE => self.metrics.failed(&labels(flags::CONNECT)),
+                    _ => self.metrics.failed(&labels(flags::BAD_REQUEST)),
+                }
+                super::access::inbound(&super::access::Inbound {
+                    src: peer,
+                    forwarded,
+                    src_identity: &source,
+                    dst,
+                    dst_identity: &dst_identity,
+                    status: status.as_u16(),
+                    bytes_sent: bytes.tcp_to_stream,
+                    bytes_received: bytes.stream_to_tcp,
+                    duration_ms: start.elapsed().as_millis() as u64,
+                    traceparent: traceparent.as_deref(),
+                    baggage: baggage.as_deref(),
+                    result,
+                });
+            };
         let reply = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
             let mut resp = Response::new(());
             *resp.status_mut() = status;
@@ -469,7 +479,7 @@ impl Inbound {
         if req.method() != Method::CONNECT {
             let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
             log(
-                "-",
+                None,
                 StatusCode::BAD_REQUEST,
                 Default::default(),
                 &format!("method {} is not CONNECT", req.method()),
@@ -482,7 +492,7 @@ impl Inbound {
         else {
             let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
             log(
-                authority.as_deref().unwrap_or("-"),
+                authority.as_deref(),
                 StatusCode::BAD_REQUEST,
                 Default::default(),
                 "authority is not ip:port",
@@ -498,7 +508,7 @@ impl Inbound {
         let Some(workload) = workload else {
             let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
             log(
-                &dst.to_string(),
+                Some(&dst.to_string()),
                 StatusCode::BAD_REQUEST,
                 Default::default(),
                 &format!(
@@ -510,7 +520,7 @@ impl Inbound {
         if dst.port() == local.port() || TUNNEL_PORTS.contains(&dst.port()) {
             let _ = reply(&mut respond, StatusCode::BAD_REQUEST);
             log(
-                &dst.to_string(),
+                Some(&dst.to_string()),
                 StatusCode::BAD_REQUEST,
                 Default::default(),
                 "the authority names a tunnel port (HBONE inside HBONE is not allowed)",
@@ -533,7 +543,7 @@ impl Inbound {
         if let AuthzDecision::Deny { reason } = decision {
             let _ = reply(&mut respond, StatusCode::UNAUTHORIZED);
             log(
-                &dst.to_string(),
+                Some(&dst.to_string()),
                 StatusCode::UNAUTHORIZED,
                 Default::default(),
                 &format!("denied: {reason}"),
@@ -556,7 +566,7 @@ impl Inbound {
             Ok(Err(e)) => {
                 let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
                 log(
-                    &dst.to_string(),
+                    Some(&dst.to_string()),
                     StatusCode::SERVICE_UNAVAILABLE,
                     Default::default(),
                     &format!("upstream connect failed: {e} (is the pod listening on this port?)"),
@@ -566,7 +576,7 @@ impl Inbound {
             Err(_) => {
                 let _ = reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
                 log(
-                    &dst.to_string(),
+                    Some(&dst.to_string()),
                     StatusCode::SERVICE_UNAVAILABLE,
                     Default::default(),
                     "upstream connect timed out",
@@ -581,7 +591,7 @@ impl Inbound {
             Ok(s) => s,
             Err(e) => {
                 log(
-                    &dst.to_string(),
+                    Some(&dst.to_string()),
                     StatusCode::OK,
                     Default::default(),
                     &format!("downstream stream gone before the response: {e}"),
@@ -616,6 +626,6 @@ impl Inbound {
             Ok(reason) = &mut registration.revoked => format!("closed: policy now denies it: {reason}"),
         };
         let bytes = counters.snapshot();
-        log(&dst.to_string(), StatusCode::OK, bytes, &result);
+        log(Some(&dst.to_string()), StatusCode::OK, bytes, &result);
     }
 }

@@ -257,11 +257,18 @@ impl Outbound {
         } else {
             self.metrics.failed(&labels(outcome.flag));
         }
-        info!(target: "access", direction = "outbound", src = %peer, src_identity = %redirect.source,
-            dst = %redirect.original_dst, endpoint = ?outcome.endpoint,
-            dst_identity = outcome.dst_identity.as_deref().unwrap_or("-"), hbone = ?outcome.hbone,
-            bytes_sent = outcome.bytes.tcp_to_stream, bytes_received = outcome.bytes.stream_to_tcp,
-            duration_ms = start.elapsed().as_millis() as u64, result = outcome.result, "connection");
+        super::access::outbound(&super::access::Outbound {
+            src: peer,
+            src_identity: &redirect.source,
+            dst: redirect.original_dst,
+            endpoint: outcome.endpoint,
+            dst_identity: outcome.dst_identity.as_deref(),
+            hbone: outcome.hbone,
+            bytes_sent: outcome.bytes.tcp_to_stream,
+            bytes_received: outcome.bytes.stream_to_tcp,
+            duration_ms: start.elapsed().as_millis() as u64,
+            result: &outcome.result,
+        });
     }
 
     async fn forward(

@@ -7,7 +7,9 @@
 //! - `nm-lab exec POD -- CMD...`: runs CMD in the pod's cgroup and network namespace;
 //!   `nm-lab exec NODE -- CMD...` in the node's network namespace (where its metrics listen).
 //!
-//! The workspace root is the current directory (xtask runs it there).
+//! The workspace root is the current directory (xtask runs it there). `--prefix P --state-dir DIR`
+//! before the command give the lab other names and another state directory (tests use them to
+//! run beside a user's lab).
 
 use std::{os::unix::process::CommandExt, path::PathBuf, process::ExitCode};
 
@@ -17,7 +19,8 @@ use nodemesh_tests::{
     probe_exe, require_root,
 };
 
-const USAGE: &str = "usage: nm-lab [up [--config FILE] | down | status | exec POD|NODE -- CMD...]";
+const USAGE: &str = "usage: nm-lab [--prefix P --state-dir DIR] \
+                     [up [--config FILE] | down | status | exec POD|NODE -- CMD...]";
 
 fn main() -> ExitCode {
     match run() {
@@ -30,9 +33,16 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let all: Vec<String> = std::env::args().skip(1).collect();
     let workspace = std::env::current_dir()?;
-    let lab = Lab::default_for(&workspace);
+    let (lab, args) = match all.as_slice() {
+        [flag, prefix, state_flag, state, rest @ ..]
+            if flag == "--prefix" && state_flag == "--state-dir" =>
+        {
+            (Lab::new(prefix, PathBuf::from(state))?, rest)
+        }
+        rest => (Lab::default_for(&workspace), rest),
+    };
     require_root();
     match args
         .iter()
@@ -96,13 +106,8 @@ fn run() -> Result<()> {
 }
 
 fn up(place: &Lab, config: PathBuf) -> Result<()> {
-    let lab = match place.up(&config) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = place.down();
-            return Err(e.context("lab up failed (cleaned up)"));
-        }
-    };
+    // A failed `up` removes what it made itself, and nothing of a lab that was already up.
+    let lab = place.up(&config)?;
     println!(
         "lab up ({} pods):",
         lab["pods"].as_array().map_or(0, Vec::len)

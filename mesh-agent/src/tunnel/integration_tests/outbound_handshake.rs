@@ -118,13 +118,7 @@ async fn outbound_handshake_failures_count_by_reason() {
         tokio::spawn(outbound.clone().serve(listener, watch));
 
         // The app's connection is closed without a byte: the tunnel could not be built.
-        let mut app = TcpStream::connect(addr).await.expect("connect");
-        let _ = app.write_all(b"hello").await;
-        let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(DEADLINE, app.read(&mut buf))
-            .await
-            .expect("closed in time")
-            .unwrap_or(0);
+        let n = bytes_before_close(addr).await;
         assert_eq!(n, 0, "{what}: no data through a failed handshake");
         eventually("the failed connection to be counted", || {
             outbound.metrics().totals().failed == 1

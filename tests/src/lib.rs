@@ -16,7 +16,10 @@ use anyhow::{Context, Result, bail, ensure};
 
 pub mod bench;
 pub mod cluster;
+pub mod k8s;
 pub mod lab;
+
+pub use k8s::block_on_in_netns;
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 

@@ -3,6 +3,7 @@
 
 mod bench;
 mod build_ebpf;
+mod k8s;
 mod lab;
 mod setup;
 mod test;
@@ -32,6 +33,9 @@ enum Command {
     /// The mesh against the raw path in one run (root): throughput, latency, connection rate,
     /// agent CPU and memory. Report in target/bench/report.{md,json}.
     Bench(bench::Options),
+    /// A real Kubernetes control plane built from the Go module proxy: `build` (cached
+    /// kube-apiserver, kubectl, etcd, helm), `up`, `down`, `env`, `status`.
+    K8s(k8s::Options),
 }
 
 fn main() {
@@ -42,6 +46,7 @@ fn main() {
         Command::Test(opts) => test::run(opts),
         Command::Lab(opts) => lab::run(opts),
         Command::Bench(opts) => bench::run(opts),
+        Command::K8s(opts) => k8s::run(opts),
     };
     if let Err(e) = result {
         eprintln!("\nerror: {e:#}");

@@ -238,6 +238,8 @@ fn ensure_ip(r: &mut Report) -> Result<()> {
 
 /// Third-party HBONE clients of `tests/tests/interop.rs`: `openssl` (the CLI) and Python's `h2`
 /// for the system interpreter (Debian's python3-h2 is not seen by a pyenv or venv `python3`).
+/// The `openssl` CLI also makes the certificates of the Kubernetes control plane
+/// (`nodemesh_tests::k8s`).
 fn ensure_interop_tools(r: &mut Report) -> Result<()> {
     let has_openssl = output(Command::new("openssl").arg("version")).is_some();
     let has_h2 = output(Command::new("/usr/bin/python3").args(["-c", "import h2, ssl"])).is_some();
@@ -246,7 +248,7 @@ fn ensure_interop_tools(r: &mut Report) -> Result<()> {
         .filter_map(|(pkg, present)| (!present).then_some(pkg))
         .collect();
     if missing.is_empty() {
-        r.ok("openssl and python3-h2 (third-party HBONE clients of the interop test)");
+        r.ok("openssl and python3-h2 (interop test clients; control-plane certificates)");
     } else if apt_available() {
         apt_install(r, &missing)?;
     } else {
@@ -262,6 +264,12 @@ fn ensure_interop_tools(r: &mut Report) -> Result<()> {
 fn ensure_test_tools(r: &mut Report) -> Result<()> {
     ensure_ip(r)?;
     ensure_interop_tools(r)?;
+    // Go cannot be installed from Debian (too old): it must be there (CI machines have it).
+    let (go, version) = crate::k8s::find_go()?;
+    r.ok(&format!(
+        "{version} at {} (builds the Kubernetes control plane: `cargo xtask k8s build`)",
+        go.display()
+    ));
     if output(Command::new("cargo").args(["nextest", "--version"])).is_some() {
         r.ok("cargo-nextest (the test runner)");
     } else {

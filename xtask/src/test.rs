@@ -2,14 +2,15 @@
 //! everything is present), builds the eBPF object, checks formatting, runs clippy with
 //! `-D warnings` on the host crates and, separately, on the eBPF crate, then runs every test
 //! (unit tests and the root eBPF integration tests) with cargo-nextest, whose summary line is the
-//! last thing printed.
+//! last thing printed. Before the tests it runs `k8s build` (seconds when the binaries are cached)
+//! and passes their directory to the tests in `NODEMESH_K8S_BIN`.
 
 use std::process::Command;
 
 use anyhow::Result;
 
 use crate::{
-    build_ebpf, setup,
+    build_ebpf, k8s, setup,
     util::{exec, workspace_root},
 };
 
@@ -43,7 +44,8 @@ pub fn run(opts: Options) -> Result<()> {
         "warnings",
     ]))?;
     build_ebpf::clippy()?;
-    exec(cargo().args([
+    let k8s_bin = k8s::build()?;
+    exec(cargo().env(k8s::BIN_ENV, &k8s_bin).args([
         "nextest",
         "run",
         "--workspace",

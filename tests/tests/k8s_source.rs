@@ -313,6 +313,12 @@ fn objects_from_the_api_server_converge_into_the_model() -> Result<()> {
     assert_eq!(svc.target_port(5432), Some(5432));
     assert_eq!(svc.endpoints, [ObjectKey::new("shop", "db")]);
     assert!(allowed(&model, "sa-web", "db", 5432)?);
+    let enrolled = model.enrollments();
+    assert_eq!(enrolled.len(), 1, "only this node's pods are enrolled");
+    assert_eq!(
+        enrolled[0].mtls.mode,
+        mesh_agent::policy::MtlsMode::Permissive
+    );
 
     // A DENY policy converges.
     cp.apply(
@@ -328,6 +334,76 @@ fn objects_from_the_api_server_converge_into_the_model() -> Result<()> {
         );
         Ok(())
     })?;
+
+    // Every kind is watched, not only listed (a ClusterRole without `watch` on one of them
+    // fails here): an endpoint turning unready, a new Service port, a new Node, a
+    // PeerAuthentication.
+    cp.kubectl(&[
+        "patch",
+        "endpointslice",
+        "db-1",
+        "-n",
+        "shop",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/endpoints/0/conditions/ready","value":false}]"#,
+    ])?;
+    eventually(
+        "an unready endpoint leaves",
+        Duration::from_secs(20),
+        || {
+            let m = source.model();
+            let svc = m
+                .service(&ObjectKey::new("shop", "db"))
+                .context("service")?;
+            ensure!(svc.endpoints.is_empty(), "{:?}", svc.endpoints);
+            Ok(())
+        },
+    )?;
+    cp.kubectl(&[
+        "patch", "service", "db", "-n", "shop", "--type=json", "-p",
+        r#"[{"op":"add","path":"/spec/ports/-","value":{"name":"admin","port":8080,"targetPort":8081}}]"#,
+    ])?;
+    eventually("a new service port", Duration::from_secs(20), || {
+        let m = source.model();
+        let svc = m
+            .service(&ObjectKey::new("shop", "db"))
+            .context("service")?;
+        ensure!(svc.target_port(8080) == Some(8081), "{:?}", svc.ports);
+        Ok(())
+    })?;
+    node(&cp, "node-c", "10.0.0.3")?;
+    eventually("a new node", Duration::from_secs(20), || {
+        let m = source.model();
+        ensure!(
+            m.node("node-c").map(|n| n.address) == Some(ip("10.0.0.3")),
+            "no node-c"
+        );
+        Ok(())
+    })?;
+    cp.apply(
+        "apiVersion: security.nodemesh.io/v1alpha1\nkind: PeerAuthentication\n\
+         metadata: {name: web-strict, namespace: shop}\n\
+         spec: {selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}}\n",
+    )?;
+    eventually(
+        "the PeerAuthentication applies",
+        Duration::from_secs(20),
+        || {
+            let m = source.model();
+            let e = m.enrollments();
+            let web = e
+                .iter()
+                .find(|e| e.workload.name == "web")
+                .context("web enrolled")?;
+            ensure!(
+                web.mtls.mode == mesh_agent::policy::MtlsMode::Strict,
+                "{:?}",
+                web.mtls
+            );
+            Ok(())
+        },
+    )?;
 
     // Removing the namespace label un-enrolls every pod of it; putting it back re-enrolls.
     cp.kubectl(&["label", "namespace", "shop", "nodemesh.io/dataplane-"])?;

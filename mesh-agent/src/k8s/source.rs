@@ -453,3 +453,63 @@ async fn follow(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::runtime::{reflector, watcher::Event};
+
+    fn pod(name: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "shop"},
+        }))
+        .expect("a pod")
+    }
+
+    fn names(store: &reflector::Store<Pod>) -> Vec<String> {
+        let mut v: Vec<String> = store
+            .state()
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// What the source relies on (kube-runtime 5): a relist (410 Gone, an API server restart)
+    /// never shows a reader a partly filled store. The old contents stay readable until
+    /// `InitDone` swaps the new list in whole, and then objects that disappeared meanwhile are
+    /// gone.
+    #[test]
+    fn a_relist_replaces_the_store_in_one_step() {
+        let (store, mut writer) = reflector::store::<Pod>();
+        writer.apply_watcher_event(&Event::Init);
+        for p in ["a", "b", "c"] {
+            writer.apply_watcher_event(&Event::InitApply(pod(p)));
+        }
+        assert!(
+            names(&store).is_empty(),
+            "nothing before the first InitDone"
+        );
+        writer.apply_watcher_event(&Event::InitDone);
+        assert_eq!(names(&store), ["a", "b", "c"]);
+
+        // Relist: "b" was deleted while the watch was down, "d" created.
+        writer.apply_watcher_event(&Event::Init);
+        writer.apply_watcher_event(&Event::InitApply(pod("a")));
+        assert_eq!(
+            names(&store),
+            ["a", "b", "c"],
+            "the old view during the relist"
+        );
+        writer.apply_watcher_event(&Event::InitApply(pod("c")));
+        writer.apply_watcher_event(&Event::InitApply(pod("d")));
+        assert_eq!(
+            names(&store),
+            ["a", "b", "c"],
+            "the old view during the relist"
+        );
+        writer.apply_watcher_event(&Event::InitDone);
+        assert_eq!(names(&store), ["a", "c", "d"]);
+    }
+}

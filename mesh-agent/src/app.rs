@@ -1,8 +1,9 @@
-//! `mesh-agent local`: the whole node agent wired together, fed from the local YAML file.
+//! The whole node agent wired together, fed by a [`ModelFeed`] (the local YAML file for
+//! `mesh-agent local`, Kubernetes for `mesh-agent node`).
 //!
-//! [`build`] loads the model (the first load must be valid), claims the instance ([`Pins::lock`]:
-//! a second agent of the same `--instance` fails there, before touching anything of the running
-//! one), opens the local CA, brings up the
+//! [`build_with`] takes the first model (the first load must be valid), claims the instance
+//! ([`Pins::lock`]: a second agent of the same `--instance` fails there, before touching anything
+//! of the running one), opens the local CA, brings up the
 //! datapath (pins under the instance, attach at the cgroup, tunnel interface and address), programs
 //! the maps from the model ([`compute`] + [`crate::reconcile`]), binds and starts the tunnel
 //! (inbound on the node address, outbound on the tunnel address) and returns the bound addresses
@@ -50,12 +51,9 @@ pub const READY_FILE: &str = "ready";
 /// The log line printed once the agent serves.
 pub const READY_LINE: &str = "nodemesh agent ready";
 
-/// Everything `mesh-agent local` is told on its command line.
+/// Everything the agent is told on its command line, whatever feeds its model.
 #[derive(Clone, Debug)]
-pub struct LocalOptions {
-    pub config: PathBuf,
-    /// Overrides the file's `thisNode`.
-    pub node: Option<String>,
+pub struct AgentOptions {
     /// CA, readiness file; default `/var/lib/nodemesh/<instance>`.
     pub state_dir: Option<PathBuf>,
     /// The local CA's directory; default `<state-dir>/ca`. Agents of one cluster share it.
@@ -64,15 +62,17 @@ pub struct LocalOptions {
     pub cgroup: Option<PathBuf>,
     pub instance: String,
     pub bpffs: PathBuf,
-    pub poll_interval: Duration,
     pub drain_deadline: Duration,
     /// How long a service endpoint that could not be reached is skipped.
     pub ejection_time: Duration,
+    /// The trust domain of the CA and the node identity; `None`: this node's first workload's,
+    /// else `cluster.local`.
+    pub trust_domain: Option<String>,
     /// Stats/admin addresses and the `/logging` handle.
     pub observability: observability::ObservabilityOptions,
 }
 
-impl LocalOptions {
+impl AgentOptions {
     pub fn state_dir(&self) -> PathBuf {
         self.state_dir
             .clone()
@@ -80,21 +80,112 @@ impl LocalOptions {
     }
 }
 
-impl Default for LocalOptions {
+impl Default for AgentOptions {
     fn default() -> Self {
         Self {
-            config: PathBuf::new(),
-            node: None,
             state_dir: None,
             ca_dir: None,
             cgroup: None,
             instance: "default".into(),
             bpffs: PathBuf::from(Pins::DEFAULT_BPFFS),
-            poll_interval: DEFAULT_POLL_INTERVAL,
             drain_deadline: Duration::from_secs(10),
             ejection_time: TunnelConfig::default().ejection_time,
+            trust_domain: None,
             observability: Default::default(),
         }
+    }
+}
+
+/// `mesh-agent local`: the agent's options and the cluster file.
+#[derive(Clone, Debug)]
+pub struct LocalOptions {
+    pub agent: AgentOptions,
+    pub config: PathBuf,
+    /// Overrides the file's `thisNode`.
+    pub node: Option<String>,
+    pub poll_interval: Duration,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        Self {
+            agent: AgentOptions::default(),
+            config: PathBuf::new(),
+            node: None,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+        }
+    }
+}
+
+/// The seam between the agent and where its cluster model comes from (the local file or
+/// Kubernetes). Everything below the model is the same for every source.
+pub struct ModelFeed {
+    /// The last good model; the first one is there when the feed is made.
+    pub models: watch::Receiver<Arc<ClusterModel>>,
+    /// How many recomputes or reloads the source rejected so far (counted in the metrics).
+    pub rejected: watch::Receiver<u64>,
+    /// For logs: `config /path/file.yaml`, `kubernetes`.
+    pub describe: String,
+    /// Keeps the source running for the agent's lifetime.
+    pub guard: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl ModelFeed {
+    /// The local file, polled every `poll_interval`. Fails when the first load fails.
+    pub fn local(config: &Path, node: Option<String>, poll_interval: Duration) -> Result<Self> {
+        let source = LocalConfigSource::new(config, node);
+        let watch = source
+            .watch(poll_interval)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("cannot start from {}", config.display()))?;
+        let models = watch.models.clone();
+        let (rejected_tx, rejected) = watch::channel(0u64);
+        let mut status = watch.status.clone();
+        let forward = tokio::spawn(async move {
+            while status.changed().await.is_ok() {
+                if status.borrow_and_update().last_error.is_some() {
+                    rejected_tx.send_modify(|n| *n += 1);
+                }
+            }
+        });
+        Ok(ModelFeed {
+            models,
+            rejected,
+            describe: format!("config {}", config.display()),
+            guard: Box::new(FeedGuard(Box::new(watch), forward)),
+        })
+    }
+
+    /// The Kubernetes source, already started (first model there).
+    pub fn kubernetes(watch: crate::k8s::source::K8sWatch) -> Self {
+        let models = watch.models.clone();
+        let (rejected_tx, rejected) = watch::channel(0u64);
+        let mut status = watch.status.clone();
+        let forward = tokio::spawn(async move {
+            while status.changed().await.is_ok() {
+                let n = status.borrow_and_update().rejected;
+                rejected_tx.send_if_modified(|old| std::mem::replace(old, n) != n);
+            }
+        });
+        ModelFeed {
+            models,
+            rejected,
+            describe: "kubernetes".to_owned(),
+            guard: Box::new(FeedGuard(Box::new(watch), forward)),
+        }
+    }
+}
+
+/// Holds a source and the task forwarding its status; stops the task on drop.
+struct FeedGuard(
+    #[expect(dead_code, reason = "held for its lifetime only")]
+    Box<dyn std::any::Any + Send + Sync>,
+    tokio::task::JoinHandle<()>,
+);
+
+impl Drop for FeedGuard {
+    fn drop(&mut self) {
+        self.1.abort();
     }
 }
 
@@ -190,10 +281,11 @@ impl IdentityIds for StateIds {
 /// A built agent, serving.
 pub struct Running {
     pub bound: Bound,
-    opts: LocalOptions,
+    opts: AgentOptions,
     datapath: Arc<Mutex<Datapath>>,
     models: watch::Receiver<Arc<ClusterModel>>,
-    cookies: BTreeMap<ObjectKey, u64>,
+    /// Enrolled local workloads: the namespace path read and its cookie.
+    cookies: BTreeMap<ObjectKey, (PathBuf, u64)>,
     state: Arc<TunnelState>,
     authorizer: Arc<PolicyAuthorizer>,
     tunnel: tunnel::Running,
@@ -208,18 +300,19 @@ pub struct Running {
     enrollment: observability::EnrollmentGate,
 }
 
-/// Brings the agent up (see the module comment). Returns once it serves.
+/// `mesh-agent local`: the agent fed from the local file (see the module comment).
 pub async fn build(opts: LocalOptions) -> Result<Running> {
-    let source = LocalConfigSource::new(&opts.config, opts.node.clone());
-    let watch = source
-        .watch(opts.poll_interval)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("cannot start from {}", opts.config.display()))?;
-    let models = watch.models.clone();
+    let feed = ModelFeed::local(&opts.config, opts.node.clone(), opts.poll_interval)?;
+    build_with(opts.agent, feed).await
+}
+
+/// Brings the agent up on the models of `feed` (see the module comment). Returns once it serves.
+pub async fn build_with(opts: AgentOptions, feed: ModelFeed) -> Result<Running> {
+    let models = feed.models.clone();
     let (mut obs, gates) = observability::Observability::new();
     let model = models.borrow().clone();
     let node = model.this_node().clone();
-    info!(node = %node.name, address = %node.address, tunnel = %node.tunnel_address, config = %opts.config.display(), "starting the local agent");
+    info!(node = %node.name, address = %node.address, tunnel = %node.tunnel_address, source = %feed.describe, "starting the agent");
     // One agent per instance, claimed before anything is touched: a second one started by
     // mistake fails here and leaves the running one's pins, state, ready file and interface alone.
     let pins = Pins::new(&opts.bpffs, &opts.instance)?;
@@ -242,10 +335,12 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
             });
         }
     }
-    let trust_domain = model.local_workloads().next().map_or_else(
-        || "cluster.local".to_owned(),
-        |w| w.identity.trust_domain.clone(),
-    );
+    let trust_domain = opts.trust_domain.clone().unwrap_or_else(|| {
+        model.local_workloads().next().map_or_else(
+            || "cluster.local".to_owned(),
+            |w| w.identity.trust_domain.clone(),
+        )
+    });
     let ca_dir = opts.ca_dir.clone().unwrap_or_else(|| state_dir.join("ca"));
     let ca = LocalCa::open(&ca_dir, &trust_domain)
         .with_context(|| format!("cannot open the local CA in {}", ca_dir.display()))?;
@@ -348,15 +443,18 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
     });
     let refresher = certs.spawn_refresher(Duration::from_secs(60));
     let reloads = agent_metrics.clone();
-    let keep_watch = tokio::spawn(async move {
-        // Holds the watcher (and so its polling) for the agent's lifetime; counts the reloads
-        // the watcher rejects (valid ones are counted when applied).
-        let mut status = watch.status.clone();
-        let _watch = watch;
-        while status.changed().await.is_ok() {
-            if status.borrow_and_update().last_error.is_some() {
+    let keep_feed = tokio::spawn(async move {
+        // Holds the source for the agent's lifetime; counts the reloads it rejects (valid ones
+        // are counted when applied).
+        let mut rejected = feed.rejected.clone();
+        let _guard = feed.guard;
+        let mut seen = *rejected.borrow_and_update();
+        while rejected.changed().await.is_ok() {
+            let now = *rejected.borrow_and_update();
+            for _ in seen..now {
                 reloads.config_reload(false);
             }
+            seen = now;
         }
         std::future::pending::<()>().await;
     });
@@ -367,7 +465,7 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
         .with_context(|| format!("cannot write {}", ready.display()))?;
     let ready = ReadyFile(ready);
     info!(inbound = %bound.inbound, outbound = %bound.outbound, stats = %bound.stats, admin = %bound.admin, "{READY_LINE}");
-    let background = vec![beat, refresher, keep_watch];
+    let background = vec![beat, refresher, keep_feed];
     Ok(Running {
         bound,
         opts,
@@ -388,21 +486,25 @@ pub async fn build(opts: LocalOptions) -> Result<Running> {
     })
 }
 
-/// Reads the netns cookies of local workloads (keeping known ones) and reconciles the maps.
+/// Reads the netns cookies of local workloads (keeping known ones while their namespace path
+/// stays the same: a Kubernetes pod whose sandbox was recreated gets a new path) and reconciles
+/// the maps.
 fn program(
     datapath: &mut Datapath,
     model: &ClusterModel,
-    cookies: &mut BTreeMap<ObjectKey, u64>,
+    cookies: &mut BTreeMap<ObjectKey, (PathBuf, u64)>,
 ) -> Result<()> {
     let mut next = BTreeMap::new();
     for w in model.local_workloads() {
-        if let Some(&c) = cookies.get(&w.key) {
-            next.insert(w.key.clone(), c);
+        if let Some((path, c)) = cookies.get(&w.key)
+            && *path == w.netns
+        {
+            next.insert(w.key.clone(), (path.clone(), *c));
             continue;
         }
         match crate::netns::netns_cookie(&w.netns) {
             Ok(c) => {
-                next.insert(w.key.clone(), c);
+                next.insert(w.key.clone(), (w.netns.clone(), c));
             }
             Err(e) => {
                 warn!(workload = %w.key, netns = %w.netns.display(), error = %e,
@@ -411,7 +513,9 @@ fn program(
         }
     }
     *cookies = next;
-    let desired = compute::desired_state(model, cookies)?;
+    let by_key: BTreeMap<ObjectKey, u64> =
+        cookies.iter().map(|(k, (_, c))| (k.clone(), *c)).collect();
+    let desired = compute::desired_state(model, &by_key)?;
     let entries = reconcile::compile(&desired)?;
     let report = reconcile::reconcile(datapath, &entries)?;
     info!(
@@ -456,7 +560,7 @@ impl Running {
                 () = self.quit.notified() => break,
                 changed = self.models.changed() => {
                     if changed.is_err() {
-                        bail!("the configuration watcher stopped");
+                        bail!("the model source stopped");
                     }
                     let model = self.models.borrow_and_update().clone();
                     let applied = self.apply(model);

@@ -29,9 +29,12 @@ enum Command {
     /// Load every eBPF program into the kernel (running the verifier) and report, without
     /// attaching anything. Exits non-zero with the verifier's reason if a program is rejected.
     CheckKernel,
-    /// Run the node's data path: pin and attach the programs (adopting pins of a previous run),
-    /// redirect enrolled pods to the tunnel address, beat the tunnel heartbeat. Prints `ready`
-    /// once up; on SIGTERM/SIGINT exits leaving the programs attached.
+    /// Run the whole node agent (data path, identities, tunnel, policy, metrics, admin) fed by
+    /// the Kubernetes API server (docs/kubernetes-mode.md): needs the node's name (`--node` or
+    /// NODE_NAME) and a kubeconfig (`--kubeconfig`, KUBECONFIG, or the in-cluster service
+    /// account). With `--datapath-only`: only the data path (pin and attach the programs,
+    /// redirect enrolled pods to the tunnel address, beat the heartbeat; prints `ready`). Either
+    /// way SIGTERM/SIGINT exits leaving the programs attached.
     Node(NodeArgs),
     /// Run the whole node agent (data path, identities, tunnel, policy) fed from a local YAML
     /// file instead of Kubernetes (docs/local-mode.md). Logs `nodemesh agent ready` and creates
@@ -59,6 +62,10 @@ enum Command {
 
 #[derive(clap::Args)]
 struct NodeArgs {
+    /// Only the data path (no Kubernetes, tunnel, identities or policy): the programs, the
+    /// tunnel address, exclusions and the heartbeat.
+    #[arg(long)]
+    datapath_only: bool,
     /// Agent instance: pins live in `<bpffs>/nodemesh/<instance>`.
     #[arg(long, default_value = "default")]
     instance: String,
@@ -71,32 +78,79 @@ struct NodeArgs {
     /// The tunnel's IPv4 address (link-local, node-local).
     #[arg(long, default_value = "169.254.7.1")]
     tunnel_ip4: Ipv4Addr,
-    /// The tunnel's IPv6 address; without it native IPv6 connects follow each pod's fail mode.
-    #[arg(long)]
-    tunnel_ip6: Option<Ipv6Addr>,
     /// The tunnel's outbound listener port.
     #[arg(long, default_value_t = mesh_common::OUTBOUND_PORT)]
     tunnel_port: u16,
-    /// Create this interface (dummy, else port-less bridge) holding the tunnel addresses.
+    /// Serve /metrics, /healthz and /readyz here (e.g. `0.0.0.0:15020`). Kubernetes mode:
+    /// default `<node InternalIP>:15020`; `--datapath-only`: off by default.
     #[arg(long)]
-    tunnel_iface: Option<String>,
-    /// A destination enrolled pods reach without the tunnel (repeatable): `10.96.0.0/12`,
-    /// `10.96.0.1@443` (one port), `@53` (one port everywhere).
-    #[arg(long = "exclude")]
-    exclusions: Vec<crate::map_model::Exclusion>,
-    /// The tunnel counts as down when its heartbeat is older than this many milliseconds.
-    #[arg(long, default_value_t = 5000)]
-    stale_after_ms: u64,
-    /// Kernel-side log level (error, warn, info, debug, trace); off by default.
-    #[arg(long, value_parser = parse_level)]
-    ebpf_log_level: Option<aya_log::Level>,
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Remove the instance's pins (detaching its programs) and exit.
     #[arg(long)]
     uninstall: bool,
-    /// Serve /metrics (datapath events, map entries and capacity, process, runtime), /healthz
-    /// and /readyz here (e.g. `0.0.0.0:15020`); off by default.
+
+    /// `--datapath-only`: the tunnel's IPv6 address; without it native IPv6 connects follow
+    /// each pod's fail mode.
+    #[arg(long, requires = "datapath_only")]
+    tunnel_ip6: Option<Ipv6Addr>,
+    /// `--datapath-only`: create this interface (dummy, else port-less bridge) holding the
+    /// tunnel addresses (the whole agent always creates `nm-tunnel`).
+    #[arg(long, requires = "datapath_only")]
+    tunnel_iface: Option<String>,
+    /// `--datapath-only`: a destination enrolled pods reach without the tunnel (repeatable):
+    /// `10.96.0.0/12`, `10.96.0.1@443` (one port), `@53` (one port everywhere).
+    #[arg(long = "exclude", requires = "datapath_only")]
+    exclusions: Vec<crate::map_model::Exclusion>,
+    /// `--datapath-only`: the tunnel counts as down when its heartbeat is older than this many
+    /// milliseconds.
+    #[arg(long, default_value_t = 5000, requires = "datapath_only")]
+    stale_after_ms: u64,
+    /// `--datapath-only`: kernel-side log level (error, warn, info, debug, trace); off by default.
+    #[arg(long, value_parser = parse_level, requires = "datapath_only")]
+    ebpf_log_level: Option<aya_log::Level>,
+
+    /// This node's name, as in its pods' `spec.nodeName` (the downward API's `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    node: Option<String>,
+    /// A kubeconfig file; default KUBECONFIG, else ~/.kube/config, else the in-cluster service
+    /// account.
     #[arg(long)]
-    metrics_addr: Option<std::net::SocketAddr>,
+    kubeconfig: Option<PathBuf>,
+    /// Trust domain of the workloads' SPIFFE identities.
+    #[arg(long, default_value = crate::model::spec::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Root namespace of the policies (mesh-wide policies live there).
+    #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
+    /// The inbound HBONE port (the same on every node).
+    #[arg(long, default_value_t = crate::model::spec::DEFAULT_HBONE_PORT)]
+    hbone_port: u16,
+    /// State directory (readiness file, CA unless `--ca-dir`); default /var/lib/nodemesh/<instance>.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The local CA's directory (until the controller's CA exists), shared by the agents of one
+    /// cluster; default <state-dir>/ca.
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Admin server (/config_dump, /logging, /quitquitquit), loopback only; default
+    /// `127.0.0.1:15000`.
+    #[arg(long)]
+    admin_addr: Option<std::net::SocketAddr>,
+    /// How long a service endpoint that could not be reached is skipped, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    ejection_ms: u64,
+    /// The host's processes, where this node's pods' network namespaces are found from the
+    /// kubelet's cgroup names (`hostPID: true`, or the host's /proc mounted here).
+    #[arg(long, default_value = crate::podns::DEFAULT_PROC_ROOT)]
+    proc_root: PathBuf,
+    /// Instead of scanning `--proc-root`: pods' network namespaces are `<dir>/<pod uid>`
+    /// (bind-mounted namespace files).
+    #[arg(long)]
+    pod_netns_dir: Option<PathBuf>,
+    /// Log lines as `text` or `json` (Kubernetes mode); the filter starts from RUST_LOG
+    /// (default `info`) and `/logging?level=` replaces it.
+    #[arg(long, default_value = "text")]
+    log_format: crate::admin::LogFormat,
 }
 
 #[derive(clap::Args)]
@@ -141,33 +195,46 @@ struct LocalArgs {
     log_format: crate::admin::LogFormat,
 }
 
-fn run_local(args: LocalArgs) -> ExitCode {
+fn init_reloadable_logging(
+    format: crate::admin::LogFormat,
+) -> Option<crate::admin::logging::LogHandle> {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
-    let logging = match crate::admin::logging::init(args.log_format, &filter) {
+    match crate::admin::logging::init(format, &filter) {
         Ok(h) => Some(h),
         Err(e) => {
             eprintln!("warning: {e}; logging with the default filter");
             init_default_logging();
             None
         }
-    };
+    }
+}
+
+fn run_local(args: LocalArgs) -> ExitCode {
+    let logging = init_reloadable_logging(args.log_format);
     let opts = crate::app::LocalOptions {
+        agent: crate::app::AgentOptions {
+            state_dir: args.state_dir,
+            ca_dir: args.ca_dir,
+            cgroup: args.cgroup,
+            instance: args.instance,
+            bpffs: args.bpffs,
+            ejection_time: Duration::from_millis(args.ejection_ms),
+            observability: crate::app::observability::ObservabilityOptions {
+                metrics_addr: args.metrics_addr,
+                admin_addr: args.admin_addr,
+                logging,
+            },
+            ..Default::default()
+        },
         config: args.config,
         node: args.node,
-        state_dir: args.state_dir,
-        ca_dir: args.ca_dir,
-        cgroup: args.cgroup,
-        instance: args.instance,
-        bpffs: args.bpffs,
         poll_interval: Duration::from_millis(args.poll_ms.max(10)),
-        ejection_time: Duration::from_millis(args.ejection_ms),
-        observability: crate::app::observability::ObservabilityOptions {
-            metrics_addr: args.metrics_addr,
-            admin_addr: args.admin_addr,
-            logging,
-        },
-        ..Default::default()
     };
+    run_agent(async move { crate::app::build(opts).await })
+}
+
+/// Runs an agent built by `build` until SIGTERM/SIGINT (or `/quitquitquit`).
+fn run_agent(build: impl Future<Output = anyhow::Result<crate::app::Running>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -177,15 +244,21 @@ fn run_local(args: LocalArgs) -> ExitCode {
         Err(e) => return report(&e),
     };
     let result = rt.block_on(async {
-        let running = crate::app::build(opts).await?;
-        running
-            .run(async {
-                if let Err(e) = crate::tunnel::drain::shutdown_signal().await {
-                    tracing::warn!(error = %e, "no signal handler; running until killed");
-                    std::future::pending::<()>().await;
-                }
-            })
-            .await
+        let shutdown = async {
+            if let Err(e) = crate::tunnel::drain::shutdown_signal().await {
+                tracing::warn!(error = %e, "no signal handler; running until killed");
+                std::future::pending::<()>().await;
+            }
+        };
+        let mut shutdown = std::pin::pin!(shutdown);
+        let running = tokio::select! {
+            running = build => running?,
+            () = &mut shutdown => {
+                tracing::info!("stopped before the agent was up");
+                return Ok(());
+            }
+        };
+        running.run(shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -194,6 +267,58 @@ fn run_local(args: LocalArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `mesh-agent node` without `--datapath-only`: the whole agent fed by Kubernetes.
+fn run_kubernetes(args: NodeArgs) -> ExitCode {
+    let logging = init_reloadable_logging(args.log_format);
+    let Some(node) = args.node.filter(|n| !n.is_empty()) else {
+        eprintln!(
+            "error: the node's name is needed: pass --node or set NODE_NAME (in a DaemonSet, \
+             from the downward API's spec.nodeName); --datapath-only runs without Kubernetes"
+        );
+        return ExitCode::FAILURE;
+    };
+    let mut settings =
+        crate::k8s::convert::Settings::new(node, std::net::IpAddr::V4(args.tunnel_ip4));
+    settings.trust_domain = args.trust_domain.clone();
+    settings.root_namespace = Some(args.root_namespace);
+    settings.hbone_port = args.hbone_port;
+    settings.outbound_port = args.tunnel_port;
+    if let Some(m) = args.metrics_addr {
+        settings.metrics_port = m.port();
+    }
+    if let Some(a) = args.admin_addr {
+        settings.admin_port = a.port();
+    }
+    let agent = crate::app::AgentOptions {
+        state_dir: args.state_dir,
+        ca_dir: args.ca_dir,
+        cgroup: args.cgroup,
+        instance: args.instance,
+        bpffs: args.bpffs,
+        ejection_time: Duration::from_millis(args.ejection_ms),
+        trust_domain: Some(args.trust_domain),
+        observability: crate::app::observability::ObservabilityOptions {
+            metrics_addr: args.metrics_addr,
+            admin_addr: args.admin_addr,
+            logging,
+        },
+        ..Default::default()
+    };
+    // Pods' network namespaces: found through the host's /proc (the kubelet's cgroup names),
+    // unless a directory of bind-mounted namespaces is given.
+    let netns: std::sync::Arc<dyn crate::k8s::NetnsFinder> = match args.pod_netns_dir {
+        Some(dir) => std::sync::Arc::new(crate::k8s::DirNetns(dir)),
+        None => std::sync::Arc::new(crate::podns::ProcScanner::new(args.proc_root)),
+    };
+    let kubeconfig = args.kubeconfig;
+    run_agent(async move {
+        let client = crate::k8s::client(kubeconfig.as_deref()).await?;
+        let opts = crate::k8s::source::SourceOptions::new(settings);
+        let watch = crate::k8s::source::start(client, opts, netns).await;
+        crate::app::build_with(agent, crate::app::ModelFeed::kubernetes(watch)).await
+    })
 }
 
 fn parse_level(s: &str) -> Result<aya_log::Level, String> {
@@ -228,6 +353,9 @@ fn run_uninstall(bpffs: PathBuf, instance: &str) -> ExitCode {
 fn run_node(args: NodeArgs) -> ExitCode {
     if args.uninstall {
         return run_uninstall(args.bpffs, &args.instance);
+    }
+    if !args.datapath_only {
+        return run_kubernetes(args);
     }
     let opts = NodeOptions {
         instance: args.instance,
@@ -314,7 +442,12 @@ fn report(e: &dyn std::error::Error) -> ExitCode {
 /// Runs the `mesh-agent` command line (arguments from the process).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Local(_)) {
+    let reloadable = match &cli.command {
+        Command::Local(_) => true,
+        Command::Node(n) => !n.datapath_only && !n.uninstall,
+        _ => false,
+    };
+    if !reloadable {
         init_default_logging();
     }
     match cli.command {

@@ -24,7 +24,7 @@ use crate::policy::{
     MtlsMode, MtlsResolution, PeerIdentity, PolicySet, ValidationError, WorkloadMeta,
 };
 
-pub use spec::{ClusterInput, FailMode, Origin, Protocol, Sourced};
+pub use spec::{ClusterInput, FailMode, InvalidPolicies, Origin, Protocol, Sourced};
 
 /// Names a workload or a service: `namespace/name`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

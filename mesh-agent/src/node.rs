@@ -1,4 +1,4 @@
-//! `mesh-agent node`: the node's data path as a long-running process. Creates the tunnel
+//! `mesh-agent node --datapath-only`: the node's data path as a long-running process. Creates the tunnel
 //! interface (optional), loads the programs with every map and link pinned for the instance
 //! (adopting pins left by a previous run), attaches at the configured cgroup (the cgroup v2 root
 //! by default), points redirects at the tunnel address and beats the tunnel heartbeat until

@@ -26,7 +26,13 @@ impl Drop for Cleanup {
 
 fn start(instance: &str, cgroup: &Path) -> Result<Child> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-agent"))
-        .args(["node", "--instance", instance, "--cgroup"])
+        .args([
+            "node",
+            "--datapath-only",
+            "--instance",
+            instance,
+            "--cgroup",
+        ])
         .arg(cgroup)
         .args(["--tunnel-ip4", "169.254.99.1", "--stale-after-ms", "3000"])
         .args(["--exclude", "10.96.0.1@443", "--exclude", "@53"])

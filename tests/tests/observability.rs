@@ -405,7 +405,13 @@ fn node_mode_serves_map_gauges() -> Result<()> {
         .arg(ns.path())
         .arg("exec")
         .arg(agent_exe()?)
-        .args(["node", "--instance", &instance, "--cgroup"])
+        .args([
+            "node",
+            "--datapath-only",
+            "--instance",
+            &instance,
+            "--cgroup",
+        ])
         .arg(cgroup.path())
         .args(["--tunnel-ip4", TUNNEL, "--metrics-addr", &stats.to_string()])
         .args(["--exclude", "10.96.0.0/12", "--exclude", "@53"])

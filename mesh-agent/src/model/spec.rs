@@ -59,6 +59,23 @@ pub struct ClusterInput {
     pub services: Vec<Sourced<ServiceSpec>>,
     pub authorization_policies: Vec<Sourced<AuthorizationPolicy>>,
     pub peer_authentications: Vec<Sourced<PeerAuthentication>>,
+    /// What an invalid policy does to the model.
+    pub invalid_policies: InvalidPolicies,
+}
+
+/// What [`super::ClusterModel::build`] does with a policy that does not validate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InvalidPolicies {
+    /// The whole input is rejected (the local file: its author is at the keyboard, and the
+    /// last good model keeps serving).
+    #[default]
+    Reject,
+    /// The model is built; the policy engine enforces the invalid policy fail-closed (an
+    /// invalid ALLOW, DENY or CUSTOM policy denies every connection to the workloads it
+    /// selects, an invalid PeerAuthentication counts as STRICT, see `docs/policy.md`), and its
+    /// findings are kept with the warnings. For sources where one object's author must not
+    /// block everybody else's changes (Kubernetes).
+    FailClosed,
 }
 
 /// A node: where its tunnel listens.

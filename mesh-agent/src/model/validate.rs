@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use super::spec::{ClusterInput, Origin, Sourced};
+use super::spec::{ClusterInput, InvalidPolicies, Origin, Sourced};
 use super::{
     ClusterModel, Identity, ModelError, Node, ObjectKey, Owner, Problem, Service, ServicePort,
     Workload, ids,
@@ -471,12 +471,19 @@ pub(super) fn build(input: &ClusterInput) -> Result<ClusterModel, Vec<ModelError
             .get(&finding.policy)
             .map(|o| o.file.clone())
             .unwrap_or_default();
+        // A source that names objects like the policy engine does (`AuthorizationPolicy ns/name`)
+        // would otherwise print the name twice.
+        let file = if file == finding.policy.to_string() {
+            String::new()
+        } else {
+            file
+        };
         let error = ModelError {
             file,
             path: String::new(),
             problem: Problem::Policy(finding),
         };
-        if error.problem.is_warning() {
+        if error.problem.is_warning() || input.invalid_policies == InvalidPolicies::FailClosed {
             warnings.0.push(error);
         } else {
             errors.0.push(error);

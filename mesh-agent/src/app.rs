@@ -234,6 +234,19 @@ impl Authorizer for PolicyAuthorizer {
         });
         decision
     }
+
+    /// A live connection whose destination is no longer a workload of this node (its pod left
+    /// the mesh: namespace label removed, pod opted out) stays open: mesh policy no longer
+    /// applies to it, new connections to it go around the mesh, and un-enrolling must not reset
+    /// what the application already has open, as enrolling does not. Every other change is
+    /// decided as a new connection would be.
+    fn reauthorize(&self, req: &AuthzRequest<'_>) -> AuthzDecision {
+        let model = self.model.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if model.workload_by_ip(req.destination_workload.ip).is_none() {
+            return AuthzDecision::Allow;
+        }
+        self.authorize(req)
+    }
 }
 
 impl PolicyAuthorizer {

@@ -311,6 +311,14 @@ pub enum AuthzDecision {
 /// L4 authorization, implemented by the policy engine (adapted to this trait).
 pub trait Authorizer: Send + Sync {
     fn authorize(&self, req: &AuthzRequest<'_>) -> AuthzDecision;
+
+    /// The check of a connection that is already open, after the policies or the model changed
+    /// ([`connections::ConnectionManager::reauthorize`]). The same decision by default; an
+    /// implementation may keep a connection whose destination has left the mesh (mesh policy no
+    /// longer governs it, and closing it would reset an application that did nothing).
+    fn reauthorize(&self, req: &AuthzRequest<'_>) -> AuthzDecision {
+        self.authorize(req)
+    }
 }
 
 /// Allows everything (no policies configured).

@@ -100,7 +100,7 @@ impl ConnectionManager {
         let mut live = self.lock();
         let denied: Vec<(u64, String)> = live
             .iter()
-            .filter_map(|(id, (a, _))| match authorizer.authorize(&a.request()) {
+            .filter_map(|(id, (a, _))| match authorizer.reauthorize(&a.request()) {
                 AuthzDecision::Allow => None,
                 AuthzDecision::Deny { reason } => Some((*id, reason)),
             })

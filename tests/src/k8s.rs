@@ -652,7 +652,8 @@ impl ControlPlane {
     }
 
     /// Writes `DIR/FILE_NAME.kubeconfig` authenticating with `token` (`None`: anonymous) to the
-    /// API at `server_ip` (default 127.0.0.1) and returns its path.
+    /// API at `server_ip` (default 127.0.0.1) and returns its path. kubectl cannot use an
+    /// anonymous one (it prompts for credentials); kube-rs can.
     pub fn token_kubeconfig(
         &self,
         file_name: &str,

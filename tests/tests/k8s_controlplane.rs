@@ -64,18 +64,21 @@ fn pinned_version_rbac_tokens_and_crds() -> Result<()> {
     let version = json(&cp.kubectl(&["get", "--raw=/version"])?);
     assert_eq!(version["gitVersion"], pinned.as_str(), "{version}");
 
-    // Anonymous requests authenticate as system:anonymous, which RBAC refuses.
+    // Anonymous requests authenticate as system:anonymous, which RBAC refuses (kube-rs in the
+    // namespace: kubectl would prompt for credentials).
     let anon = cp.token_kubeconfig("anonymous", None, None)?;
-    let out = cp.kubectl_output(&anon, &["get", "--raw=/api/v1/namespaces"], None)?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "anonymous list of namespaces succeeded"
-    );
-    assert!(
-        err.contains("Forbidden") && err.contains("system:anonymous"),
-        "expected a 403 for system:anonymous, got: {err}"
-    );
+    let refused = cp.block_on(|| async {
+        let client = kube_client(&anon).await?;
+        let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
+        Ok(api.list(&Default::default()).await.err())
+    })?;
+    match refused {
+        Some(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 403, "{status:?}");
+            assert!(status.message.contains("system:anonymous"), "{status:?}");
+        }
+        other => panic!("expected a 403 for system:anonymous, got {other:?}"),
+    }
 
     // A ServiceAccount token from TokenRequest authenticates as that ServiceAccount.
     cp.create_service_account("demo", "agent")?;

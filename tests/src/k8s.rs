@@ -606,6 +606,26 @@ impl ControlPlane {
         child.wait_with_output().context("kubectl")
     }
 
+    /// Runs helm as admin in the namespace (its cache, config and data in the state directory);
+    /// fails with its stderr unless it succeeds. No controllers run: never use `--wait`.
+    pub fn helm(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = self.command(self.bins.helm())?;
+        cmd.env("KUBECONFIG", &self.admin_kubeconfig)
+            .env("HELM_CACHE_HOME", self.dir.join("helm/cache"))
+            .env("HELM_CONFIG_HOME", self.dir.join("helm/config"))
+            .env("HELM_DATA_HOME", self.dir.join("helm/data"))
+            .args(args);
+        let out = cmd.output().context("cannot start helm")?;
+        ensure!(
+            out.status.success(),
+            "`helm {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// `kubectl apply -f -` of `yaml` as admin; returns kubectl's output.
     pub fn apply(&self, yaml: &str) -> Result<String> {
         let out = self.kubectl_output(&self.admin_kubeconfig, &["apply", "-f", "-"], Some(yaml))?;

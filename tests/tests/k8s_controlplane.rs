@@ -162,6 +162,22 @@ fn pinned_version_rbac_tokens_and_crds() -> Result<()> {
     let w = json(&cp.kubectl(&["get", "widget", "w1", "-n", "demo", "-o", "json"])?);
     assert_eq!(w["spec"]["size"], 3, "{w}");
 
+    // helm talks to it (a release is a Secret in the namespace; nothing waits for pods).
+    let chart = cp.dir().join("chart");
+    std::fs::create_dir_all(chart.join("templates"))?;
+    std::fs::write(
+        chart.join("Chart.yaml"),
+        "apiVersion: v2\nname: probe\nversion: 0.1.0\n",
+    )?;
+    std::fs::write(
+        chart.join("templates/cm.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: from-helm\ndata:\n  k: v\n",
+    )?;
+    let chart_path = chart.display().to_string();
+    cp.helm(&["install", "probe", &chart_path, "-n", "demo"])?;
+    assert!(cp.helm(&["list", "-n", "demo"])?.contains("probe"));
+    cp.kubectl(&["get", "configmap", "from-helm", "-n", "demo"])?;
+
     // An in-process kube-rs client, on a runtime inside the namespace, with the SA's token.
     let git_version = cp.block_on(|| async {
         let client = kube_client(&sa_kc).await?;

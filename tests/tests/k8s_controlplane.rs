@@ -1,6 +1,7 @@
 //! The test harness's Kubernetes control plane (`nodemesh_tests::k8s`) is a real one: the pinned
-//! kube-apiserver on etcd with RBAC, real TokenRequest/TokenReview, CRDs, restarts that keep
-//! data, and control planes isolated from each other by network namespaces.
+//! kube-apiserver on etcd with RBAC, real TokenRequest/TokenReview, CRDs, helm, restarts that
+//! keep data (and that a kube-rs watcher survives), and control planes isolated from each other
+//! by network namespaces.
 //!
 //! Needs root (network namespaces) and the binaries of `cargo xtask k8s build` (`cargo xtask
 //! test` builds them first).
@@ -11,8 +12,9 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::ConfigMap;
 use nodemesh_tests::{
-    NetNs,
+    NetNs, block_on_in_netns,
     k8s::{ControlPlane, Network, Options, kube_client, pinned_version},
     require_root, unique_prefix,
 };
@@ -229,9 +231,53 @@ fn two_control_planes_and_an_apiserver_restart() -> Result<()> {
         "{whoami}"
     );
 
+    // A kube-rs watcher on B (its own thread and runtime in B's namespace) sees the initial
+    // list, survives the apiserver restart, and sees an object created after it.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let ns_path = b.netns().context("B runs in a namespace")?.to_path_buf();
+    let admin = b.admin_kubeconfig().to_path_buf();
+    let watch = std::thread::spawn(move || {
+        block_on_in_netns(&ns_path, || async move {
+            use futures::StreamExt;
+            use kube::runtime::{WatchStreamExt, watcher};
+            let client = kube_client(&admin).await?;
+            let api: kube::Api<ConfigMap> = kube::Api::namespaced(client, "t");
+            let mut events =
+                std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+            // Errors while the apiserver is away are reported, then the watcher retries.
+            while let Some(event) = events.next().await {
+                if let Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) = event {
+                    let name = cm.metadata.name.unwrap_or_default();
+                    let last = name == "after-restart";
+                    if tx.send(name).is_err() || last {
+                        return Ok(());
+                    }
+                }
+            }
+            anyhow::bail!("the watch stream ended")
+        })
+    });
+    let seen = |want: &str| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(name) if name == want => return Ok(()),
+                Ok(_) => {}
+                Err(e) => anyhow::bail!("the watcher never reported {want}: {e}"),
+            }
+        }
+    };
+    seen("only-b")?;
+
     // Restarting B's apiserver keeps etcd's data and the signing key (old tokens still work).
     b.restart_apiserver()?;
     assert!(names(&b)?.contains("only-b"));
+    b.kubectl(&["create", "configmap", "after-restart", "-n", "t"])?;
+    seen("after-restart")?;
+    watch
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
     let whoami = json(&b.kubectl_as(&kc, &["auth", "whoami", "-o", "json"])?);
     assert_eq!(
         whoami["status"]["userInfo"]["username"], "system:serviceaccount:t:agent",

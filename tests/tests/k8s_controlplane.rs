@@ -44,6 +44,29 @@ fn token_review(cp: &ControlPlane, token: &str, audiences: &[&str]) -> Result<Va
     Ok(json(&String::from_utf8_lossy(&out.stdout)))
 }
 
+const WIDGET_CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.test.nodemesh.io
+spec:
+  group: test.nodemesh.io
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              size: {type: integer}
+"#;
+
 /// Polls `f` until it returns `Ok`, at most `timeout`; returns the last error otherwise.
 fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
@@ -143,14 +166,7 @@ fn pinned_version_rbac_tokens_and_crds() -> Result<()> {
     );
 
     // A CRD becomes Established and serves its custom resources.
-    cp.apply(
-        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: \
-         widgets.test.nodemesh.io\nspec:\n  group: test.nodemesh.io\n  scope: Namespaced\n  \
-         names:\n    plural: widgets\n    singular: widget\n    kind: Widget\n  versions:\n  - \
-         name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        \
-         type: object\n        properties:\n          spec:\n            type: object\n            \
-         properties:\n              size:\n                type: integer\n",
-    )?;
+    cp.apply(WIDGET_CRD)?;
     cp.kubectl(&[
         "wait",
         "--for=condition=Established",

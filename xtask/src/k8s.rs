@@ -319,9 +319,9 @@ pub fn build() -> Result<PathBuf> {
 fn compile(root: &Path, go: &Path, v: &Versions, dir: &Path, bin: &Path) -> Result<()> {
     println!(
         "k8s build: building the Kubernetes control plane from the Go module proxy into\n  {}\n\
-         The first build takes about 10 minutes on 2 cores and 2 GB of RAM, and fills Go's module \
-         and build caches (about 3 GB, shared by every clone); later runs reuse the binaries and \
-         take seconds.",
+         The first build takes about 10 minutes on 2 idle cores (over 30 on a busy machine) and \
+         2 GB of RAM, and fills Go's module and build caches (about 3.5 GB, shared by every \
+         clone); later runs reuse the binaries and take seconds.",
         bin.display()
     );
     if bin.exists() {

@@ -606,6 +606,26 @@ impl ControlPlane {
         child.wait_with_output().context("kubectl")
     }
 
+    /// Runs helm as admin in the namespace (its cache, config and data in the state directory);
+    /// fails with its stderr unless it succeeds. No controllers run: never use `--wait`.
+    pub fn helm(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = self.command(self.bins.helm())?;
+        cmd.env("KUBECONFIG", &self.admin_kubeconfig)
+            .env("HELM_CACHE_HOME", self.dir.join("helm/cache"))
+            .env("HELM_CONFIG_HOME", self.dir.join("helm/config"))
+            .env("HELM_DATA_HOME", self.dir.join("helm/data"))
+            .args(args);
+        let out = cmd.output().context("cannot start helm")?;
+        ensure!(
+            out.status.success(),
+            "`helm {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// `kubectl apply -f -` of `yaml` as admin; returns kubectl's output.
     pub fn apply(&self, yaml: &str) -> Result<String> {
         let out = self.kubectl_output(&self.admin_kubeconfig, &["apply", "-f", "-"], Some(yaml))?;
@@ -652,7 +672,8 @@ impl ControlPlane {
     }
 
     /// Writes `DIR/FILE_NAME.kubeconfig` authenticating with `token` (`None`: anonymous) to the
-    /// API at `server_ip` (default 127.0.0.1) and returns its path.
+    /// API at `server_ip` (default 127.0.0.1) and returns its path. kubectl cannot use an
+    /// anonymous one (it prompts for credentials); kube-rs can.
     pub fn token_kubeconfig(
         &self,
         file_name: &str,
@@ -702,15 +723,16 @@ impl ControlPlane {
         }
     }
 
-    /// Stops kube-apiserver gracefully (SIGTERM: watches end as in a real restart) and starts
-    /// it again on the same etcd, certificates and signing key: data and tokens survive.
+    /// Stops kube-apiserver (SIGTERM, then SIGKILL after 5 s: with watches open a graceful
+    /// shutdown takes over 30 s) and starts it again on the same etcd, certificates and signing
+    /// key: data and tokens survive, watches and connections end as in a real restart.
     pub fn restart_apiserver(&mut self) -> Result<()> {
         ensure!(
             !self.detached,
             "a detached control plane cannot be restarted"
         );
         if let Some(child) = self.apiserver.take() {
-            terminate(child, "kube-apiserver", Duration::from_secs(30))?;
+            terminate(child, Duration::from_secs(5))?;
         }
         self.start_apiserver()
     }
@@ -767,7 +789,7 @@ impl Drop for ControlPlane {
 }
 
 /// Sends SIGTERM and waits up to `grace`, then SIGKILL.
-fn terminate(mut child: Child, name: &str, grace: Duration) -> Result<()> {
+fn terminate(mut child: Child, grace: Duration) -> Result<()> {
     signal(i32::try_from(child.id())?, libc::SIGTERM);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
@@ -776,7 +798,6 @@ fn terminate(mut child: Child, name: &str, grace: Duration) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("{name} did not stop within {grace:?} of SIGTERM: killing it");
     child.kill()?;
     child.wait()?;
     Ok(())

@@ -1,6 +1,7 @@
 //! The test harness's Kubernetes control plane (`nodemesh_tests::k8s`) is a real one: the pinned
-//! kube-apiserver on etcd with RBAC, real TokenRequest/TokenReview, CRDs, restarts that keep
-//! data, and control planes isolated from each other by network namespaces.
+//! kube-apiserver on etcd with RBAC, real TokenRequest/TokenReview, CRDs, helm, restarts that
+//! keep data (and that a kube-rs watcher survives), and control planes isolated from each other
+//! by network namespaces.
 //!
 //! Needs root (network namespaces) and the binaries of `cargo xtask k8s build` (`cargo xtask
 //! test` builds them first).
@@ -11,8 +12,9 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::ConfigMap;
 use nodemesh_tests::{
-    NetNs,
+    NetNs, block_on_in_netns,
     k8s::{ControlPlane, Network, Options, kube_client, pinned_version},
     require_root, unique_prefix,
 };
@@ -42,6 +44,29 @@ fn token_review(cp: &ControlPlane, token: &str, audiences: &[&str]) -> Result<Va
     Ok(json(&String::from_utf8_lossy(&out.stdout)))
 }
 
+const WIDGET_CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.test.nodemesh.io
+spec:
+  group: test.nodemesh.io
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              size: {type: integer}
+"#;
+
 /// Polls `f` until it returns `Ok`, at most `timeout`; returns the last error otherwise.
 fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
@@ -64,18 +89,21 @@ fn pinned_version_rbac_tokens_and_crds() -> Result<()> {
     let version = json(&cp.kubectl(&["get", "--raw=/version"])?);
     assert_eq!(version["gitVersion"], pinned.as_str(), "{version}");
 
-    // Anonymous requests authenticate as system:anonymous, which RBAC refuses.
+    // Anonymous requests authenticate as system:anonymous, which RBAC refuses (kube-rs in the
+    // namespace: kubectl would prompt for credentials).
     let anon = cp.token_kubeconfig("anonymous", None, None)?;
-    let out = cp.kubectl_output(&anon, &["get", "--raw=/api/v1/namespaces"], None)?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "anonymous list of namespaces succeeded"
-    );
-    assert!(
-        err.contains("Forbidden") && err.contains("system:anonymous"),
-        "expected a 403 for system:anonymous, got: {err}"
-    );
+    let refused = cp.block_on(|| async {
+        let client = kube_client(&anon).await?;
+        let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client);
+        Ok(api.list(&Default::default()).await.err())
+    })?;
+    match refused {
+        Some(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 403, "{status:?}");
+            assert!(status.message.contains("system:anonymous"), "{status:?}");
+        }
+        other => panic!("expected a 403 for system:anonymous, got {other:?}"),
+    }
 
     // A ServiceAccount token from TokenRequest authenticates as that ServiceAccount.
     cp.create_service_account("demo", "agent")?;
@@ -138,14 +166,7 @@ fn pinned_version_rbac_tokens_and_crds() -> Result<()> {
     );
 
     // A CRD becomes Established and serves its custom resources.
-    cp.apply(
-        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: \
-         widgets.test.nodemesh.io\nspec:\n  group: test.nodemesh.io\n  scope: Namespaced\n  \
-         names:\n    plural: widgets\n    singular: widget\n    kind: Widget\n  versions:\n  - \
-         name: v1\n    served: true\n    storage: true\n    schema:\n      openAPIV3Schema:\n        \
-         type: object\n        properties:\n          spec:\n            type: object\n            \
-         properties:\n              size:\n                type: integer\n",
-    )?;
+    cp.apply(WIDGET_CRD)?;
     cp.kubectl(&[
         "wait",
         "--for=condition=Established",
@@ -158,6 +179,22 @@ fn pinned_version_rbac_tokens_and_crds() -> Result<()> {
     )?;
     let w = json(&cp.kubectl(&["get", "widget", "w1", "-n", "demo", "-o", "json"])?);
     assert_eq!(w["spec"]["size"], 3, "{w}");
+
+    // helm talks to it (a release is a Secret in the namespace; nothing waits for pods).
+    let chart = cp.dir().join("chart");
+    std::fs::create_dir_all(chart.join("templates"))?;
+    std::fs::write(
+        chart.join("Chart.yaml"),
+        "apiVersion: v2\nname: probe\nversion: 0.1.0\n",
+    )?;
+    std::fs::write(
+        chart.join("templates/cm.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: from-helm\ndata:\n  k: v\n",
+    )?;
+    let chart_path = chart.display().to_string();
+    cp.helm(&["install", "probe", &chart_path, "-n", "demo"])?;
+    assert!(cp.helm(&["list", "-n", "demo"])?.contains("probe"));
+    cp.kubectl(&["get", "configmap", "from-helm", "-n", "demo"])?;
 
     // An in-process kube-rs client, on a runtime inside the namespace, with the SA's token.
     let git_version = cp.block_on(|| async {
@@ -210,9 +247,53 @@ fn two_control_planes_and_an_apiserver_restart() -> Result<()> {
         "{whoami}"
     );
 
+    // A kube-rs watcher on B (its own thread and runtime in B's namespace) sees the initial
+    // list, survives the apiserver restart, and sees an object created after it.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let ns_path = b.netns().context("B runs in a namespace")?.to_path_buf();
+    let admin = b.admin_kubeconfig().to_path_buf();
+    let watch = std::thread::spawn(move || {
+        block_on_in_netns(&ns_path, || async move {
+            use futures::StreamExt;
+            use kube::runtime::{WatchStreamExt, watcher};
+            let client = kube_client(&admin).await?;
+            let api: kube::Api<ConfigMap> = kube::Api::namespaced(client, "t");
+            let mut events =
+                std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+            // Errors while the apiserver is away are reported, then the watcher retries.
+            while let Some(event) = events.next().await {
+                if let Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) = event {
+                    let name = cm.metadata.name.unwrap_or_default();
+                    let last = name == "after-restart";
+                    if tx.send(name).is_err() || last {
+                        return Ok(());
+                    }
+                }
+            }
+            anyhow::bail!("the watch stream ended")
+        })
+    });
+    let seen = |want: &str| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(name) if name == want => return Ok(()),
+                Ok(_) => {}
+                Err(e) => anyhow::bail!("the watcher never reported {want}: {e}"),
+            }
+        }
+    };
+    seen("only-b")?;
+
     // Restarting B's apiserver keeps etcd's data and the signing key (old tokens still work).
     b.restart_apiserver()?;
     assert!(names(&b)?.contains("only-b"));
+    b.kubectl(&["create", "configmap", "after-restart", "-n", "t"])?;
+    seen("after-restart")?;
+    watch
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
     let whoami = json(&b.kubectl_as(&kc, &["auth", "whoami", "-o", "json"])?);
     assert_eq!(
         whoami["status"]["userInfo"]["username"], "system:serviceaccount:t:agent",

@@ -9,9 +9,9 @@
 //!   serialises concurrent builds; the binaries are built into a temporary directory that is
 //!   renamed into place only when all four are there, so a half-built cache is never used. The
 //!   path of the bin directory is written to `target/k8s-bin-dir` for the tests.
-//! - `up`, `down`, `env`, `status` run the tests crate's `nm-k8s` binary (as `cargo xtask lab`
-//!   runs `nm-lab`: xtask does not depend on mesh-agent), which shares its code with the test
-//!   harness `nodemesh_tests::k8s`. State lives in `target/k8s/`.
+//! - `up`, `down`, `status` run the tests crate's `nm-k8s` binary (as `cargo xtask lab` runs
+//!   `nm-lab`: xtask does not depend on mesh-agent), which shares its code with the test harness
+//!   `nodemesh_tests::k8s`. State lives in `target/k8s/`. `env` only prints the exports.
 
 use std::{
     fs,
@@ -75,7 +75,7 @@ pub fn run(opts: Options) -> Result<()> {
             nm_k8s(&bin, "up", &args)
         }
         K8sCommand::Down => nm_k8s(&bin_dir_quiet()?, "down", &[]),
-        K8sCommand::Env => nm_k8s(&bin_dir_quiet()?, "env", &[]),
+        K8sCommand::Env => print_env(),
         K8sCommand::Status => nm_k8s(&bin_dir_quiet()?, "status", &[]),
     }
 }
@@ -84,40 +84,38 @@ pub fn run(opts: Options) -> Result<()> {
 /// the bin directory in [`BIN_ENV`].
 fn nm_k8s(bin: &Path, verb: &str, args: &[String]) -> Result<()> {
     let root = workspace_root();
-    let quiet = verb == "env";
-    build_ebpf_quietly(quiet)?;
-    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cargo
-        .current_dir(&root)
-        .args(["build", "-p", "nodemesh-tests", "--bin", "nm-k8s"]);
-    if quiet {
-        // `env` output is meant for `eval`: keep cargo's progress off stdout and quiet.
-        cargo.arg("--quiet");
-        let status = cargo.status().context("cannot run cargo")?;
-        ensure!(status.success(), "building nm-k8s failed ({status})");
-    } else {
-        exec(&mut cargo)?;
-    }
-    let mut cmd = Command::new(root.join("target/debug/nm-k8s"));
-    cmd.current_dir(&root)
-        .env(BIN_ENV, bin)
-        .arg(verb)
-        .args(args);
-    if quiet {
-        let status = cmd.status().context("cannot run nm-k8s")?;
-        ensure!(status.success(), "nm-k8s env failed ({status})");
-        Ok(())
-    } else {
-        exec(&mut cmd)
-    }
+    build_ebpf::run(build_ebpf::Options::default())?;
+    exec(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .args(["build", "-p", "nodemesh-tests", "--bin", "nm-k8s"]),
+    )?;
+    exec(
+        Command::new(root.join("target/debug/nm-k8s"))
+            .current_dir(&root)
+            .env(BIN_ENV, bin)
+            .arg(verb)
+            .args(args),
+    )
 }
 
-fn build_ebpf_quietly(quiet: bool) -> Result<()> {
-    if quiet && workspace_root().join("target/bpfel-unknown-none").exists() {
-        // `env` prints only exports; the object exists from an earlier `up`.
-        return Ok(());
+/// `env`: only the exports on stdout (for `eval`), nothing built.
+fn print_env() -> Result<()> {
+    let root = workspace_root();
+    let bin = bin_dir_quiet()?;
+    let kubeconfig = root.join("target/k8s/admin.kubeconfig");
+    if !complete(&bin) {
+        eprintln!("# the binaries are not built yet: run `cargo xtask k8s up`");
+    } else if !kubeconfig.is_file() {
+        eprintln!("# the control plane is not up: run `cargo xtask k8s up`");
     }
-    build_ebpf::run(build_ebpf::Options::default())
+    let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
+    println!(
+        "export KUBECONFIG={}\nexport PATH={}:\"$PATH\"",
+        quote(&kubeconfig),
+        quote(&bin)
+    );
+    Ok(())
 }
 
 /// The versions pinned in `xtask/k8s/versions.env`.
@@ -321,9 +319,9 @@ pub fn build() -> Result<PathBuf> {
 fn compile(root: &Path, go: &Path, v: &Versions, dir: &Path, bin: &Path) -> Result<()> {
     println!(
         "k8s build: building the Kubernetes control plane from the Go module proxy into\n  {}\n\
-         The first build takes about 10 minutes on 2 cores and 2 GB of RAM, and fills Go's module \
-         and build caches (about 3 GB, shared by every clone); later runs reuse the binaries and \
-         take seconds.",
+         The first build takes about 10 minutes on 2 idle cores (over 30 on a busy machine) and \
+         2 GB of RAM, and fills Go's module and build caches (about 3.5 GB, shared by every \
+         clone); later runs reuse the binaries and take seconds.",
         bin.display()
     );
     if bin.exists() {

@@ -1,14 +1,13 @@
 //! `nm-k8s`: the Kubernetes control plane on the host for trying nodemesh by hand
-//! (`cargo xtask k8s up|down|env|status` builds and runs it; the code is the tests' harness,
-//! `nodemesh_tests::k8s`). The binaries come from `$NODEMESH_K8S_BIN`; state lives in
-//! `target/k8s/` under the current directory (the workspace root).
+//! (`cargo xtask k8s up|down|status` builds and runs it; `env` is xtask's own; the code is the
+//! tests' harness, `nodemesh_tests::k8s`). The binaries come from `$NODEMESH_K8S_BIN`; state
+//! lives in `target/k8s/` under the current directory (the workspace root).
 //!
 //! - `nm-k8s up [--api-port P] [--etcd-port P]`: starts etcd and kube-apiserver on 127.0.0.1
 //!   (defaults 6443 and 2379/2380), writes `target/k8s/admin.kubeconfig`, and leaves them
 //!   running.
 //! - `nm-k8s down`: stops them (also after a crash, from the pid files) and removes
 //!   `target/k8s`.
-//! - `nm-k8s env`: the shell exports (KUBECONFIG; PATH with kubectl and helm).
 //! - `nm-k8s status`: the processes and `/readyz`.
 
 use std::{path::PathBuf, process::ExitCode};
@@ -16,7 +15,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::{Context, Result, bail};
 use nodemesh_tests::k8s::{self, Binaries, ControlPlane, Network, Options};
 
-const USAGE: &str = "usage: nm-k8s up [--api-port P] [--etcd-port P] | down | env | status";
+const USAGE: &str = "usage: nm-k8s up [--api-port P] [--etcd-port P] | down | status";
 
 fn main() -> ExitCode {
     match run() {
@@ -88,19 +87,6 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
-        ["env"] => {
-            let bins = Binaries::locate()?;
-            let up = k8s::detached_processes(&dir).iter().all(|(_, _, up)| *up);
-            if !up {
-                eprintln!("# the control plane is not up: run `cargo xtask k8s up`");
-            }
-            println!(
-                "export KUBECONFIG={}\nexport PATH={}:\"$PATH\"",
-                shell_quote(&dir.join("admin.kubeconfig").display().to_string()),
-                shell_quote(&bins.dir().display().to_string())
-            );
-            Ok(())
-        }
         ["status"] => status(&dir),
         _ => bail!(USAGE),
     }
@@ -139,9 +125,4 @@ fn status(dir: &std::path::Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Single-quotes `s` for a POSIX shell.
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
 }

@@ -183,10 +183,49 @@ struct Source {
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
+/// A source whose first model is not there yet.
+struct Starting {
+    first: std::sync::mpsc::Receiver<(
+        watch::Receiver<Arc<ClusterModel>>,
+        watch::Receiver<SourceStatus>,
+    )>,
+    history: Arc<Mutex<Vec<usize>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Starting {
+    /// Waits for the first model at most `within`; `Err(self)` if there is none yet.
+    fn wait(mut self, within: Duration) -> std::result::Result<Source, Self> {
+        match self.first.recv_timeout(within) {
+            Ok((models, status)) => Ok(Source {
+                models,
+                status,
+                history: self.history.clone(),
+                stop: self.stop.take(),
+                thread: self.thread.take(),
+            }),
+            Err(_) => Err(self),
+        }
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl Source {
-    fn start(netns: PathBuf, kubeconfig: PathBuf) -> Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    /// Runs the source on its own thread in `netns`, its client on `kubeconfig`.
+    fn spawn(netns: PathBuf, kubeconfig: PathBuf) -> Starting {
+        let (tx, first) = std::sync::mpsc::channel();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let history = Arc::new(Mutex::new(Vec::new()));
         let h = history.clone();
         let thread = std::thread::spawn(move || {
@@ -196,7 +235,10 @@ impl Source {
                 settings.trust_domain = "cluster.local".into();
                 let mut opts = SourceOptions::new(settings);
                 opts.rescan = Duration::from_millis(500);
-                let watch = start(client, opts, Arc::new(ByUid)).await;
+                let watch = tokio::select! {
+                    watch = start(client, opts, Arc::new(ByUid)) => watch,
+                    _ = &mut stopped => return Ok(()),
+                };
                 let mut models = watch.models.clone();
                 h.lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -214,16 +256,18 @@ impl Source {
                 Ok(())
             })
         });
-        let (models, status) = rx
-            .recv_timeout(Duration::from_secs(60))
-            .context("the source did not publish a first model within 60 s")?;
-        Ok(Source {
-            models,
-            status,
+        Starting {
+            first,
             history,
             stop: Some(stop),
             thread: Some(thread),
-        })
+        }
+    }
+
+    fn start(netns: PathBuf, kubeconfig: PathBuf) -> Result<Self> {
+        Self::spawn(netns, kubeconfig)
+            .wait(Duration::from_secs(60))
+            .map_err(|_| anyhow::anyhow!("the source did not publish a first model within 60 s"))
     }
 
     fn model(&self) -> Arc<ClusterModel> {
@@ -649,5 +693,36 @@ fn mesh_agent_node_enrolls_pods_and_enforces_a_policy_from_the_api_server() -> R
     .with_context(|| agent.logs())?;
     drop(agent);
     drop(echo);
+    cp.stop()
+}
+
+/// A policy CRD that is not installed keeps the source waiting (no model, no crash; the log
+/// says to install it at every retry), and it proceeds once the CRDs are there.
+#[test]
+fn a_missing_crd_holds_the_first_model_until_it_is_installed() -> Result<()> {
+    require_root();
+    let cp = ControlPlane::start(&unique_prefix())?;
+    cp.create_service_account("nodemesh-system", "nodemesh-agent")?;
+    cp.apply(AGENT_RBAC)?;
+    cp.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {nodemesh.io/dataplane: enabled}}\n",
+    )?;
+    node_object(&cp, THIS, "10.0.0.1")?;
+    pod(&cp, "shop", "web", THIS, "10.1.0.5")?;
+    let netns = cp
+        .netns()
+        .context("the control plane has a namespace")?
+        .to_owned();
+    let kubeconfig = cp.service_account_kubeconfig("nodemesh-system", "nodemesh-agent", None)?;
+    let starting = Source::spawn(netns, kubeconfig);
+    let Err(starting) = starting.wait(Duration::from_secs(5)) else {
+        anyhow::bail!("a model was published without the policy CRDs");
+    };
+    cp.apply(CRDS)?;
+    let source = starting
+        .wait(Duration::from_secs(60))
+        .map_err(|_| anyhow::anyhow!("no model within 60 s of installing the CRDs"))?;
+    assert_eq!(names(&source.model()), ["shop/web"]);
+    drop(source);
     cp.stop()
 }

@@ -517,11 +517,13 @@ fn objects_from_the_api_server_converge_into_the_model() -> Result<()> {
 struct NodeAgent {
     child: std::process::Child,
     log: PathBuf,
+    state: PathBuf,
     instance: String,
 }
 
 impl NodeAgent {
-    fn start(
+    /// Starts the agent and returns at once; [`NodeAgent::wait_ready`] waits for it.
+    fn spawn(
         node: &cluster::Node,
         kubeconfig: &std::path::Path,
         dir: &std::path::Path,
@@ -545,31 +547,35 @@ impl NodeAgent {
             .arg(node.cgroup.path())
             .args(["--instance", &instance, "--pod-netns-dir"])
             .arg(netns_dir)
+            .args(["--metrics-addr", "10.1.1.1:15020"])
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("cannot start the agent")?;
-        let mut agent = NodeAgent {
+        Ok(NodeAgent {
             child,
             log,
+            state,
             instance,
-        };
-        let mine = format!("pid={}", agent.child.id());
+        })
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let mine = format!("pid={}", self.child.id());
         eventually("the agent is ready", Duration::from_secs(60), || {
-            if let Some(status) = agent.child.try_wait()? {
-                anyhow::bail!("agent exited ({status}):\n{}", agent.logs());
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("agent exited ({status}):\n{}", self.logs());
             }
-            let ready = std::fs::read_to_string(state.join("ready")).unwrap_or_default();
+            let ready = std::fs::read_to_string(self.state.join("ready")).unwrap_or_default();
             ensure!(
                 ready.lines().any(|l| l == mine),
                 "not ready:\n{}",
-                agent.logs()
+                self.logs()
             );
             Ok(())
-        })?;
-        Ok(agent)
+        })
     }
 
     fn logs(&self) -> String {
@@ -634,14 +640,6 @@ fn mesh_agent_node_enrolls_pods_and_enforces_a_policy_from_the_api_server() -> R
     let mut opts = Options::new(&p);
     opts.network = Network::Existing(node.ns.path());
     let cp = ControlPlane::start_with(opts)?;
-    cp.apply(CRDS)?;
-    cp.kubectl(&[
-        "wait",
-        "--for=condition=established",
-        "--timeout=60s",
-        "crd/authorizationpolicies.security.nodemesh.io",
-        "crd/peerauthentications.security.nodemesh.io",
-    ])?;
     cp.create_service_account("nodemesh-system", "nodemesh-agent")?;
     cp.apply(AGENT_RBAC)?;
     cp.apply(
@@ -659,7 +657,34 @@ fn mesh_agent_node_enrolls_pods_and_enforces_a_policy_from_the_api_server() -> R
     }
     let echo = cluster::Echo::start(&server, 8080)?;
     let kubeconfig = cp.service_account_kubeconfig("nodemesh-system", "nodemesh-agent", None)?;
-    let agent = NodeAgent::start(&node, &kubeconfig, dir.path(), &netns_dir)?;
+    let mut agent = NodeAgent::spawn(&node, &kubeconfig, dir.path(), &netns_dir)?;
+
+    // Without the policy CRDs the agent waits: its stats server says why it is not ready.
+    let stats = cluster::addr("10.1.1.1", cluster::STATS_PORT)?;
+    let waiting = eventually("/readyz names the model", Duration::from_secs(20), || {
+        let (code, body) = nodemesh_tests::http_in_netns(&node.ns.path(), stats, "GET", "/readyz")?;
+        ensure!(
+            code == 503 && body.contains("model-synced"),
+            "{code} {body}"
+        );
+        Ok(body)
+    })
+    .with_context(|| agent.logs())?;
+    assert!(waiting.contains("not ready"), "{waiting}");
+    ensure!(
+        agent.child.try_wait()?.is_none(),
+        "the agent exited:\n{}",
+        agent.logs()
+    );
+    cp.apply(CRDS)?;
+    agent.wait_ready()?;
+    assert!(
+        agent
+            .logs()
+            .contains("CRD (security.nodemesh.io/v1alpha1) is not installed"),
+        "the missing CRD was not logged:\n{}",
+        agent.logs()
+    );
 
     let metrics = cluster::scrape_until(&node, "10.1.1.1", "both pods enrolled", |m| {
         m.lines().any(|l| l == "nodemesh_workloads_enrolled 2")

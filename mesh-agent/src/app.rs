@@ -315,14 +315,30 @@ pub struct Running {
 
 /// `mesh-agent local`: the agent fed from the local file (see the module comment).
 pub async fn build(opts: LocalOptions) -> Result<Running> {
-    let feed = ModelFeed::local(&opts.config, opts.node.clone(), opts.poll_interval)?;
-    build_with(opts.agent, feed).await
+    let (config, node, poll) = (opts.config.clone(), opts.node.clone(), opts.poll_interval);
+    build_with(
+        opts.agent,
+        async move { ModelFeed::local(&config, node, poll) },
+    )
+    .await
 }
 
-/// Brings the agent up on the models of `feed` (see the module comment). Returns once it serves.
-pub async fn build_with(opts: AgentOptions, feed: ModelFeed) -> Result<Running> {
-    let models = feed.models.clone();
+/// Brings the agent up on the models of the feed `source` resolves to (see the module comment).
+/// Returns once it serves. With an explicit stats address the stats server is up while the
+/// source is still starting, `/readyz` 503 naming the gate `model-synced`.
+pub async fn build_with(
+    opts: AgentOptions,
+    source: impl Future<Output = Result<ModelFeed>>,
+) -> Result<Running> {
     let (mut obs, gates) = observability::Observability::new();
+    let model_synced = obs.gate("model-synced");
+    if let Some(addr) = opts.observability.metrics_addr {
+        let addr = obs.serve_stats_at(addr).await?;
+        info!(stats = %addr, "stats server up; waiting for the first model");
+    }
+    let feed = source.await?;
+    model_synced.ready();
+    let models = feed.models.clone();
     let model = models.borrow().clone();
     let node = model.this_node().clone();
     info!(node = %node.name, address = %node.address, tunnel = %node.tunnel_address, source = %feed.describe, "starting the agent");

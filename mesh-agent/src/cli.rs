@@ -313,12 +313,12 @@ fn run_kubernetes(args: NodeArgs) -> ExitCode {
         None => std::sync::Arc::new(crate::podns::ProcScanner::new(args.proc_root)),
     };
     let kubeconfig = args.kubeconfig;
-    run_agent(async move {
+    run_agent(crate::app::build_with(agent, async move {
         let client = crate::k8s::client(kubeconfig.as_deref()).await?;
         let opts = crate::k8s::source::SourceOptions::new(settings);
         let watch = crate::k8s::source::start(client, opts, netns).await;
-        crate::app::build_with(agent, crate::app::ModelFeed::kubernetes(watch)).await
-    })
+        Ok(crate::app::ModelFeed::kubernetes(watch))
+    }))
 }
 
 fn parse_level(s: &str) -> Result<aya_log::Level, String> {

@@ -25,8 +25,9 @@ use mesh_agent::{
     policy::{ConnectionAttrs, PeerIdentity},
 };
 use nodemesh_tests::{
-    k8s::{ControlPlane, block_on_in_netns, kube_client},
-    require_root, unique_prefix,
+    agent_exe, cluster,
+    k8s::{ControlPlane, Network, Options, block_on_in_netns, kube_client},
+    probe_exe, require_root, unique_prefix,
 };
 use tokio::sync::watch;
 
@@ -95,7 +96,7 @@ impl NetnsFinder for ByUid {
     }
 }
 
-fn node(cp: &ControlPlane, name: &str, ip: &str) -> Result<()> {
+fn node_object(cp: &ControlPlane, name: &str, ip: &str) -> Result<()> {
     cp.apply(&format!(
         "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\n"
     ))?;
@@ -182,10 +183,49 @@ struct Source {
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
+/// A source whose first model is not there yet.
+struct Starting {
+    first: std::sync::mpsc::Receiver<(
+        watch::Receiver<Arc<ClusterModel>>,
+        watch::Receiver<SourceStatus>,
+    )>,
+    history: Arc<Mutex<Vec<usize>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Starting {
+    /// Waits for the first model at most `within`; `Err(self)` if there is none yet.
+    fn wait(mut self, within: Duration) -> std::result::Result<Source, Self> {
+        match self.first.recv_timeout(within) {
+            Ok((models, status)) => Ok(Source {
+                models,
+                status,
+                history: self.history.clone(),
+                stop: self.stop.take(),
+                thread: self.thread.take(),
+            }),
+            Err(_) => Err(self),
+        }
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl Source {
-    fn start(netns: PathBuf, kubeconfig: PathBuf) -> Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    /// Runs the source on its own thread in `netns`, its client on `kubeconfig`.
+    fn spawn(netns: PathBuf, kubeconfig: PathBuf) -> Starting {
+        let (tx, first) = std::sync::mpsc::channel();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let history = Arc::new(Mutex::new(Vec::new()));
         let h = history.clone();
         let thread = std::thread::spawn(move || {
@@ -195,7 +235,10 @@ impl Source {
                 settings.trust_domain = "cluster.local".into();
                 let mut opts = SourceOptions::new(settings);
                 opts.rescan = Duration::from_millis(500);
-                let watch = start(client, opts, Arc::new(ByUid)).await;
+                let watch = tokio::select! {
+                    watch = start(client, opts, Arc::new(ByUid)) => watch,
+                    _ = &mut stopped => return Ok(()),
+                };
                 let mut models = watch.models.clone();
                 h.lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -213,16 +256,18 @@ impl Source {
                 Ok(())
             })
         });
-        let (models, status) = rx
-            .recv_timeout(Duration::from_secs(60))
-            .context("the source did not publish a first model within 60 s")?;
-        Ok(Source {
-            models,
-            status,
+        Starting {
+            first,
             history,
             stop: Some(stop),
             thread: Some(thread),
-        })
+        }
+    }
+
+    fn start(netns: PathBuf, kubeconfig: PathBuf) -> Result<Self> {
+        Self::spawn(netns, kubeconfig)
+            .wait(Duration::from_secs(60))
+            .map_err(|_| anyhow::anyhow!("the source did not publish a first model within 60 s"))
     }
 
     fn model(&self) -> Arc<ClusterModel> {
@@ -265,8 +310,8 @@ fn objects_from_the_api_server_converge_into_the_model() -> Result<()> {
     cp.apply(
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {nodemesh.io/dataplane: enabled}}\n",
     )?;
-    node(&cp, THIS, "10.0.0.1")?;
-    node(&cp, "node-b", "10.0.0.2")?;
+    node_object(&cp, THIS, "10.0.0.1")?;
+    node_object(&cp, "node-b", "10.0.0.2")?;
     pod(&cp, "shop", "web", THIS, "10.1.0.5")?;
     pod(&cp, "shop", "db", "node-b", "10.2.0.7")?;
     cp.apply(
@@ -372,7 +417,7 @@ fn objects_from_the_api_server_converge_into_the_model() -> Result<()> {
         ensure!(svc.target_port(8080) == Some(8081), "{:?}", svc.ports);
         Ok(())
     })?;
-    node(&cp, "node-c", "10.0.0.3")?;
+    node_object(&cp, "node-c", "10.0.0.3")?;
     eventually("a new node", Duration::from_secs(20), || {
         let m = source.model();
         ensure!(
@@ -463,6 +508,246 @@ fn objects_from_the_api_server_converge_into_the_model() -> Result<()> {
         !allowed(&source.model(), "sa-web", "db", 5432)?,
         "the policy survived"
     );
+    drop(source);
+    cp.stop()
+}
+
+/// `mesh-agent node` (as `nm-agent`) in a node's namespace and cgroup, fed by the real API
+/// server running in the same namespace; stopped and uninstalled on drop.
+struct NodeAgent {
+    child: std::process::Child,
+    log: PathBuf,
+    state: PathBuf,
+    instance: String,
+}
+
+impl NodeAgent {
+    /// Starts the agent and returns at once; [`NodeAgent::wait_ready`] waits for it.
+    fn spawn(
+        node: &cluster::Node,
+        kubeconfig: &std::path::Path,
+        dir: &std::path::Path,
+        netns_dir: &std::path::Path,
+    ) -> Result<Self> {
+        let state = dir.join("state");
+        let log = dir.join("agent.log");
+        let instance = format!("{}-k8s", node.name);
+        let child = std::process::Command::new(probe_exe()?)
+            .arg(node.cgroup.path())
+            .arg(node.ns.path())
+            .arg("exec")
+            .arg(agent_exe()?)
+            .args(["node", "--node", THIS, "--kubeconfig"])
+            .arg(kubeconfig)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--ca-dir")
+            .arg(dir.join("ca"))
+            .arg("--cgroup")
+            .arg(node.cgroup.path())
+            .args(["--instance", &instance, "--pod-netns-dir"])
+            .arg(netns_dir)
+            .args(["--metrics-addr", "10.1.1.1:15020"])
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("cannot start the agent")?;
+        Ok(NodeAgent {
+            child,
+            log,
+            state,
+            instance,
+        })
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let mine = format!("pid={}", self.child.id());
+        eventually("the agent is ready", Duration::from_secs(60), || {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("agent exited ({status}):\n{}", self.logs());
+            }
+            let ready = std::fs::read_to_string(self.state.join("ready")).unwrap_or_default();
+            ensure!(
+                ready.lines().any(|l| l == mine),
+                "not ready:\n{}",
+                self.logs()
+            );
+            Ok(())
+        })
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Ok(exe) = agent_exe() {
+            let _ = std::process::Command::new(exe)
+                .args(["uninstall", "--instance", &self.instance])
+                .output();
+        }
+    }
+}
+
+fn roundtrip(pod: &cluster::Pod, dst: &str, payload: &str) -> Result<()> {
+    let out = std::process::Command::new(probe_exe()?)
+        .arg(pod.cgroup.path())
+        .arg(pod.ns.path())
+        .arg("roundtrip")
+        .arg(dst)
+        .arg(payload)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+fn uid(cp: &ControlPlane, ns: &str, pod: &str) -> Result<String> {
+    Ok(cp
+        .kubectl(&[
+            "get",
+            "pod",
+            pod,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])?
+        .trim()
+        .to_owned())
+}
+
+/// The whole agent in Kubernetes mode on one node: pods of an enrolled namespace are captured
+/// (the server sees the tunnel address), and a DENY policy made with kubectl refuses new
+/// connections.
+#[test]
+fn mesh_agent_node_enrolls_pods_and_enforces_a_policy_from_the_api_server() -> Result<()> {
+    require_root();
+    let p = unique_prefix();
+    let node = cluster::node(&p, "a")?;
+    let client = cluster::pod(&p, &node, "client", 1, 1)?;
+    let server = cluster::pod(&p, &node, "server", 1, 2)?;
+    let mut opts = Options::new(&p);
+    opts.network = Network::Existing(node.ns.path());
+    let cp = ControlPlane::start_with(opts)?;
+    cp.create_service_account("nodemesh-system", "nodemesh-agent")?;
+    cp.apply(AGENT_RBAC)?;
+    cp.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {nodemesh.io/dataplane: enabled}}\n",
+    )?;
+    // The node's InternalIP is an address of its namespace (the client pod's gateway).
+    node_object(&cp, THIS, "10.1.1.1")?;
+    pod(&cp, "shop", "client", THIS, &client.ip)?;
+    pod(&cp, "shop", "server", THIS, &server.ip)?;
+    let dir = tempfile::tempdir()?;
+    let netns_dir = dir.path().join("netns");
+    std::fs::create_dir(&netns_dir)?;
+    for (name, ns) in [("client", &client.ns), ("server", &server.ns)] {
+        std::os::unix::fs::symlink(ns.path(), netns_dir.join(uid(&cp, "shop", name)?))?;
+    }
+    let echo = cluster::Echo::start(&server, 8080)?;
+    let kubeconfig = cp.service_account_kubeconfig("nodemesh-system", "nodemesh-agent", None)?;
+    let mut agent = NodeAgent::spawn(&node, &kubeconfig, dir.path(), &netns_dir)?;
+
+    // Without the policy CRDs the agent waits: its stats server says why it is not ready.
+    let stats = cluster::addr("10.1.1.1", cluster::STATS_PORT)?;
+    let waiting = eventually("/readyz names the model", Duration::from_secs(20), || {
+        let (code, body) = nodemesh_tests::http_in_netns(&node.ns.path(), stats, "GET", "/readyz")?;
+        ensure!(
+            code == 503 && body.contains("model-synced"),
+            "{code} {body}"
+        );
+        Ok(body)
+    })
+    .with_context(|| agent.logs())?;
+    assert!(waiting.contains("not ready"), "{waiting}");
+    ensure!(
+        agent.child.try_wait()?.is_none(),
+        "the agent exited:\n{}",
+        agent.logs()
+    );
+    cp.apply(CRDS)?;
+    agent.wait_ready()?;
+    assert!(
+        agent
+            .logs()
+            .contains("CRD (security.nodemesh.io/v1alpha1) is not installed"),
+        "the missing CRD was not logged:\n{}",
+        agent.logs()
+    );
+
+    let metrics = cluster::scrape_until(&node, "10.1.1.1", "both pods enrolled", |m| {
+        m.lines().any(|l| l == "nodemesh_workloads_enrolled 2")
+    })
+    .with_context(|| agent.logs())?;
+    assert!(metrics.contains("nodemesh_workloads_enrolled 2"));
+
+    // Captured: the server sees the connection delivered from the tunnel address.
+    let dst = format!("{}:8080", server.ip);
+    roundtrip(&client, &dst, "through the mesh").with_context(|| agent.logs())?;
+    let peer = echo.next_peer()?;
+    assert_eq!(peer.ip(), ip("169.254.7.1"), "not delivered by the tunnel");
+
+    cp.apply(
+        "apiVersion: security.nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\n\
+         metadata: {name: deny-client, namespace: shop}\n\
+         spec:\n  selector: {matchLabels: {app: server}}\n  action: DENY\n  \
+         rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/sa-client]}}]}]\n",
+    )?;
+    eventually(
+        "the DENY policy refuses new connections",
+        Duration::from_secs(20),
+        || {
+            ensure!(
+                roundtrip(&client, &dst, "denied?").is_err(),
+                "still allowed"
+            );
+            Ok(())
+        },
+    )
+    .with_context(|| agent.logs())?;
+    drop(agent);
+    drop(echo);
+    cp.stop()
+}
+
+/// A policy CRD that is not installed keeps the source waiting (no model, no crash; the log
+/// says to install it at every retry), and it proceeds once the CRDs are there.
+#[test]
+fn a_missing_crd_holds_the_first_model_until_it_is_installed() -> Result<()> {
+    require_root();
+    let cp = ControlPlane::start(&unique_prefix())?;
+    cp.create_service_account("nodemesh-system", "nodemesh-agent")?;
+    cp.apply(AGENT_RBAC)?;
+    cp.apply(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {nodemesh.io/dataplane: enabled}}\n",
+    )?;
+    node_object(&cp, THIS, "10.0.0.1")?;
+    pod(&cp, "shop", "web", THIS, "10.1.0.5")?;
+    let netns = cp
+        .netns()
+        .context("the control plane has a namespace")?
+        .to_owned();
+    let kubeconfig = cp.service_account_kubeconfig("nodemesh-system", "nodemesh-agent", None)?;
+    let starting = Source::spawn(netns, kubeconfig);
+    let Err(starting) = starting.wait(Duration::from_secs(5)) else {
+        anyhow::bail!("a model was published without the policy CRDs");
+    };
+    cp.apply(CRDS)?;
+    let source = starting
+        .wait(Duration::from_secs(60))
+        .map_err(|_| anyhow::anyhow!("no model within 60 s of installing the CRDs"))?;
+    assert_eq!(names(&source.model()), ["shop/web"]);
     drop(source);
     cp.stop()
 }

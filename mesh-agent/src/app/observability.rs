@@ -130,6 +130,11 @@ impl Observability {
         (obs, gates)
     }
 
+    /// One more readiness gate, pending until dropped or `ready()`.
+    pub fn gate(&self, name: &str) -> Gate {
+        self.readiness.register(name)
+    }
+
     /// Completes when the servers are told to stop.
     fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut stopped = self.stop.subscribe();
@@ -151,7 +156,15 @@ impl Observability {
         opts: &ObservabilityOptions,
         node: &Node,
     ) -> Result<SocketAddr> {
-        let addr = Self::stats_addr(opts, node);
+        if let Some((addr, _, _)) = &self.early_stats {
+            return Ok(*addr);
+        }
+        self.serve_stats_at(Self::stats_addr(opts, node)).await
+    }
+
+    /// [`Observability::serve_stats_early`] on `addr`, before any model exists (Kubernetes mode
+    /// with `--metrics-addr`: `/readyz` says what the agent waits for while its source syncs).
+    pub async fn serve_stats_at(&mut self, addr: SocketAddr) -> Result<SocketAddr> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (stats)"))?;

@@ -184,6 +184,13 @@ pub enum IdentityError {
         path: std::path::PathBuf,
         reason: String,
     },
+    #[error(
+        "CA file {file} refused: {reason} (see the local CA section of docs/architecture.md for the files and key types nodemesh accepts)"
+    )]
+    CaRejected {
+        file: std::path::PathBuf,
+        reason: String,
+    },
     #[error("signing a certificate for {identity} failed: {source}")]
     Sign {
         identity: String,

@@ -178,14 +178,7 @@ pub enum IdentityError {
         source: std::io::Error,
     },
     #[error(
-        "local CA files in {path} are unreadable or corrupt: {reason} (move them aside to create a new CA; peers must then trust the new root)"
-    )]
-    CaCorrupt {
-        path: std::path::PathBuf,
-        reason: String,
-    },
-    #[error(
-        "CA file {file} refused: {reason} (see the local CA section of docs/architecture.md for the files and key types nodemesh accepts)"
+        "CA file {file} refused: {reason} (the files and key types the local CA accepts: Identity in docs/architecture.md)"
     )]
     CaRejected {
         file: std::path::PathBuf,

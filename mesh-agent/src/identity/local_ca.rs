@@ -1,6 +1,6 @@
 //! A certificate authority kept in a local directory, for `mesh-agent local` and tests.
 //!
-//! Two layouts are read (see the local CA section of docs/architecture.md):
+//! Two layouts are read (Identity in docs/architecture.md):
 //!
 //! - **nodemesh**: `root-cert.pem` and `root-key.pem`. The first certificate of `root-cert.pem`
 //!   signs, with `root-key.pem`; every certificate in `root-cert.pem` is trusted (the trust
@@ -361,10 +361,7 @@ fn rejected(file: &Path, reason: String) -> IdentityError {
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, IdentityError> {
-    fs::read(path).map_err(|source| IdentityError::CaDir {
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::read(path).map_err(|e| rejected(path, format!("cannot read it: {e}")))
 }
 
 /// Creates `root-key.pem` (ECDSA P-256, 0600) and the self-signed `root-cert.pem`.
@@ -502,10 +499,7 @@ fn check_key_matches(
 /// Reads an unencrypted ECDSA (P-256, P-384) or RSA (2048 to 4096 bits) key in PKCS#8, PKCS#1 or
 /// SEC1 PEM. `own` keys (created by us) are reset to mode 0600; others only warned about.
 fn read_key(path: &Path, own: bool) -> Result<KeyPair, IdentityError> {
-    let io_err = |source| IdentityError::CaDir {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io_err = |e: std::io::Error| rejected(path, format!("cannot read or restrict it: {e}"));
     let mode = fs::metadata(path).map_err(io_err)?.permissions().mode();
     if mode & 0o077 != 0 {
         if own {

@@ -644,3 +644,33 @@ fn pkcs8_wrapping_uses_long_form_lengths() {
     assert_eq!(tlv.len(), 304);
     assert_eq!(&der_tlv(0x30, &[0; 0x80])[..3], &[0x30, 0x81, 0x80]);
 }
+
+#[test]
+fn an_istio_layout_without_its_ca_cert_names_the_missing_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    openssl_root(
+        dir.path(),
+        KeyKind::P256Sec1,
+        "/O=Istio/CN=Root CA",
+        ROOT_CERT_FILE,
+        CA_KEY_FILE,
+    );
+    let (file, reason) = open_err(dir.path());
+    assert_eq!(file, dir.path().join(CA_CERT_FILE));
+    assert!(reason.contains("cannot read it"), "{reason}");
+    // With ca-cert.pem (here the root itself, so nothing is sent after the leaf) it opens.
+    fs::copy(
+        dir.path().join(ROOT_CERT_FILE),
+        dir.path().join(CA_CERT_FILE),
+    )
+    .expect("copy");
+    let ca = LocalCa::open(dir.path(), TD).expect("open");
+    let leaf = ca
+        .issue_with_validity(
+            &"spiffe://cluster.local/ns/a/sa/b".parse().expect("id"),
+            SystemTime::now(),
+            SystemTime::now() + Duration::from_secs(60),
+        )
+        .expect("issue");
+    assert_eq!(leaf.chain.len(), 1, "the root is not sent");
+}

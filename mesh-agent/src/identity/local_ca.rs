@@ -12,7 +12,7 @@
 //!   bundle.
 //!
 //! Leaves name the signing certificate's own subject as their issuer and its subject key
-//! identifier as their authority key identifier, so any verifier that trusts the bundle (another
+//! identifier (if it has one) as their authority key identifier, so any verifier that trusts the bundle (another
 //! mesh sharing the root, `openssl verify`) accepts them. Keys: ECDSA P-256 or P-384, or RSA of
 //! 2048 to 4096 bits, as PKCS#8 (`PRIVATE KEY`), PKCS#1 (`RSA PRIVATE KEY`) or SEC1
 //! (`EC PRIVATE KEY`) PEM, unencrypted. Opening refuses a key that does not match the signing
@@ -36,7 +36,7 @@ use rustls::pki_types::{
     CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, PrivateSec1KeyDer, pem::PemObject,
 };
 use tracing::{info, warn};
-use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
 use super::{
     CertificateProvider, DEFAULT_CERT_TTL, IdentityError, SpiffeId, TrustBundle, WorkloadCert,
@@ -67,6 +67,10 @@ pub struct LocalCa {
     issuer: Issuer<'static, KeyPair>,
     /// When the signing certificate expires: leaves never outlive it.
     signer_not_after: SystemTime,
+    /// Whether the signing certificate has a subject key identifier: leaves then carry it as
+    /// their authority key identifier, and carry none otherwise (a made-up one would match
+    /// nothing).
+    signer_has_key_id: bool,
     /// Sent after each leaf: intermediates between the signer and the bundle (often empty).
     chain: Vec<CertificateDer<'static>>,
     /// Every certificate of `root-cert.pem`, the first one first.
@@ -183,6 +187,7 @@ impl LocalCa {
             check_ca(&layout.bundle, root, now)?;
         }
         check_key_matches(layout, &signer, &key)?;
+        let signer_has_key_id = has_subject_key_id(&parse_cert(&layout.signer_cert, &signer)?);
         let chain = match &layout.chain {
             None => Vec::new(),
             Some(path) if path.exists() => read_certs(path)?,
@@ -200,6 +205,7 @@ impl LocalCa {
             trust_domain: trust_domain.to_string(),
             issuer,
             signer_not_after,
+            signer_has_key_id,
             chain,
             roots,
             extra_roots: Vec::new(),
@@ -319,7 +325,7 @@ impl LocalCa {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.use_authority_key_identifier_extension = true;
+        params.use_authority_key_identifier_extension = self.signer_has_key_id;
         params.not_before = to_offset(not_before);
         params.not_after = to_offset(not_after);
         params.serial_number = Some(random_serial()?);
@@ -472,6 +478,15 @@ fn check_ca(
         ));
     }
     Ok(not_after)
+}
+
+fn has_subject_key_id(cert: &X509Certificate<'_>) -> bool {
+    cert.extensions().iter().any(|e| {
+        matches!(
+            e.parsed_extension(),
+            ParsedExtension::SubjectKeyIdentifier(_)
+        )
+    })
 }
 
 /// The key must be the signing certificate's: otherwise every certificate it signs fails

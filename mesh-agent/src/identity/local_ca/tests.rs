@@ -5,7 +5,6 @@
 use std::process::Command;
 
 use rustls::Connection;
-use x509_parser::prelude::ParsedExtension;
 
 use super::super::tls;
 use super::*;
@@ -74,6 +73,11 @@ CN = Root CA
 basicConstraints = critical, CA:TRUE
 keyUsage = critical, keyCertSign, cRLSign, digitalSignature
 subjectKeyIdentifier = hash
+[v3_ca_no_key_id]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = none
+authorityKeyIdentifier = none
 [not_ca]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
@@ -271,8 +275,8 @@ async fn check_third_party(ca: &LocalCa, signer: &Path, work: &Path) {
     let (_, signer_x) = X509Certificate::from_der(signer_der.as_ref()).expect("signer parses");
     let (_, leaf_x) = X509Certificate::from_der(client.chain[0].as_ref()).expect("leaf parses");
     assert_eq!(leaf_x.issuer().as_raw(), signer_x.subject().as_raw());
-    let ski = subject_key_id(&signer_x).expect("openssl wrote a subject key identifier");
-    assert_eq!(authority_key_id(&leaf_x), Some(ski));
+    // The signer's key identifier, or none when it has none (Istio's sample intermediate).
+    assert_eq!(authority_key_id(&leaf_x), subject_key_id(&signer_x));
 
     // Third party: openssl verify against the root file, for both TLS purposes.
     let leaf_pem = work.join("leaf.pem");
@@ -336,11 +340,12 @@ async fn openssl_roots_of_every_key_type_issue_leaves_third_parties_accept() {
 async fn istio_cacerts_layout_with_an_intermediate_sends_the_chain() {
     let dir = tempfile::tempdir().expect("tmp");
     let work = dir.path();
-    // The root's key stays outside the CA directory, as with Istio's plugged-in CA.
+    // The root's key stays outside the CA directory, as with Istio's plugged-in CA. Names of
+    // several attributes and string types (emailAddress is an IA5String) as Istio's samples.
     openssl_root(
         work,
         KeyKind::RsaPkcs1,
-        "/O=Istio/CN=Root CA",
+        "/C=US/ST=California/L=Sunnyvale/O=Istio/OU=Test/CN=Root CA/emailAddress=root@example.com",
         "root.pem",
         "root-key.pem",
     );
@@ -353,9 +358,12 @@ async fn istio_cacerts_layout_with_an_intermediate_sends_the_chain() {
         "-out",
         "ca.csr",
         "-subj",
-        "/O=Istio/CN=Intermediate CA/L=node-a",
+        "/C=US/ST=California/L=Sunnyvale/O=Istio/CN=Istio CA",
     ]);
     openssl_ok(work, &args);
+    KeyKind::P256Sec1.convert(work, "ca-key.pem");
+    // Without key identifiers (Istio's sample intermediate has none): leaves then carry no
+    // authority key identifier.
     openssl_ok(
         work,
         &[
@@ -375,7 +383,7 @@ async fn istio_cacerts_layout_with_an_intermediate_sends_the_chain() {
             "-extfile",
             "openssl.cnf",
             "-extensions",
-            "v3_ca",
+            "v3_ca_no_key_id",
         ],
     );
     let ca_dir = work.join("cacerts");

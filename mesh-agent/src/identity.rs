@@ -178,10 +178,10 @@ pub enum IdentityError {
         source: std::io::Error,
     },
     #[error(
-        "local CA files in {path} are unreadable or corrupt: {reason} (move them aside to create a new CA; peers must then trust the new root)"
+        "CA file {file} refused: {reason} (the files and key types the local CA accepts: Identity in docs/architecture.md)"
     )]
-    CaCorrupt {
-        path: std::path::PathBuf,
+    CaRejected {
+        file: std::path::PathBuf,
         reason: String,
     },
     #[error("signing a certificate for {identity} failed: {source}")]

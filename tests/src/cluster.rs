@@ -582,34 +582,12 @@ impl Cluster {
 
     /// A byte-exact round trip from the client pod; the error carries the probe's reason.
     pub fn roundtrip(&self, dst: SocketAddr, payload: &str) -> Result<()> {
-        let out = Command::new(probe_exe()?)
-            .arg(self.client.cgroup.path())
-            .arg(self.client.ns.path())
-            .arg("roundtrip")
-            .arg(dst.to_string())
-            .arg(payload)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout).trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        roundtrip_from(&self.client, dst, payload)
     }
 
-    /// A connection from the client pod (its cgroup and namespace) that the test holds; reads
-    /// time out after 10 s.
+    /// A connection from the client pod that the test holds (see [`hold_from`]).
     pub fn hold(&self, dst: SocketAddr) -> Result<TcpStream> {
-        let ns = self.client.ns.path();
-        let stream = with_process_in_cgroup(self.client.cgroup.path(), || {
-            Ok(mesh_agent::netns::in_netns(&ns, move || {
-                TcpStream::connect_timeout(&dst, Duration::from_secs(5))
-            })?)
-        })?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(stream)
+        hold_from(&self.client, dst)
     }
 
     /// Every agent's log, for failure messages.
@@ -619,6 +597,38 @@ impl Cluster {
             .map(|a| format!("--- {}\n{}", a.log.display(), a.logs()))
             .collect()
     }
+}
+
+/// A byte-exact round trip from `pod` to `dst`; the error carries the probe's reason.
+pub fn roundtrip_from(pod: &Pod, dst: SocketAddr, payload: &str) -> Result<()> {
+    let out = Command::new(probe_exe()?)
+        .arg(pod.cgroup.path())
+        .arg(pod.ns.path())
+        .arg("roundtrip")
+        .arg(dst.to_string())
+        .arg(payload)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A connection from `pod` (its cgroup and namespace) that the test holds; reads time out
+/// after 10 s.
+pub fn hold_from(pod: &Pod, dst: SocketAddr) -> Result<TcpStream> {
+    let ns = pod.ns.path();
+    let stream = with_process_in_cgroup(pod.cgroup.path(), || {
+        Ok(mesh_agent::netns::in_netns(&ns, move || {
+            TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+        })?)
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(stream)
 }
 
 /// One `/metrics` scrape of a node's agent at `ip`, from inside the node's namespace.

@@ -16,17 +16,18 @@ use std::{
     fs,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 
 use crate::{
     ChildCgroup, NetNs,
-    cluster::{Agent, Node, Pod, node},
+    cluster::{Agent, Node, Pod, hold_from, node, roundtrip_from},
     k8s::{ControlPlane, Network, Options},
-    probe_exe, require_root, unique_prefix,
+    lab::{kubelet_cgroups, start_pause},
+    require_root, unique_prefix,
 };
 
 /// Node link, pods and tunnel addresses (all inside the test's own namespaces).
@@ -64,10 +65,6 @@ impl KubeletRoot {
             levels.push(ChildCgroup::new(&at.to_string_lossy())?);
         }
         Ok(Self { levels, systemd })
-    }
-
-    fn path(&self) -> Result<PathBuf> {
-        relative(self.levels.last().context("levels")?.path())
     }
 }
 
@@ -267,19 +264,10 @@ impl KCluster {
         )?;
         ns.exec(&["ip", "route", "add", "default", "via", &gw])?;
         let root = &self.roots[n];
-        let id = |what: &str| format!("{:016x}", fnv(&format!("{uid}/{what}")));
-        let (pod_dir, sandbox_dir, app_dir) = if root.systemd {
-            let pod = root.path()?.join(format!(
-                "kubepods-besteffort-pod{}.slice",
-                uid.replace('-', "_")
-            ));
-            let sandbox = pod.join(format!("cri-containerd-{}.scope", id("sandbox")));
-            let app = pod.join(format!("cri-containerd-{}.scope", id("app")));
-            (pod, sandbox, app)
-        } else {
-            let pod = root.path()?.join(format!("pod{uid}"));
-            (pod.clone(), pod.join(id("sandbox")), pod.join(id("app")))
-        };
+        let (sandbox_abs, app_abs) = kubelet_cgroups(node.cgroup.path(), root.systemd, &uid);
+        let sandbox_dir = relative(&sandbox_abs)?;
+        let app_dir = relative(&app_abs)?;
+        let pod_dir = sandbox_dir.parent().context("pod cgroup")?.to_path_buf();
         let pod_cg = ChildCgroup::new(&pod_dir.to_string_lossy())?;
         let sandbox = ChildCgroup::new(&sandbox_dir.to_string_lossy())?;
         let app = ChildCgroup::new(&app_dir.to_string_lossy())?;
@@ -373,35 +361,12 @@ impl KCluster {
 
     /// A byte-exact round trip from pod `from` to `dst`; the error carries the probe's reason.
     pub fn roundtrip(&self, from: &str, dst: SocketAddr) -> Result<()> {
-        let pod = &self.pod(from)?.pod;
-        let out = Command::new(probe_exe()?)
-            .arg(pod.cgroup.path())
-            .arg(pod.ns.path())
-            .arg("roundtrip")
-            .arg(dst.to_string())
-            .arg("hello-k8s")
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout).trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        roundtrip_from(&self.pod(from)?.pod, dst, "hello-k8s")
     }
 
     /// A connection from pod `from` that the test holds (reads time out after 10 s).
     pub fn hold(&self, from: &str, dst: SocketAddr) -> Result<std::net::TcpStream> {
-        let pod = &self.pod(from)?.pod;
-        let ns = pod.ns.path();
-        let stream = crate::with_process_in_cgroup(pod.cgroup.path(), || {
-            Ok(mesh_agent::netns::in_netns(&ns, move || {
-                std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))
-            })?)
-        })?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(stream)
+        hold_from(&self.pod(from)?.pod, dst)
     }
 
     /// Every agent's log, for failure messages.
@@ -432,39 +397,8 @@ pub fn until(what: &str, within: Duration, mut f: impl FnMut() -> Result<bool>) 
     }
 }
 
-fn start_pause(cgroup: &Path, netns: &Path) -> Result<Child> {
-    use std::os::unix::fs::MetadataExt;
-    let child = Command::new(probe_exe()?)
-        .arg(cgroup)
-        .arg(netns)
-        .args(["exec", "sleep", "infinity"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start a pod's pause process")?;
-    let want = fs::metadata(netns)?.ino();
-    let ns = PathBuf::from(format!("/proc/{}/ns/net", child.id()));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fs::metadata(&ns).map(|m| m.ino()).ok() != Some(want) {
-        ensure!(
-            Instant::now() < deadline,
-            "the pause process did not enter {}",
-            netns.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(child)
-}
-
 fn short_if(name: &str) -> String {
     let mut s = name.to_owned();
     s.truncate(15);
     s
-}
-
-fn fnv(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }

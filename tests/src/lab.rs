@@ -181,7 +181,7 @@ fn fnv1a(seed: u64, s: &str) -> u64 {
 
 /// The cgroups of a pod below its node's, named as a kubelet with the systemd or the cgroupfs
 /// driver names them: (its sandbox container's, its app container's).
-fn kubelet_cgroups(node_cg: &Path, systemd: bool, uid: &str) -> (PathBuf, PathBuf) {
+pub fn kubelet_cgroups(node_cg: &Path, systemd: bool, uid: &str) -> (PathBuf, PathBuf) {
     let id = |what: &str| {
         format!(
             "{:016x}",
@@ -202,7 +202,7 @@ fn kubelet_cgroups(node_cg: &Path, systemd: bool, uid: &str) -> (PathBuf, PathBu
 }
 
 /// Starts a pod's pause process in its sandbox cgroup and namespace and waits until it is there.
-fn start_pause(cgroup: &Path, netns: &Path) -> Result<std::process::Child> {
+pub fn start_pause(cgroup: &Path, netns: &Path) -> Result<std::process::Child> {
     let child = Command::new(probe_exe()?)
         .arg(cgroup)
         .arg(netns)

@@ -6,7 +6,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use mesh_common::{EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, PolicyKey, TunnelConfig};
+use mesh_common::{
+    EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, MESH_DST_MEMBER, MESH_DST_OUTSIDE, PolicyKey,
+    TunnelConfig,
+};
 
 use crate::{
     map_model::{self, Cidr, Exclusion, PodSpec, PolicyRule},
@@ -24,6 +27,10 @@ pub struct DesiredState {
     /// A pod's own addresses take its identity and win over an entry here.
     pub identities: BTreeMap<Cidr, u32>,
     pub policy: BTreeSet<PolicyRule>,
+    /// Destinations in the mesh besides the enrolled pods' own addresses (which are always in):
+    /// every other workload address (as a host prefix) and every service VIP. Enrolled pods'
+    /// TCP connects to anything else go out untouched (see [`mesh_common::maps::MESH_DESTINATIONS`]).
+    pub mesh_destinations: BTreeSet<Cidr>,
 }
 
 /// The contents of the maps the agent programs (not the kernel-written ones).
@@ -35,6 +42,8 @@ pub struct MapEntries {
     pub identities: BTreeMap<(u32, LpmAddr), u32>,
     pub policy: BTreeMap<PolicyKey, u32>,
     pub guard_ports: BTreeSet<GuardPortKey>,
+    /// [`mesh_common::maps::MESH_DESTINATIONS`]: members and the catch-all.
+    pub mesh_destinations: BTreeMap<(u32, LpmAddr), u32>,
 }
 
 /// Turns the desired state into map entries. Rejects reserved identities.
@@ -52,6 +61,12 @@ pub fn compile(desired: &DesiredState) -> Result<MapEntries, MapsError> {
             map_model::workload_identity(id)?,
         );
     }
+    out.mesh_destinations
+        .insert(map_model::outside_mesh_key(), MESH_DST_OUTSIDE);
+    for cidr in &desired.mesh_destinations {
+        out.mesh_destinations
+            .insert(map_model::mesh_destination_key(cidr), MESH_DST_MEMBER);
+    }
     for rule in &desired.policy {
         map_model::workload_identity(rule.src_identity)?;
         let (k, v) = rule.entry();
@@ -61,6 +76,8 @@ pub fn compile(desired: &DesiredState) -> Result<MapEntries, MapsError> {
         let id = map_model::workload_identity(pod.identity_id)?;
         for cidr in pod.host_prefixes() {
             out.identities.insert(map_model::identity_key(&cidr), id);
+            out.mesh_destinations
+                .insert(map_model::mesh_destination_key(&cidr), MESH_DST_MEMBER);
         }
         for &port in &pod.plaintext_ports {
             out.guard_ports
@@ -90,6 +107,9 @@ pub fn reconcile(
 /// Turns `current` into `desired`: writes what is missing or different, deletes what is not
 /// wanted. Pods are enrolled after their entries exist and unenrolled before theirs go. The
 /// tunnel setting is only written, never cleared (an absent desired tunnel leaves it alone).
+/// Mesh destinations are written longest prefix first, so the catch-all (prefix length 0) of a
+/// first fill lands after every member: an enrolled pod never sees a partial trie that would
+/// let a mesh destination out untouched.
 pub fn apply_diff(
     maps: &mut impl KernelMaps,
     current: &MapEntries,
@@ -127,6 +147,12 @@ pub fn apply_diff(
         maps.put_guard_port(*key)?;
         r.written += 1;
     }
+    for (&(len, key), &v) in desired.mesh_destinations.iter().rev() {
+        if current.mesh_destinations.get(&(len, key)) != Some(&v) {
+            maps.put_mesh_destination(len, key, v)?;
+            r.written += 1;
+        }
+    }
     // New or changed pods last: their identities and ports are in place.
     for (&cookie, pod) in &desired.enrolled {
         if current.enrolled.get(&cookie) != Some(pod) {
@@ -153,6 +179,12 @@ pub fn apply_diff(
     for key in current.guard_ports.difference(&desired.guard_ports) {
         maps.del_guard_port(*key)?;
         r.deleted += 1;
+    }
+    for &(len, key) in current.mesh_destinations.keys() {
+        if !desired.mesh_destinations.contains_key(&(len, key)) {
+            maps.del_mesh_destination(len, key)?;
+            r.deleted += 1;
+        }
     }
     Ok(r)
 }

@@ -470,8 +470,20 @@ mod tests {
         assert_eq!(m.identity_of(ip("10.1.0.5")), 20);
         assert_eq!(m.identity_of(ip("fd00::5")), 20);
         assert_eq!(m.guard_ports.len(), 1);
+        assert_eq!(
+            m.mesh_destinations.len(),
+            2,
+            "both addresses are mesh destinations"
+        );
+        m.pass_outside_mesh().expect("fake");
+        assert!(!m.is_outside_mesh(ip("10.1.0.5")) && !m.is_outside_mesh(ip("fd00::5")));
+        assert!(m.is_outside_mesh(ip("10.1.0.6")));
         m.unenroll_pod(77, &spec).expect("fake");
         assert!(m.enrolled.is_empty() && m.identities.is_empty() && m.guard_ports.is_empty());
+        assert!(
+            m.is_outside_mesh(ip("10.1.0.5")),
+            "an unenrolled pod's address left the mesh"
+        );
         let bad = PodSpec {
             identity_id: 0,
             ..spec

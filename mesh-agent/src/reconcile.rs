@@ -215,6 +215,11 @@ mod tests {
         d.pods.insert(1, pod(10, "10.0.0.1"));
         d.pods.insert(2, pod(11, "10.0.0.2"));
         d.exclusions.insert(Exclusion::Port(53));
+        // Service VIPs (the pods' own addresses are added by `compile`).
+        d.mesh_destinations
+            .insert("10.96.0.10".parse().expect("valid"));
+        d.mesh_destinations
+            .insert("fd00::10".parse().expect("valid"));
         d.identities
             .insert("10.9.0.0/16".parse().expect("valid"), 30);
         d.policy.insert(PolicyRule {
@@ -235,6 +240,13 @@ mod tests {
         assert_eq!(r.deleted, 0);
         assert_eq!(m.entries(), want);
         assert!(m.denies(10, "10.0.0.2".parse().expect("valid"), 80, Proto::Tcp));
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("valid");
+        for inside in ["10.0.0.1", "10.0.0.2", "10.96.0.10", "fd00::10"] {
+            assert!(!m.is_outside_mesh(ip(inside)), "{inside} is in the mesh");
+        }
+        for outside in ["10.0.0.3", "10.96.0.1", "10.9.1.1", "fd00::1"] {
+            assert!(m.is_outside_mesh(ip(outside)), "{outside} is not");
+        }
         let again = reconcile(&mut m, &want).expect("fake");
         assert_eq!(
             again,
@@ -257,10 +269,29 @@ mod tests {
         let want = compile(&d).expect("valid");
         let r = reconcile(&mut m, &want).expect("fake");
         assert_eq!(m.entries(), want);
-        // Pod 2's record, identity and port; the exclusion; the policy entry.
-        assert_eq!(r.deleted, 5, "{r:?}");
+        // Pod 2's record, identity, mesh destination and port; the exclusion; the policy entry.
+        assert_eq!(r.deleted, 6, "{r:?}");
         assert_eq!(r.written, 1, "only pod 1's record changed: {r:?}");
         assert!(!m.is_excluded("8.8.8.8".parse().expect("valid"), 53));
+    }
+
+    #[test]
+    fn an_empty_mesh_destination_map_captures_everything_and_the_catch_all_is_always_compiled() {
+        let m = FakeMaps::default();
+        assert!(!m.is_outside_mesh("8.8.8.8".parse().expect("valid")));
+        let e = compile(&DesiredState::default()).expect("valid");
+        assert_eq!(
+            e.mesh_destinations,
+            BTreeMap::from([(map_model::outside_mesh_key(), MESH_DST_OUTSIDE)])
+        );
+        let e = compile(&desired()).expect("valid");
+        let (len, key) = map_model::mesh_destination_key(&"10.0.0.2".parse().expect("valid"));
+        assert_eq!(e.mesh_destinations[&(len, key)], MESH_DST_MEMBER);
+        assert_eq!(
+            e.mesh_destinations.len(),
+            5,
+            "2 pods, 2 VIPs, the catch-all"
+        );
     }
 
     #[test]

@@ -45,8 +45,9 @@ use aya_log_ebpf::debug;
 use mesh_common::{
     AF_INET, AF_INET6, Counter, EnrolledPod, FailMode, GuardPortKey, IDENTITY_ANY, IDENTITY_WORLD,
     LpmAddr, LpmPortAddr, MAX_ENROLLED, MAX_EXCLUSIONS, MAX_GUARD_PORTS, MAX_IDENTITY_PREFIXES,
-    MAX_MESH_DESTINATIONS, MAX_PENDING_CONNECTIONS, MAX_POLICY_ENTRIES, MESH_DST_OUTSIDE, Meta, MtlsMode, OrigDst, POLICY_DENY, PORT_ANY,
-    PROTO_TCP, PROTO_UDP, PolicyKey, SockTuple, TunnelConfig, V4_MAPPED_WORD,
+    MAX_MESH_DESTINATIONS, MAX_PENDING_CONNECTIONS, MAX_POLICY_ENTRIES, MESH_DST_OUTSIDE, Meta,
+    MtlsMode, OrigDst, POLICY_DENY, PORT_ANY, PROTO_TCP, PROTO_UDP, PolicyKey, SockTuple,
+    TunnelConfig, V4_MAPPED_WORD,
 };
 
 /// Allow the operation (cgroup sock_addr and sock_ops return convention).

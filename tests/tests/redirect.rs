@@ -294,7 +294,10 @@ fn destinations_outside_the_mesh_pass_untouched_with_the_pods_address() -> Resul
         (SocketAddr::new(out4, SERVER_PORT), IpAddr::from(pod.ip4)),
         (
             SocketAddr::new(
-                "10.77.250.1".parse::<std::net::Ipv4Addr>()?.to_ipv6_mapped().into(),
+                "10.77.250.1"
+                    .parse::<std::net::Ipv4Addr>()?
+                    .to_ipv6_mapped()
+                    .into(),
                 SERVER_PORT,
             ),
             IpAddr::from(pod.ip4),
@@ -307,7 +310,11 @@ fn destinations_outside_the_mesh_pass_untouched_with_the_pods_address() -> Resul
         let conn = accept_now(&s.server)?.with_context(|| format!("{dst}: not at the server"))?;
         let peer = canonical(conn.peer_addr()?);
         assert_eq!(peer, canonical(local));
-        assert_eq!(peer.ip(), pod_ip, "{dst}: the server sees the pod's own address");
+        assert_eq!(
+            peer.ip(),
+            pod_ip,
+            "{dst}: the server sees the pod's own address"
+        );
     }
 
     // Mesh destinations are still redirected (the server would see them otherwise).

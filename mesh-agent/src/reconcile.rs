@@ -28,7 +28,8 @@ pub struct DesiredState {
     pub identities: BTreeMap<Cidr, u32>,
     pub policy: BTreeSet<PolicyRule>,
     /// Destinations in the mesh besides the enrolled pods' own addresses (which are always in):
-    /// every other workload address (as a host prefix) and every service VIP. Enrolled pods'
+    /// every other workload address (as a host prefix) and every VIP of a service with a
+    /// workload endpoint. Enrolled pods'
     /// TCP connects to anything else go out untouched (see [`mesh_common::maps::MESH_DESTINATIONS`]).
     pub mesh_destinations: BTreeSet<Cidr>,
 }

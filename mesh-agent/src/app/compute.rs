@@ -97,15 +97,24 @@ pub fn desired_state(
     for (ip, id) in model.address_identities() {
         d.identities.insert(Cidr::host(ip), id);
     }
-    // Everything the tunnel can resolve by address: every workload (any node) and every
-    // service VIP. Enrolled pods' TCP connects to anything else go out untouched in the kernel.
+    // What the tunnel can forward: every workload address (any node) and every VIP of a
+    // service with a workload endpoint of the VIP's family. Enrolled pods' TCP connects to
+    // anything else go out untouched in the kernel, including services whose endpoints are not
+    // workloads (the kube API `kubernetes.default`, whose endpoints are the API servers; a
+    // service of pods outside the mesh): as if the pod were not enrolled.
     for w in model.workloads() {
         d.mesh_destinations
             .extend(w.ips.iter().map(|&ip| Cidr::host(ip)));
     }
     for svc in model.services() {
-        d.mesh_destinations
-            .extend(svc.vips.iter().map(|&ip| Cidr::host(ip)));
+        for &vip in &svc.vips {
+            let served = model
+                .endpoints(svc)
+                .any(|(w, _)| w.ips.iter().any(|ip| ip.is_ipv4() == vip.is_ipv4()));
+            if served {
+                d.mesh_destinations.insert(Cidr::host(vip));
+            }
+        }
     }
     d.policy = early_denies(model);
     Ok(d)
@@ -334,9 +343,12 @@ spec:
     }
 
     #[test]
-    fn mesh_destinations_are_every_workload_and_vip_and_removed_ones_leave() {
+    fn mesh_destinations_are_every_workload_and_served_vip_and_removed_ones_leave() {
         use crate::{maps::FakeMaps, reconcile};
-        let m = model(CLUSTER);
+        // The kube API: a service whose endpoints are not workloads.
+        let m = model(&format!(
+            "{CLUSTER}- {{name: kubernetes, namespace: default, vips: [10.96.0.10], ports: [{{port: 443, targetPort: 6443}}], endpoints: []}}\n"
+        ));
         let client = m
             .workloads()
             .find(|w| w.key.name == "client")

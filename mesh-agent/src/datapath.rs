@@ -164,6 +164,7 @@ pub struct Datapath {
     tunnel_cfg: Array<MapData, TunnelConfig>,
     exclusions: LpmTrie<MapData, LpmPortAddr, u32>,
     identities: LpmTrie<MapData, LpmAddr, u32>,
+    mesh_dsts: LpmTrie<MapData, LpmAddr, u32>,
     policy: HashMap<MapData, PolicyKey, u32>,
     guard_ports: HashMap<MapData, GuardPortKey, u32>,
     meta: Array<MapData, u64>,
@@ -284,6 +285,8 @@ impl Datapath {
             LpmTrie::try_from(take(maps::EXCLUSIONS)?).map_err(map_err(maps::EXCLUSIONS))?;
         let identities =
             LpmTrie::try_from(take(maps::IDENTITIES)?).map_err(map_err(maps::IDENTITIES))?;
+        let mesh_dsts = LpmTrie::try_from(take(maps::MESH_DESTINATIONS)?)
+            .map_err(map_err(maps::MESH_DESTINATIONS))?;
         let policy = HashMap::try_from(take(maps::POLICY)?).map_err(map_err(maps::POLICY))?;
         let guard_ports =
             HashMap::try_from(take(maps::GUARD_PORTS)?).map_err(map_err(maps::GUARD_PORTS))?;
@@ -294,6 +297,7 @@ impl Datapath {
             tunnel_cfg,
             exclusions,
             identities,
+            mesh_dsts,
             policy,
             guard_ports,
             meta,
@@ -649,6 +653,7 @@ impl Datapath {
         add!(maps::ENROLLED, &self.enrolled);
         add!(maps::EXCLUSIONS, &self.exclusions);
         add!(maps::IDENTITIES, &self.identities);
+        add!(maps::MESH_DESTINATIONS, &self.mesh_dsts);
         add!(maps::POLICY, &self.policy);
         add!(maps::GUARD_PORTS, &self.guard_ports);
         let by_tuple = self
@@ -735,6 +740,20 @@ impl KernelMaps for Datapath {
     fn del_guard_port(&mut self, key: GuardPortKey) -> Result<(), MapsError> {
         absent_ok(self.guard_ports.remove(&key)).map_err(maps_err(maps::GUARD_PORTS))
     }
+    fn put_mesh_destination(
+        &mut self,
+        prefix_len: u32,
+        key: LpmAddr,
+        value: u32,
+    ) -> Result<(), MapsError> {
+        self.mesh_dsts
+            .insert(&Key::new(prefix_len, key), value, 0)
+            .map_err(maps_err(maps::MESH_DESTINATIONS))
+    }
+    fn del_mesh_destination(&mut self, prefix_len: u32, key: LpmAddr) -> Result<(), MapsError> {
+        absent_ok(self.mesh_dsts.remove(&Key::new(prefix_len, key)))
+            .map_err(maps_err(maps::MESH_DESTINATIONS))
+    }
     fn read_entries(&self) -> Result<crate::reconcile::MapEntries, MapsError> {
         let mut out = crate::reconcile::MapEntries::default();
         let tunnel = self
@@ -753,6 +772,10 @@ impl KernelMaps for Datapath {
         for e in self.identities.iter() {
             let (k, v) = e.map_err(maps_err(maps::IDENTITIES))?;
             out.identities.insert((k.prefix_len(), k.data()), v);
+        }
+        for e in self.mesh_dsts.iter() {
+            let (k, v) = e.map_err(maps_err(maps::MESH_DESTINATIONS))?;
+            out.mesh_destinations.insert((k.prefix_len(), k.data()), v);
         }
         for e in self.policy.iter() {
             let (k, v) = e.map_err(maps_err(maps::POLICY))?;

@@ -186,6 +186,19 @@ pub fn identity_key(cidr: &Cidr) -> (u32, LpmAddr) {
     (len, LpmAddr { addr })
 }
 
+/// The mesh-destination trie key for a prefix (a workload address or a service VIP):
+/// `(prefix length, data)`, value [`mesh_common::MESH_DST_MEMBER`].
+pub fn mesh_destination_key(cidr: &Cidr) -> (u32, LpmAddr) {
+    identity_key(cidr)
+}
+
+/// The mesh-destination trie's catch-all key (prefix length 0, every address), value
+/// [`mesh_common::MESH_DST_OUTSIDE`]: with it, a destination matching no member is outside the
+/// mesh; without it (an empty trie) every destination is captured.
+pub fn outside_mesh_key() -> (u32, LpmAddr) {
+    (0, LpmAddr::default())
+}
+
 /// Checks that `id` may be given to a workload (0 and 1 are reserved).
 pub fn workload_identity(id: u32) -> Result<u32, ModelError> {
     if id == IDENTITY_ANY || id == IDENTITY_WORLD {

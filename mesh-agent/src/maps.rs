@@ -7,7 +7,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::{net::IpAddr, time::Duration};
 
-use mesh_common::{EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, PolicyKey, TunnelConfig};
+use mesh_common::{
+    EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, MESH_DST_MEMBER, MESH_DST_OUTSIDE, PolicyKey,
+    TunnelConfig,
+};
 
 use crate::map_model::{self, Cidr, Exclusion, ModelError, PodSpec, PolicyRule};
 
@@ -65,6 +68,13 @@ pub trait KernelMaps {
     fn del_policy(&mut self, key: PolicyKey) -> Result<(), MapsError>;
     fn put_guard_port(&mut self, key: GuardPortKey) -> Result<(), MapsError>;
     fn del_guard_port(&mut self, key: GuardPortKey) -> Result<(), MapsError>;
+    fn put_mesh_destination(
+        &mut self,
+        prefix_len: u32,
+        key: LpmAddr,
+        value: u32,
+    ) -> Result<(), MapsError>;
+    fn del_mesh_destination(&mut self, prefix_len: u32, key: LpmAddr) -> Result<(), MapsError>;
     /// Everything the agent-programmed maps hold now.
     fn read_entries(&self) -> Result<crate::reconcile::MapEntries, MapsError>;
 
@@ -78,13 +88,34 @@ pub trait KernelMaps {
         self.del_guard_port(map_model::guard_port_key(netns_cookie, port))
     }
 
+    /// Declares `cidr` (a workload address or a service VIP) a destination in the mesh: enrolled
+    /// pods' connects to it are captured once [`Self::pass_outside_mesh`] is set.
+    fn add_mesh_destination(&mut self, cidr: &Cidr) -> Result<(), MapsError> {
+        let (len, key) = map_model::mesh_destination_key(cidr);
+        self.put_mesh_destination(len, key, MESH_DST_MEMBER)
+    }
+
+    fn remove_mesh_destination(&mut self, cidr: &Cidr) -> Result<(), MapsError> {
+        let (len, key) = map_model::mesh_destination_key(cidr);
+        self.del_mesh_destination(len, key)
+    }
+
+    /// Writes the mesh-destination catch-all: from now on enrolled pods' TCP connects to
+    /// destinations that are not mesh destinations go out untouched. Until then (an empty
+    /// trie) every destination is captured. Write the members first.
+    fn pass_outside_mesh(&mut self) -> Result<(), MapsError> {
+        let (len, key) = map_model::outside_mesh_key();
+        self.put_mesh_destination(len, key, MESH_DST_OUTSIDE)
+    }
+
     /// Enrolls the pod whose network namespace has cookie `netns_cookie`: its record, its
-    /// addresses in the identity map (so policy can name it as a destination) and its plaintext
-    /// ports. Idempotent; re-enrolling updates.
+    /// addresses in the identity map (so policy can name it as a destination) and in the mesh
+    /// destinations, and its plaintext ports. Idempotent; re-enrolling updates.
     fn enroll_pod(&mut self, netns_cookie: u64, pod: &PodSpec) -> Result<(), MapsError> {
         map_model::workload_identity(pod.identity_id)?;
         for cidr in pod.host_prefixes() {
             self.set_identity(&cidr, pod.identity_id)?;
+            self.add_mesh_destination(&cidr)?;
         }
         for &port in &pod.plaintext_ports {
             self.allow_plaintext_port(netns_cookie, port)?;
@@ -102,6 +133,7 @@ pub trait KernelMaps {
         }
         for cidr in pod.host_prefixes() {
             self.remove_identity(&cidr)?;
+            self.remove_mesh_destination(&cidr)?;
         }
         Ok(())
     }
@@ -155,6 +187,7 @@ pub struct FakeMaps {
     pub identities: HashMap<(u32, LpmAddr), u32>,
     pub policy: BTreeMap<PolicyKey, u32>,
     pub guard_ports: std::collections::BTreeSet<GuardPortKey>,
+    pub mesh_destinations: HashMap<(u32, LpmAddr), u32>,
 }
 
 impl KernelMaps for FakeMaps {
@@ -202,6 +235,19 @@ impl KernelMaps for FakeMaps {
         self.guard_ports.remove(&key);
         Ok(())
     }
+    fn put_mesh_destination(
+        &mut self,
+        prefix_len: u32,
+        key: LpmAddr,
+        value: u32,
+    ) -> Result<(), MapsError> {
+        self.mesh_destinations.insert((prefix_len, key), value);
+        Ok(())
+    }
+    fn del_mesh_destination(&mut self, prefix_len: u32, key: LpmAddr) -> Result<(), MapsError> {
+        self.mesh_destinations.remove(&(prefix_len, key));
+        Ok(())
+    }
     fn read_entries(&self) -> Result<crate::reconcile::MapEntries, MapsError> {
         Ok(self.entries())
     }
@@ -247,7 +293,27 @@ impl FakeMaps {
             identities: self.identities.iter().map(|(k, v)| (*k, *v)).collect(),
             policy: self.policy.clone(),
             guard_ports: self.guard_ports.clone(),
+            mesh_destinations: self
+                .mesh_destinations
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect(),
         }
+    }
+
+    /// What the programs' mesh-destination lookup answers for `ip`: `true` when a TCP connect
+    /// of an enrolled pod to it passes untouched as outside the mesh (longest match is the
+    /// catch-all), `false` when it is captured (a member, or no match in an empty trie).
+    pub fn is_outside_mesh(&self, ip: IpAddr) -> bool {
+        let probe: Vec<u8> = ip_words(ip).iter().flat_map(|w| w.to_ne_bytes()).collect();
+        self.mesh_destinations
+            .iter()
+            .filter(|((len, k), _)| {
+                let kb: Vec<u8> = k.addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                prefix_eq(&kb, &probe, *len)
+            })
+            .max_by_key(|((len, _), _)| *len)
+            .is_some_and(|(_, v)| *v == MESH_DST_OUTSIDE)
     }
 
     /// What the exclusion lookups of the programs answer for `ip`:`port`.
@@ -404,8 +470,20 @@ mod tests {
         assert_eq!(m.identity_of(ip("10.1.0.5")), 20);
         assert_eq!(m.identity_of(ip("fd00::5")), 20);
         assert_eq!(m.guard_ports.len(), 1);
+        assert_eq!(
+            m.mesh_destinations.len(),
+            2,
+            "both addresses are mesh destinations"
+        );
+        m.pass_outside_mesh().expect("fake");
+        assert!(!m.is_outside_mesh(ip("10.1.0.5")) && !m.is_outside_mesh(ip("fd00::5")));
+        assert!(m.is_outside_mesh(ip("10.1.0.6")));
         m.unenroll_pod(77, &spec).expect("fake");
         assert!(m.enrolled.is_empty() && m.identities.is_empty() && m.guard_ports.is_empty());
+        assert!(
+            m.is_outside_mesh(ip("10.1.0.5")),
+            "an unenrolled pod's address left the mesh"
+        );
         let bad = PodSpec {
             identity_id: 0,
             ..spec

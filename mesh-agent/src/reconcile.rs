@@ -6,7 +6,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use mesh_common::{EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, PolicyKey, TunnelConfig};
+use mesh_common::{
+    EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, MESH_DST_MEMBER, MESH_DST_OUTSIDE, PolicyKey,
+    TunnelConfig,
+};
 
 use crate::{
     map_model::{self, Cidr, Exclusion, PodSpec, PolicyRule},
@@ -24,6 +27,11 @@ pub struct DesiredState {
     /// A pod's own addresses take its identity and win over an entry here.
     pub identities: BTreeMap<Cidr, u32>,
     pub policy: BTreeSet<PolicyRule>,
+    /// Destinations in the mesh besides the enrolled pods' own addresses (which are always in):
+    /// every other workload address (as a host prefix) and every VIP of a service with a
+    /// workload endpoint. Enrolled pods'
+    /// TCP connects to anything else go out untouched (see [`mesh_common::maps::MESH_DESTINATIONS`]).
+    pub mesh_destinations: BTreeSet<Cidr>,
 }
 
 /// The contents of the maps the agent programs (not the kernel-written ones).
@@ -35,6 +43,8 @@ pub struct MapEntries {
     pub identities: BTreeMap<(u32, LpmAddr), u32>,
     pub policy: BTreeMap<PolicyKey, u32>,
     pub guard_ports: BTreeSet<GuardPortKey>,
+    /// [`mesh_common::maps::MESH_DESTINATIONS`]: members and the catch-all.
+    pub mesh_destinations: BTreeMap<(u32, LpmAddr), u32>,
 }
 
 /// Turns the desired state into map entries. Rejects reserved identities.
@@ -52,6 +62,12 @@ pub fn compile(desired: &DesiredState) -> Result<MapEntries, MapsError> {
             map_model::workload_identity(id)?,
         );
     }
+    out.mesh_destinations
+        .insert(map_model::outside_mesh_key(), MESH_DST_OUTSIDE);
+    for cidr in &desired.mesh_destinations {
+        out.mesh_destinations
+            .insert(map_model::mesh_destination_key(cidr), MESH_DST_MEMBER);
+    }
     for rule in &desired.policy {
         map_model::workload_identity(rule.src_identity)?;
         let (k, v) = rule.entry();
@@ -61,6 +77,8 @@ pub fn compile(desired: &DesiredState) -> Result<MapEntries, MapsError> {
         let id = map_model::workload_identity(pod.identity_id)?;
         for cidr in pod.host_prefixes() {
             out.identities.insert(map_model::identity_key(&cidr), id);
+            out.mesh_destinations
+                .insert(map_model::mesh_destination_key(&cidr), MESH_DST_MEMBER);
         }
         for &port in &pod.plaintext_ports {
             out.guard_ports
@@ -90,6 +108,9 @@ pub fn reconcile(
 /// Turns `current` into `desired`: writes what is missing or different, deletes what is not
 /// wanted. Pods are enrolled after their entries exist and unenrolled before theirs go. The
 /// tunnel setting is only written, never cleared (an absent desired tunnel leaves it alone).
+/// Mesh destinations are written longest prefix first, so the catch-all (prefix length 0) of a
+/// first fill lands after every member: an enrolled pod never sees a partial trie that would
+/// let a mesh destination out untouched.
 pub fn apply_diff(
     maps: &mut impl KernelMaps,
     current: &MapEntries,
@@ -127,6 +148,12 @@ pub fn apply_diff(
         maps.put_guard_port(*key)?;
         r.written += 1;
     }
+    for (&(len, key), &v) in desired.mesh_destinations.iter().rev() {
+        if current.mesh_destinations.get(&(len, key)) != Some(&v) {
+            maps.put_mesh_destination(len, key, v)?;
+            r.written += 1;
+        }
+    }
     // New or changed pods last: their identities and ports are in place.
     for (&cookie, pod) in &desired.enrolled {
         if current.enrolled.get(&cookie) != Some(pod) {
@@ -153,6 +180,12 @@ pub fn apply_diff(
     for key in current.guard_ports.difference(&desired.guard_ports) {
         maps.del_guard_port(*key)?;
         r.deleted += 1;
+    }
+    for &(len, key) in current.mesh_destinations.keys() {
+        if !desired.mesh_destinations.contains_key(&(len, key)) {
+            maps.del_mesh_destination(len, key)?;
+            r.deleted += 1;
+        }
     }
     Ok(r)
 }
@@ -183,6 +216,11 @@ mod tests {
         d.pods.insert(1, pod(10, "10.0.0.1"));
         d.pods.insert(2, pod(11, "10.0.0.2"));
         d.exclusions.insert(Exclusion::Port(53));
+        // Service VIPs (the pods' own addresses are added by `compile`).
+        d.mesh_destinations
+            .insert("10.96.0.10".parse().expect("valid"));
+        d.mesh_destinations
+            .insert("fd00::10".parse().expect("valid"));
         d.identities
             .insert("10.9.0.0/16".parse().expect("valid"), 30);
         d.policy.insert(PolicyRule {
@@ -203,6 +241,13 @@ mod tests {
         assert_eq!(r.deleted, 0);
         assert_eq!(m.entries(), want);
         assert!(m.denies(10, "10.0.0.2".parse().expect("valid"), 80, Proto::Tcp));
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("valid");
+        for inside in ["10.0.0.1", "10.0.0.2", "10.96.0.10", "fd00::10"] {
+            assert!(!m.is_outside_mesh(ip(inside)), "{inside} is in the mesh");
+        }
+        for outside in ["10.0.0.3", "10.96.0.1", "10.9.1.1", "fd00::1"] {
+            assert!(m.is_outside_mesh(ip(outside)), "{outside} is not");
+        }
         let again = reconcile(&mut m, &want).expect("fake");
         assert_eq!(
             again,
@@ -225,10 +270,29 @@ mod tests {
         let want = compile(&d).expect("valid");
         let r = reconcile(&mut m, &want).expect("fake");
         assert_eq!(m.entries(), want);
-        // Pod 2's record, identity and port; the exclusion; the policy entry.
-        assert_eq!(r.deleted, 5, "{r:?}");
+        // Pod 2's record, identity, mesh destination and port; the exclusion; the policy entry.
+        assert_eq!(r.deleted, 6, "{r:?}");
         assert_eq!(r.written, 1, "only pod 1's record changed: {r:?}");
         assert!(!m.is_excluded("8.8.8.8".parse().expect("valid"), 53));
+    }
+
+    #[test]
+    fn an_empty_mesh_destination_map_captures_everything_and_the_catch_all_is_always_compiled() {
+        let m = FakeMaps::default();
+        assert!(!m.is_outside_mesh("8.8.8.8".parse().expect("valid")));
+        let e = compile(&DesiredState::default()).expect("valid");
+        assert_eq!(
+            e.mesh_destinations,
+            BTreeMap::from([(map_model::outside_mesh_key(), MESH_DST_OUTSIDE)])
+        );
+        let e = compile(&desired()).expect("valid");
+        let (len, key) = map_model::mesh_destination_key(&"10.0.0.2".parse().expect("valid"));
+        assert_eq!(e.mesh_destinations[&(len, key)], MESH_DST_MEMBER);
+        assert_eq!(
+            e.mesh_destinations.len(),
+            5,
+            "2 pods, 2 VIPs, the catch-all"
+        );
     }
 
     #[test]

@@ -12,6 +12,9 @@
 
 /// Version of the map layout. Any change to a map's key or value type, size or kind bumps it, so
 /// pinned maps of an older layout are never reused by a program that reads them differently.
+/// Adding a map does not: an agent adopting pins of the same version creates the new map empty
+/// next to them, so a new map must be safe when empty (as [`maps::MESH_DESTINATIONS`] is: empty
+/// means "capture everything", the behaviour before it existed).
 pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Map names, as they appear in the eBPF object and under the pin directory.
@@ -40,9 +43,15 @@ pub mod maps {
     pub const GUARD_PORTS: &str = "NM_GUARD_PORTS";
     /// `Array<u64>` indexed by [`crate::Meta`]: facts about the installation, kept with the pins.
     pub const META: &str = "NM_META";
+    /// `LpmTrie<LpmAddr, u32>`: the destinations that are in the mesh (every workload address as
+    /// a host prefix, every service VIP) with [`crate::MESH_DST_MEMBER`], plus one catch-all
+    /// entry (prefix length 0) with [`crate::MESH_DST_OUTSIDE`]. A TCP connect of an enrolled pod
+    /// whose longest match is the catch-all goes out untouched; no match at all (the map is
+    /// empty: not programmed yet) captures, as before the map existed.
+    pub const MESH_DESTINATIONS: &str = "NM_MESH_DST";
 
     /// Every map, for pinning.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         ENROLLED,
         TUNNEL_CONFIG,
         SOCK_ORIG_DST,
@@ -54,6 +63,7 @@ pub mod maps {
         POLICY,
         GUARD_PORTS,
         META,
+        MESH_DESTINATIONS,
     ];
 }
 
@@ -84,6 +94,14 @@ pub const MAX_IDENTITY_PREFIXES: u32 = 65536;
 pub const MAX_GUARD_PORTS: u32 = 4096;
 /// Capacity of [`maps::POLICY`].
 pub const MAX_POLICY_ENTRIES: u32 = 65536;
+/// Capacity of [`maps::MESH_DESTINATIONS`]: workload addresses and service VIPs, plus one.
+pub const MAX_MESH_DESTINATIONS: u32 = 65536;
+/// [`maps::MESH_DESTINATIONS`] value of a destination in the mesh (captured).
+pub const MESH_DST_MEMBER: u32 = 1;
+/// [`maps::MESH_DESTINATIONS`] value of the catch-all entry (prefix length 0): a destination
+/// whose longest match is this one is outside the mesh and is not captured. Any other value
+/// captures.
+pub const MESH_DST_OUTSIDE: u32 = 2;
 
 /// Identity id meaning "any identity" in a [`PolicyKey`] (wildcard); never assigned to a workload.
 pub const IDENTITY_ANY: u32 = 0;
@@ -281,10 +299,13 @@ pub enum Counter {
     GuardDropped = 9,
     /// Original destinations moved from the tuple map into an accepted tunnel socket's storage.
     OrigDstHandedOver = 10,
+    /// Connects from enrolled pods left alone because the destination is not in the mesh
+    /// ([`maps::MESH_DESTINATIONS`]): neither a workload nor a service VIP.
+    PassedOutsideMesh = 11,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Redirected,
         Counter::PassedUnconfigured,
         Counter::RefusedUnconfigured,
@@ -296,6 +317,7 @@ impl Counter {
         Counter::Excluded,
         Counter::GuardDropped,
         Counter::OrigDstHandedOver,
+        Counter::PassedOutsideMesh,
     ];
     /// Size of [`maps::COUNTERS`]; spare slots leave room for new counters without a layout bump.
     pub const SLOTS: u32 = 32;
@@ -313,6 +335,7 @@ impl Counter {
             Counter::Excluded => "excluded",
             Counter::GuardDropped => "guard_dropped",
             Counter::OrigDstHandedOver => "orig_dst_handed_over",
+            Counter::PassedOutsideMesh => "passed_outside_mesh",
         }
     }
 }

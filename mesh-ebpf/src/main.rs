@@ -3,9 +3,9 @@
 //!
 //! - `mesh_connect4` / `mesh_connect6` (cgroup/connect4, cgroup/connect6): a TCP connect from an
 //!   enrolled pod (its network-namespace cookie is in `NM_ENROLLED`) is checked against the
-//!   policy map (denied: `ECONNREFUSED`), the exclusions and the tunnel's liveness, then gets its
-//!   original destination stored on the socket and its destination rewritten to the node's
-//!   tunnel address. IPv4-mapped IPv6 destinations (dual-stack sockets) are handled as IPv4 and
+//!   policy map (denied: `ECONNREFUSED`), the exclusions, the mesh's destinations (one outside
+//!   the mesh passes untouched) and the tunnel's liveness, then gets its original destination
+//!   stored on the socket and its destination rewritten to the node's tunnel address. IPv4-mapped IPv6 destinations (dual-stack sockets) are handled as IPv4 and
 //!   redirected to the mapped IPv4 tunnel address. Everything else passes untouched.
 //! - `mesh_sendmsg4` / `mesh_sendmsg6`: unconnected UDP from enrolled pods is checked against
 //!   the UDP policy entries (connected UDP is checked at connect).
@@ -45,8 +45,9 @@ use aya_log_ebpf::debug;
 use mesh_common::{
     AF_INET, AF_INET6, Counter, EnrolledPod, FailMode, GuardPortKey, IDENTITY_ANY, IDENTITY_WORLD,
     LpmAddr, LpmPortAddr, MAX_ENROLLED, MAX_EXCLUSIONS, MAX_GUARD_PORTS, MAX_IDENTITY_PREFIXES,
-    MAX_PENDING_CONNECTIONS, MAX_POLICY_ENTRIES, Meta, MtlsMode, OrigDst, POLICY_DENY, PORT_ANY,
-    PROTO_TCP, PROTO_UDP, PolicyKey, SockTuple, TunnelConfig, V4_MAPPED_WORD,
+    MAX_MESH_DESTINATIONS, MAX_PENDING_CONNECTIONS, MAX_POLICY_ENTRIES, MESH_DST_OUTSIDE, Meta,
+    MtlsMode, OrigDst, POLICY_DENY, PORT_ANY, PROTO_TCP, PROTO_UDP, PolicyKey, SockTuple,
+    TunnelConfig, V4_MAPPED_WORD,
 };
 
 /// Allow the operation (cgroup sock_addr and sock_ops return convention).
@@ -82,6 +83,9 @@ static NM_EXCLUDE: LpmTrie<LpmPortAddr, u32> = LpmTrie::with_max_entries(MAX_EXC
 
 #[map]
 static NM_IDENTITY: LpmTrie<LpmAddr, u32> = LpmTrie::with_max_entries(MAX_IDENTITY_PREFIXES, 0);
+
+#[map]
+static NM_MESH_DST: LpmTrie<LpmAddr, u32> = LpmTrie::with_max_entries(MAX_MESH_DESTINATIONS, 0);
 
 #[map]
 static NM_POLICY: HashMap<PolicyKey, u32> = HashMap::with_max_entries(MAX_POLICY_ENTRIES, 0);
@@ -197,6 +201,16 @@ fn is_excluded(words: [u32; 4], port: u16) -> bool {
     NM_EXCLUDE.get(&key).is_some()
 }
 
+/// Whether `words` is outside the mesh: its longest match in `NM_MESH_DST` is the catch-all.
+/// No match (an empty map, not programmed yet) is inside: captured, as before the map existed.
+#[inline(always)]
+fn is_outside_mesh(words: [u32; 4]) -> bool {
+    let key = Key::new(128, LpmAddr { addr: words });
+    NM_MESH_DST
+        .get(&key)
+        .is_some_and(|v| *v == MESH_DST_OUTSIDE)
+}
+
 #[inline(always)]
 fn policy_denies(src_identity: u32, words: [u32; 4], port: u16, proto: u8) -> bool {
     let key = Key::new(128, LpmAddr { addr: words });
@@ -263,6 +277,12 @@ fn decide(ctx: &SockAddrContext, words: [u32; 4], port: u16, target: &mut Target
     }
     if is_excluded(words, port) {
         count(Counter::Excluded);
+        return Verdict::Pass;
+    }
+    // Neither a workload nor a service: nothing to mTLS, so out untouched, keeping the pod's
+    // own source address (the kube API, an external database, the internet).
+    if is_outside_mesh(words) {
+        count(Counter::PassedOutsideMesh);
         return Verdict::Pass;
     }
     let configured = cfg.port != 0 && if v4 { cfg.ip4 != 0 } else { cfg.ip6 != [0; 4] };

@@ -422,6 +422,29 @@ fn metrics_readiness_config_dump_and_quit_of_local_agents() -> Result<()> {
         delta(&a1, m, event, &denied) >= 1
     })?;
     assert_eq!(delta(&a1, &a2, event, &denied), 1, "{a2}");
+
+    // Outside the mesh: node a's own address is neither a workload nor a service VIP (it stands
+    // for the kube API or a database outside the cluster): the client pod reaches it directly,
+    // with its own address, counted in the kernel.
+    let outside_port = 9443;
+    let listener = mesh_agent::netns::in_netns(&c.node_a.ns.path(), move || {
+        std::net::TcpListener::bind((NODE_A, outside_port))
+    })?;
+    let _held = c
+        .hold(addr(NODE_A, outside_port)?)
+        .with_context(|| format!("connect outside the mesh:\n{}", c.logs()))?;
+    let conn = nodemesh_tests::accept_within(&listener, Duration::from_secs(5))?
+        .context("the connection outside the mesh did not arrive")?;
+    assert_eq!(
+        conn.peer_addr()?.ip().to_string(),
+        c.client.ip,
+        "the destination sees the pod's own address, not a tunnel's"
+    );
+    let outside = ["event=\"passed_outside_mesh\""];
+    let a3 = scrape_until(&c.node_a, NODE_A, "the pass outside the mesh", |m| {
+        delta(&a2, m, event, &outside) >= 1
+    })?;
+    assert_eq!(delta(&a2, &a3, event, &outside), 1, "{a3}");
     assert_eq!(
         nodemesh_tests::metric_sum(&a2, "nodemesh_workloads_enrolled", &[]),
         2,
@@ -440,6 +463,10 @@ fn metrics_readiness_config_dump_and_quit_of_local_agents() -> Result<()> {
         nodemesh_tests::http_in_netns(&c.node_a.ns.path(), admin, "GET", "/config_dump")?;
     assert_eq!(status, 200, "{dump}");
     let dump: serde_json::Value = serde_json::from_str(&dump).context("config dump JSON")?;
+    assert_eq!(
+        dump["maps"]["NM_MESH_DST"]["entries"], 4,
+        "three workload addresses and the catch-all: {dump:#}"
+    );
     let certs = dump["certificates"].as_array().context("certificates")?;
     assert!(
         certs

@@ -265,6 +265,106 @@ fn policy_denies_early_with_econnrefused_and_counts() -> Result<()> {
     Ok(())
 }
 
+/// Destinations that are neither workloads nor service VIPs (the kube API, an external
+/// database) go out untouched, with the pod's own address as the source the server sees, after
+/// the policy check; mesh destinations are still redirected. An empty mesh-destination map (the
+/// other tests) captures everything.
+#[test]
+fn destinations_outside_the_mesh_pass_untouched_with_the_pods_address() -> Result<()> {
+    let mut s = Setup::new(FailMode::Closed)?;
+    let pod = &s.node.pods[0];
+    let (gw4, gw6): (IpAddr, IpAddr) = (pod.gw4.into(), pod.gw6.into());
+    // Outside the mesh: more addresses of the node, served by the same `[::]` listener.
+    let (out4, out6): (IpAddr, IpAddr) = ("10.77.250.1".parse()?, "fd77:250::1".parse()?);
+    for (family, addr) in [("-4", "10.77.250.1/32"), ("-6", "fd77:250::1/128")] {
+        s.node
+            .ns
+            .exec(&["ip", family, "addr", "add", addr, "dev", "lo"])?;
+    }
+    // The mesh: the gateways stand for workloads (a VIP is the same kind of entry).
+    s.dp.add_mesh_destination(&Cidr::host(gw4))?;
+    s.dp.add_mesh_destination(&Cidr::host(gw6))?;
+    // Members only (the catch-all not written yet): everything is still captured.
+    let early = SocketAddr::new(out4, SERVER_PORT);
+    let local = s.connect(early)?;
+    s.expect_redirected(false, early, local)?;
+    s.dp.pass_outside_mesh()?;
+
+    for (dst, pod_ip) in [
+        (SocketAddr::new(out4, SERVER_PORT), IpAddr::from(pod.ip4)),
+        (
+            SocketAddr::new(
+                "10.77.250.1"
+                    .parse::<std::net::Ipv4Addr>()?
+                    .to_ipv6_mapped()
+                    .into(),
+                SERVER_PORT,
+            ),
+            IpAddr::from(pod.ip4),
+        ),
+        (SocketAddr::new(out6, SERVER_PORT), IpAddr::from(pod.ip6)),
+    ] {
+        let local = s.connect(dst)?;
+        assert!(accept_now(&s.tunnel4)?.is_none(), "{dst}: redirected (v4)");
+        assert!(accept_now(&s.tunnel6)?.is_none(), "{dst}: redirected (v6)");
+        let conn = accept_now(&s.server)?.with_context(|| format!("{dst}: not at the server"))?;
+        let peer = canonical(conn.peer_addr()?);
+        assert_eq!(peer, canonical(local));
+        assert_eq!(
+            peer.ip(),
+            pod_ip,
+            "{dst}: the server sees the pod's own address"
+        );
+    }
+
+    // Mesh destinations are still redirected (the server would see them otherwise).
+    let dst4 = SocketAddr::new(gw4, SERVER_PORT);
+    let local = s.connect(dst4)?;
+    s.expect_redirected(false, dst4, local)?;
+    let dst6 = SocketAddr::new(gw6, SERVER_PORT);
+    let local = s.connect(dst6)?;
+    s.expect_redirected(true, dst6, local)?;
+
+    // The early deny comes first: a denied destination outside the mesh is refused.
+    s.dp.set_policy(&PolicyRule {
+        src_identity: POD_IDENTITY,
+        dst: PeerIdentity::World,
+        port: Some(SERVER_PORT + 1),
+        proto: Proto::Tcp,
+        action: Action::Deny,
+    })?;
+    s.expect_refused(SocketAddr::new(out4, SERVER_PORT + 1))?;
+
+    // A fail-closed pod reaches the outside even with the tunnel down (nothing to tunnel).
+    s.dp.set_tunnel(&TunnelSettings {
+        ip4: TUNNEL_IP4,
+        ip6: Some(TUNNEL_IP6),
+        port: OUTBOUND_PORT,
+        stale_after: Some(Duration::from_secs(3600)),
+    })?;
+    let local = s.connect(SocketAddr::new(out6, SERVER_PORT))?;
+    s.expect_direct(local)?;
+    s.expect_refused(dst4)?;
+
+    // A member that leaves the mesh goes out untouched from then on.
+    s.dp.remove_mesh_destination(&Cidr::host(gw4))?;
+    let local = s.connect(dst4)?;
+    s.expect_direct(local)?;
+
+    let c = s.dp.counters()?;
+    assert_eq!(
+        (
+            c["passed_outside_mesh"],
+            c["redirected"],
+            c["denied_policy"],
+            c["refused_tunnel_stale"]
+        ),
+        (5, 3, 1, 1),
+        "{c:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn udp_is_denied_by_udp_policy_only() -> Result<()> {
     let mut s = Setup::new(FailMode::Closed)?;

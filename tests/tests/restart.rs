@@ -1,6 +1,7 @@
 //! Root test of restart safety: pinned maps and links survive the agent, a new agent adopts them
-//! without re-enrolling pods, the tunnel's staleness makes fail-closed pods refuse meanwhile, and
-//! uninstall leaves nothing pinned and nothing attached.
+//! without re-enrolling pods, the tunnel's staleness makes fail-closed pods refuse meanwhile, a
+//! map the earlier agent did not have (`NM_MESH_DST`) starts empty and captures everything until
+//! the new agent's reconcile fills it, and uninstall leaves nothing pinned and nothing attached.
 
 use std::{
     net::{Ipv6Addr, SocketAddr},
@@ -11,11 +12,11 @@ use std::{
 use anyhow::{Context, Result, bail};
 use mesh_agent::{
     datapath::{Datapath, Pins, uninstall},
-    map_model::{Exclusion, PodSpec},
+    map_model::{Cidr, Exclusion, PodSpec},
     maps::{KernelMaps, TunnelSettings},
     reconcile::{DesiredState, ReconcileReport, compile, reconcile},
 };
-use mesh_common::{FailMode, MtlsMode, OUTBOUND_PORT};
+use mesh_common::{FailMode, MtlsMode, OUTBOUND_PORT, maps};
 use nodemesh_tests::{
     ChildCgroup, Node, TUNNEL_IP4, accept_now, probe_connect, require_root, unique_prefix,
 };
@@ -126,6 +127,15 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(accept_now(&server)?.is_none(), "plaintext bypass");
+    // Agent 1 stands for an older agent of the same layout version, which had no mesh
+    // destinations map: without its pin, agent 2 creates it empty.
+    let mesh_dst_pin = pins.maps_dir().join(maps::MESH_DESTINATIONS);
+    assert!(
+        mesh_dst_pin.exists(),
+        "agent 1 pinned {}",
+        mesh_dst_pin.display()
+    );
+    std::fs::remove_file(&mesh_dst_pin)?;
 
     // Agent 2 adopts the pins: no re-enrollment, the counters and the pod are still there.
     // Asking it to attach the same instance elsewhere is refused.
@@ -159,14 +169,29 @@ fn pinned_datapath_survives_the_agent_and_uninstall_removes_everything() -> Resu
         dp.program_ids()?,
         "adopted links still run the old programs"
     );
-    // Level-triggered reconcile against the adopted maps: they already hold the desired state.
+    // Agent 2's programs with the new, empty map capture everything: no plaintext bypass of a
+    // mesh destination before the map is filled.
+    dp.heartbeat().beat()?;
+    connect()?;
+    accept_now(&tunnel)?.context("agent 2, empty mesh destinations: not redirected")?;
+    assert!(accept_now(&server)?.is_none(), "plaintext bypass");
+    // Level-triggered reconcile against the adopted maps: they already hold the desired state,
+    // except the new map: the pod's two addresses, the destination (a workload here) and the
+    // catch-all.
     let mut desired = DesiredState {
         tunnel: Some(settings),
         ..Default::default()
     };
     desired.pods.insert(cookie, spec.clone());
+    desired.mesh_destinations.insert(Cidr::host(pod.gw4.into()));
     let report = reconcile(&mut dp, &compile(&desired)?)?;
-    assert_eq!(report, ReconcileReport::default(), "adopted maps differ");
+    assert_eq!(
+        (report.written, report.deleted),
+        (4, 0),
+        "adopted maps differ beyond the new map"
+    );
+    let report = reconcile(&mut dp, &compile(&desired)?)?;
+    assert_eq!(report, ReconcileReport::default(), "not converged");
     // And it converges when the desired state changes (another exclusion).
     desired.exclusions.insert(Exclusion::Port(5353));
     let report = reconcile(&mut dp, &compile(&desired)?)?;

@@ -97,6 +97,25 @@ pub fn desired_state(
     for (ip, id) in model.address_identities() {
         d.identities.insert(Cidr::host(ip), id);
     }
+    // What the tunnel can forward: every workload address (any node) and every VIP of a
+    // service with a workload endpoint of the VIP's family. Enrolled pods' TCP connects to
+    // anything else go out untouched in the kernel, including services whose endpoints are not
+    // workloads (the kube API `kubernetes.default`, whose endpoints are the API servers; a
+    // service of pods outside the mesh): as if the pod were not enrolled.
+    for w in model.workloads() {
+        d.mesh_destinations
+            .extend(w.ips.iter().map(|&ip| Cidr::host(ip)));
+    }
+    for svc in model.services() {
+        for &vip in &svc.vips {
+            let served = model
+                .endpoints(svc)
+                .any(|(w, _)| w.ips.iter().any(|ip| ip.is_ipv4() == vip.is_ipv4()));
+            if served {
+                d.mesh_destinations.insert(Cidr::host(vip));
+            }
+        }
+    }
     d.policy = early_denies(model);
     Ok(d)
 }
@@ -321,6 +340,51 @@ spec:
         };
         assert_eq!(endpoints[0].addr, "10.2.0.2:8080".parse().expect("a"));
         assert!(state.resolve("10.96.0.1:81".parse().expect("a")).is_none());
+    }
+
+    #[test]
+    fn mesh_destinations_are_every_workload_and_served_vip_and_removed_ones_leave() {
+        use crate::{maps::FakeMaps, reconcile};
+        // The kube API: a service whose endpoints are not workloads.
+        let m = model(&format!(
+            "{CLUSTER}- {{name: kubernetes, namespace: default, vips: [10.96.0.10], ports: [{{port: 443, targetPort: 6443}}], endpoints: []}}\n"
+        ));
+        let client = m
+            .workloads()
+            .find(|w| w.key.name == "client")
+            .expect("client")
+            .key
+            .clone();
+        let cookies = BTreeMap::from([(client, 7u64)]);
+        let d = desired_state(&m, &cookies).expect("valid");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("valid");
+        let hosts: BTreeSet<Cidr> = ["10.1.0.2", "10.2.0.2", "10.96.0.1"]
+            .iter()
+            .map(|s| Cidr::host(ip(s)))
+            .collect();
+        assert_eq!(d.mesh_destinations, hosts);
+        let mut maps = FakeMaps::default();
+        reconcile::reconcile(&mut maps, &reconcile::compile(&d).expect("valid")).expect("fake");
+        // The local pod, a remote pod, a VIP: captured. The kube API, the internet: not.
+        for inside in ["10.1.0.2", "10.2.0.2", "10.96.0.1", "::ffff:10.96.0.1"] {
+            assert!(!maps.is_outside_mesh(ip(inside)), "{inside}");
+        }
+        for outside in ["10.96.0.10", "10.2.0.3", "8.8.8.8", "fd00::1"] {
+            assert!(maps.is_outside_mesh(ip(outside)), "{outside}");
+        }
+        // The server and the service leave the model: their addresses leave the map on diff.
+        let text = CLUSTER
+            .split("- {name: server")
+            .next()
+            .expect("the client part");
+        let d = desired_state(&model(text), &cookies).expect("valid");
+        let want = reconcile::compile(&d).expect("valid");
+        let r = reconcile::reconcile(&mut maps, &want).expect("fake");
+        assert_eq!(maps.entries(), want);
+        assert!(r.deleted >= 2, "{r:?}");
+        assert!(maps.is_outside_mesh(ip("10.2.0.2")));
+        assert!(maps.is_outside_mesh(ip("10.96.0.1")));
+        assert!(!maps.is_outside_mesh(ip("10.1.0.2")), "the local pod stays");
     }
 
     #[test]

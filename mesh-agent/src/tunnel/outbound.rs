@@ -277,6 +277,10 @@ impl Outbound {
         peer: SocketAddr,
         redirect: &Redirect,
     ) -> (Outcome, Option<String>) {
+        // The kernel redirects only destinations in NM_MESH_DST (every workload address and
+        // service VIP); anything else goes out untouched without reaching us. This stays as the
+        // defence for a stale map (a destination that left the model but not yet the trie, or a
+        // trie not yet programmed: empty, it captures everything) and for a VIP's unknown port.
         let Some(dest) = self.resolver.resolve(redirect.original_dst) else {
             let outcome = Outcome::refused(format!(
                 "refused: {} is neither a known workload nor a service",

@@ -523,6 +523,9 @@ pub fn source_probe(kubeconfig: &Path, node: &str) -> Result<()> {
         let settings = Settings::new(node, IpAddr::V4(Ipv4Addr::new(169, 254, 7, 1)));
         let watch = start(client, SourceOptions::new(settings), Arc::new(FixedPath)).await;
         let secs = started.elapsed().as_secs_f64();
+        if std::env::var_os(DIAG_ENV).is_some() {
+            diagnose(&watch.models.borrow());
+        }
         let mut models = watch.models.clone();
         let mut local: BTreeSet<String> = {
             let m = models.borrow_and_update();
@@ -547,6 +550,38 @@ pub fn source_probe(kubeconfig: &Path, node: &str) -> Result<()> {
         drop(watch);
         Ok(())
     })
+}
+
+/// Set (to anything) for the probe to print where its memory goes to stderr after the sync
+/// (`NM_BENCH_K8S_DIAG=1 nm-bench k8s-scale`; it then trims the heap, so the RSS figures of
+/// that run are not the benchmark's).
+pub const DIAG_ENV: &str = "NM_BENCH_K8S_DIAG";
+
+fn diagnose(model: &mesh_agent::model::ClusterModel) {
+    use std::mem::size_of;
+    let rss = || proc_status_kb(std::process::id(), "VmRSS").unwrap_or(0);
+    eprintln!(
+        "probe: size_of Pod {} PodSpec {} PodStatus {} Container {} ObjectMeta {} Service {} \
+         EndpointSlice {}; model: {} workloads, {} services",
+        size_of::<Pod>(),
+        size_of::<k8s_openapi::api::core::v1::PodSpec>(),
+        size_of::<k8s_openapi::api::core::v1::PodStatus>(),
+        size_of::<k8s_openapi::api::core::v1::Container>(),
+        size_of::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>(),
+        size_of::<Service>(),
+        size_of::<EndpointSlice>(),
+        model.workloads().count(),
+        model.services().count(),
+    );
+    let before = rss();
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    eprintln!(
+        "probe: RSS after sync {before} kB, after malloc_trim {} kB",
+        rss()
+    );
 }
 
 /// A `/proc/PID/status` field in kB.

@@ -388,7 +388,7 @@ pub struct K8sScale {
 /// Issue 12's targets, checked on the values of [`K8sScale::metrics`].
 const K8S_TARGETS: [Target; 3] = [
     Target {
-        name: "initial sync, 5,000 pods and 500 services",
+        name: "initial sync (first model published)",
         metric: "initial_sync_s",
         at_most: true,
         limit: 10.0,
@@ -486,7 +486,8 @@ impl K8sScale {
         let m = self.metrics();
         let get = |k: &str| m.get(k).map_or("–".to_owned(), |v| fmt(*v));
         let mut s = format!(
-            "{K8S_HEADING} ({} pods on {} nodes in {} enrolled namespaces, {} services; {} probe pods;              load average {:.1} before, {:.1} after; took {:.0} s)\n\n{}\n\n",
+            "{K8S_HEADING} ({} pods on {} nodes in {} enrolled namespaces, {} services; {} probe pods; \
+             load average {:.1} before, {:.1} after; took {:.0} s)\n\n{}\n\n",
             self.pods,
             self.nodes,
             self.namespaces,

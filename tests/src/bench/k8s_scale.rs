@@ -520,11 +520,12 @@ pub fn source_probe(kubeconfig: &Path, node: &str) -> Result<()> {
         .context("cannot build a tokio runtime")?;
     rt.block_on(async {
         let client = kube_client(kubeconfig).await?;
+        let client_for_diag = client.clone();
         let settings = Settings::new(node, IpAddr::V4(Ipv4Addr::new(169, 254, 7, 1)));
         let watch = start(client, SourceOptions::new(settings), Arc::new(FixedPath)).await;
         let secs = started.elapsed().as_secs_f64();
         if std::env::var_os(DIAG_ENV).is_some() {
-            diagnose(&watch.models.borrow());
+            diagnose(&watch.models.borrow().clone(), &client_for_diag, node).await?;
         }
         let mut models = watch.models.clone();
         let mut local: BTreeSet<String> = {
@@ -557,8 +558,20 @@ pub fn source_probe(kubeconfig: &Path, node: &str) -> Result<()> {
 /// that run are not the benchmark's).
 pub const DIAG_ENV: &str = "NM_BENCH_K8S_DIAG";
 
-fn diagnose(model: &mesh_agent::model::ClusterModel) {
+async fn diagnose(
+    model: &mesh_agent::model::ClusterModel,
+    client: &Client,
+    node: &str,
+) -> Result<()> {
     use std::mem::size_of;
+
+    use mesh_agent::{
+        k8s::{
+            convert::{Snapshot, convert},
+            source::policy_resource,
+        },
+        model::ClusterModel,
+    };
     let rss = || proc_status_kb(std::process::id(), "VmRSS").unwrap_or(0);
     eprintln!(
         "probe: size_of Pod {} PodSpec {} PodStatus {} Container {} ObjectMeta {} Service {} \
@@ -578,10 +591,72 @@ fn diagnose(model: &mesh_agent::model::ClusterModel) {
     unsafe {
         libc::malloc_trim(0);
     }
+    let trimmed = rss();
+    eprintln!("probe: RSS after sync {before} kB, after malloc_trim {trimmed} kB");
+
+    // A second copy of everything the stores hold, listed here, then the recompute on it
+    // timed (what every change costs) and the memory each stage adds.
+    async fn all<K>(api: Api<K>) -> Result<Vec<Arc<K>>>
+    where
+        K: kube::Resource + Clone + k8s_openapi::serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        use kube::ResourceExt as _;
+        // In pages of 500, as the reflectors list; stored as they store them.
+        let mut out = Vec::new();
+        let mut params = kube::api::ListParams::default().limit(500);
+        loop {
+            let list = api.list(&params).await?;
+            out.extend(list.items.into_iter().map(|mut o| {
+                o.managed_fields_mut().clear();
+                Arc::new(o)
+            }));
+            match list.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(c) => params = params.continue_token(&c),
+                None => return Ok(out),
+            }
+        }
+    }
+    let dynamic = |kind, plural| {
+        let ar = policy_resource(kind, plural);
+        Api::<kube::api::DynamicObject>::all_with(client.clone(), &ar)
+    };
+    let snap = Snapshot {
+        pods: all(Api::<Pod>::all(client.clone())).await?,
+        nodes: all(Api::<Node>::all(client.clone())).await?,
+        namespaces: all(Api::<Namespace>::all(client.clone())).await?,
+        services: all(Api::<Service>::all(client.clone())).await?,
+        endpoint_slices: all(Api::<EndpointSlice>::all(client.clone())).await?,
+        authorization_policies: all(dynamic("AuthorizationPolicy", "authorizationpolicies"))
+            .await?,
+        peer_authentications: all(dynamic("PeerAuthentication", "peerauthentications")).await?,
+    };
+    let listed = rss();
+    let settings = Settings::new(node, IpAddr::V4(Ipv4Addr::new(169, 254, 7, 1)));
+    let mut times = Vec::new();
+    let mut kept = None;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let converted = convert(&snap, &settings, &FixedPath);
+        let built = ClusterModel::build(&converted.input)
+            .map_err(|e| anyhow::anyhow!("the diagnostic model is invalid: {} errors", e.len()))?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        kept = Some((converted, built));
+    }
+    let with_model = rss();
+    drop(kept);
+    let after_drop = rss();
+    times.sort_by(f64::total_cmp);
     eprintln!(
-        "probe: RSS after sync {before} kB, after malloc_trim {} kB",
-        rss()
+        "probe: recompute (convert + build) {:.1} ms median of 5 ({:.1}..{:.1}); RSS {trimmed} \
+         → {listed} kB with a second copy of the objects (+{} kB), → {with_model} kB with a \
+         converted input and model (+{} kB), {after_drop} kB after dropping them",
+        times[2],
+        times[0],
+        times[4],
+        listed.saturating_sub(trimmed),
+        with_model.saturating_sub(listed),
     );
+    Ok(())
 }
 
 /// A `/proc/PID/status` field in kB.

@@ -525,7 +525,9 @@ pub fn source_probe(kubeconfig: &Path, node: &str) -> Result<()> {
         let watch = start(client, SourceOptions::new(settings), Arc::new(FixedPath)).await;
         let secs = started.elapsed().as_secs_f64();
         if std::env::var_os(DIAG_ENV).is_some() {
-            diagnose(&watch.models.borrow().clone(), &client_for_diag, node).await?;
+            // Not a borrow across the await: the source's task writes the channel meanwhile.
+            let model = watch.models.borrow().clone();
+            diagnose(&model, &client_for_diag, node).await?;
         }
         let mut models = watch.models.clone();
         let mut local: BTreeSet<String> = {

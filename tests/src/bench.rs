@@ -13,6 +13,7 @@
 //! machine hits all paths alike; the report takes medians over rounds, and ratios to raw round
 //! by round (paired).
 
+pub mod k8s_scale;
 pub mod load;
 pub mod report;
 

@@ -1,8 +1,10 @@
 //! `cargo xtask bench [--quick]`: builds the eBPF object and the tests crate's binaries in
 //! release, then runs `nm-bench run` (root) from the workspace root: the mesh against the raw
 //! path on a lab of its own, report in `target/bench/report.{md,json}` (docs/performance.md).
-//! The full run then runs the criterion micro-benchmarks (`cargo bench -p mesh-agent --bench
-//! hot_paths`; reports in `target/criterion`).
+//! The full run then runs the Kubernetes scale benchmark (`nm-bench k8s-scale`: 5,000 pods and
+//! 500 services in a real kube-apiserver; its section is merged into the same report; needs the
+//! binaries of `cargo xtask k8s build`) and the criterion micro-benchmarks (`cargo bench -p
+//! mesh-agent --bench hot_paths`; reports in `target/criterion`). `--quick` skips both.
 
 use std::process::Command;
 
@@ -16,7 +18,7 @@ use crate::{
 #[derive(clap::Args, Debug, Default)]
 pub struct Options {
     /// A short run (under 3 minutes after the build) for a first look; the full run's ratios
-    /// repeat within 15%.
+    /// repeat within 15%. Skips the Kubernetes scale run and the micro-benchmarks.
     #[arg(long)]
     pub quick: bool,
 }
@@ -37,6 +39,12 @@ pub fn run(opts: Options) -> Result<()> {
     }
     exec(&mut bench)?;
     if !opts.quick {
+        // One node's Kubernetes source against 5,000 pods and 500 services (issue 12).
+        exec(
+            Command::new(root.join("target/release/nm-bench"))
+                .current_dir(&root)
+                .arg("k8s-scale"),
+        )?;
         // The hot pure code (policy with 10k policies, maps for 5k workloads, HBONE headers).
         exec(
             Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))

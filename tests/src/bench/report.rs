@@ -358,6 +358,225 @@ impl Report {
     }
 }
 
+/// The Kubernetes scale run (`nm-bench k8s-scale`, [`super::k8s_scale`]): issue 12's figures.
+#[derive(Clone, Debug)]
+pub struct K8sScale {
+    pub nodes: usize,
+    pub pods: usize,
+    pub services: usize,
+    pub namespaces: usize,
+    pub probe_pods: usize,
+    /// Workloads in the first model (every enrolled pod of the cluster).
+    pub model_workloads: usize,
+    /// How long creating the objects took (not a target; the apiserver's work).
+    pub populate_s: f64,
+    pub initial_sync_s: f64,
+    pub rss_after_sync_mb: f64,
+    pub rss_end_mb: f64,
+    /// `VmHWM`: the largest RSS over the probe's life.
+    pub rss_peak_mb: f64,
+    /// Per probe pod, from the create call's return to the model holding it (ms).
+    pub enroll_from_create_ms: Vec<f64>,
+    /// Per probe pod, from the status write's return (its IP known) to the model (ms).
+    pub enroll_from_status_ms: Vec<f64>,
+    /// 1-minute load average before and after (the machine is shared).
+    pub load_before: f64,
+    pub load_after: f64,
+    pub took_s: f64,
+}
+
+/// Issue 12's targets, checked on the values of [`K8sScale::metrics`].
+const K8S_TARGETS: [Target; 3] = [
+    Target {
+        name: "initial sync (first model published)",
+        metric: "initial_sync_s",
+        at_most: true,
+        limit: 10.0,
+        unit: "s",
+    },
+    Target {
+        name: "source RSS (peak)",
+        metric: "rss_peak_mb",
+        at_most: true,
+        limit: 80.0,
+        unit: "MB",
+    },
+    Target {
+        name: "pod created → enrolled, p99",
+        metric: "enroll_p99_ms",
+        at_most: true,
+        limit: 1000.0,
+        unit: "ms",
+    },
+];
+
+/// The heading of the scale section in `report.md` (it replaces an older one).
+const K8S_HEADING: &str = "## Kubernetes scale";
+
+/// Nearest-rank percentile `p` (0–100) of `v`.
+fn percentile(v: &[f64], p: f64) -> Option<f64> {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    Some(v[rank.min(v.len()) - 1])
+}
+
+impl K8sScale {
+    /// The figures by metric name.
+    pub fn metrics(&self) -> BTreeMap<&'static str, f64> {
+        let mut m = BTreeMap::new();
+        m.insert("populate_s", self.populate_s);
+        m.insert("initial_sync_s", self.initial_sync_s);
+        m.insert("rss_after_sync_mb", self.rss_after_sync_mb);
+        m.insert("rss_end_mb", self.rss_end_mb);
+        m.insert("rss_peak_mb", self.rss_peak_mb);
+        for (prefix, v) in [
+            ("enroll", &self.enroll_from_create_ms),
+            ("enroll_from_status", &self.enroll_from_status_ms),
+        ] {
+            for (p, name) in [(50.0, "p50"), (90.0, "p90"), (99.0, "p99"), (100.0, "max")] {
+                if let Some(x) = percentile(v, p) {
+                    let key: &'static str = match (prefix, name) {
+                        ("enroll", "p50") => "enroll_p50_ms",
+                        ("enroll", "p90") => "enroll_p90_ms",
+                        ("enroll", "p99") => "enroll_p99_ms",
+                        ("enroll", _) => "enroll_max_ms",
+                        (_, "p50") => "enroll_from_status_p50_ms",
+                        (_, "p90") => "enroll_from_status_p90_ms",
+                        (_, "p99") => "enroll_from_status_p99_ms",
+                        _ => "enroll_from_status_max_ms",
+                    };
+                    m.insert(key, x);
+                }
+            }
+        }
+        m
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let metrics = self.metrics();
+        let targets: Vec<_> = K8S_TARGETS
+            .iter()
+            .map(|t| {
+                let v = metrics.get(t.metric).copied();
+                serde_json::json!({
+                    "target": t.name, "metric": t.metric, "limit": t.limit,
+                    "at_most": t.at_most, "value": v, "pass": v.map(|v| pass(t, v)),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "metrics": metrics,
+            "targets": targets,
+            "run": {
+                "nodes": self.nodes, "pods": self.pods, "services": self.services,
+                "namespaces": self.namespaces, "probe_pods": self.probe_pods,
+                "model_workloads": self.model_workloads,
+                "load_before": self.load_before, "load_after": self.load_after,
+                "took_s": self.took_s, "machine": machine(),
+            },
+            "enroll_from_create_ms": self.enroll_from_create_ms,
+        })
+    }
+
+    pub fn markdown(&self) -> String {
+        let m = self.metrics();
+        let get = |k: &str| m.get(k).map_or("–".to_owned(), |v| fmt(*v));
+        let mut s = format!(
+            "{K8S_HEADING} ({} pods on {} nodes in {} enrolled namespaces, {} services; {} probe pods; \
+             load average {:.1} before, {:.1} after; took {:.0} s)\n\n{}\n\n",
+            self.pods,
+            self.nodes,
+            self.namespaces,
+            self.services,
+            self.probe_pods,
+            self.load_before,
+            self.load_after,
+            self.took_s,
+            machine(),
+        );
+        s.push_str(
+            "One node's model source (`mesh_agent::k8s::source`) alone in a child process, with \
+             the agent's ServiceAccount token, against a real kube-apiserver.\n\n",
+        );
+        s.push_str("| metric | value |\n|---|---|\n");
+        for (label, key) in [
+            ("objects created in (s, not a target)", "populate_s"),
+            ("initial sync (s)", "initial_sync_s"),
+            ("RSS after sync (MB)", "rss_after_sync_mb"),
+            ("RSS at the end (MB)", "rss_end_mb"),
+            ("RSS peak, VmHWM (MB)", "rss_peak_mb"),
+            ("pod created → enrolled p50 (ms)", "enroll_p50_ms"),
+            ("pod created → enrolled p90 (ms)", "enroll_p90_ms"),
+            ("pod created → enrolled p99 (ms)", "enroll_p99_ms"),
+            ("pod created → enrolled max (ms)", "enroll_max_ms"),
+            (
+                "pod IP written → enrolled p50 (ms)",
+                "enroll_from_status_p50_ms",
+            ),
+            (
+                "pod IP written → enrolled p99 (ms)",
+                "enroll_from_status_p99_ms",
+            ),
+        ] {
+            s.push_str(&format!("| {label} | {} |\n", get(key)));
+        }
+        s.push_str("\nTargets (issue 12):\n\n| target | limit | measured | |\n|---|---|---|---|\n");
+        for t in &K8S_TARGETS {
+            let v = m.get(t.metric).copied();
+            s.push_str(&format!(
+                "| {} | ≤ {} {} | {} | {} |\n",
+                t.name,
+                t.limit,
+                t.unit,
+                v.map_or("–".to_owned(), |v| format!("{} {}", fmt(v), t.unit)),
+                match v.map(|v| pass(t, v)) {
+                    Some(true) => "pass",
+                    Some(false) => "FAIL",
+                    None => "not measured",
+                }
+            ));
+        }
+        s
+    }
+
+    /// Puts this run into `out/report.json` (key `k8s_scale`) and `out/report.md` (its section,
+    /// replacing an older one), creating them if the lab benchmark has not written them.
+    pub fn merge_into(&self, out: &std::path::Path) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        let json_path = out.join("report.json");
+        let mut json = match std::fs::read_to_string(&json_path) {
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", json_path.display()))?,
+            Err(_) => serde_json::json!({}),
+        };
+        let obj = json
+            .as_object_mut()
+            .with_context(|| format!("{} is not a JSON object", json_path.display()))?;
+        obj.insert("k8s_scale".into(), self.json());
+        std::fs::write(&json_path, serde_json::to_string_pretty(&json)? + "\n")
+            .with_context(|| format!("cannot write {}", json_path.display()))?;
+        let md_path = out.join("report.md");
+        let old = std::fs::read_to_string(&md_path).unwrap_or_default();
+        let kept = match old.find(K8S_HEADING) {
+            Some(i) => old[..i].trim_end().to_owned(),
+            None => old.trim_end().to_owned(),
+        };
+        let md = if kept.is_empty() {
+            self.markdown()
+        } else {
+            format!("{kept}\n\n{}", self.markdown())
+        };
+        std::fs::write(&md_path, md)
+            .with_context(|| format!("cannot write {}", md_path.display()))?;
+        Ok(())
+    }
+}
+
 fn pass(t: &Target, v: f64) -> bool {
     if t.at_most {
         v <= t.limit
@@ -471,5 +690,75 @@ mod tests {
             r.markdown()
                 .contains("| single-flow throughput, mesh/raw | ≥ 0.4 × | 0.25 × | FAIL |")
         );
+    }
+
+    fn scale(enroll: Vec<f64>) -> K8sScale {
+        K8sScale {
+            nodes: 50,
+            pods: 5000,
+            services: 500,
+            namespaces: 50,
+            probe_pods: enroll.len(),
+            model_workloads: 5000,
+            populate_s: 60.0,
+            initial_sync_s: 4.0,
+            rss_after_sync_mb: 40.0,
+            rss_end_mb: 41.0,
+            rss_peak_mb: 90.0,
+            enroll_from_status_ms: enroll.clone(),
+            enroll_from_create_ms: enroll,
+            load_before: 4.0,
+            load_after: 5.0,
+            took_s: 100.0,
+        }
+    }
+
+    #[test]
+    fn k8s_scale_percentiles_and_targets() {
+        assert_eq!(percentile(&[3.0, 1.0, 2.0], 50.0), Some(2.0));
+        assert_eq!(percentile(&[], 50.0), None);
+        // 100 delays 1..=100 ms: p99 is the 99th, not the largest.
+        let r = scale((1..=100).map(f64::from).collect());
+        let m = r.metrics();
+        assert_eq!(m["enroll_p50_ms"], 50.0);
+        assert_eq!(m["enroll_p99_ms"], 99.0);
+        assert_eq!(m["enroll_max_ms"], 100.0);
+        let json = r.json();
+        let pass = |metric: &str| {
+            json["targets"]
+                .as_array()
+                .expect("targets")
+                .iter()
+                .find(|t| t["metric"] == metric)
+                .map(|t| t["pass"].clone())
+        };
+        assert_eq!(pass("initial_sync_s"), Some(serde_json::json!(true)));
+        assert_eq!(pass("rss_peak_mb"), Some(serde_json::json!(false)));
+        assert_eq!(pass("enroll_p99_ms"), Some(serde_json::json!(true)));
+        assert!(
+            r.markdown()
+                .contains("| source RSS (peak) | ≤ 80 MB | 90.0 MB | FAIL |")
+        );
+    }
+
+    #[test]
+    fn k8s_scale_merges_into_the_lab_report() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        std::fs::write(dir.path().join("report.json"), r#"{"paths": {"raw": {}}}"#).expect("write");
+        std::fs::write(dir.path().join("report.md"), "# nodemesh bench\n\n| a |\n").expect("write");
+        let mut r = scale(vec![10.0]);
+        r.merge_into(dir.path()).expect("first merge");
+        r.initial_sync_s = 7.5;
+        r.merge_into(dir.path()).expect("second merge replaces");
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("report.json")).expect("read"),
+        )
+        .expect("json");
+        assert!(json["paths"]["raw"].is_object(), "the lab's figures stay");
+        assert_eq!(json["k8s_scale"]["metrics"]["initial_sync_s"], 7.5);
+        let md = std::fs::read_to_string(dir.path().join("report.md")).expect("read");
+        assert!(md.starts_with("# nodemesh bench\n\n| a |\n\n## Kubernetes scale"));
+        assert_eq!(md.matches(K8S_HEADING).count(), 1, "{md}");
+        assert!(md.contains("| initial sync (s) | 7.50 |"), "{md}");
     }
 }

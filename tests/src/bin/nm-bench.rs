@@ -7,6 +7,10 @@
 //!   `report.json`.
 //! - `nm-bench up [--config FILE]` / `nm-bench down`: the same lab and servers left running (for
 //!   profiling: it prints the command that drives each path), and its removal.
+//! - `nm-bench k8s-scale [--pods N] [--services N] [--nodes N] [--probe-pods N] [--out DIR]`:
+//!   the Kubernetes scale benchmark (`bench::k8s_scale`; defaults 5,000 pods, 500 services, 50
+//!   nodes, 100 probe pods), merged into `DIR/report.{md,json}` (default `target/bench`).
+//!   It runs `nm-bench k8s-source-probe KUBECONFIG NODE` as its child: the source alone.
 //! - The load, each in its own process placed in a cgroup and network namespace:
 //!   `nm-bench serve CGROUP NETNS ADDR`, `stream CGROUP NETNS DST FLOWS SECS`,
 //!   `rr CGROUP NETNS DST SIZE SECS`, `crr CGROUP NETNS DST CLIENTS SECS`.
@@ -14,10 +18,12 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result, bail};
-use nodemesh_tests::bench::{self, load};
+use nodemesh_tests::bench::{self, k8s_scale, load};
 
 const USAGE: &str = "usage: nm-bench run [--quick] [--config FILE] [--out DIR] | \
                      up [--config FILE] | down | \
+                     k8s-scale [--pods N] [--services N] [--nodes N] [--probe-pods N] [--out DIR] | \
+                     k8s-source-probe KUBECONFIG NODE | \
                      serve CGROUP NETNS ADDR | stream CGROUP NETNS DST FLOWS SECS | \
                      rr CGROUP NETNS DST SIZE SECS | crr CGROUP NETNS DST CLIENTS SECS";
 
@@ -77,6 +83,30 @@ fn run() -> Result<()> {
                 _ => bail!(USAGE),
             };
             bench::up_only(&workspace, &config)
+        }
+        ["k8s-scale", opts @ ..] => {
+            require_root()?;
+            let mut scale = k8s_scale::Scale::default();
+            let mut out = std::env::current_dir()?.join("target/bench");
+            let mut it = opts.iter();
+            while let Some(o) = it.next() {
+                let mut value = || it.next().context(USAGE);
+                match *o {
+                    "--pods" => scale.pods = parse("pod count", value()?)?,
+                    "--services" => scale.services = parse("service count", value()?)?,
+                    "--nodes" => scale.nodes = parse("node count", value()?)?,
+                    "--probe-pods" => scale.probe_pods = parse("probe pod count", value()?)?,
+                    "--out" => out = PathBuf::from(value()?),
+                    _ => bail!(USAGE),
+                }
+            }
+            let figures = k8s_scale::run(scale)?;
+            figures.merge_into(&out)?;
+            println!("{}", figures.markdown());
+            Ok(())
+        }
+        ["k8s-source-probe", kubeconfig, node] => {
+            k8s_scale::source_probe(kubeconfig.as_ref(), node)
         }
         ["down"] => {
             require_root()?;

@@ -606,6 +606,37 @@ impl ControlPlane {
         child.wait_with_output().context("kubectl")
     }
 
+    /// Installs the chart as the end-to-end tests and benchmarks use it: its CRDs (waiting until
+    /// they are Established), then namespace `namespace` and what `helm template` renders into it
+    /// (ServiceAccounts, RBAC), rendered for the pinned Kubernetes version.
+    pub fn install_chart(&self, namespace: &str) -> Result<()> {
+        let chart = workspace_root().join("charts/nodemesh");
+        for entry in fs::read_dir(chart.join("crds"))? {
+            self.apply(&fs::read_to_string(entry?.path())?)?;
+        }
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/authorizationpolicies.security.nodemesh.io",
+            "crd/peerauthentications.security.nodemesh.io",
+        ])?;
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {namespace}\n"
+        ))?;
+        let rendered = self.helm(&[
+            "template",
+            "nodemesh",
+            &chart.to_string_lossy(),
+            "--namespace",
+            namespace,
+            "--kube-version",
+            &pinned_version("KUBERNETES_VERSION")?,
+        ])?;
+        self.apply(&rendered)?;
+        Ok(())
+    }
+
     /// Runs helm as admin in the namespace (its cache, config and data in the state directory);
     /// fails with its stderr unless it succeeds. No controllers run: never use `--wait`.
     pub fn helm(&self, args: &[&str]) -> Result<String> {

@@ -13,10 +13,9 @@
 
 use std::{
     ffi::OsString,
-    fs,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Child, Command},
+    process::Child,
     time::{Duration, Instant},
 };
 
@@ -153,7 +152,7 @@ impl KCluster {
             prefix,
             next_pod: [1, 1],
         };
-        cluster.install()?;
+        cluster.cp.install_chart(SYSTEM_NS)?;
         for (name, ip) in [("node-a", NODE_A), ("node-b", NODE_B)] {
             cluster.cp.apply(&format!(
                 "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n"
@@ -181,46 +180,6 @@ impl KCluster {
              apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: server\n  namespace: {NS}\n"
         ))?;
         Ok(cluster)
-    }
-
-    /// The CRDs (charts/nodemesh/crds) and the chart's templates (ServiceAccounts, RBAC) as
-    /// `helm template` renders them.
-    fn install(&self) -> Result<()> {
-        let chart = crate::k8s::workspace_root().join("charts/nodemesh");
-        for entry in fs::read_dir(chart.join("crds"))? {
-            let path = entry?.path();
-            self.cp.apply(&fs::read_to_string(&path)?)?;
-        }
-        self.cp.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd/authorizationpolicies.security.nodemesh.io",
-            "crd/peerauthentications.security.nodemesh.io",
-        ])?;
-        self.cp.apply(&format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {SYSTEM_NS}\n"
-        ))?;
-        let out = Command::new(self.cp.binaries().helm())
-            .args(["template", "nodemesh"])
-            .arg(&chart)
-            .args(["--namespace", SYSTEM_NS])
-            .args([
-                "--kube-version",
-                &crate::k8s::pinned_version("KUBERNETES_VERSION")?,
-            ])
-            .env("HELM_CACHE_HOME", self.dir.path().join("helm/cache"))
-            .env("HELM_CONFIG_HOME", self.dir.path().join("helm/config"))
-            .env("HELM_DATA_HOME", self.dir.path().join("helm/data"))
-            .output()
-            .context("helm template")?;
-        ensure!(
-            out.status.success(),
-            "helm template failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.cp.apply(&String::from_utf8_lossy(&out.stdout))?;
-        Ok(())
     }
 
     /// Creates pod `name` (service account `sa`, label `app: <app>`) on node `n` (0 or 1): the

@@ -52,7 +52,7 @@ use mesh_agent::k8s::{
 use serde_json::json;
 
 use super::report::K8sScale;
-use crate::k8s::{ControlPlane, Network, Options, kube_client, pinned_version, workspace_root};
+use crate::k8s::{ControlPlane, Network, Options, kube_client};
 
 /// The namespace of the chart's ServiceAccounts.
 const SYSTEM_NS: &str = "nodemesh-system";
@@ -117,7 +117,7 @@ pub fn run(scale: Scale) -> Result<K8sScale> {
         network: Network::Fresh,
         ..Options::new("nm-bench")
     })?;
-    install_chart(&cp)?;
+    cp.install_chart(SYSTEM_NS)?;
     let admin = cp.admin_kubeconfig().to_owned();
     let populate_started = Instant::now();
     eprintln!(
@@ -170,38 +170,6 @@ pub fn run(scale: Scale) -> Result<K8sScale> {
         load_after: loadavg(),
         took_s: started.elapsed().as_secs_f64(),
     })
-}
-
-/// The chart's CRDs and (through `helm template`) its ServiceAccounts and RBAC, as the e2e
-/// cluster installs them.
-fn install_chart(cp: &ControlPlane) -> Result<()> {
-    let chart = workspace_root().join("charts/nodemesh");
-    for entry in std::fs::read_dir(chart.join("crds"))? {
-        let path = entry?.path();
-        cp.apply(&std::fs::read_to_string(&path)?)?;
-    }
-    cp.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/authorizationpolicies.security.nodemesh.io",
-        "crd/peerauthentications.security.nodemesh.io",
-    ])?;
-    cp.apply(&format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {SYSTEM_NS}\n"
-    ))?;
-    let chart = chart.to_string_lossy();
-    let rendered = cp.helm(&[
-        "template",
-        "nodemesh",
-        &chart,
-        "--namespace",
-        SYSTEM_NS,
-        "--kube-version",
-        &pinned_version("KUBERNETES_VERSION")?,
-    ])?;
-    cp.apply(&rendered)?;
-    Ok(())
 }
 
 fn from_json<T: k8s_openapi::serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T> {

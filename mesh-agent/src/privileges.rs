@@ -71,7 +71,9 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         for c in AGENT_CAPABILITIES {
             assert!(
-                !c.name.is_empty() && c.name == c.name.to_uppercase() && !c.name.starts_with("CAP_"),
+                !c.name.is_empty()
+                    && c.name == c.name.to_uppercase()
+                    && !c.name.starts_with("CAP_"),
                 "{:?}: name as Kubernetes writes it (upper case, no CAP_ prefix)",
                 c.name
             );

@@ -62,9 +62,15 @@ pub fn run(opts: Options) -> Result<()> {
         .with_context(|| format!("cannot copy {DOCKERFILE}"))?;
     fs::copy(&binary, context.join("mesh-agent"))
         .with_context(|| format!("cannot copy {}", binary.display()))?;
-    println!("image context: {} (Dockerfile, mesh-agent)", context.display());
+    println!(
+        "image context: {} (Dockerfile, mesh-agent)",
+        context.display()
+    );
     if opts.no_build {
-        println!("not building (--no-build): `docker build -t {tag} {}`", context.display());
+        println!(
+            "not building (--no-build): `docker build -t {tag} {}`",
+            context.display()
+        );
         return Ok(());
     }
     let Some(builder) = container_builder() else {

@@ -7,7 +7,10 @@
 //!
 //! Measured on Linux 6.18 (`setpriv --bounding-set`): with `BPF` + `NET_ADMIN` alone the
 //! verifier refuses `mesh_connect4` ("pointer -= pointer prohibited", which needs `PERFMON`);
-//! without `BPF` (and without `SYS_ADMIN`, which implies it) `BPF_PROG_LOAD` fails with EPERM.
+//! without `BPF` (and without `SYS_ADMIN`, which implies it) `BPF_PROG_LOAD` fails with EPERM;
+//! without `SYS_PTRACE` a pod's `/proc/<pid>/ns/net` cannot be opened (EACCES: the pod's pause
+//! process holds capabilities the agent lacks), so the pod is never enrolled and `/readyz` stays
+//! 503 (the chart test fails that way).
 
 /// One capability the agent needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

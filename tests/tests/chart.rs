@@ -566,23 +566,20 @@ fn the_agent_runs_with_the_charts_arguments_capabilities_and_token() -> Result<(
     let token_dir = c.dir.path().join("ca-token");
     std::fs::create_dir_all(&token_dir)?;
     // The values a node's host paths would have; everything else is the chart's default.
-    let yaml = render(
-        &chart_dir(),
-        NS,
-        &[
-            "--set",
-            &format!("agent.instance={instance}"),
-            "--set",
-            &format!(
-                "agent.hostPaths.cgroupRoot={}",
-                node.cgroup.path().display()
-            ),
-            "--set",
-            &format!("agent.hostPaths.state={}", state.display()),
-            "--set",
-            &format!("agent.tunnelIPv4={TUNNEL_A}"),
-        ],
-    )?;
+    let sets: Vec<String> = [
+        format!("agent.instance={instance}"),
+        format!(
+            "agent.hostPaths.cgroupRoot={}",
+            node.cgroup.path().display()
+        ),
+        format!("agent.hostPaths.state={}", state.display()),
+        format!("agent.tunnelIPv4={TUNNEL_A}"),
+    ]
+    .into_iter()
+    .flat_map(|s| ["--set".to_owned(), s])
+    .collect();
+    let set_refs: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let yaml = render(&chart_dir(), NS, &set_refs)?;
     let docs = documents(&yaml)?;
     let ds = find(&docs, "DaemonSet", "-agent")?;
     let fields = BTreeMap::from([
@@ -596,7 +593,8 @@ fn the_agent_runs_with_the_charts_arguments_capabilities_and_token() -> Result<(
         ),
         ("spec.serviceAccountName", "nodemesh-agent".to_owned()),
     ]);
-    let process = container_process(ds, &fields, &BTreeMap::from([("ca-token", token_dir)]))?;
+    let projected = BTreeMap::from([("ca-token", token_dir)]);
+    let process = container_process(ds, "agent", &fields, &projected)?;
     assert!(
         process
             .args
@@ -607,27 +605,9 @@ fn the_agent_runs_with_the_charts_arguments_capabilities_and_token() -> Result<(
     // The installed ServiceAccount's token, as the in-cluster mount would give it.
     let kubeconfig =
         c.cp.service_account_kubeconfig(NS, "nodemesh-agent", Some(NODE_A.parse()?))?;
-    let bounding = format!(
-        "--bounding-set=-all,{}",
-        process
-            .capabilities
-            .iter()
-            .map(|c| format!("+{}", c.to_lowercase()))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
     let log = c.dir.path().join("chart-agent.log");
-    let mut child = std::process::Command::new(probe_exe()?)
-        .arg(node.cgroup.path())
-        .arg(node.ns.path())
-        .args(["exec", "setpriv", &bounding, "--inh-caps=-all", "--"])
-        .arg(agent_exe()?)
-        .args(&process.args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(&process.env)
+    let mut child = kubelet_start(node, &process)?
         .env("KUBECONFIG", &kubeconfig)
-        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log)?)
         .spawn()
@@ -658,7 +638,68 @@ fn the_agent_runs_with_the_charts_arguments_capabilities_and_token() -> Result<(
         "{}",
         logs()
     );
+
+    // The cleanup step of docs/install.md: the same values with `agent.cleanup=true`; its init
+    // containers remove the pins and the tunnel interface the agent left (on purpose).
+    let pins = Path::new("/sys/fs/bpf/nodemesh").join(&instance);
+    assert!(pins.exists(), "the agent pinned into {}", pins.display());
+    assert!(node.ns.exec(&["ip", "link", "show", "nm-tunnel"]).is_ok());
+    let mut sets = sets;
+    sets.extend(["--set".to_owned(), "agent.cleanup=true".to_owned()]);
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let docs = documents(&render(&chart_dir(), NS, &sets)?)?;
+    let ds = find(&docs, "DaemonSet", "-agent")?;
+    for name in ["remove-pins", "remove-tunnel-interface"] {
+        let step = container_process(ds, name, &fields, &projected)?;
+        let out = kubelet_start(node, &step)?.output()?;
+        ensure!(
+            out.status.success(),
+            "cleanup step {name} {step:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(!pins.exists(), "{} left after the cleanup", pins.display());
+    assert!(
+        node.ns.exec(&["ip", "link", "show", "nm-tunnel"]).is_err(),
+        "nm-tunnel left after the cleanup"
+    );
     Ok(())
+}
+
+/// The container's process as a kubelet would start it on `node` (its network namespace and
+/// cgroup): its command (default the image's entrypoint, `mesh-agent`) and arguments, only its
+/// environment, and only its capabilities (the bounding set, as a container runtime sets it for
+/// a root process).
+fn kubelet_start(
+    node: &nodemesh_tests::cluster::Node,
+    process: &nodemesh_tests::chart::ContainerProcess,
+) -> Result<std::process::Command> {
+    let bounding: String = std::iter::once("-all".to_owned())
+        .chain(
+            process
+                .capabilities
+                .iter()
+                .map(|c| format!("+{}", c.to_lowercase())),
+        )
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cmd = std::process::Command::new(probe_exe()?);
+    cmd.arg(node.cgroup.path())
+        .arg(node.ns.path())
+        .args(["exec", "setpriv"])
+        .arg(format!("--bounding-set={bounding}"))
+        .args(["--inh-caps=-all", "--"]);
+    match process.command.split_first() {
+        Some((program, rest)) => cmd.arg(program).args(rest),
+        None => cmd.arg(agent_exe()?),
+    };
+    cmd.args(&process.args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(&process.env)
+        .stdin(std::process::Stdio::null());
+    Ok(cmd)
 }
 
 /// Removes the agent's pins (its programs detach) once the test is done.

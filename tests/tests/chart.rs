@@ -294,7 +294,7 @@ fn the_workloads_are_shaped_for_operators() -> Result<()> {
     );
     let pdb = find(&docs, "PodDisruptionBudget", "-controller")?;
     assert_eq!(pdb["spec"]["minAvailable"], json!(1));
-    let svc = find(&docs, "Service", "-controller")?;
+    let svc = find(&docs, "Service", "-ca")?;
     let ports: Vec<&Value> = svc["spec"]["ports"]
         .as_array()
         .context("ports")?
@@ -310,6 +310,61 @@ fn the_workloads_are_shaped_for_operators() -> Result<()> {
     assert!(
         !docs.iter().any(|d| d["kind"] == "ServiceMonitor"),
         "optional, off by default"
+    );
+
+    // With the controller's CA: the agents dial the CA Service by the name its certificate
+    // carries and present the projected token from where it is mounted.
+    let ca = documents(&render(
+        &chart_dir(),
+        NS,
+        &["--set", "agent.caProvider=controller"],
+    )?)?;
+    let ds_ca = find(&ca, "DaemonSet", "-agent")?;
+    let c_ca = &ds_ca["spec"]["template"]["spec"]["containers"][0];
+    let ca_args: Vec<&str> = c_ca["args"]
+        .as_array()
+        .context("args")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        ca_args.contains(&"--ca-address=nodemesh-ca.nodemesh-system.svc:15012"),
+        "{ca_args:?}"
+    );
+    assert!(
+        !ca_args.iter().any(|a| a.starts_with("--ca-dir")),
+        "{ca_args:?}"
+    );
+    let token_file = ca_args
+        .iter()
+        .find_map(|a| a.strip_prefix("--ca-token-file="))
+        .context("--ca-token-file")?;
+    let mount = c_ca["volumeMounts"]
+        .as_array()
+        .context("mounts")?
+        .iter()
+        .find(|m| m["name"] == "ca-token")
+        .context("the token's mount")?;
+    let token_path = ds_ca["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .context("volumes")?
+        .iter()
+        .find(|v| v["name"] == "ca-token")
+        .and_then(|v| v["projected"]["sources"][0]["serviceAccountToken"]["path"].as_str())
+        .context("the token's path")?;
+    assert_eq!(
+        token_file,
+        format!(
+            "{}/{token_path}",
+            mount["mountPath"].as_str().unwrap_or_default()
+        )
+    );
+    let controller_args = find(&ca, "Deployment", "-controller")?["spec"]["template"]["spec"]
+        ["containers"][0]["args"]
+        .to_string();
+    assert!(
+        controller_args.contains("--ca-service=nodemesh-ca"),
+        "{controller_args}"
     );
     let with_monitor = documents(&render(
         &chart_dir(),
@@ -431,6 +486,7 @@ fn helm_install_upgrade_and_uninstall_against_the_api_server() -> Result<()> {
         "daemonset.apps/nodemesh-agent",
         "deployment.apps/nodemesh-controller",
         "poddisruptionbudget.policy/nodemesh-controller",
+        "service/nodemesh-ca",
         "service/nodemesh-controller",
         "service/nodemesh-agent-metrics",
         "serviceaccount/nodemesh-agent",

@@ -51,7 +51,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- default .Release.Namespace .Values.rootNamespace }}
 {{- end }}
 
-{{/* The controller's Service (its CA and metrics). */}}
-{{- define "nodemesh.controllerService" -}}
-{{- include "nodemesh.fullname" . }}-controller
+{{/* The CA's Service (agents dial `<it>.<namespace>.svc`; the CA's certificate names it). */}}
+{{- define "nodemesh.caService" -}}
+{{- include "nodemesh.fullname" . }}-ca
 {{- end }}

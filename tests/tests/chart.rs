@@ -723,13 +723,137 @@ fn the_agent_runs_with_the_charts_arguments_capabilities_and_token() -> Result<(
     Ok(())
 }
 
-/// The container's process as a kubelet would start it on `node` (its network namespace and
-/// cgroup): its command (default the image's entrypoint, `mesh-agent`) and arguments, only its
-/// environment, and only its capabilities (the bounding set, as a container runtime sets it for
-/// a root process).
+#[test]
+#[ignore = "needs `mesh-agent controller` (branch controller): the lead enables it after merging"]
+fn two_controllers_run_with_the_charts_arguments_user_and_token() -> Result<()> {
+    let c = KCluster::up(false)?;
+    let docs = documents(&render(&chart_dir(), NS, &[])?)?;
+    let deploy = find(&docs, "Deployment", "-controller")?;
+    let replicas = deploy["spec"]["replicas"].as_u64().context("replicas")?;
+    assert_eq!(replicas, 2);
+    let pod = &deploy["spec"]["template"]["spec"];
+    let uid = pod["securityContext"]["runAsUser"]
+        .as_u64()
+        .context("runAsUser")?;
+    // The installed ServiceAccount's token, readable by the container's user.
+    let kubeconfig =
+        c.cp.service_account_kubeconfig(NS, "nodemesh-controller", Some(NODE_A.parse()?))?;
+    let shared = c.dir.path().join("controller");
+    std::fs::create_dir_all(&shared)?;
+    let readable = shared.join("kubeconfig");
+    std::fs::copy(&kubeconfig, &readable)?;
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in [
+        (c.dir.path(), 0o755),
+        (shared.as_path(), 0o755),
+        (readable.as_path(), 0o644),
+    ] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    // One replica per node (the anti-affinity), each in its node's network namespace.
+    let mut children = Vec::new();
+    let mut guards = Vec::new();
+    for (i, node) in c.nodes.iter().enumerate() {
+        let fields = BTreeMap::from([
+            ("metadata.name", format!("nodemesh-controller-{i}")),
+            ("metadata.namespace", NS.to_owned()),
+        ]);
+        let process = container_process(deploy, "controller", &fields, &BTreeMap::new())?;
+        assert!(
+            process.capabilities.is_empty(),
+            "{:?}",
+            process.capabilities
+        );
+        let log = c.dir.path().join(format!("controller-{i}.log"));
+        let child = kubelet_start_as(node, &process, Some(uid))?
+            .env("KUBECONFIG", &readable)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("cannot start a controller")?;
+        guards.push(Kill(child.id()));
+        children.push((node, log, child));
+    }
+    let logs = |children: &[(
+        &nodemesh_tests::cluster::Node,
+        std::path::PathBuf,
+        std::process::Child,
+    )]| {
+        children
+            .iter()
+            .map(|(_, l, _)| std::fs::read_to_string(l).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    let addrs = [NODE_A, nodemesh_tests::k8s_cluster::NODE_B];
+    until(
+        "both controllers' /readyz to answer 200",
+        Duration::from_secs(60),
+        || {
+            for (n, (node, _, child)) in children.iter_mut().enumerate() {
+                if let Some(status) = child.try_wait()? {
+                    anyhow::bail!("controller {n} exited ({status})");
+                }
+                let at = SocketAddr::new(addrs[n].parse()?, 15014);
+                if !http_in_netns(&node.ns.path(), at, "GET", "/readyz")
+                    .is_ok_and(|(c, _)| c == 200)
+                {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )
+    .with_context(|| logs(&children))?;
+    // Exactly one leader.
+    let mut leaders = 0;
+    until("one leader", Duration::from_secs(30), || {
+        leaders = 0;
+        for (n, (node, _, _)) in children.iter().enumerate() {
+            let at = SocketAddr::new(addrs[n].parse()?, 15014);
+            let (_, body) = http_in_netns(&node.ns.path(), at, "GET", "/metrics")?;
+            leaders += body
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| l.split_once(' '))
+                .filter(|(name, v)| name.ends_with("controller_leader") && v.trim() == "1")
+                .count();
+        }
+        Ok(leaders == 1)
+    })
+    .with_context(|| logs(&children))?;
+    Ok(())
+}
+
+/// Kills a process when the test ends.
+struct Kill(u32);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0) {
+            // SAFETY: kill(2) takes plain integers; the pid is a child this test started (an
+            // error only means it is gone already).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// [`kubelet_start_as`] as root (the agent's `runAsUser: 0`).
 fn kubelet_start(
     node: &nodemesh_tests::cluster::Node,
     process: &nodemesh_tests::chart::ContainerProcess,
+) -> Result<std::process::Command> {
+    kubelet_start_as(node, process, None)
+}
+
+/// The container's process as a kubelet would start it on `node` (its network namespace and
+/// cgroup): its command (default the image's entrypoint, `mesh-agent`) and arguments, only its
+/// environment, only its capabilities (the bounding set, as a container runtime sets it for a
+/// root process), and its user (`runAsUser`) when not root.
+fn kubelet_start_as(
+    node: &nodemesh_tests::cluster::Node,
+    process: &nodemesh_tests::chart::ContainerProcess,
+    user: Option<u64>,
 ) -> Result<std::process::Command> {
     let bounding: String = std::iter::once("-all".to_owned())
         .chain(
@@ -743,8 +867,13 @@ fn kubelet_start(
     let mut cmd = std::process::Command::new(probe_exe()?);
     cmd.arg(node.cgroup.path())
         .arg(node.ns.path())
-        .args(["exec", "setpriv"])
-        .arg(format!("--bounding-set={bounding}"))
+        .args(["exec", "setpriv"]);
+    if let Some(uid) = user {
+        cmd.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .arg("--clear-groups");
+    }
+    cmd.arg(format!("--bounding-set={bounding}"))
         .args(["--inh-caps=-all", "--"]);
     match process.command.split_first() {
         Some((program, rest)) => cmd.arg(program).args(rest),

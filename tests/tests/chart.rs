@@ -466,7 +466,7 @@ fn helm_install_upgrade_and_uninstall_against_the_api_server() -> Result<()> {
     require_root();
     let cp = ControlPlane::start(&unique_prefix())?;
     let chart = chart_dir();
-    cp.helm(&[
+    let installed = cp.helm(&[
         "install",
         "nodemesh",
         &chart.to_string_lossy(),
@@ -474,6 +474,18 @@ fn helm_install_upgrade_and_uninstall_against_the_api_server() -> Result<()> {
         NS,
         "--create-namespace",
     ])?;
+    // NOTES.txt: how to check the agents, enroll a namespace and see it work.
+    for want in [
+        "kubectl -n nodemesh-system get daemonset nodemesh-agent",
+        "kubectl label namespace NAMESPACE nodemesh.io/dataplane=enabled",
+        "/api/v1/namespaces/nodemesh-system/pods/AGENT_POD:15020/proxy/metrics",
+        "nodemesh_workloads_enrolled",
+    ] {
+        assert!(
+            installed.contains(want),
+            "NOTES should say {want:?}:\n{installed}"
+        );
+    }
     let objects = cp.kubectl(&[
         "get",
         "daemonset,deployment,pdb,service,serviceaccount",

@@ -319,3 +319,6 @@ impl Running {
         result
     }
 }
+
+#[cfg(test)]
+mod tests;

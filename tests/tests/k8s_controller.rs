@@ -1,7 +1,8 @@
 //! `mesh-agent controller` (as `nm-agent controller`) against a real kube-apiserver
 //! (`nodemesh_tests::k8s`), with the chart installed and each controller process running on a
 //! ServiceAccount's own token: the leader writes `Accepted` with `observedGeneration` (why not,
-//! for a policy the agents refuse), a stand-by never writes, a SIGKILLed leader is replaced
+//! for a policy the agents refuse), a stand-by never writes, a leader whose Lease is taken stops
+//! writing, a SIGKILLed leader is replaced
 //! within the Lease duration and status keeps being written, SIGTERM releases the Lease, and
 //! every verb of the controller's RBAC (`mesh_agent::rbac::CONTROLLER`) is needed: without any
 //! one of them the controller reports the refusal (403) and fails at its job.
@@ -18,7 +19,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp};
 use mesh_agent::rbac::{CONTROLLER, Permission};
 use nodemesh_tests::{
     agent_exe, http_in_netns, k8s::ControlPlane, metric_sum, require_root, unique_prefix,
@@ -394,6 +395,86 @@ fn the_leader_writes_accepted_with_the_observed_generation() -> Result<()> {
 
 fn ensure_true(b: bool, what: &str) -> Result<()> {
     ensure!(b, "{what}");
+    Ok(())
+}
+
+/// A leader whose Lease is taken from it (another holder written into the Lease, as a
+/// replica that believed it expired would) notices at its next renewal, stops writing (it still
+/// judges policies, but a new generation's status stays unwritten), and takes the Lease back
+/// and writes again once the other holder lets it expire.
+#[test]
+fn a_leader_that_loses_its_lease_stops_writing() -> Result<()> {
+    require_root();
+    let (cp, kubeconfig) = setup(&unique_prefix())?;
+    apply_policy(&cp, "AuthorizationPolicy", "p", GOOD_AP)?;
+    let mut ctl = Ctl::spawn(&cp, &kubeconfig, "ctl-a", "nodemesh-controller", 15014)?;
+    ctl.wait_ready()?;
+    wait_accepted(&cp, "authorizationpolicy", "p", Duration::from_secs(20))?;
+    assert!(ctl.is_leader()?);
+
+    let now = serde_json::to_string(&MicroTime(Timestamp::now()))?;
+    cp.kubectl(&[
+        "patch",
+        "lease",
+        "nodemesh-controller",
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        &format!(
+            r#"{{"spec":{{"holderIdentity":"intruder","acquireTime":{now},"renewTime":{now}}}}}"#
+        ),
+    ])?;
+    // The leader renews every 5 s; its renewal finds the other holder.
+    eventually("the leader notices", Duration::from_secs(10), || {
+        ensure_true(!ctl.is_leader()?, "still leader")
+    })
+    .with_context(|| ctl.logs())?;
+    let writes = ctl.metric("nodemesh_controller_status_writes_total", &[])?;
+    apply_policy(&cp, "AuthorizationPolicy", "p", BAD_AP)?;
+    // The pass over the new generation has run (the verdict is counted) ...
+    eventually("the new generation judged", Duration::from_secs(10), || {
+        let refused = ctl.metric("nodemesh_controller_policies", &["accepted=\"false\""])?;
+        ensure!(refused == 1, "not yet");
+        Ok(())
+    })?;
+    // ... and wrote nothing.
+    let (generation, condition) = accepted(&cp, "authorizationpolicy", "p")?;
+    assert_eq!(generation, 2);
+    let condition = condition.context("the old condition")?;
+    assert_eq!(
+        (
+            condition["observedGeneration"].as_i64(),
+            condition["status"].as_str()
+        ),
+        (Some(1), Some("True"))
+    );
+    assert_eq!(
+        ctl.metric("nodemesh_controller_status_writes_total", &[])?,
+        writes
+    );
+    assert_eq!(
+        lease_holder(&cp, "nodemesh-controller")?.as_deref(),
+        Some("intruder")
+    );
+
+    // The intruder never renews: the Lease expires and the controller takes it back.
+    let c = wait_accepted(
+        &cp,
+        "authorizationpolicy",
+        "p",
+        LEASE_DURATION + Duration::from_secs(10),
+    )
+    .with_context(|| ctl.logs())?;
+    assert_eq!(
+        (c["status"].as_str(), c["observedGeneration"].as_i64()),
+        (Some("False"), Some(2))
+    );
+    assert!(ctl.is_leader()?);
+    assert_eq!(
+        ctl.metric("nodemesh_controller_leader_acquired_total", &[])?,
+        2
+    );
     Ok(())
 }
 

@@ -1,11 +1,11 @@
 //! `mesh-agent controller` (as `nm-agent controller`) against a real kube-apiserver
 //! (`nodemesh_tests::k8s`), with the chart installed and each controller process running on a
 //! ServiceAccount's own token: the leader writes `Accepted` with `observedGeneration` (why not,
-//! for a policy the agents refuse), a stand-by never writes, a leader whose Lease is taken stops
-//! writing, a SIGKILLed leader is replaced
-//! within the Lease duration and status keeps being written, SIGTERM releases the Lease, and
-//! every verb of the controller's RBAC (`mesh_agent::rbac::CONTROLLER`) is needed: without any
-//! one of them the controller reports the refusal (403) and fails at its job.
+//! for a policy the agents refuse), a stand-by never writes, a leader whose Lease is taken
+//! stops writing, a SIGKILLed leader is replaced within the Lease duration and status keeps
+//! being written, SIGTERM releases the Lease, and every verb of the controller's RBAC
+//! (`mesh_agent::rbac::CONTROLLER`) is needed: without any one of them the controller reports
+//! the refusal (403) and fails at its job.
 //!
 //! Needs root (the control plane runs in its own network namespace) and the binaries of
 //! `cargo xtask k8s build`.

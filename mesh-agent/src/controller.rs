@@ -279,6 +279,13 @@ impl Running {
         let mut result = Ok(());
         tokio::select! {
             () = signal => info!("shutting down"),
+            Some(ended) = self.core.join_next() => {
+                let e = anyhow::anyhow!(
+                    "a controller task (status writer or leader election) ended unexpectedly: {ended:?}"
+                );
+                error!("{e:#}; shutting down");
+                result = Err(e);
+            }
             Some(ended) = self.parts.join_next(), if !self.parts.is_empty() => {
                 result = match ended {
                     Ok((name, Ok(()))) => Err(anyhow::anyhow!("the {name} component stopped unexpectedly")),

@@ -152,6 +152,9 @@ impl StatusLoop {
                 _ = r.store.wait_until_ready() => {}
             }
         }
+        // One receiver for the whole loop: `changed` marks what it has seen (a fresh clone
+        // would report the same change again and again).
+        let mut leadership = self.leadership.clone();
         let mut retry = FIRST_RETRY;
         loop {
             let failed = tokio::select! {
@@ -166,7 +169,6 @@ impl StatusLoop {
                 retry = FIRST_RETRY;
                 self.resync
             };
-            let mut leadership = self.leadership.clone();
             tokio::select! {
                 () = &mut stop => return,
                 () = self.changed.notified() => {}

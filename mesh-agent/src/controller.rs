@@ -15,19 +15,22 @@
 //!
 //! # Adding a component (the CA)
 //!
-//! [`Controller`] is built before it runs, so a component can take what it needs first:
+//! [`Controller`] is built before it runs, so a component takes what it needs first. Its
+//! metrics are registered before its future is made (the future must be `'static`, so it cannot
+//! hold the registry):
 //!
 //! ```no_run
-//! # async fn ca(_: kube::Client, _: &mut prometheus_client::registry::Registry,
-//! #     _: mesh_agent::readiness::Gate, _: mesh_agent::controller::Shutdown) -> anyhow::Result<()> { Ok(()) }
-//! # async fn example(client: kube::Client, opts: mesh_agent::controller::ControllerOptions) -> anyhow::Result<()> {
-//! use mesh_agent::controller::Controller;
+//! # use prometheus_client::{metrics::counter::Counter, registry::Registry};
+//! # use mesh_agent::{controller::{Controller, ControllerOptions, Shutdown}, readiness::Gate};
+//! # async fn serve_ca(_: kube::Client, _: Counter, _: Gate, _: Shutdown) -> anyhow::Result<()> { Ok(()) }
+//! # async fn example(client: kube::Client, opts: ControllerOptions) -> anyhow::Result<()> {
 //! let mut controller = Controller::new(client, opts)?;
-//! let gate = controller.readiness().register("ca-serving");   // cleared once the CA serves
-//! let shutdown = controller.shutdown();                        // resolves at SIGTERM
-//! let client = controller.client().clone();
-//! let fut = ca(client, controller.registry(), gate, shutdown); // metrics registered here
-//! controller.add_component("ca", fut);                         // an error ends the controller
+//! let signed = Counter::<u64>::default();
+//! controller.registry().register("ca_certificates_signed", "Certificates signed", signed.clone());
+//! let gate = controller.readiness().register("ca-serving"); // dropped once the CA serves
+//! let shutdown = controller.shutdown(); // resolves at SIGTERM
+//! let ca = serve_ca(controller.client().clone(), signed, gate, shutdown);
+//! controller.add_component("ca", ca); // an error from it ends the controller
 //! let running = controller.start().await?;
 //! running.run_until(async { /* SIGTERM */ }).await
 //! # }

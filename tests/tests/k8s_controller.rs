@@ -131,15 +131,15 @@ impl Ctl {
     }
 
     fn wait_ready(&mut self) -> Result<()> {
-        eventually(
-            &format!("controller {} ready", self.name),
-            Duration::from_secs(30),
-            || {
-                let (code, body) = self.get("/readyz")?;
-                ensure!(code == 200, "/readyz {code}: {body}");
-                Ok(())
-            },
-        )
+        self.wait_ready_within(Duration::from_secs(30))
+    }
+
+    fn wait_ready_within(&mut self, timeout: Duration) -> Result<()> {
+        eventually(&format!("controller {} ready", self.name), timeout, || {
+            let (code, body) = self.get("/readyz")?;
+            ensure!(code == 200, "/readyz {code}: {body}");
+            Ok(())
+        })
         .with_context(|| self.logs())
     }
 
@@ -570,6 +570,65 @@ fn a_killed_leader_is_replaced_within_the_lease_duration() -> Result<()> {
         "leader {} killed; {} took over {took:?} after the kill, {gap:?} after the last renewal",
         leader.name, standby.name
     );
+    Ok(())
+}
+
+/// Without the policy CRDs the controller runs, says why it is not ready (the list answers 404,
+/// counted; `/readyz` names the kinds not synced), and becomes ready and writes status once the
+/// CRDs are installed.
+#[test]
+fn the_controller_waits_for_the_crds() -> Result<()> {
+    require_root();
+    let cp = ControlPlane::start(&unique_prefix())?;
+    cp.apply(&format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NS}\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {SHOP}\n"))?;
+    let kubeconfig = account_without(&cp, "ctl", None)?;
+    let mut ctl = Ctl::spawn(&cp, &kubeconfig, "ctl", "nodemesh-controller", 15014)?;
+    eventually(
+        "the missing CRD is reported",
+        Duration::from_secs(20),
+        || {
+            let n = ctl.metric(
+                "nodemesh_controller_kubernetes_errors_total",
+                &[
+                    "operation=\"list\"",
+                    "resource=\"authorizationpolicies\"",
+                    "code=\"404\"",
+                ],
+            )?;
+            ensure!(n > 0, "not yet");
+            Ok(())
+        },
+    )?;
+    let (code, body) = ctl.get("/readyz")?;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("authorizationpolicies-synced")
+            && body.contains("peerauthentications-synced"),
+        "{body}"
+    );
+    assert!(
+        ctl.logs()
+            .contains("CRD (security.nodemesh.io/v1alpha1) is not installed"),
+        "{}",
+        ctl.logs()
+    );
+
+    let crds = nodemesh_tests::k8s::workspace_root().join("charts/nodemesh/crds");
+    for entry in std::fs::read_dir(crds)? {
+        cp.apply(&std::fs::read_to_string(entry?.path())?)?;
+    }
+    cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/authorizationpolicies.security.nodemesh.io",
+        "crd/peerauthentications.security.nodemesh.io",
+    ])?;
+    // The reflectors retry with kube's backoff (up to about 30 s between attempts by then).
+    ctl.wait_ready_within(Duration::from_secs(60))?;
+    apply_policy(&cp, "AuthorizationPolicy", "p", GOOD_AP)?;
+    let c = wait_accepted(&cp, "authorizationpolicy", "p", Duration::from_secs(20))?;
+    assert_eq!(c["status"], "True");
     Ok(())
 }
 

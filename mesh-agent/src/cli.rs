@@ -379,6 +379,11 @@ fn run_controller(args: ControllerArgs) -> ExitCode {
         metrics_addr: args.metrics_addr,
         resync: crate::controller::DEFAULT_RESYNC,
     };
+    // Before connecting: a bad flag should not wait for the API server.
+    if let Err(e) = opts.lease.validate() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -18,6 +18,7 @@ pub mod admin;
 pub mod app;
 pub mod cgroup;
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod datapath;
 pub mod identity;

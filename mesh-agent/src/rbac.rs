@@ -49,38 +49,36 @@ pub const AGENT: Permissions = Permissions {
     release_namespace: &[],
 };
 
-/// The controller: reads the policies and writes their `status`, reviews agents' tokens, reads
-/// pods (does a token's pod run on the node it claims), and elects a leader with a Lease in the
-/// release namespace.
+/// The controller's policy status writer ([`crate::controller`]): every replica lists and
+/// watches both policy kinds; the leader patches their status subresource (server-side apply).
+pub const CONTROLLER_POLICY_STATUS: [Grant; 2] = [
+    Grant {
+        api_group: crate::crd::GROUP,
+        resources: &["authorizationpolicies", "peerauthentications"],
+        verbs: &["list", "watch"],
+    },
+    Grant {
+        api_group: crate::crd::GROUP,
+        resources: &["authorizationpolicies/status", "peerauthentications/status"],
+        verbs: &["patch"],
+    },
+];
+
+/// The controller's leader election ([`crate::controller::leader`], `kube-lease-manager`): read
+/// the Lease (`get`), make it when missing (`create`), take, renew and release it (`patch`:
+/// server-side apply and strategic merge). Only in the release namespace.
+pub const CONTROLLER_LEADER_ELECTION: [Grant; 1] = [Grant {
+    api_group: "coordination.k8s.io",
+    resources: &["leases"],
+    verbs: &["create", "get", "patch"],
+}];
+
+/// The controller: the policy status writer and its leader election. A component added to the
+/// controller (the CA) adds its grants here, in its own named list.
 pub const CONTROLLER: Permissions = Permissions {
     component: "controller",
-    cluster: &[
-        Grant {
-            api_group: crate::crd::GROUP,
-            resources: &["authorizationpolicies", "peerauthentications"],
-            verbs: &["get", "list", "watch"],
-        },
-        Grant {
-            api_group: crate::crd::GROUP,
-            resources: &["authorizationpolicies/status", "peerauthentications/status"],
-            verbs: &["update", "patch"],
-        },
-        Grant {
-            api_group: "authentication.k8s.io",
-            resources: &["tokenreviews"],
-            verbs: &["create"],
-        },
-        Grant {
-            api_group: "",
-            resources: &["pods"],
-            verbs: &["get", "list", "watch"],
-        },
-    ],
-    release_namespace: &[Grant {
-        api_group: "coordination.k8s.io",
-        resources: &["leases"],
-        verbs: &["create", "get", "update"],
-    }],
+    cluster: &[CONTROLLER_POLICY_STATUS[0], CONTROLLER_POLICY_STATUS[1]],
+    release_namespace: &[CONTROLLER_LEADER_ELECTION[0]],
 };
 
 /// Every component with a ServiceAccount in the chart.

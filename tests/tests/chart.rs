@@ -736,7 +736,6 @@ fn the_agent_runs_with_the_charts_arguments_capabilities_and_token() -> Result<(
 }
 
 #[test]
-#[ignore = "needs `mesh-agent controller` (branch controller): the lead enables it after merging"]
 fn two_controllers_run_with_the_charts_arguments_user_and_token() -> Result<()> {
     let c = KCluster::up(false)?;
     let docs = documents(&render(&chart_dir(), NS, &[])?)?;

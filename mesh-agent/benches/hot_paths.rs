@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the agent's hot pure code (`cargo bench -p mesh-agent`; `cargo xtask
-//! bench` runs them too): policy evaluation with 10,000 policies, map-content compilation for
-//! 5,000 workloads, and HBONE header handling. Inputs are generated, so the numbers do not depend
+//! bench` runs them too): policy evaluation with 10,000 policies (the engine alone, and the
+//! tunnel's authorizer with and without its decision cache), map-content compilation for 5,000
+//! workloads, and HBONE header handling. Inputs are generated, so the numbers do not depend
 //! on any file.
 
 use std::{
@@ -8,11 +9,13 @@ use std::{
     fmt::Write as _,
     hint::black_box,
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
 };
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use mesh_agent::{
-    app::compute,
+    app::{PolicyAuthorizer, compute, decisions},
+    identity::SpiffeId,
     local_config::build_from_texts,
     model::ObjectKey,
     policy::{
@@ -20,7 +23,10 @@ use mesh_agent::{
         spec::AuthorizationPolicy,
     },
     reconcile,
-    tunnel::{forwarded_for, parse_forwarded_for, pool::connect_request},
+    tunnel::{
+        Authorizer, AuthzRequest, LocalWorkload, Transport, forwarded_for, parse_forwarded_for,
+        pool::connect_request,
+    },
 };
 
 const NAMESPACES: usize = 100;
@@ -29,31 +35,33 @@ const NAMESPACES: usize = 100;
 /// or denying some principals, namespaces, IP blocks and ports (the common L4 shapes).
 fn policies(n: usize) -> Vec<AuthorizationPolicy> {
     (0..n)
-        .map(|i| {
-            let ns = i % NAMESPACES;
-            let app = (i / NAMESPACES) % 20;
-            let action = if i % 7 == 0 { "DENY" } else { "ALLOW" };
-            let yaml = format!(
-                "apiVersion: security.nodemesh.io/v1alpha1\n\
-                 kind: AuthorizationPolicy\n\
-                 metadata: {{name: p{i}, namespace: ns{ns}}}\n\
-                 spec:\n\
-                 \x20 selector: {{matchLabels: {{app: app{app}}}}}\n\
-                 \x20 action: {action}\n\
-                 \x20 rules:\n\
-                 \x20 - from:\n\
-                 \x20   - source: {{principals: [\"cluster.local/ns/ns{ns}/sa/sa{i}\", \"cluster.local/ns/other/sa/*\"]}}\n\
-                 \x20   - source: {{namespaces: [\"team-{i}\"], ipBlocks: [\"10.{a}.{b}.0/24\"]}}\n\
-                 \x20   to:\n\
-                 \x20   - operation: {{ports: [\"{p1}\", \"{p2}\"]}}\n",
-                a = i % 250,
-                b = (i / 250) % 250,
-                p1 = 8000 + i % 1000,
-                p2 = 9000 + i % 1000,
-            );
-            serde_norway::from_str(&yaml).expect("generated policy parses")
-        })
+        .map(|i| serde_norway::from_str(&policy_yaml(i)).expect("generated policy parses"))
         .collect()
+}
+
+/// Policy `i` of [`policies`].
+fn policy_yaml(i: usize) -> String {
+    let ns = i % NAMESPACES;
+    let app = (i / NAMESPACES) % 20;
+    let action = if i.is_multiple_of(7) { "DENY" } else { "ALLOW" };
+    format!(
+        "apiVersion: security.nodemesh.io/v1alpha1\n\
+         kind: AuthorizationPolicy\n\
+         metadata: {{name: p{i}, namespace: ns{ns}}}\n\
+         spec:\n\
+         \x20 selector: {{matchLabels: {{app: app{app}}}}}\n\
+         \x20 action: {action}\n\
+         \x20 rules:\n\
+         \x20 - from:\n\
+         \x20   - source: {{principals: [\"cluster.local/ns/ns{ns}/sa/sa{i}\", \"cluster.local/ns/other/sa/*\"]}}\n\
+         \x20   - source: {{namespaces: [\"team-{i}\"], ipBlocks: [\"10.{a}.{b}.0/24\"]}}\n\
+         \x20   to:\n\
+         \x20   - operation: {{ports: [\"{p1}\", \"{p2}\"]}}\n",
+        a = i % 250,
+        b = (i / 250) % 250,
+        p1 = 8000 + i % 1000,
+        p2 = 9000 + i % 1000,
+    )
 }
 
 fn policy_eval(c: &mut Criterion) {
@@ -200,5 +208,65 @@ fn hbone_headers(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, policy_eval, map_compilation, hbone_headers);
+/// The tunnel's authorization path ([`PolicyAuthorizer`], inbound and same-node) on a model with
+/// the 10,000 policies of [`policies`] and the workload they select, without and with the
+/// decision cache. The requests repeat, as connections from one client to one port do.
+fn authorizer(c: &mut Criterion) {
+    let mut text = String::from(
+        "apiVersion: local.nodemesh.io/v1alpha1\nkind: LocalCluster\nthisNode: node-a\nnodes:\n\
+         - {name: node-a, address: 10.200.0.1, tunnelAddress: 169.254.200.1}\nworkloads:\n\
+         - {name: w, namespace: ns42, serviceAccount: w, labels: {app: app3}, ips: [10.2.0.9], \
+            netns: /run/netns/w, node: node-a}\n",
+    );
+    for i in 0..10_000 {
+        text.push_str("---\n");
+        text.push_str(&policy_yaml(i));
+    }
+    let model =
+        Arc::new(build_from_texts(&[("bench.yaml".into(), text)], None).expect("valid cluster"));
+    let workload = LocalWorkload {
+        name: "w".into(),
+        namespace: "ns42".into(),
+        identity: SpiffeId::new("cluster.local", "ns42", "w").expect("identity"),
+        ip: IpAddr::V4(Ipv4Addr::new(10, 2, 0, 9)),
+    };
+    let allowed_id = SpiffeId::new("cluster.local", "ns42", "sa342").expect("identity");
+    let denied_id = SpiffeId::new("cluster.local", "ns42", "nobody").expect("identity");
+    let request = |id, port| AuthzRequest {
+        source_identity: Some(id),
+        source_addr: "10.1.2.3:45678".parse().expect("addr"),
+        destination: SocketAddr::new(workload.ip, port),
+        destination_workload: &workload,
+        transport: Transport::Mtls,
+    };
+    let allowed = request(&allowed_id, 8342);
+    let denied = request(&denied_id, 1);
+    let mut group = c.benchmark_group("authorizer_10k");
+    for (cache, capacity) in [("uncached", 0), ("cached", decisions::DEFAULT_CAPACITY)] {
+        let a = PolicyAuthorizer::with_cache(model.clone(), Default::default(), capacity);
+        assert_eq!(
+            a.authorize(&allowed),
+            mesh_agent::tunnel::AuthzDecision::Allow
+        );
+        assert_ne!(
+            a.authorize(&denied),
+            mesh_agent::tunnel::AuthzDecision::Allow
+        );
+        group.bench_function(format!("allowed_{cache}"), |b| {
+            b.iter(|| a.authorize(black_box(&allowed)))
+        });
+        group.bench_function(format!("denied_{cache}"), |b| {
+            b.iter(|| a.authorize(black_box(&denied)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    policy_eval,
+    authorizer,
+    map_compilation,
+    hbone_headers
+);
 criterion_main!(benches);

@@ -14,6 +14,7 @@
 //! Layering: this is the top; it names the components, none of them names it.
 
 pub mod compute;
+pub mod decisions;
 pub mod observability;
 
 use std::{
@@ -199,9 +200,29 @@ pub struct Bound {
 }
 
 /// [`Authorizer`] over the model's [`crate::policy::PolicySet`]; the model is swapped on reload.
+/// Decisions are cached per model ([`decisions`]).
 pub struct PolicyAuthorizer {
-    model: RwLock<Arc<ClusterModel>>,
+    current: RwLock<CurrentModel>,
+    decisions: decisions::DecisionCache,
     metrics: crate::metrics::agent::AgentMetrics,
+}
+
+/// The model decisions are made on, its generation (the cache's key to it) and whether its
+/// policies match source addresses (then the cache keys on them too).
+struct CurrentModel {
+    model: Arc<ClusterModel>,
+    generation: u64,
+    by_source_ip: bool,
+}
+
+impl CurrentModel {
+    fn new(model: Arc<ClusterModel>, generation: u64) -> Self {
+        Self {
+            by_source_ip: model.policies().matches_source_addresses(),
+            model,
+            generation,
+        }
+    }
 }
 
 impl PolicyAuthorizer {
@@ -214,14 +235,35 @@ impl PolicyAuthorizer {
         model: Arc<ClusterModel>,
         metrics: crate::metrics::agent::AgentMetrics,
     ) -> Arc<Self> {
+        Self::with_cache(model, metrics, decisions::DEFAULT_CAPACITY)
+    }
+
+    /// Caches up to `capacity` decisions per model (0: none, every connection is evaluated).
+    pub fn with_cache(
+        model: Arc<ClusterModel>,
+        metrics: crate::metrics::agent::AgentMetrics,
+        capacity: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            model: RwLock::new(model),
+            current: RwLock::new(CurrentModel::new(model, 0)),
+            decisions: decisions::DecisionCache::new(capacity),
             metrics,
         })
     }
 
+    /// Decides on `model` from now on; every cached decision is dropped.
     pub fn replace(&self, model: Arc<ClusterModel>) {
-        *self.model.write().unwrap_or_else(|p| p.into_inner()) = model;
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let generation = current.generation + 1;
+        *current = CurrentModel::new(model, generation);
+    }
+
+    fn model(&self) -> Arc<ClusterModel> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .model
+            .clone()
     }
 }
 
@@ -241,7 +283,7 @@ impl Authorizer for PolicyAuthorizer {
     /// what the application already has open, as enrolling does not. Every other change is
     /// decided as a new connection would be.
     fn reauthorize(&self, req: &AuthzRequest<'_>) -> AuthzDecision {
-        let model = self.model.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let model = self.model();
         if model.workload_by_ip(req.destination_workload.ip).is_none() {
             return AuthzDecision::Allow;
         }
@@ -251,33 +293,54 @@ impl Authorizer for PolicyAuthorizer {
 
 impl PolicyAuthorizer {
     fn decide(&self, req: &AuthzRequest<'_>) -> AuthzDecision {
-        let model = self.model.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let Some(workload) = model.workload_by_ip(req.destination_workload.ip) else {
-            return AuthzDecision::Deny {
-                reason: format!(
-                    "{} is no longer a workload of this node",
-                    req.destination_workload.ip
-                ),
-            };
+        let (model, generation, by_source_ip) = {
+            let c = self.current.read().unwrap_or_else(|p| p.into_inner());
+            (c.model.clone(), c.generation, c.by_source_ip)
         };
-        let attrs = ConnectionAttrs {
-            src_identity: req
-                .source_identity
-                .and_then(|id| PeerIdentity::from_spiffe_uri(&id.to_string())),
-            src_ip: req.source_addr.ip(),
-            dst_ip: req.destination.ip(),
-            dst_port: req.destination.port(),
+        let key = decisions::DecisionKey {
+            source_identity: req.source_identity.cloned(),
+            source_ip: by_source_ip.then(|| req.source_addr.ip()),
+            destination: req.destination,
+            destination_workload: req.destination_workload.ip,
         };
-        let decision = model.policies().authorize(&workload.meta(), &attrs);
-        if decision.is_allowed() {
-            AuthzDecision::Allow
-        } else {
-            AuthzDecision::Deny {
-                reason: match decision.policy() {
-                    Some(p) => format!("{p}: {:?}", decision.reason),
-                    None => format!("{:?}", decision.reason),
-                },
-            }
+        if let Some(decision) = self.decisions.get(generation, &key) {
+            return decision;
+        }
+        let decision = evaluate(&model, req);
+        self.decisions.insert(generation, key, decision.clone());
+        decision
+    }
+}
+
+/// The policy engine's decision for `req` on `model`, what [`decisions`] caches: it depends on
+/// nothing of `req` but what [`decisions::DecisionKey`] holds (the source address matters only
+/// when a policy matches source addresses, and then the key holds it).
+fn evaluate(model: &ClusterModel, req: &AuthzRequest<'_>) -> AuthzDecision {
+    let Some(workload) = model.workload_by_ip(req.destination_workload.ip) else {
+        return AuthzDecision::Deny {
+            reason: format!(
+                "{} is no longer a workload of this node",
+                req.destination_workload.ip
+            ),
+        };
+    };
+    let attrs = ConnectionAttrs {
+        src_identity: req
+            .source_identity
+            .and_then(|id| PeerIdentity::from_spiffe_uri(&id.to_string())),
+        src_ip: req.source_addr.ip(),
+        dst_ip: req.destination.ip(),
+        dst_port: req.destination.port(),
+    };
+    let decision = model.policies().authorize(&workload.meta(), &attrs);
+    if decision.is_allowed() {
+        AuthzDecision::Allow
+    } else {
+        AuthzDecision::Deny {
+            reason: match decision.policy() {
+                Some(p) => format!("{p}: {:?}", decision.reason),
+                None => format!("{:?}", decision.reason),
+            },
         }
     }
 }

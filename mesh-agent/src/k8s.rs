@@ -1,6 +1,7 @@
 //! Kubernetes as the source of the cluster model (`mesh-agent node`).
 //!
-//! Layering (STYLE.md 6a): [`convert`] is pure (Kubernetes objects → [`crate::model::ClusterInput`],
+//! Layering (STYLE.md 6a): [`projected`] holds the objects as the stores keep them (only the
+//! fields the conversion reads, deserialized straight from the API's JSON); [`convert`] is pure (Kubernetes objects → [`crate::model::ClusterInput`],
 //! no I/O, no async) and sits just above the model; [`source`] runs the kube-runtime reflectors
 //! and publishes models on the same `tokio::sync::watch` channel the local file's source uses;
 //! `app` wires it. Nothing here names the app, the tunnel or the data path.
@@ -17,6 +18,7 @@
 //! Enrollment rules, skipped objects and invalid policies: `docs/kubernetes-mode.md`.
 
 pub mod convert;
+pub mod projected;
 pub mod source;
 
 use std::path::PathBuf;

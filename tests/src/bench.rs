@@ -48,6 +48,22 @@ extern "C" fn on_sigint(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
+/// From now on SIGINT and SIGTERM only set a flag ([`interrupted`]): the run notices it, stops,
+/// and its drop guards take down what it started (lab, control plane, children).
+pub(crate) fn catch_interrupts() {
+    // SAFETY: installs a handler that only stores to an atomic (async-signal-safe).
+    unsafe {
+        let handler = on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+/// Whether SIGINT or SIGTERM arrived since [`catch_interrupts`].
+pub(crate) fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 /// How long and how often.
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {
@@ -127,12 +143,7 @@ pub struct Sample {
 /// `report.md` and `report.json` into `out`.
 pub fn run_bench(workspace: &Path, config: &Path, out: &Path, plan: Plan) -> Result<()> {
     let lab = Lab::new(PREFIX, workspace.join("target").join("bench").join("lab"))?;
-    // SAFETY: installs a handler that only stores to an atomic (async-signal-safe).
-    unsafe {
-        let handler = on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        libc::signal(libc::SIGINT, handler);
-        libc::signal(libc::SIGTERM, handler);
-    }
+    catch_interrupts();
     claim(&lab)?;
     let started = Instant::now();
     let (samples, idle_kb) = measure(&lab, config, plan)?;

@@ -30,16 +30,13 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::{
-    api::{
-        core::v1::{Container, Namespace, Node, Pod, Probe, Service},
-        discovery::v1::EndpointSlice,
-    },
-    apimachinery::pkg::util::intstr::IntOrString,
-};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{ResourceExt, api::DynamicObject};
 
-use super::{ENROLL_DISABLED, ENROLL_ENABLED, ENROLL_LABEL, NetnsFinder};
+use super::{
+    ENROLL_DISABLED, ENROLL_ENABLED, ENROLL_LABEL, NetnsFinder,
+    projected::{Container, EndpointSlice, Namespace, Node, Pod, Probe, Service},
+};
 use crate::{
     model::{
         ClusterInput, FailMode, InvalidPolicies, Origin, Protocol, Sourced,
@@ -60,7 +57,7 @@ pub const NETNS_NOT_FOUND: &str = "/nonexistent/nodemesh/netns-not-found-yet";
 /// The label EndpointSlices carry to name their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// The contents of every store at one moment.
+/// The contents of every store at one moment (the objects as [`super::projected`] keeps them).
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub pods: Vec<Arc<Pod>>,

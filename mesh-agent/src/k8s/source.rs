@@ -22,10 +22,6 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ApiResource, DynamicObject, GroupVersionKind},
@@ -45,6 +41,7 @@ use tracing::{error, info, warn};
 use super::{
     NetnsFinder, POLICY_GROUP, POLICY_VERSION,
     convert::{Settings, Snapshot, convert},
+    projected::{EndpointSlice, Namespace, Node, Pod, Service},
 };
 use crate::model::ClusterModel;
 
@@ -255,7 +252,12 @@ where
     tokio::spawn(async move {
         let stream = watcher(api, watcher::Config::default())
             .default_backoff()
-            .modify(|o: &mut K| o.managed_fields_mut().clear())
+            // The typed kinds never parse these (`projected`); the policies' DynamicObjects
+            // would keep them, and only their `spec` is read.
+            .modify(|o: &mut K| {
+                o.managed_fields_mut().clear();
+                o.annotations_mut().clear();
+            })
             .reflect(writer);
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
@@ -456,7 +458,7 @@ async fn follow(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::Pod;
+    use crate::k8s::projected::Pod;
     use kube::runtime::{reflector, watcher::Event};
 
     fn pod(name: &str) -> Pod {

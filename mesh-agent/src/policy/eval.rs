@@ -401,6 +401,22 @@ impl PolicySet {
             && selects(selector, workload)
     }
 
+    /// Whether some AuthorizationPolicy matches on the client's address (`ipBlocks`,
+    /// `notIpBlocks`, a `source.ip` condition): only then can two connections of one source
+    /// identity to one destination port get different decisions.
+    pub fn matches_source_addresses(&self) -> bool {
+        self.authz.iter().any(|e| match &e.body {
+            AuthzBody::Valid(p) => p.rules.iter().any(|r| {
+                r.from
+                    .iter()
+                    .chain(&r.to)
+                    .chain(&r.when)
+                    .any(|m| !m.source_ips.is_empty() || !m.not_source_ips.is_empty())
+            }),
+            AuthzBody::Invalid { .. } => false,
+        })
+    }
+
     /// Whether any AuthorizationPolicy applies to `workload`. When none does, every connection
     /// with a verified identity is allowed (plaintext may still meet STRICT).
     pub fn selects_any(&self, workload: &WorkloadMeta) -> bool {

@@ -23,6 +23,10 @@
 //!    the status write with the pod's IP, as a kubelet would); the delay from the create
 //!    call's return to the child printing the first published model that holds the pod as a
 //!    local workload (the child's line timestamped on arrival, a pipe's latency added).
+//!
+//! SIGINT and SIGTERM stop the run at its next wait (at the latest once the API server is up)
+//! and the drop guards kill the probe, etcd and kube-apiserver and remove the namespace and
+//! the temporary directory.
 
 use std::{
     collections::BTreeSet,
@@ -51,7 +55,7 @@ use mesh_agent::k8s::{
 };
 use serde_json::json;
 
-use super::report::K8sScale;
+use super::{catch_interrupts, interrupted, report::K8sScale};
 use crate::k8s::{ControlPlane, Network, Options, kube_client};
 
 /// The namespace of the chart's ServiceAccounts.
@@ -68,6 +72,8 @@ const CONCURRENCY: usize = 24;
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the initial sync may take before the run fails.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(180);
+/// How often a wait looks at the interrupt flag.
+const INTERRUPT_POLL: Duration = Duration::from_millis(100);
 
 /// The size of the run.
 #[derive(Clone, Copy, Debug)]
@@ -110,6 +116,7 @@ pub fn run(scale: Scale) -> Result<K8sScale> {
         scale.nodes > 0 && scale.pods > 0,
         "k8s-scale needs at least one node and one pod"
     );
+    catch_interrupts();
     let started = Instant::now();
     let load_before = loadavg();
     eprintln!("k8s-scale: starting a control plane");
@@ -117,7 +124,9 @@ pub fn run(scale: Scale) -> Result<K8sScale> {
         network: Network::Fresh,
         ..Options::new("nm-bench")
     })?;
+    check_interrupted()?;
     cp.install_chart(SYSTEM_NS)?;
+    check_interrupted()?;
     let admin = cp.admin_kubeconfig().to_owned();
     let populate_started = Instant::now();
     eprintln!(
@@ -126,7 +135,10 @@ pub fn run(scale: Scale) -> Result<K8sScale> {
     );
     cp.block_on(|| async move {
         let client = kube_client(&admin).await?;
-        populate(&client, scale).await
+        tokio::select! {
+            r = populate(&client, scale) => r,
+            () = until_interrupted() => check_interrupted(),
+        }
     })?;
     let populate_s = populate_started.elapsed().as_secs_f64();
     eprintln!("k8s-scale: populated in {populate_s:.1} s; starting the source");
@@ -139,7 +151,7 @@ pub fn run(scale: Scale) -> Result<K8sScale> {
         synced.secs, synced.workloads, synced.local
     );
     // Let the first recomputes after the sync and the allocator settle before reading RSS.
-    std::thread::sleep(Duration::from_secs(2));
+    pause(Duration::from_secs(2))?;
     let rss_after_sync_kb = proc_status_kb(probe.pid(), "VmRSS")?;
 
     let admin = cp.admin_kubeconfig().to_owned();
@@ -170,6 +182,54 @@ pub fn run(scale: Scale) -> Result<K8sScale> {
         load_after: loadavg(),
         took_s: started.elapsed().as_secs_f64(),
     })
+}
+
+fn check_interrupted() -> Result<()> {
+    ensure!(
+        !interrupted(),
+        "interrupted (the probe and the control plane are being stopped)"
+    );
+    Ok(())
+}
+
+/// Returns once SIGINT or SIGTERM has arrived (polls the flag the handler sets).
+async fn until_interrupted() {
+    while !interrupted() {
+        tokio::time::sleep(INTERRUPT_POLL).await;
+    }
+}
+
+/// Waits `d` unless interrupted.
+fn pause(d: Duration) -> Result<()> {
+    let until = Instant::now() + d;
+    loop {
+        check_interrupted()?;
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(INTERRUPT_POLL));
+    }
+}
+
+/// The probe's next line before `deadline`; `Ok(None)` on timeout, an error when interrupted
+/// or when the probe's output ended (it died).
+fn next_line(lines: &std::sync::mpsc::Receiver<Line>, deadline: Instant) -> Result<Option<Line>> {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        check_interrupted()?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        match lines.recv_timeout(left.min(INTERRUPT_POLL)) {
+            Ok(line) => return Ok(Some(line)),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                bail!("the probe's output ended: it died (its stderr is above)")
+            }
+        }
+    }
 }
 
 fn from_json<T: k8s_openapi::serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T> {
@@ -381,11 +441,9 @@ impl Probe {
             .lines
             .as_ref()
             .context("the probe's lines were taken")?;
-        let (_, line) = lines.recv_timeout(SYNC_TIMEOUT).map_err(|_| {
-            anyhow::anyhow!(
-                "the source published no first model within {SYNC_TIMEOUT:?} (or the probe died)"
-            )
-        })?;
+        let Some((_, line)) = next_line(lines, Instant::now() + SYNC_TIMEOUT)? else {
+            bail!("the source published no first model within {SYNC_TIMEOUT:?}");
+        };
         let parse = || -> Option<Synced> {
             let mut it = line.strip_prefix("synced ")?.split(' ');
             Some(Synced {
@@ -428,6 +486,7 @@ async fn enroll_delays(
         from_status: Vec::new(),
     };
     for i in 0..scale.probe_pods {
+        check_interrupted()?;
         let ns = ns_name(i % ns_count);
         let name = format!("probe-{i}");
         let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -448,8 +507,7 @@ async fn enroll_delays(
         let deadline = created + ENROLL_TIMEOUT;
         // Blocking here is fine: nothing else runs on this runtime meanwhile.
         let at = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok((at, line)) = lines.recv_timeout(left) else {
+            let Some((at, line)) = next_line(&lines, deadline)? else {
                 bail!("pod {ns}/{name} was not a local workload within {ENROLL_TIMEOUT:?}");
             };
             if line == want {
@@ -538,21 +596,22 @@ async fn diagnose(
     use mesh_agent::{
         k8s::{
             convert::{Snapshot, convert},
+            projected,
             source::policy_resource,
         },
         model::ClusterModel,
     };
     let rss = || proc_status_kb(std::process::id(), "VmRSS").unwrap_or(0);
     eprintln!(
-        "probe: size_of Pod {} PodSpec {} PodStatus {} Container {} ObjectMeta {} Service {} \
-         EndpointSlice {}; model: {} workloads, {} services",
-        size_of::<Pod>(),
-        size_of::<k8s_openapi::api::core::v1::PodSpec>(),
-        size_of::<k8s_openapi::api::core::v1::PodStatus>(),
-        size_of::<k8s_openapi::api::core::v1::Container>(),
+        "probe: size_of (as stored) Pod {} PodSpec {} PodStatus {} Container {} ObjectMeta {} \
+         Service {} EndpointSlice {}; model: {} workloads, {} services",
+        size_of::<projected::Pod>(),
+        size_of::<projected::PodSpec>(),
+        size_of::<projected::PodStatus>(),
+        size_of::<projected::Container>(),
         size_of::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>(),
-        size_of::<Service>(),
-        size_of::<EndpointSlice>(),
+        size_of::<projected::Service>(),
+        size_of::<projected::EndpointSlice>(),
         model.workloads().count(),
         model.services().count(),
     );
@@ -571,7 +630,7 @@ async fn diagnose(
         K: kube::Resource + Clone + k8s_openapi::serde::de::DeserializeOwned + std::fmt::Debug,
     {
         use kube::ResourceExt as _;
-        // In pages of 500, as the reflectors list; stored as they store them.
+        // In pages of 500, as the reflectors list; stored as they store them (projected).
         let mut out = Vec::new();
         let mut params = kube::api::ListParams::default().limit(500);
         loop {
@@ -591,11 +650,11 @@ async fn diagnose(
         Api::<kube::api::DynamicObject>::all_with(client.clone(), &ar)
     };
     let snap = Snapshot {
-        pods: all(Api::<Pod>::all(client.clone())).await?,
-        nodes: all(Api::<Node>::all(client.clone())).await?,
-        namespaces: all(Api::<Namespace>::all(client.clone())).await?,
-        services: all(Api::<Service>::all(client.clone())).await?,
-        endpoint_slices: all(Api::<EndpointSlice>::all(client.clone())).await?,
+        pods: all(Api::<projected::Pod>::all(client.clone())).await?,
+        nodes: all(Api::<projected::Node>::all(client.clone())).await?,
+        namespaces: all(Api::<projected::Namespace>::all(client.clone())).await?,
+        services: all(Api::<projected::Service>::all(client.clone())).await?,
+        endpoint_slices: all(Api::<projected::EndpointSlice>::all(client.clone())).await?,
         authorization_policies: all(dynamic("AuthorizationPolicy", "authorizationpolicies"))
             .await?,
         peer_authentications: all(dynamic("PeerAuthentication", "peerauthentications")).await?,

@@ -400,12 +400,46 @@ impl LocalCa {
                 source,
             }
         })?;
-        self.sign_key(identity, &key, not_before, not_after.min(self.signer_not_after))
+        self.sign_key(
+            identity,
+            &key,
+            not_before,
+            not_after.min(self.signer_not_after),
+        )
     }
 
     /// When the signing certificate expires.
     pub fn signer_not_after(&self) -> SystemTime {
         self.signer_not_after
+    }
+
+    /// A TLS server certificate for `dns_names` (e.g. the CA service's own), with a fresh key:
+    /// `(chain, key)`, valid from `not_before` to `not_after` (capped at the signer's expiry).
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivatePkcs8KeyDer<'static>), IdentityError> {
+        let label = dns_names.join(",");
+        let sign_err = |source| IdentityError::Sign {
+            identity: label.clone(),
+            source,
+        };
+        let key = KeyPair::generate().map_err(sign_err)?;
+        let sans = dns_names
+            .iter()
+            .map(|n| Ia5String::try_from(n.as_str()).map(SanType::DnsName))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sign_err)?;
+        let chain = self.sign_sans(
+            &label,
+            sans,
+            &key,
+            not_before,
+            not_after.min(self.signer_not_after),
+        )?;
+        Ok((chain, PrivatePkcs8KeyDer::from(key.serialize_der())))
     }
 
     fn sign_key(
@@ -415,17 +449,38 @@ impl LocalCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+        let uri =
+            Ia5String::try_from(identity.to_string()).map_err(|source| IdentityError::Sign {
+                identity: identity.to_string(),
+                source,
+            })?;
+        self.sign_sans(
+            &identity.to_string(),
+            vec![SanType::URI(uri)],
+            leaf_key,
+            not_before,
+            not_after,
+        )
+    }
+
+    fn sign_sans(
+        &self,
+        label: &str,
+        sans: Vec<SanType>,
+        leaf_key: &impl rcgen::PublicKeyData,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
         let sign_err = |source| IdentityError::Sign {
-            identity: identity.to_string(),
+            identity: label.to_string(),
             source,
         };
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params
             .distinguished_name
-            .push(DnType::OrganizationName, identity.trust_domain());
-        let uri = Ia5String::try_from(identity.to_string()).map_err(sign_err)?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
+            .push(DnType::OrganizationName, self.trust_domain.as_str());
+        params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,

@@ -26,7 +26,8 @@ pub struct Permissions {
 
 /// The node agent: list + watch for its reflectors (pods for enrollment and the IP → identity
 /// map, nodes for HBONE addresses, namespaces for the enrollment label, services and
-/// endpointslices for service addresses, both policy kinds). It writes nothing.
+/// endpointslices for service addresses, both policy kinds), and in the release namespace the
+/// CA's trust bundle ConfigMap (a watch on that one name). It writes nothing.
 pub const AGENT: Permissions = Permissions {
     component: "agent",
     cluster: &[
@@ -46,12 +47,17 @@ pub const AGENT: Permissions = Permissions {
             verbs: &["list", "watch"],
         },
     ],
-    release_namespace: &[],
+    release_namespace: &[Grant {
+        api_group: "",
+        resources: &["configmaps"],
+        verbs: &["list", "watch"],
+    }],
 };
 
 /// The controller: reads the policies and writes their `status`, reviews agents' tokens, reads
-/// pods (does a token's pod run on the node it claims), and elects a leader with a Lease in the
-/// release namespace.
+/// pods (does a token's pod run on the node it claims), and in the release namespace elects a
+/// leader with a Lease, keeps the CA's root in a Secret (read, watched, created when absent) and
+/// publishes the trust bundle ConfigMap (read, created, updated).
 pub const CONTROLLER: Permissions = Permissions {
     component: "controller",
     cluster: &[
@@ -76,11 +82,23 @@ pub const CONTROLLER: Permissions = Permissions {
             verbs: &["get", "list", "watch"],
         },
     ],
-    release_namespace: &[Grant {
-        api_group: "coordination.k8s.io",
-        resources: &["leases"],
-        verbs: &["create", "get", "update"],
-    }],
+    release_namespace: &[
+        Grant {
+            api_group: "coordination.k8s.io",
+            resources: &["leases"],
+            verbs: &["create", "get", "update"],
+        },
+        Grant {
+            api_group: "",
+            resources: &["secrets"],
+            verbs: &["get", "list", "watch", "create"],
+        },
+        Grant {
+            api_group: "",
+            resources: &["configmaps"],
+            verbs: &["get", "create", "update"],
+        },
+    ],
 };
 
 /// Every component with a ServiceAccount in the chart.

@@ -51,8 +51,8 @@ use nodemesh_tests::{
     k8s::{ControlPlane, ISSUER, kube_client},
     require_root, unique_prefix,
 };
-use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
 
 const NS: &str = "nodemesh-system";
 const AGENT_SA: &str = "nodemesh-agent";
@@ -81,13 +81,15 @@ fn setup() -> Result<Env> {
     let cp = ControlPlane::start(&unique_prefix())?;
     cp.install_chart(NS)?;
     cp.apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n")?;
-    cp.apply(&[
-        pod_yaml(NS, "agent-a", AGENT_SA, "node-a"),
-        pod_yaml(NS, "agent-b", AGENT_SA, "node-b"),
-        pod_yaml("shop", "web-1", "web", "node-a"),
-        pod_yaml("shop", "db-1", "db", "node-b"),
-    ]
-    .concat())?;
+    cp.apply(
+        &[
+            pod_yaml(NS, "agent-a", AGENT_SA, "node-a"),
+            pod_yaml(NS, "agent-b", AGENT_SA, "node-b"),
+            pod_yaml("shop", "web-1", "web", "node-a"),
+            pod_yaml("shop", "db-1", "db", "node-b"),
+        ]
+        .concat(),
+    )?;
     cp.create_service_account("shop", "web")?;
     let controller_kc = cp.service_account_kubeconfig(NS, "nodemesh-controller", None)?;
     let agent_kc = cp.service_account_kubeconfig(NS, AGENT_SA, None)?;
@@ -102,7 +104,9 @@ fn setup() -> Result<Env> {
 impl Env {
     /// A pod-bound token of the agent's ServiceAccount for the CA's audience, in a file.
     fn agent_token(&self, pod: &str) -> Result<PathBuf> {
-        let token = self.cp.token(NS, AGENT_SA, Some(ca::DEFAULT_AUDIENCE), Some(pod))?;
+        let token = self
+            .cp
+            .token(NS, AGENT_SA, Some(ca::DEFAULT_AUDIENCE), Some(pod))?;
         self.token_file(&format!("agent-{pod}"), &token)
     }
 
@@ -115,7 +119,15 @@ impl Env {
     fn uid(&self, kind: &str, ns: &str, name: &str) -> Result<String> {
         Ok(self
             .cp
-            .kubectl(&["get", kind, name, "-n", ns, "-o", "jsonpath={.metadata.uid}"])?
+            .kubectl(&[
+                "get",
+                kind,
+                name,
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ])?
             .trim()
             .to_owned())
     }
@@ -152,7 +164,11 @@ impl Env {
             .arg(&msg)
             .output()
             .context("cannot run openssl")?;
-        ensure!(out.status.success(), "openssl dgst: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "openssl dgst: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(format!("{input}.{}", b64(&out.stdout)))
     }
 }
@@ -200,7 +216,10 @@ async fn start_ca(kubeconfig: &Path, config: CaConfig) -> Result<RunningCa> {
                 other => bail!("the CA stopped before it was ready: {other:?}"),
             }
         }
-        ensure!(Instant::now() < deadline, "the CA was not ready within 30 s");
+        ensure!(
+            Instant::now() < deadline,
+            "the CA was not ready within 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(RunningCa {
@@ -254,9 +273,13 @@ fn node_authorization_signs_only_for_pods_on_the_callers_node() -> Result<()> {
     let env = setup()?;
     let token_a = env.agent_token("agent-a")?;
     let token_b = env.agent_token("agent-b")?;
-    let web_token = env.cp.token("shop", "web", Some(ca::DEFAULT_AUDIENCE), Some("web-1"))?;
+    let web_token = env
+        .cp
+        .token("shop", "web", Some(ca::DEFAULT_AUDIENCE), Some("web-1"))?;
     let web_token = env.token_file("web", &web_token)?;
-    let unbound = env.cp.token(NS, AGENT_SA, Some(ca::DEFAULT_AUDIENCE), None)?;
+    let unbound = env
+        .cp
+        .token(NS, AGENT_SA, Some(ca::DEFAULT_AUDIENCE), None)?;
     let unbound = env.token_file("unbound", &unbound)?;
     let api_audience = env.cp.token(NS, AGENT_SA, None, Some("agent-a"))?;
     let api_audience = env.token_file("api-audience", &api_audience)?;
@@ -265,7 +288,13 @@ fn node_authorization_signs_only_for_pods_on_the_callers_node() -> Result<()> {
     let forged_valid = env.token_file("forged-valid", &env.forge_token("agent-a", 3600)?)?;
     let forged_expired = env.token_file("forged-expired", &env.forge_token("agent-a", -60)?)?;
     // Pods that will be deleted, and deleted then recreated, after their tokens were issued.
-    env.cp.apply(&[pod_yaml(NS, "agent-gone", AGENT_SA, "node-a"), pod_yaml(NS, "agent-new", AGENT_SA, "node-a")].concat())?;
+    env.cp.apply(
+        &[
+            pod_yaml(NS, "agent-gone", AGENT_SA, "node-a"),
+            pod_yaml(NS, "agent-new", AGENT_SA, "node-a"),
+        ]
+        .concat(),
+    )?;
     let token_gone = env.agent_token("agent-gone")?;
     let token_new = env.agent_token("agent-new")?;
     let (controller_kc, agent_kc) = (env.controller_kc.clone(), env.agent_kc.clone());
@@ -279,40 +308,77 @@ fn node_authorization_signs_only_for_pods_on_the_callers_node() -> Result<()> {
 
         // Signed: web runs on node-a, the caller's node.
         let a = client_for(&ca, &token_a, &bundle);
-        let cert = a.issue(&id("spiffe://cluster.local/ns/shop/sa/web")).await?;
-        check_cert(&cert, &bundle.bundle.read().expect("lock"), "spiffe://cluster.local/ns/shop/sa/web")?;
+        let cert = a
+            .issue(&id("spiffe://cluster.local/ns/shop/sa/web"))
+            .await?;
+        check_cert(
+            &cert,
+            &bundle.bundle.read().expect("lock"),
+            "spiffe://cluster.local/ns/shop/sa/web",
+        )?;
         ensure!(ca.metrics.signed() == 1, "one signature counted");
         // The agent's own identity: its pod is on its node.
-        a.issue(&id("spiffe://cluster.local/ns/nodemesh-system/sa/nodemesh-agent")).await?;
+        a.issue(&id(
+            "spiffe://cluster.local/ns/nodemesh-system/sa/nodemesh-agent",
+        ))
+        .await?;
 
         // Refused: db has no pod on node-a; node-b's agent gets it.
         let e = refused(&a, "spiffe://cluster.local/ns/shop/sa/db").await;
-        ensure!(e.contains("no running pod") && e.contains("node-a") && e.contains("PermissionDenied"), "{e}");
+        ensure!(
+            e.contains("no running pod") && e.contains("node-a") && e.contains("PermissionDenied"),
+            "{e}"
+        );
         ensure!(ca.metrics.refused("no_pod_on_node") == 1, "counted");
         let b = client_for(&ca, &token_b, &bundle);
         b.issue(&id("spiffe://cluster.local/ns/shop/sa/db")).await?;
 
         // Refused: another ServiceAccount's token, pod-bound and for the right audience.
-        let e = refused(&client_for(&ca, &web_token, &bundle), "spiffe://cluster.local/ns/shop/sa/web").await;
-        ensure!(e.contains("system:serviceaccount:shop:web") && e.contains("may not request"), "{e}");
+        let e = refused(
+            &client_for(&ca, &web_token, &bundle),
+            "spiffe://cluster.local/ns/shop/sa/web",
+        )
+        .await;
+        ensure!(
+            e.contains("system:serviceaccount:shop:web") && e.contains("may not request"),
+            "{e}"
+        );
         ensure!(ca.metrics.refused("caller_not_allowed") == 1, "counted");
 
         // Refused: the agent's token not bound to a pod.
-        let e = refused(&client_for(&ca, &unbound, &bundle), "spiffe://cluster.local/ns/shop/sa/web").await;
+        let e = refused(
+            &client_for(&ca, &unbound, &bundle),
+            "spiffe://cluster.local/ns/shop/sa/web",
+        )
+        .await;
         ensure!(e.contains("not bound to a pod"), "{e}");
         ensure!(ca.metrics.refused("token_not_pod_bound") == 1, "counted");
 
         // Refused: a token for the API's audience.
-        let e = refused(&client_for(&ca, &api_audience, &bundle), "spiffe://cluster.local/ns/shop/sa/web").await;
-        ensure!(e.contains("Unauthenticated") && e.contains("nodemesh-ca"), "{e}");
+        let e = refused(
+            &client_for(&ca, &api_audience, &bundle),
+            "spiffe://cluster.local/ns/shop/sa/web",
+        )
+        .await;
+        ensure!(
+            e.contains("Unauthenticated") && e.contains("nodemesh-ca"),
+            "{e}"
+        );
 
         // Forged with the signing key: valid → signed; expired → refused.
         client_for(&ca, &forged_valid, &bundle)
             .issue(&id("spiffe://cluster.local/ns/shop/sa/web"))
             .await
             .context("a forged but valid token (the control plane's own key) must be accepted")?;
-        let e = refused(&client_for(&ca, &forged_expired, &bundle), "spiffe://cluster.local/ns/shop/sa/web").await;
-        ensure!(e.contains("Unauthenticated") && e.contains("expired"), "{e}");
+        let e = refused(
+            &client_for(&ca, &forged_expired, &bundle),
+            "spiffe://cluster.local/ns/shop/sa/web",
+        )
+        .await;
+        ensure!(
+            e.contains("Unauthenticated") && e.contains("expired"),
+            "{e}"
+        );
 
         // Refused: an identity outside the trust domain.
         let e = refused(&a, "spiffe://other.td/ns/shop/sa/web").await;
@@ -326,18 +392,49 @@ fn node_authorization_signs_only_for_pods_on_the_callers_node() -> Result<()> {
             .issue(&id("spiffe://cluster.local/ns/shop/sa/web"))
             .await?;
         let life = cert.not_after.duration_since(cert.not_before)?;
-        ensure!(life <= Duration::from_secs(3600 + 300), "lifetime {life:?} exceeds the cap");
+        ensure!(
+            life <= Duration::from_secs(3600 + 300),
+            "lifetime {life:?} exceeds the cap"
+        );
 
         // Refused: the token's pod was deleted; its name recreated with a new UID.
         let token_ok = client_for(&ca, &token_gone, &bundle);
-        token_ok.issue(&id("spiffe://cluster.local/ns/shop/sa/web")).await?;
-        cp.kubectl(&["delete", "pod", "agent-gone", "-n", NS, "--wait=false"])?;
+        token_ok
+            .issue(&id("spiffe://cluster.local/ns/shop/sa/web"))
+            .await?;
+        cp.kubectl(&[
+            "delete",
+            "pod",
+            "agent-gone",
+            "-n",
+            NS,
+            "--grace-period=0",
+            "--force",
+        ])?;
         let e = refused(&token_ok, "spiffe://cluster.local/ns/shop/sa/web").await;
-        ensure!(e.contains("Unauthenticated") || e.contains("does not exist"), "{e}");
-        cp.kubectl(&["delete", "pod", "agent-new", "-n", NS, "--wait=false"])?;
+        ensure!(
+            e.contains("Unauthenticated") || e.contains("does not exist"),
+            "{e}"
+        );
+        cp.kubectl(&[
+            "delete",
+            "pod",
+            "agent-new",
+            "-n",
+            NS,
+            "--grace-period=0",
+            "--force",
+        ])?;
         cp.apply(&pod_yaml(NS, "agent-new", AGENT_SA, "node-a"))?;
-        let e = refused(&client_for(&ca, &token_new, &bundle), "spiffe://cluster.local/ns/shop/sa/web").await;
-        ensure!(e.contains("Unauthenticated") || e.contains("recreated"), "{e}");
+        let e = refused(
+            &client_for(&ca, &token_new, &bundle),
+            "spiffe://cluster.local/ns/shop/sa/web",
+        )
+        .await;
+        ensure!(
+            e.contains("Unauthenticated") || e.contains("recreated"),
+            "{e}"
+        );
         Ok(())
     })
 }
@@ -360,7 +457,11 @@ fn local_ca_pem(certs: &[CertificateDer<'_>]) -> String {
 }
 
 /// Writes `files` into Secret `name` (created or replaced) as the CA's key material.
-async fn put_secret(kubeconfig: &Path, name: &str, files: &BTreeMap<String, Vec<u8>>) -> Result<()> {
+async fn put_secret(
+    kubeconfig: &Path,
+    name: &str,
+    files: &BTreeMap<String, Vec<u8>>,
+) -> Result<()> {
     let client = kube_client(kubeconfig).await?;
     let api: Api<Secret> = Api::namespaced(client, NS);
     let secret = Secret {
@@ -426,7 +527,17 @@ fn openssl_root(dir: &Path, rsa: bool) -> Result<(Vec<u8>, Vec<u8>)> {
     } else {
         &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
     };
-    let mut args = vec!["req", "-x509", "-nodes", "-days", "30", "-config", "ca.cnf", "-extensions", "v3_ca"];
+    let mut args = vec![
+        "req",
+        "-x509",
+        "-nodes",
+        "-days",
+        "30",
+        "-config",
+        "ca.cnf",
+        "-extensions",
+        "v3_ca",
+    ];
     args.extend_from_slice(newkey);
     args.extend_from_slice(&["-keyout", "root-key.pem", "-out", "root-cert.pem"]);
     openssl(dir, &args)?;
@@ -463,20 +574,57 @@ fn user_provided_rsa_and_ecdsa_roots_issue_certificates_openssl_accepts() -> Res
             let bundle = bundle(&agent_kc, &cfg.bundle_configmap).await?;
             let roots: Vec<CertificateDer<'static>> =
                 CertificateDer::pem_slice_iter(&cert).collect::<Result<_, _>>()?;
-            ensure!(bundle.bundle.read().expect("lock").roots == roots, "{kind}: the bundle is the user's root");
+            ensure!(
+                bundle.bundle.read().expect("lock").roots == roots,
+                "{kind}: the bundle is the user's root"
+            );
             let issued = client_for(&ca, &token_a, &bundle)
                 .issue(&id("spiffe://cluster.local/ns/shop/sa/web"))
                 .await?;
             std::fs::write(work.join("leaf.pem"), pem_of(&issued.chain[..1]))?;
-            let out = openssl(&work, &["verify", "-CAfile", "root-cert.pem", "-purpose", "sslclient", "leaf.pem"])?;
-            ensure!(out.contains("leaf.pem: OK"), "{kind}: openssl verify said {out}");
-            let text = openssl(&work, &["x509", "-in", "leaf.pem", "-noout", "-issuer", "-ext", "subjectAltName"])?;
-            ensure!(text.contains("O=Istio") && text.contains("CN=Root CA"), "{kind}: issuer is the root's subject: {text}");
-            ensure!(text.contains("URI:spiffe://cluster.local/ns/shop/sa/web"), "{kind}: {text}");
+            let out = openssl(
+                &work,
+                &[
+                    "verify",
+                    "-CAfile",
+                    "root-cert.pem",
+                    "-purpose",
+                    "sslclient",
+                    "leaf.pem",
+                ],
+            )?;
+            ensure!(
+                out.contains("leaf.pem: OK"),
+                "{kind}: openssl verify said {out}"
+            );
+            let text = openssl(
+                &work,
+                &[
+                    "x509",
+                    "-in",
+                    "leaf.pem",
+                    "-noout",
+                    "-issuer",
+                    "-ext",
+                    "subjectAltName",
+                ],
+            )?;
+            let flat = text.replace(' ', "");
+            ensure!(
+                flat.contains("issuer=O=Istio,CN=RootCA"),
+                "{kind}: issuer is the root's subject: {text}"
+            );
+            ensure!(
+                text.contains("URI:spiffe://cluster.local/ns/shop/sa/web"),
+                "{kind}: {text}"
+            );
             // A user-provided Secret is never rewritten by the CA.
             let client = kube_client(&admin_kc).await?;
             let stored = Api::<Secret>::namespaced(client, NS).get(&secret).await?;
-            ensure!(ca::roots::files_of(&stored) == files, "{kind}: the Secret was changed");
+            ensure!(
+                ca::roots::files_of(&stored) == files,
+                "{kind}: the Secret was changed"
+            );
             drop(ca);
         }
         Ok(())
@@ -491,7 +639,10 @@ fn two_replicas_share_one_created_root_and_rotation_overlaps_old_and_new() -> Re
     let admin_kc = env.cp.admin_kubeconfig().to_path_buf();
     env.cp.block_on(|| async move {
         // Two replicas start together: one creates the root, both serve it.
-        let (r1, r2) = tokio::join!(start_ca(&controller_kc, config()), start_ca(&controller_kc, config()));
+        let (r1, r2) = tokio::join!(
+            start_ca(&controller_kc, config()),
+            start_ca(&controller_kc, config())
+        );
         let (r1, r2) = (r1?, r2?);
         let bundle = bundle(&agent_kc, ca::DEFAULT_BUNDLE_CONFIGMAP).await?;
         let shared = bundle.bundle.clone();
@@ -511,13 +662,22 @@ fn two_replicas_share_one_created_root_and_rotation_overlaps_old_and_new() -> Re
         let mut files = ca::roots::files_of(&secrets.get(ca::DEFAULT_SECRET).await?);
         let (new_cert, new_key) = local_ca::generate_root(TD)?;
         let old_pem = files.get("root-cert.pem").cloned().unwrap_or_default();
-        files.insert("root-cert.pem".into(), [old_pem.clone(), new_cert.clone().into_bytes()].concat());
+        files.insert(
+            "root-cert.pem".into(),
+            [old_pem.clone(), new_cert.clone().into_bytes()].concat(),
+        );
         put_secret(&admin_kc, ca::DEFAULT_SECRET, &files).await?;
-        until(Duration::from_secs(20), "the bundle to hold both roots", || shared.read().expect("lock").roots.len() == 2).await?;
+        until(
+            Duration::from_secs(20),
+            "the bundle to hold both roots",
+            || shared.read().expect("lock").roots.len() == 2,
+        )
+        .await?;
         let new_root: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(new_cert.as_bytes()).collect::<Result<_, _>>()?;
         let still_old = client_for(&r1, &token_a, &bundle).issue(&web).await?;
-        check_cert(&still_old, &only_old, &web.to_string()).context("step 1 signs with the old root")?;
+        check_cert(&still_old, &only_old, &web.to_string())
+            .context("step 1 signs with the old root")?;
 
         // Step 2: signing switches to the new root; both stay trusted.
         files.insert("ca-cert.pem".into(), new_cert.clone().into_bytes());
@@ -530,20 +690,35 @@ fn two_replicas_share_one_created_root_and_rotation_overlaps_old_and_new() -> Re
             if verify_chain(&only_new, &cert.chain, SystemTime::now()).is_ok() {
                 break cert;
             }
-            ensure!(Instant::now() < deadline, "the CA did not switch to the new root");
+            ensure!(
+                Instant::now() < deadline,
+                "the CA did not switch to the new root"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         let both = shared.read().expect("lock").clone();
-        ensure!(both.roots.len() == 2, "both roots trusted during the overlap");
+        ensure!(
+            both.roots.len() == 2,
+            "both roots trusted during the overlap"
+        );
         check_cert(&from_new, &both, &web.to_string())?;
-        check_cert(&still_old, &both, &web.to_string()).context("old certificates stay valid during the overlap")?;
+        check_cert(&still_old, &both, &web.to_string())
+            .context("old certificates stay valid during the overlap")?;
 
         // Step 3: the old root leaves the bundle; old certificates stop verifying.
         files.insert("root-cert.pem".into(), new_cert.into_bytes());
         put_secret(&admin_kc, ca::DEFAULT_SECRET, &files).await?;
-        until(Duration::from_secs(20), "the bundle to drop the old root", || shared.read().expect("lock").roots == new_root).await?;
+        until(
+            Duration::from_secs(20),
+            "the bundle to drop the old root",
+            || shared.read().expect("lock").roots == new_root,
+        )
+        .await?;
         let after = shared.read().expect("lock").clone();
-        ensure!(verify_chain(&after, &still_old.chain, SystemTime::now()).is_err(), "the old root is gone");
+        ensure!(
+            verify_chain(&after, &still_old.chain, SystemTime::now()).is_err(),
+            "the old root is gone"
+        );
         check_cert(&from_new, &after, &web.to_string())?;
         Ok(())
     })

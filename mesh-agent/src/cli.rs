@@ -35,7 +35,7 @@ enum Command {
     /// account). With `--datapath-only`: only the data path (pin and attach the programs,
     /// redirect enrolled pods to the tunnel address, beat the heartbeat; prints `ready`). Either
     /// way SIGTERM/SIGINT exits leaving the programs attached.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Run the whole node agent (data path, identities, tunnel, policy) fed from a local YAML
     /// file instead of Kubernetes (docs/local-mode.md). Logs `nodemesh agent ready` and creates
     /// `<state-dir>/ready` once serving; SIGTERM drains and exits leaving the programs pinned.
@@ -612,7 +612,7 @@ pub fn main() -> ExitCode {
             }
             Err(e) => report(&e),
         },
-        Command::Node(args) => run_node(args),
+        Command::Node(args) => run_node(*args),
         Command::Local(args) => run_local(args),
         Command::Uninstall { instance, bpffs } => run_uninstall(bpffs, &instance),
         Command::Ca { ca, kubeconfig } => run_ca(ca, kubeconfig),

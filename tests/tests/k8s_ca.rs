@@ -723,3 +723,118 @@ fn two_replicas_share_one_created_root_and_rotation_overlaps_old_and_new() -> Re
         Ok(())
     })
 }
+
+/// Runs `tests/interop/ca_client.py` (grpcio + protobuf) in the control plane's namespace.
+fn python_call(
+    env: &Env,
+    addr: SocketAddr,
+    roots: &Path,
+    token: &Path,
+    csr: &Path,
+    validity: u64,
+) -> Result<Command> {
+    let script = nodemesh_tests::k8s::workspace_root().join("tests/interop/ca_client.py");
+    let mut cmd = env.cp.command("/usr/bin/python3")?;
+    cmd.arg(script)
+        .arg(addr.to_string())
+        .arg(SERVER_NAME)
+        .arg(roots)
+        .arg(token)
+        .arg(csr)
+        .arg(validity.to_string());
+    Ok(cmd)
+}
+
+async fn run_python(mut cmd: Command) -> Result<serde_json::Value> {
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
+    ensure!(
+        out.status.success(),
+        "ca_client.py failed ({}): {} (it needs Debian's python3-grpcio and python3-protobuf: \
+         `cargo xtask setup`)",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[test]
+fn a_third_party_grpc_client_gets_certificates_and_refusals() -> Result<()> {
+    let env = setup()?;
+    let token_a = env.agent_token("agent-a")?;
+    let work = env.dir.path().to_path_buf();
+    // A CSR made by the openssl CLI (not by us): P-256, the SPIFFE ID as its only SAN.
+    for (name, sa) in [("web", "web"), ("db", "db")] {
+        openssl(
+            &work,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/O=cluster.local",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-addext",
+                &format!("subjectAltName=URI:spiffe://cluster.local/ns/shop/sa/{sa}"),
+            ],
+        )?;
+    }
+    let roots = work.join("bundle.pem");
+    let (web_csr, db_csr) = (work.join("web.csr"), work.join("db.csr"));
+    let controller_kc = env.controller_kc.clone();
+    let env = &env;
+    env.cp.block_on(|| async move {
+        let ca = start_ca(&controller_kc, config()).await?;
+        let client = kube_client(&controller_kc).await?;
+        let cm = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client, NS)
+            .get(ca::DEFAULT_BUNDLE_CONFIGMAP)
+            .await?;
+        let pem = cm
+            .data
+            .and_then(|d| d.get("root-cert.pem").cloned())
+            .context("bundle")?;
+        std::fs::write(&roots, &pem)?;
+
+        let signed =
+            run_python(python_call(env, ca.addr, &roots, &token_a, &web_csr, 3600)?).await?;
+        ensure!(signed["code"] == 0, "signed: {signed}");
+        let chain = signed["chain"].as_array().context("chain")?;
+        ensure!(chain.len() == 2, "leaf and root: {signed}");
+        let leaf_pem = chain[0].as_str().context("leaf")?;
+        std::fs::write(work.join("leaf.pem"), leaf_pem)?;
+        std::fs::write(work.join("root.pem"), chain[1].as_str().context("root")?)?;
+        let out = openssl(&work, &["verify", "-CAfile", "bundle.pem", "leaf.pem"])?;
+        ensure!(out.contains("leaf.pem: OK"), "{out}");
+        ensure!(
+            std::fs::read_to_string(work.join("root.pem"))?.trim() == pem.trim(),
+            "the root comes last"
+        );
+        // The leaf carries the CSR's key.
+        let leaf_key = openssl(&work, &["x509", "-in", "leaf.pem", "-noout", "-pubkey"])?;
+        let csr_key = openssl(&work, &["req", "-in", "web.csr", "-noout", "-pubkey"])?;
+        ensure!(leaf_key == csr_key, "the leaf's key is the CSR's");
+
+        let refused =
+            run_python(python_call(env, ca.addr, &roots, &token_a, &db_csr, 3600)?).await?;
+        ensure!(
+            refused["code"] == 7,
+            "PERMISSION_DENIED expected: {refused}"
+        );
+        let details = refused["details"].as_str().unwrap_or_default();
+        ensure!(
+            details.contains("no running pod of ServiceAccount shop/db on node `node-a`"),
+            "{refused}"
+        );
+        ensure!(
+            ca.metrics.signed() == 1 && ca.metrics.refused("no_pod_on_node") == 1,
+            "counted"
+        );
+        Ok(())
+    })
+}

@@ -429,7 +429,10 @@ pub async fn watch_bundle(
                     Ok(b) => {
                         let n = b.roots.len();
                         let mut slot = shared.write().unwrap_or_else(|p| p.into_inner());
-                        if slot.roots != b.roots {
+                        if slot.roots.is_empty() {
+                            info!(configmap = %format!("{ns}/{cm}"), roots = n, "trust bundle loaded");
+                            *slot = b;
+                        } else if slot.roots != b.roots {
                             info!(configmap = %format!("{ns}/{cm}"), roots = n, "trust bundle updated");
                             *slot = b;
                         }

@@ -24,7 +24,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use h2::{RecvStream, server::SendResponse};
 use http::{Request, Response, StatusCode};
 use k8s_openapi::api::{
@@ -58,7 +58,7 @@ use crate::{
         ca_client::wire::{self, CertificateRequest, CertificateResponse, Code},
         tls::verify_chain,
     },
-    readiness::Gate,
+    readiness::Readiness,
 };
 
 use authorize::{PodFacts, PodIndex, Refusal, Review};
@@ -140,7 +140,10 @@ pub enum CaError {
         "cannot {action} {object}: {source} (check the controller's RBAC in charts/nodemesh and that the API server is reachable)"
     )]
     Api {
+        /// The verb (`get`, `create`, `update`, `list`, `watch`, `tokenreview`).
         action: &'static str,
+        /// The resource's plural.
+        resource: &'static str,
         object: String,
         #[source]
         source: kube::Error,
@@ -157,11 +160,23 @@ pub enum CaError {
     Accept(#[source] std::io::Error),
 }
 
+/// Where the CA reports a failed API call: `(operation, resource, HTTP status or 0)`.
+pub type ApiErrorHook = Arc<dyn Fn(&'static str, &'static str, u16) + Send + Sync>;
+
 /// The CA's metrics; clones share them.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct CaMetrics {
     signed: Counter,
     refused: Family<[(&'static str, &'static str); 1], Counter>,
+    api_errors: Option<ApiErrorHook>,
+}
+
+impl std::fmt::Debug for CaMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaMetrics")
+            .field("signed", &self.signed.get())
+            .finish_non_exhaustive()
+    }
 }
 
 impl CaMetrics {
@@ -186,6 +201,34 @@ impl CaMetrics {
             let _ = m.refused.get_or_create(&[("reason", reason)]);
         }
         m
+    }
+
+    /// Also report failed API calls to `hook` (the controller counts them in
+    /// `nodemesh_controller_kubernetes_errors_total`).
+    pub fn with_api_errors(mut self, hook: ApiErrorHook) -> Self {
+        self.api_errors = Some(hook);
+        self
+    }
+
+    fn api_error(&self, operation: &'static str, resource: &'static str, e: &kube::Error) {
+        if let Some(hook) = &self.api_errors {
+            hook(operation, resource, code_of(e));
+        }
+    }
+
+    fn watch_error(&self, resource: &'static str, e: &watcher::Error) {
+        let (operation, err) = match e {
+            watcher::Error::InitialListFailed(e) => ("list", e),
+            watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => ("watch", e),
+            watcher::Error::WatchError(s) => {
+                if let Some(hook) = &self.api_errors {
+                    hook("watch", resource, s.code);
+                }
+                return;
+            }
+            _ => return,
+        };
+        self.api_error(operation, resource, err);
     }
 
     pub fn signed(&self) -> u64 {
@@ -289,51 +332,171 @@ fn serving_config(ca: &LocalCa, dns_names: &[String]) -> Result<ServerConfig, Ca
     Ok(cfg)
 }
 
-/// Runs the CA on `listener` until `shutdown` resolves. `ready` is dropped once the root is
-/// loaded, the bundle published and the pod store synced. Errors before that are returned (the
-/// controller should exit so its Deployment restarts it); later API errors are logged and
-/// retried by the watches.
+fn code_of(e: &kube::Error) -> u16 {
+    match e {
+        kube::Error::Api(s) => s.code,
+        _ => 0,
+    }
+}
+
+/// Readiness gates of the CA, each cleared by its stage.
+pub const GATES: [&str; 4] = [
+    "ca-root",
+    "ca-token-review",
+    "pods-synced",
+    "secrets-synced",
+];
+
+/// The CA's readiness gates ([`GATES`]), registered before [`serve`] runs so `/readyz` never
+/// answers 200 before the CA had a chance to say it is not ready.
+#[derive(Debug)]
+pub struct CaGates([crate::readiness::Gate; 4]);
+
+impl CaGates {
+    pub fn register(readiness: &Readiness) -> Self {
+        Self(GATES.map(|g| readiness.register(g)))
+    }
+}
+
+/// Retries `stage` with backoff (1 s doubling to 30 s) until it succeeds; `None` if `shutdown`
+/// comes first. Each failure is logged (what failed and what to check) and reported.
+async fn retry<T, F, Fut, S>(
+    what: &str,
+    metrics: &CaMetrics,
+    shutdown: &mut std::pin::Pin<&mut S>,
+    mut stage: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, CaError>>,
+    S: Future<Output = ()>,
+{
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let result = tokio::select! {
+            () = shutdown.as_mut() => return None,
+            r = stage() => r,
+        };
+        match result {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                if let CaError::Api {
+                    action,
+                    resource,
+                    source,
+                    ..
+                } = &e
+                {
+                    metrics.api_error(action, resource, source);
+                }
+                warn!(error = %e, retry_in = ?delay, "CA: {what} failed; retrying");
+            }
+        }
+        tokio::select! {
+            () = shutdown.as_mut() => return None,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Loads (or creates) the root and publishes the bundle.
+async fn load_root(
+    config: &CaConfig,
+    secrets: &Api<Secret>,
+    configmaps: &Api<ConfigMap>,
+) -> Result<LocalCa, CaError> {
+    let ns = &config.namespace;
+    let secret = roots::load_or_create(secrets, ns, &config.secret, &config.trust_domain).await?;
+    let ca = roots::open(&secret, ns, &config.secret, &config.trust_domain)?;
+    roots::publish_bundle(
+        configmaps,
+        ns,
+        &config.bundle_configmap,
+        &roots::bundle_pem(ca.roots()),
+    )
+    .await?;
+    Ok(ca)
+}
+
+/// Runs the CA on `listener` until `shutdown` resolves. Clears its readiness `gates`
+/// ([`CaGates::register`]) stage by stage: `ca-root` (the root Secret read or created, the
+/// bundle published), `ca-token-review` (a TokenReview is allowed: one for a made-up token at
+/// start), `pods-synced` (the pod store listed), `secrets-synced` (the Secret
+/// watch listed). Connections are served once the root and the pods are there. API errors are
+/// retried with backoff (and reported through [`CaMetrics::with_api_errors`]), never fatal:
+/// the CA stays not ready, saying why in its log.
 pub async fn serve(
     config: CaConfig,
     client: Client,
     listener: TcpListener,
     metrics: CaMetrics,
-    ready: Gate,
+    gates: CaGates,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CaError> {
+    let [root_gate, review_gate, pods_gate, secrets_gate] = gates.0;
+    let mut shutdown = std::pin::pin!(shutdown);
     let ns = config.namespace.clone();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let secret = roots::load_or_create(&secrets, &ns, &config.secret, &config.trust_domain).await?;
-    let ca = roots::open(&secret, &ns, &config.secret, &config.trust_domain)?;
-    roots::publish_bundle(
-        &configmaps,
-        &ns,
-        &config.bundle_configmap,
-        &roots::bundle_pem(ca.roots()),
-    )
-    .await?;
+
+    let Some(ca) = retry("loading the root", &metrics, &mut shutdown, || {
+        load_root(&config, &secrets, &configmaps)
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    drop(root_gate);
     let tls = serving_config(&ca, &config.dns_names)?;
+
+    // May the CA review tokens? A review of a made-up token answers "not authenticated" when
+    // it may, 403 when it may not: better known now than at the first agent's request.
+    let Some(()) = retry("reviewing a token", &metrics, &mut shutdown, || async {
+        token_review(&client, "nodemesh-ca-startup-probe", &config.audience)
+            .await
+            .map(|_| ())
+            .map_err(|source| CaError::Api {
+                action: "tokenreview",
+                resource: "tokenreviews",
+                object: "tokenreviews".into(),
+                source,
+            })
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    drop(review_gate);
 
     let mut tasks = JoinSet::new();
     let (store, writer) = reflector::store::<Pod>();
     let pods_api: Api<Pod> = Api::all(client.clone());
+    let pod_metrics = metrics.clone();
     tasks.spawn(async move {
         let stream = watcher(pods_api, watcher::Config::default().any_semantic())
             .default_backoff()
             .modify(slim)
             .reflect(writer);
         let mut stream = std::pin::pin!(stream);
+        let mut gate = Some(pods_gate);
         while let Some(event) = stream.next().await {
-            if let Err(e) = event {
-                warn!(error = %e, "the CA's pod watch failed; retrying with backoff");
+            match event {
+                Ok(watcher::Event::InitDone) => drop(gate.take()),
+                Ok(_) => {}
+                Err(e) => {
+                    pod_metrics.watch_error("pods", &e);
+                    warn!(error = %e, "the CA's pod watch failed (may the controller list and \
+                        watch pods?); retrying with backoff");
+                }
             }
         }
     });
-    store
-        .wait_until_ready()
-        .await
-        .map_err(|_| CaError::PodsNotSynced)?;
+    tokio::select! {
+        () = shutdown.as_mut() => return Ok(()),
+        // Errs only when the writer is dropped, i.e. never while the reflector task runs.
+        _ = store.wait_until_ready() => {}
+    }
 
     let inner = Arc::new(Inner {
         config: config.clone(),
@@ -343,19 +506,22 @@ pub async fn serve(
         signer: RwLock::new(Arc::new(ca)),
         tls: RwLock::new(Arc::new(tls)),
     });
-    tasks.spawn(follow_secret(inner.clone(), secrets, configmaps));
+    tasks.spawn(follow_secret(
+        inner.clone(),
+        secrets,
+        configmaps,
+        secrets_gate,
+    ));
     tasks.spawn(renew_serving(inner.clone()));
 
     let addr = listener.local_addr().map_err(CaError::Accept)?;
     info!(%addr, namespace = %ns, trust_domain = %config.trust_domain,
         dns_names = ?config.dns_names, allowed_callers = ?config.allowed_callers, "CA serving");
-    drop(ready);
 
-    let mut shutdown = std::pin::pin!(shutdown);
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
-            () = &mut shutdown => break,
+            () = shutdown.as_mut() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let inner = inner.clone();
@@ -374,20 +540,30 @@ pub async fn serve(
 }
 
 /// Reloads the signer and republishes the bundle whenever the Secret changes. A Secret that
-/// does not open keeps the last good signer (and says why).
-async fn follow_secret(inner: Arc<Inner>, secrets: Api<Secret>, configmaps: Api<ConfigMap>) {
+/// does not open keeps the last good signer (and says why). `gate` clears at the first list.
+async fn follow_secret(
+    inner: Arc<Inner>,
+    secrets: Api<Secret>,
+    configmaps: Api<ConfigMap>,
+    gate: crate::readiness::Gate,
+) {
     let cfg = &inner.config;
     let by_name = watcher::Config::default().fields(&format!("metadata.name={}", cfg.secret));
-    let stream = watcher(secrets, by_name)
-        .default_backoff()
-        .applied_objects();
+    let stream = watcher(secrets, by_name).default_backoff();
     let mut stream = std::pin::pin!(stream);
-    loop {
-        let secret = match stream.try_next().await {
-            Ok(Some(s)) => s,
-            Ok(None) => return,
+    let mut gate = Some(gate);
+    while let Some(event) = stream.next().await {
+        let secret = match event {
+            Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => s,
+            Ok(watcher::Event::InitDone) => {
+                drop(gate.take());
+                continue;
+            }
+            Ok(_) => continue,
             Err(e) => {
-                warn!(error = %e, secret = %cfg.secret, "the CA's Secret watch failed; retrying");
+                inner.metrics.watch_error("secrets", &e);
+                warn!(error = %e, secret = %cfg.secret, "the CA's Secret watch failed (may the \
+                    controller list and watch secrets in its namespace?); retrying");
                 continue;
             }
         };
@@ -408,6 +584,15 @@ async fn follow_secret(inner: Arc<Inner>, secrets: Api<Secret>, configmaps: Api<
         if let Err(e) =
             roots::publish_bundle(&configmaps, &cfg.namespace, &cfg.bundle_configmap, &bundle).await
         {
+            if let CaError::Api {
+                action,
+                resource,
+                source,
+                ..
+            } = &e
+            {
+                inner.metrics.api_error(action, resource, source);
+            }
             error!(error = %e, "cannot publish the trust bundle; agents keep the previous one");
         }
     }

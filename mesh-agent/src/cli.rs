@@ -40,6 +40,11 @@ enum Command {
     /// file instead of Kubernetes (docs/local-mode.md). Logs `nodemesh agent ready` and creates
     /// `<state-dir>/ready` once serving; SIGTERM drains and exits leaving the programs pinned.
     Local(LocalArgs),
+    /// Run the cluster controller (docs/kubernetes-mode.md#the-controller): every replica
+    /// watches the policy CRDs and serves /metrics, /healthz, /readyz; the replica holding the
+    /// leader Lease writes each policy's `Accepted` status condition. SIGTERM stops writing and
+    /// releases the Lease.
+    Controller(ControllerArgs),
     /// Remove everything an agent instance pinned under bpffs: its programs detach (once no
     /// agent process of the instance is running) and its maps are freed. Idempotent.
     Uninstall {
@@ -140,7 +145,6 @@ fn run_ca(args: CaArgs, kubeconfig: Option<PathBuf>) -> ExitCode {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {} for the CA: {e}", args.listen))?;
         let readiness = crate::readiness::Readiness::new();
-        let gate = readiness.register("ca");
         let shutdown = async {
             if let Err(e) = crate::tunnel::drain::shutdown_signal().await {
                 tracing::warn!(error = %e, "no signal handler; running until killed");
@@ -148,7 +152,14 @@ fn run_ca(args: CaArgs, kubeconfig: Option<PathBuf>) -> ExitCode {
             }
         };
         let metrics = crate::ca::CaMetrics::default();
-        let serve = crate::ca::serve(args.config(), client, listener, metrics, gate, shutdown);
+        let serve = crate::ca::serve(
+            args.config(),
+            client,
+            listener,
+            metrics,
+            crate::ca::CaGates::register(&readiness),
+            shutdown,
+        );
         let mut serve = std::pin::pin!(serve);
         // `ready` on stdout once serving, for scripts and tests.
         loop {
@@ -282,6 +293,43 @@ struct NodeArgs {
     /// (default `info`) and `/logging?level=` replaces it.
     #[arg(long, default_value = "text")]
     log_format: crate::admin::LogFormat,
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// A kubeconfig file; default KUBECONFIG, else ~/.kube/config, else the in-cluster service
+    /// account.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz here.
+    #[arg(long, default_value_t = crate::controller::DEFAULT_METRICS_ADDR)]
+    metrics_addr: std::net::SocketAddr,
+    /// The leader-election Lease's name.
+    #[arg(long, default_value = crate::controller::leader::DEFAULT_LEASE_NAME)]
+    lease_name: String,
+    /// The Lease's namespace (the controller's own: the downward API's metadata.namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
+    lease_namespace: String,
+    /// This replica's identity in the Lease; default POD_NAME (the downward API's
+    /// metadata.name), else `<hostname>-<pid>`.
+    #[arg(long)]
+    identity: Option<String>,
+    /// Seconds a Lease stays valid after its last renewal (client-go's default).
+    #[arg(long, default_value_t = crate::controller::leader::DEFAULT_LEASE_DURATION.as_secs())]
+    lease_duration: u64,
+    /// The leader renews when this many seconds of validity are left (client-go's
+    /// RenewDeadline); must be less than --lease-duration.
+    #[arg(long, default_value_t = crate::controller::leader::DEFAULT_RENEW_DEADLINE.as_secs())]
+    renew_deadline: u64,
+    /// Root namespace of the policies (as the agents' --root-namespace).
+    #[arg(long, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
+    root_namespace: String,
+    /// Log lines as `text` or `json`; the filter comes from RUST_LOG (default `info`).
+    #[arg(long, default_value = "text")]
+    log_format: crate::admin::LogFormat,
+    /// The mesh CA every replica serves (docs/architecture.md, "The mesh CA").
+    #[command(flatten)]
+    ca: CaArgs,
 }
 
 #[derive(clap::Args)]
@@ -475,6 +523,86 @@ fn run_kubernetes(args: NodeArgs) -> ExitCode {
     }))
 }
 
+/// `mesh-agent controller`.
+fn run_controller(args: ControllerArgs) -> ExitCode {
+    // The handle only serves /logging, which the controller does not have.
+    let _logging = init_reloadable_logging(args.log_format);
+    let identity = args.identity.filter(|i| !i.is_empty()).unwrap_or_else(|| {
+        crate::controller::leader::default_identity(std::env::var("POD_NAME").ok())
+    });
+    let opts = crate::controller::ControllerOptions {
+        lease: crate::controller::leader::LeaseOptions {
+            name: args.lease_name,
+            namespace: args.lease_namespace,
+            identity,
+            duration: Duration::from_secs(args.lease_duration),
+            renew_deadline: Duration::from_secs(args.renew_deadline),
+        },
+        root_namespace: args.root_namespace,
+        metrics_addr: args.metrics_addr,
+        resync: crate::controller::DEFAULT_RESYNC,
+    };
+    // Before connecting: a bad flag should not wait for the API server.
+    if let Err(e) = opts.lease.validate() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report(&e),
+    };
+    let kubeconfig = args.kubeconfig;
+    let ca = args.ca;
+    let result = rt.block_on(async move {
+        let client = crate::k8s::client(kubeconfig.as_deref()).await?;
+        let mut controller = crate::controller::Controller::new(client.clone(), opts)?;
+        // The CA, on every replica: its metrics in the controller's registry, its API errors
+        // counted with the controller's, its readiness gates in the controller's /readyz.
+        let api_metrics = controller.metrics().clone();
+        let ca_metrics =
+            crate::ca::CaMetrics::new(controller.registry()).with_api_errors(std::sync::Arc::new(
+                move |op, resource, code| api_metrics.api_error(op, resource, code),
+            ));
+        let listener = tokio::net::TcpListener::bind(ca.listen)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen on {} for the CA: {e} (is another process using the port? \
+                 choose another with --ca-listen)",
+                    ca.listen
+                )
+            })?;
+        let serve = crate::ca::serve(
+            ca.config(),
+            client,
+            listener,
+            ca_metrics,
+            crate::ca::CaGates::register(controller.readiness()),
+            controller.shutdown().wait(),
+        );
+        controller.add_component("ca", async move { Ok(serve.await?) });
+        let running = controller.start().await?;
+        let signal = async {
+            if let Err(e) = crate::tunnel::drain::shutdown_signal().await {
+                tracing::warn!(error = %e, "no signal handler; running until killed");
+                std::future::pending::<()>().await;
+            }
+        };
+        running.run_until(signal).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn parse_level(s: &str) -> Result<aya_log::Level, String> {
     Ok(match s {
         "error" => aya_log::Level::Error,
@@ -597,7 +725,7 @@ fn report(e: &dyn std::error::Error) -> ExitCode {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let reloadable = match &cli.command {
-        Command::Local(_) => true,
+        Command::Local(_) | Command::Controller(_) => true,
         Command::Node(n) => !n.datapath_only && !n.uninstall,
         _ => false,
     };
@@ -614,6 +742,7 @@ pub fn main() -> ExitCode {
         },
         Command::Node(args) => run_node(*args),
         Command::Local(args) => run_local(args),
+        Command::Controller(args) => run_controller(args),
         Command::Uninstall { instance, bpffs } => run_uninstall(bpffs, &instance),
         Command::Ca { ca, kubeconfig } => run_ca(ca, kubeconfig),
         Command::WriteCrds { out_dir } => match crate::crd::write_all(&out_dir) {

@@ -17,6 +17,7 @@ pub mod app;
 pub mod ca;
 pub mod cgroup;
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod datapath;
 pub mod identity;

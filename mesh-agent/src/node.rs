@@ -18,7 +18,7 @@ use std::{
 use tracing::info;
 
 use crate::{
-    datapath::{Datapath, DatapathError, LoadOptions, Pins},
+    datapath::{Datapath, DatapathError, InstanceLock, LoadOptions, Pins},
     map_model::Exclusion,
     maps::{KernelMaps, MapsError, TunnelSettings},
     tunnel_iface::{IfaceError, ensure_tunnel_iface},
@@ -52,8 +52,13 @@ pub enum NodeError {
     Cgroup(#[source] std::io::Error),
 }
 
-/// Sets the data path up (idempotent across restarts) and returns it, heartbeat beaten once.
-pub fn start(opts: &NodeOptions) -> Result<Datapath, NodeError> {
+/// Sets the data path up (idempotent across restarts) and returns it, heartbeat beaten once,
+/// with the instance's claim ([`Pins::lock`]): a second `--datapath-only` of a running instance
+/// fails before it touches the first one's interface, pins or programs. Keep the lock while the
+/// data path runs.
+pub fn start(opts: &NodeOptions) -> Result<(Datapath, InstanceLock), NodeError> {
+    let pins = Pins::new(&opts.bpffs, &opts.instance)?;
+    let lock = pins.lock()?;
     if let Some(name) = &opts.tunnel_iface {
         let mut addrs = vec![IpAddr::V4(opts.tunnel.ip4)];
         addrs.extend(opts.tunnel.ip6.map(IpAddr::V6));
@@ -63,7 +68,6 @@ pub fn start(opts: &NodeOptions) -> Result<Datapath, NodeError> {
         Some(p) => p.clone(),
         None => crate::cgroup::cgroup2_mount().map_err(NodeError::Cgroup)?,
     };
-    let pins = Pins::new(&opts.bpffs, &opts.instance)?;
     let mut dp = Datapath::load_with(Some(&pins), &opts.load)?;
     dp.attach(&cgroup)?;
     dp.set_tunnel(&opts.tunnel)?;
@@ -72,7 +76,7 @@ pub fn start(opts: &NodeOptions) -> Result<Datapath, NodeError> {
     }
     dp.heartbeat().beat()?;
     info!(instance = %opts.instance, cgroup = %cgroup.display(), pins = %pins.version_dir().display(), "data path up");
-    Ok(dp)
+    Ok((dp, lock))
 }
 
 /// Runs until `shutdown` completes, beating the heartbeat well within its staleness window and
@@ -83,7 +87,8 @@ pub async fn run(
     ready: impl FnOnce(&Arc<Mutex<Datapath>>),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
-    let dp = Arc::new(Mutex::new(start(&opts)?));
+    let (dp, _instance_lock) = start(&opts)?;
+    let dp = Arc::new(Mutex::new(dp));
     ready(&dp);
     let every = opts.tunnel.stale_after.map_or(Duration::from_secs(1), |d| {
         (d / 3).max(Duration::from_millis(10))

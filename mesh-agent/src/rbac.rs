@@ -54,50 +54,74 @@ pub const AGENT: Permissions = Permissions {
     }],
 };
 
-/// The controller: reads the policies and writes their `status`, reviews agents' tokens, reads
-/// pods (does a token's pod run on the node it claims), and in the release namespace elects a
-/// leader with a Lease, keeps the CA's root in a Secret (read, watched, created when absent) and
-/// publishes the trust bundle ConfigMap (read, created, updated).
+/// The controller's policy status writer ([`crate::controller`]): every replica lists and
+/// watches both policy kinds; the leader patches their status subresource (server-side apply).
+pub const CONTROLLER_POLICY_STATUS: [Grant; 2] = [
+    Grant {
+        api_group: crate::crd::GROUP,
+        resources: &["authorizationpolicies", "peerauthentications"],
+        verbs: &["list", "watch"],
+    },
+    Grant {
+        api_group: crate::crd::GROUP,
+        resources: &["authorizationpolicies/status", "peerauthentications/status"],
+        verbs: &["patch"],
+    },
+];
+
+/// The controller's leader election ([`crate::controller::leader`], `kube-lease-manager`): read
+/// the Lease (`get`), make it when missing (`create`), take, renew and release it (`patch`:
+/// server-side apply and strategic merge). Only in the release namespace.
+pub const CONTROLLER_LEADER_ELECTION: [Grant; 1] = [Grant {
+    api_group: "coordination.k8s.io",
+    resources: &["leases"],
+    verbs: &["create", "get", "patch"],
+}];
+
+/// The controller's CA ([`crate::ca`]), cluster-wide: review callers' tokens (TokenReview) and
+/// keep a pod reflector (is a token's pod there, which pods run on the caller's node).
+pub const CONTROLLER_CA: [Grant; 2] = [
+    Grant {
+        api_group: "authentication.k8s.io",
+        resources: &["tokenreviews"],
+        verbs: &["create"],
+    },
+    Grant {
+        api_group: "",
+        resources: &["pods"],
+        verbs: &["list", "watch"],
+    },
+];
+
+/// The controller's CA in the release namespace: its root Secret (read, watched by name, created
+/// when absent) and the trust bundle ConfigMap (read, created, updated).
+pub const CONTROLLER_CA_NAMESPACE: [Grant; 2] = [
+    Grant {
+        api_group: "",
+        resources: &["secrets"],
+        verbs: &["get", "list", "watch", "create"],
+    },
+    Grant {
+        api_group: "",
+        resources: &["configmaps"],
+        verbs: &["get", "create", "update"],
+    },
+];
+
+/// The controller: the policy status writer, its leader election and the CA, each with its own
+/// named list above.
 pub const CONTROLLER: Permissions = Permissions {
     component: "controller",
     cluster: &[
-        Grant {
-            api_group: crate::crd::GROUP,
-            resources: &["authorizationpolicies", "peerauthentications"],
-            verbs: &["get", "list", "watch"],
-        },
-        Grant {
-            api_group: crate::crd::GROUP,
-            resources: &["authorizationpolicies/status", "peerauthentications/status"],
-            verbs: &["update", "patch"],
-        },
-        Grant {
-            api_group: "authentication.k8s.io",
-            resources: &["tokenreviews"],
-            verbs: &["create"],
-        },
-        Grant {
-            api_group: "",
-            resources: &["pods"],
-            verbs: &["get", "list", "watch"],
-        },
+        CONTROLLER_POLICY_STATUS[0],
+        CONTROLLER_POLICY_STATUS[1],
+        CONTROLLER_CA[0],
+        CONTROLLER_CA[1],
     ],
     release_namespace: &[
-        Grant {
-            api_group: "coordination.k8s.io",
-            resources: &["leases"],
-            verbs: &["create", "get", "update"],
-        },
-        Grant {
-            api_group: "",
-            resources: &["secrets"],
-            verbs: &["get", "list", "watch", "create"],
-        },
-        Grant {
-            api_group: "",
-            resources: &["configmaps"],
-            verbs: &["get", "create", "update"],
-        },
+        CONTROLLER_LEADER_ELECTION[0],
+        CONTROLLER_CA_NAMESPACE[0],
+        CONTROLLER_CA_NAMESPACE[1],
     ],
 };
 

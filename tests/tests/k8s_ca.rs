@@ -196,14 +196,13 @@ async fn start_ca(kubeconfig: &Path, config: CaConfig) -> Result<RunningCa> {
     let addr = listener.local_addr()?;
     let metrics = CaMetrics::default();
     let readiness = Readiness::new();
-    let gate = readiness.register("ca");
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(ca::serve(
         config,
         client,
         listener,
         metrics.clone(),
-        gate,
+        ca::CaGates::register(&readiness),
         async move {
             let _ = stopped.await;
         },
@@ -218,7 +217,8 @@ async fn start_ca(kubeconfig: &Path, config: CaConfig) -> Result<RunningCa> {
         }
         ensure!(
             Instant::now() < deadline,
-            "the CA was not ready within 30 s"
+            "the CA was not ready within 30 s: {:?} pending",
+            readiness.pending()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -436,6 +436,53 @@ fn node_mode_serves_map_gauges() -> Result<()> {
         ensure!(line == "ready", "mesh-agent node: {line}");
         let (status, body) = http_in_netns(&ns.path(), stats, "GET", "/readyz")?;
         assert_eq!((status, body.as_str()), (200, "ready\n"));
+        // A second data path of the running instance stops at the instance claim, before it
+        // touches the first one's pins or programs.
+        let second = Command::new(probe_exe()?)
+            .arg(cgroup.path())
+            .arg(ns.path())
+            .arg("exec")
+            .arg(agent_exe()?)
+            .args([
+                "node",
+                "--datapath-only",
+                "--instance",
+                &instance,
+                "--cgroup",
+            ])
+            .arg(cgroup.path())
+            .args(["--tunnel-ip4", TUNNEL])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run the second mesh-agent node")?;
+        let deadline = Instant::now() + READY_WITHIN;
+        let mut second = second;
+        while second.try_wait()?.is_none() {
+            if Instant::now() >= deadline {
+                let _ = second.kill();
+                let _ = second.wait();
+                bail!("the second data path of a running instance did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let second = second.wait_with_output()?;
+        let err = String::from_utf8_lossy(&second.stderr);
+        ensure!(
+            !second.status.success(),
+            "the second data path must fail: {err}"
+        );
+        ensure!(
+            err.contains(&format!("another agent runs instance `{instance}`")),
+            "the second data path says why: {err}"
+        );
+        let (status, body) = http_in_netns(&ns.path(), stats, "GET", "/readyz")?;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "ready\n"),
+            "the first still serves"
+        );
         let (status, m) = http_in_netns(&ns.path(), stats, "GET", "/metrics")?;
         assert_eq!(status, 200, "{m}");
         let map = |name: &str, map: &str| metric_sum(&m, name, &[&format!("map=\"{map}\"")]);

@@ -58,11 +58,12 @@ pub async fn load_or_create(
     let api_err = |action: &'static str| {
         move |source| CaError::Api {
             action,
+            resource: "secrets",
             object: format!("secret {namespace}/{name}"),
             source,
         }
     };
-    if let Some(secret) = api.get_opt(name).await.map_err(api_err("read"))? {
+    if let Some(secret) = api.get_opt(name).await.map_err(api_err("get"))? {
         return Ok(secret);
     }
     let (cert, key) = local_ca::generate_root(trust_domain).map_err(CaError::Identity)?;
@@ -104,7 +105,7 @@ pub async fn load_or_create(
                 secret = name,
                 "another replica created the root CA first; using it"
             );
-            api.get(name).await.map_err(api_err("read"))
+            api.get(name).await.map_err(api_err("get"))
         }
         Err(e) => Err(api_err("create")(e)),
     }
@@ -140,12 +141,13 @@ pub async fn publish_bundle(
     let api_err = |action: &'static str| {
         move |source| CaError::Api {
             action,
+            resource: "configmaps",
             object: format!("configmap {namespace}/{name}"),
             source,
         }
     };
     let data = BTreeMap::from([(BUNDLE_KEY.to_string(), pem.to_string())]);
-    match api.get_opt(name).await.map_err(api_err("read"))? {
+    match api.get_opt(name).await.map_err(api_err("get"))? {
         Some(existing) if existing.data.as_ref() == Some(&data) => Ok(false),
         Some(mut existing) => {
             existing.data = Some(data);

@@ -652,6 +652,23 @@ fn policy_json(obj: &DynamicObject, kind: &str) -> serde_json::Value {
     })
 }
 
+/// An `AuthorizationPolicy` object as the policy engine reads it (also the controller's
+/// validation, so both judge a policy the same way). An error: the object does not fit the
+/// policy types (the agents then enforce a stand-in, see `authorization_policies`).
+pub fn read_authorization_policy(
+    obj: &DynamicObject,
+) -> Result<AuthorizationPolicy, serde_json::Error> {
+    serde_json::from_value(policy_json(obj, "AuthorizationPolicy"))
+}
+
+/// A `PeerAuthentication` object as the policy engine reads it (see
+/// [`read_authorization_policy`]).
+pub fn read_peer_authentication(
+    obj: &DynamicObject,
+) -> Result<PeerAuthentication, serde_json::Error> {
+    serde_json::from_value(policy_json(obj, "PeerAuthentication"))
+}
+
 /// `spec.selector.matchLabels` read leniently (for a stand-in): `None` when absent or unreadable,
 /// which widens the stand-in to the whole namespace (fail closed).
 fn lenient_selector(obj: &DynamicObject) -> Option<WorkloadSelector> {
@@ -676,10 +693,7 @@ fn authorization_policies(
     for obj in sorted(&snap.authorization_policies) {
         let (namespace, name) = key_of(obj.as_ref());
         let object = format!("AuthorizationPolicy {namespace}/{name}");
-        let spec = match serde_json::from_value::<AuthorizationPolicy>(policy_json(
-            obj,
-            "AuthorizationPolicy",
-        )) {
+        let spec = match read_authorization_policy(obj) {
             Ok(p) => p,
             Err(e) => {
                 let action = obj
@@ -735,10 +749,7 @@ fn peer_authentications(
     for obj in sorted(&snap.peer_authentications) {
         let (namespace, name) = key_of(obj.as_ref());
         let object = format!("PeerAuthentication {namespace}/{name}");
-        let spec = match serde_json::from_value::<PeerAuthentication>(policy_json(
-            obj,
-            "PeerAuthentication",
-        )) {
+        let spec = match read_peer_authentication(obj) {
             Ok(p) => p,
             Err(e) => {
                 skip(

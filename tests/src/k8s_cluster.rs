@@ -46,7 +46,8 @@ pub const CA_PORT: u16 = 15012;
 /// The name the CA's certificate carries and the agents verify.
 pub const CA_NAME: &str = "nodemesh-ca.nodemesh-system.svc";
 
-/// The mesh CA (`mesh-agent ca`, what the controller serves) running in node a's namespace.
+/// `mesh-agent controller` (its CA: what the agents get certificates from) running in node a's
+/// namespace.
 pub struct CaProcess {
     child: Child,
     pub log: PathBuf,
@@ -314,8 +315,8 @@ impl KCluster {
             .with_context(|| format!("no pod {name}"))
     }
 
-    /// Starts the mesh CA (`mesh-agent ca`, with the `nodemesh-controller` ServiceAccount's
-    /// token) on node a's address, creates each node agent's pod object
+    /// Starts `mesh-agent controller` (with the `nodemesh-controller` ServiceAccount's token and
+    /// the chart's RBAC), its CA on node a's address, creates each node agent's pod object
     /// (`nodemesh-system/nodemesh-agent-<a|b>`) and a token bound to it for the CA's audience;
     /// agents started afterwards get their certificates from the CA instead of a local CA.
     pub fn start_ca(&mut self) -> Result<()> {
@@ -341,25 +342,27 @@ impl KCluster {
             "nodemesh-controller",
             Some(NODE_A.parse()?),
         )?;
-        let log = self.dir.path().join("ca.log");
+        let log = self.dir.path().join("controller.log");
         let child = self
             .cp
             .command(crate::agent_exe()?)?
-            .arg("ca")
+            .arg("controller")
             .arg("--kubeconfig")
             .arg(&kubeconfig)
+            .args(["--metrics-addr", &format!("{NODE_A}:15014")])
+            .args(["--lease-namespace", SYSTEM_NS, "--identity", "controller-0"])
             .args(["--ca-listen", &format!("{NODE_A}:{CA_PORT}")])
             .args(["--ca-namespace", SYSTEM_NS])
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
-            .context("cannot start the CA")?;
+            .context("cannot start the controller")?;
         let mut ca = CaProcess { child, log };
         let deadline = Instant::now() + Duration::from_secs(60);
         while !ca.logs().contains("CA serving") {
             if let Some(status) = ca.child.try_wait()? {
-                anyhow::bail!("the CA exited ({status}):\n{}", ca.logs());
+                anyhow::bail!("the controller exited ({status}):\n{}", ca.logs());
             }
             ensure!(
                 Instant::now() < deadline,

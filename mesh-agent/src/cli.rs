@@ -66,7 +66,7 @@ enum Command {
         kubeconfig: Option<PathBuf>,
     },
     /// Write the CustomResourceDefinitions generated from the policy types into a directory
-    /// (`cargo xtask codegen` runs this for `charts/nodemesh/crds/`).
+    /// (`cargo xtask codegen` runs this for `charts/nodemesh/files/crds/`).
     #[command(hide = true)]
     WriteCrds {
         /// The directory to write `<plural>.<group>.yaml` files into.

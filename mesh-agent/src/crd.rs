@@ -1,6 +1,9 @@
 //! The Kubernetes custom resources `security.nodemesh.io/v1alpha1` `AuthorizationPolicy` and
 //! `PeerAuthentication`, and the CustomResourceDefinitions generated from them into
-//! `charts/nodemesh/crds/` (`cargo xtask codegen`; a test fails on drift).
+//! `charts/nodemesh/files/crds/` (`cargo xtask codegen`; a test fails on drift). The chart
+//! renders them through `templates/crds.yaml` (not Helm's `crds/` directory, which Helm installs
+//! once and never upgrades), adding `helm.sh/resource-policy: keep` so that `helm uninstall`
+//! leaves them, and the users' policies, in place.
 //!
 //! One source of truth: a resource's `spec` is the policy engine's own spec type
 //! ([`crate::policy::spec`]), the one the local-mode file is parsed into, so the CRD schema has
@@ -90,7 +93,7 @@ pub struct PolicyStatus {
 
 /// One generated CRD file of the chart.
 pub struct CrdFile {
-    /// File name under `charts/nodemesh/crds/`.
+    /// File name under `charts/nodemesh/files/crds/`.
     pub file_name: &'static str,
     pub crd: CustomResourceDefinition,
 }
@@ -179,7 +182,7 @@ pub enum CrdError {
     },
 }
 
-/// Writes every CRD file into `dir` (the chart's `crds/`); returns the paths written.
+/// Writes every CRD file into `dir` (the chart's `files/crds/`); returns the paths written.
 pub fn write_all(dir: &Path) -> Result<Vec<PathBuf>, CrdError> {
     let mut written = Vec::new();
     for file in crds() {

@@ -8,7 +8,9 @@
 //! namespace from its UID through `/proc` (`podns`), the node-local interface holding the tunnel
 //! address (`tunnel_iface`) and finding the cgroup v2 hierarchy (`cgroup`). Components: workload
 //! identities and certificates (`identity`), the HBONE tunnel (`tunnel`), the metrics registry
-//! (`metrics`), readiness gates (`readiness`) and the stats and admin HTTP servers (`admin`).
+//! (`metrics`), readiness gates (`readiness`) and the stats and admin HTTP servers (`admin`). What the agent may do: its
+//! Kubernetes RBAC (`rbac`) and its Linux capabilities (`privileges`), one list each that the
+//! chart must grant exactly.
 //! Top: `node`, the data-path-only process (`mesh-agent node --datapath-only`), and `app`, the
 //! whole agent wired together from a model source (`mesh-agent local`, `mesh-agent node`).
 
@@ -31,6 +33,7 @@ pub mod netns;
 pub mod node;
 pub mod podns;
 pub mod policy;
+pub mod privileges;
 pub mod rbac;
 pub mod readiness;
 pub mod reconcile;

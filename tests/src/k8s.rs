@@ -606,21 +606,12 @@ impl ControlPlane {
         child.wait_with_output().context("kubectl")
     }
 
-    /// Installs the chart as the end-to-end tests and benchmarks use it: its CRDs (waiting until
-    /// they are Established), then namespace `namespace` and what `helm template` renders into it
-    /// (ServiceAccounts, RBAC), rendered for the pinned Kubernetes version.
+    /// Installs the chart as the end-to-end tests and benchmarks use it: namespace `namespace`,
+    /// then what `helm template` renders into it for the pinned Kubernetes version (the CRDs,
+    /// ServiceAccounts, RBAC, and the agent DaemonSet and controller Deployment, which stay
+    /// without pods: no controllers run), then waits until the CRDs are Established.
     pub fn install_chart(&self, namespace: &str) -> Result<()> {
         let chart = workspace_root().join("charts/nodemesh");
-        for entry in fs::read_dir(chart.join("crds"))? {
-            self.apply(&fs::read_to_string(entry?.path())?)?;
-        }
-        self.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/authorizationpolicies.security.nodemesh.io",
-            "crd/peerauthentications.security.nodemesh.io",
-        ])?;
         self.apply(&format!(
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {namespace}\n"
         ))?;
@@ -634,6 +625,13 @@ impl ControlPlane {
             &pinned_version("KUBERNETES_VERSION")?,
         ])?;
         self.apply(&rendered)?;
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/authorizationpolicies.security.nodemesh.io",
+            "crd/peerauthentications.security.nodemesh.io",
+        ])?;
         Ok(())
     }
 

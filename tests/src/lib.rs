@@ -15,6 +15,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 
 pub mod bench;
+pub mod chart;
 pub mod cluster;
 pub mod k8s;
 pub mod k8s_cluster;

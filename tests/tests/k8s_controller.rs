@@ -618,7 +618,7 @@ fn the_controller_waits_for_the_crds() -> Result<()> {
         ctl.logs()
     );
 
-    let crds = nodemesh_tests::k8s::workspace_root().join("charts/nodemesh/crds");
+    let crds = nodemesh_tests::k8s::workspace_root().join("charts/nodemesh/files/crds");
     for entry in std::fs::read_dir(crds)? {
         cp.apply(&std::fs::read_to_string(entry?.path())?)?;
     }

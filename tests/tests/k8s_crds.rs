@@ -50,7 +50,7 @@ fn json(text: &str) -> Value {
 
 /// Applies the chart's CRDs and waits until both are Established.
 fn install_crds(cp: &ControlPlane) -> Result<()> {
-    for file in yaml_files("charts/nodemesh/crds") {
+    for file in yaml_files("charts/nodemesh/files/crds") {
         let path = file.to_string_lossy().into_owned();
         cp.kubectl(&["apply", "--server-side", "-f", &path])
             .with_context(|| format!("the API server refuses the CRD {path}"))?;

@@ -1,5 +1,5 @@
 //! `cargo xtask codegen`: regenerates the files derived from Rust types and committed to the
-//! repository: the chart's CRDs (`charts/nodemesh/crds/`, from `mesh-agent/src/crd.rs`). xtask
+//! repository: the chart's CRDs (`charts/nodemesh/files/crds/`, from `mesh-agent/src/crd.rs`). xtask
 //! does not depend on mesh-agent (its build needs the eBPF object), so this builds the eBPF
 //! object first and runs the agent's hidden `write-crds` command. A mesh-agent test fails when
 //! the committed files differ from what this writes.
@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// Where the generated CRDs go, relative to the workspace root.
-pub const CRD_DIR: &str = "charts/nodemesh/crds";
+pub const CRD_DIR: &str = "charts/nodemesh/files/crds";
 
 #[derive(clap::Args, Debug, Default)]
 pub struct Options {}

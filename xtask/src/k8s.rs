@@ -187,7 +187,7 @@ fn check_go_modules(root: &Path, v: &Versions) -> Result<()> {
 }
 
 /// FNV-1a, 64 bits: a cache key that is stable across Rust releases (unlike `DefaultHasher`).
-fn fnv1a(parts: &[&[u8]]) -> u64 {
+pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for part in parts {
         for b in part.iter().chain([0u8].iter()) {

@@ -4,6 +4,7 @@
 mod bench;
 mod build_ebpf;
 mod codegen;
+mod image;
 mod k8s;
 mod lab;
 mod setup;
@@ -29,6 +30,9 @@ enum Command {
     /// Regenerate the committed files derived from Rust types (the chart's CRDs); a test fails
     /// when they are stale.
     Codegen(codegen::Options),
+    /// The container image (charts/image/Dockerfile): builds mesh-agent and stages the context
+    /// in target/image; builds the image when docker, podman or buildah is present.
+    Image(image::Options),
     /// Everything CI checks: setup, eBPF build, fmt, clippy (host and eBPF), unit and root tests.
     Test(test::Options),
     /// The local lab: two nodes and their pods on this machine (`up`, the default; `down`;
@@ -48,6 +52,7 @@ fn main() {
         Command::Setup(opts) => setup::run(opts),
         Command::BuildEbpf(opts) => build_ebpf::run(opts),
         Command::Codegen(opts) => codegen::run(opts),
+        Command::Image(opts) => image::run(opts),
         Command::Test(opts) => test::run(opts),
         Command::Lab(opts) => lab::run(opts),
         Command::Bench(opts) => bench::run(opts),

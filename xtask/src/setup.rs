@@ -2,14 +2,26 @@
 //! before it acts and says what it found or did; a second run changes nothing and says so. What
 //! cannot be fixed automatically stops with one message naming the missing piece and the fix.
 
-use std::{path::Path, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context, Result, bail};
 
 use crate::{
     toolchain::{self, Toolchain},
-    util::{exec, is_root, output, which},
+    util::{exec, is_root, output, which, workspace_root},
 };
+
+/// The pinned Python packages of the chart tests, relative to the workspace root.
+const PYTHON_REQUIREMENTS: &str = "xtask/python/requirements.txt";
+/// Where setup records the `kubernetes-validate` executable for the tests, relative to the
+/// workspace root (`cargo xtask test` also passes it in [`KUBERNETES_VALIDATE_ENV`]).
+pub const KUBERNETES_VALIDATE_POINTER: &str = "target/kubernetes-validate";
+/// The environment variable naming the `kubernetes-validate` executable for the tests.
+pub const KUBERNETES_VALIDATE_ENV: &str = "NODEMESH_KUBERNETES_VALIDATE";
 
 #[derive(clap::Args, Default)]
 pub struct Options {}
@@ -275,6 +287,7 @@ fn ensure_interop_tools(r: &mut Report) -> Result<()> {
 fn ensure_test_tools(r: &mut Report) -> Result<()> {
     ensure_ip(r)?;
     ensure_interop_tools(r)?;
+    ensure_python_tools(r)?;
     // Go cannot be installed from Debian (too old): it must be there (CI machines have it).
     let (go, version) = crate::k8s::find_go()?;
     r.ok(&format!(
@@ -303,8 +316,87 @@ fn ensure_test_tools(r: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// `kubernetes-validate` (PyPI, pinned with its dependencies in [`PYTHON_REQUIREMENTS`]) in a
+/// virtual environment keyed by that file's hash, outside the repository, for the chart tests'
+/// offline validation against the Kubernetes OpenAPI schemas. Records the executable's path in
+/// [`KUBERNETES_VALIDATE_POINTER`] and returns it.
+pub fn ensure_python_tools_quiet() -> Result<PathBuf> {
+    let mut r = Report { changed: 0 };
+    ensure_python_tools(&mut r)
+}
+
+fn ensure_python_tools(r: &mut Report) -> Result<PathBuf> {
+    let root = workspace_root();
+    let req_path = root.join(PYTHON_REQUIREMENTS);
+    let req = fs::read(&req_path).with_context(|| format!("cannot read {}", req_path.display()))?;
+    let cache =
+        match std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+            Some(x) => PathBuf::from(x),
+            None => PathBuf::from(std::env::var_os("HOME").filter(|h| !h.is_empty()).context(
+                "neither XDG_CACHE_HOME nor HOME is set: cannot place the Python tools",
+            )?)
+            .join(".cache"),
+        };
+    let venv = cache.join(format!(
+        "nodemesh/python-{:016x}",
+        crate::k8s::fnv1a(&[&req])
+    ));
+    let exe = venv.join("bin/kubernetes-validate");
+    let stamp = venv.join("requirements.txt");
+    if exe.is_file() && fs::read(&stamp).is_ok_and(|s| s == req) {
+        r.ok(&format!(
+            "kubernetes-validate at {} (chart tests)",
+            exe.display()
+        ));
+    } else {
+        if venv.exists() {
+            fs::remove_dir_all(&venv)
+                .with_context(|| format!("cannot remove the stale {}", venv.display()))?;
+        }
+        let python = if Path::new("/usr/bin/python3").is_file() {
+            "/usr/bin/python3"
+        } else {
+            "python3"
+        };
+        if output(Command::new(python).args(["-c", "import ensurepip, venv"])).is_none() {
+            if apt_available() {
+                apt_install(r, &["python3-venv"])?;
+            } else {
+                bail!(
+                    "{python} cannot create virtual environments (no `venv`/`ensurepip`): \
+                     install python3-venv"
+                );
+            }
+        }
+        exec(Command::new(python).arg("-m").arg("venv").arg(&venv))?;
+        exec(
+            Command::new(venv.join("bin/pip"))
+                .args([
+                    "install",
+                    "--quiet",
+                    "--no-input",
+                    "--disable-pip-version-check",
+                ])
+                .arg("-r")
+                .arg(&req_path),
+        )
+        .context("installing the chart tests' Python tools from PyPI failed")?;
+        fs::write(&stamp, &req)?;
+        r.did(&format!(
+            "installed kubernetes-validate ({PYTHON_REQUIREMENTS}) into {}",
+            venv.display()
+        ));
+    }
+    let pointer = root.join(KUBERNETES_VALIDATE_POINTER);
+    if let Some(dir) = pointer.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(&pointer, exe.to_string_lossy().as_bytes())?;
+    Ok(exe)
+}
+
 fn check_kernel(r: &mut Report) -> Result<()> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let has = |fstype: &str, dir: Option<&str>| {
         mounts.lines().any(|l| {
             let f: Vec<&str> = l.split_ascii_whitespace().collect();

@@ -3,7 +3,8 @@
 //! `-D warnings` on the host crates and, separately, on the eBPF crate, then runs every test
 //! (unit tests and the root eBPF integration tests) with cargo-nextest, whose summary line is the
 //! last thing printed. Before the tests it runs `k8s build` (seconds when the binaries are cached)
-//! and passes their directory to the tests in `NODEMESH_K8S_BIN`.
+//! and passes their directory to the tests in `NODEMESH_K8S_BIN`, and the chart tests'
+//! `kubernetes-validate` (installed by setup) in `NODEMESH_KUBERNETES_VALIDATE`.
 
 use std::process::Command;
 
@@ -45,12 +46,19 @@ pub fn run(opts: Options) -> Result<()> {
     ]))?;
     build_ebpf::clippy()?;
     let k8s_bin = k8s::build()?;
-    exec(cargo().env(k8s::BIN_ENV, &k8s_bin).args([
-        "nextest",
-        "run",
-        "--workspace",
-        "--exclude",
-        "mesh-ebpf",
-        "--no-fail-fast",
-    ]))
+    // Recorded by setup; quiet and quick when present (also with --no-setup).
+    let validate = setup::ensure_python_tools_quiet()?;
+    exec(
+        cargo()
+            .env(k8s::BIN_ENV, &k8s_bin)
+            .env(setup::KUBERNETES_VALIDATE_ENV, &validate)
+            .args([
+                "nextest",
+                "run",
+                "--workspace",
+                "--exclude",
+                "mesh-ebpf",
+                "--no-fail-fast",
+            ]),
+    )
 }

@@ -28,3 +28,30 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end }}
+
+{{/* Selector labels of one component's pods: pass (list . "agent"). */}}
+{{- define "nodemesh.selectorLabels" -}}
+{{- $ := index . 0 -}}
+app.kubernetes.io/name: {{ include "nodemesh.name" $ }}
+app.kubernetes.io/instance: {{ $.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{/* The image: repository@digest, else repository:tag (default the chart's appVersion). */}}
+{{- define "nodemesh.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The namespace of mesh-wide policies. */}}
+{{- define "nodemesh.rootNamespace" -}}
+{{- default .Release.Namespace .Values.rootNamespace }}
+{{- end }}
+
+{{/* The CA's Service (agents dial `<it>.<namespace>.svc`; the CA's certificate names it). */}}
+{{- define "nodemesh.caService" -}}
+{{- include "nodemesh.fullname" . }}-ca
+{{- end }}

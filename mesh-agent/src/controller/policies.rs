@@ -113,7 +113,7 @@ fn report_watch_error(kind: PolicyKind, e: &watcher::Error, metrics: &Controller
         404 => error!(
             kind = kind_name,
             "the {kind_name} CRD ({}/{}) is not installed (the API server answers 404): install \
-             the chart's CRDs (charts/nodemesh/crds); retrying with backoff",
+             the chart (its CRDs: charts/nodemesh/files/crds); retrying with backoff",
             crate::crd::GROUP,
             crate::crd::VERSION
         ),

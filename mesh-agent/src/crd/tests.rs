@@ -22,7 +22,7 @@ fn workspace() -> PathBuf {
 
 #[test]
 fn chart_crds_are_generated_from_the_rust_types() {
-    let dir = workspace().join("charts/nodemesh/crds");
+    let dir = workspace().join("charts/nodemesh/files/crds");
     let mut expected = Vec::new();
     for file in crds() {
         let path = dir.join(file.file_name);
@@ -37,7 +37,7 @@ fn chart_crds_are_generated_from_the_rust_types() {
         expected.push(file.file_name.to_owned());
     }
     let mut present: Vec<String> = std::fs::read_dir(&dir)
-        .expect("charts/nodemesh/crds exists")
+        .expect("charts/nodemesh/files/crds exists")
         .map(|e| {
             e.expect("readable")
                 .file_name()
@@ -49,7 +49,7 @@ fn chart_crds_are_generated_from_the_rust_types() {
     expected.sort();
     assert_eq!(
         present, expected,
-        "charts/nodemesh/crds holds a file `cargo xtask codegen` does not write: remove it"
+        "charts/nodemesh/files/crds holds a file `cargo xtask codegen` does not write: remove it"
     );
 }
 

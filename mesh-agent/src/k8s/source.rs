@@ -299,8 +299,8 @@ fn log_watch_error(kind: &'static str, e: &watcher::Error) {
         Some(404) if kind == "AuthorizationPolicy" || kind == "PeerAuthentication" => error!(
             kind,
             "the {kind} CRD ({POLICY_GROUP}/{POLICY_VERSION}) is not installed (the API server \
-             answers 404): install the chart's CRDs (charts/nodemesh/crds); the agent waits for \
-             it and retries with backoff"
+             answers 404): install the chart (its CRDs: charts/nodemesh/files/crds); the agent \
+             waits for it and retries with backoff"
         ),
         Some(403) => error!(
             kind,

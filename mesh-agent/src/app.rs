@@ -32,7 +32,10 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{Datapath, InstanceLock, LoadOptions, Pins},
-    identity::{CertCache, LocalCa, SpiffeId},
+    identity::{
+        CertCache, LocalCa, SpiffeId,
+        ca_client::{BundleWatch, CaClient, CaClientConfig, watch_bundle},
+    },
     local_config::{DEFAULT_POLL_INTERVAL, LocalConfigSource},
     model::{ClusterModel, ObjectKey},
     policy::{ConnectionAttrs, PeerIdentity},
@@ -58,7 +61,10 @@ pub struct AgentOptions {
     /// CA, readiness file; default `/var/lib/nodemesh/<instance>`.
     pub state_dir: Option<PathBuf>,
     /// The local CA's directory; default `<state-dir>/ca`. Agents of one cluster share it.
+    /// Unused when `ca_client` is set.
     pub ca_dir: Option<PathBuf>,
+    /// Kubernetes mode with a CA address: certificates from the mesh CA instead of `ca_dir`.
+    pub ca_client: Option<CaClientOptions>,
     /// Where to attach the programs; default the cgroup v2 root.
     pub cgroup: Option<PathBuf>,
     pub instance: String,
@@ -71,6 +77,19 @@ pub struct AgentOptions {
     pub trust_domain: Option<String>,
     /// Stats/admin addresses and the `/logging` handle.
     pub observability: observability::ObservabilityOptions,
+}
+
+/// Where the agent gets certificates in Kubernetes mode with `--ca-address`: the mesh CA
+/// (`identity::ca_client`), its TLS verified with the trust bundle read from a ConfigMap.
+#[derive(Clone, Debug)]
+pub struct CaClientOptions {
+    pub client: CaClientConfig,
+    /// For the bundle ConfigMap watch (default: KUBECONFIG, else in-cluster).
+    pub kubeconfig: Option<PathBuf>,
+    pub namespace: String,
+    pub bundle_configmap: String,
+    /// How long to wait for a usable bundle at start before failing.
+    pub bundle_timeout: Duration,
 }
 
 impl AgentOptions {
@@ -86,6 +105,7 @@ impl Default for AgentOptions {
         Self {
             state_dir: None,
             ca_dir: None,
+            ca_client: None,
             cgroup: None,
             instance: "default".into(),
             bpffs: PathBuf::from(Pins::DEFAULT_BPFFS),
@@ -374,6 +394,8 @@ pub struct Running {
     quit: Arc<tokio::sync::Notify>,
     servers: observability::Servers,
     enrollment: observability::EnrollmentGate,
+    /// The trust bundle ConfigMap's watch (certificates from the mesh CA only).
+    _bundle_watch: Option<BundleWatch>,
 }
 
 /// `mesh-agent local`: the agent fed from the local file (see the module comment).
@@ -433,10 +455,30 @@ pub async fn build_with(
             |w| w.identity.trust_domain.clone(),
         )
     });
-    let ca_dir = opts.ca_dir.clone().unwrap_or_else(|| state_dir.join("ca"));
-    let ca = LocalCa::open(&ca_dir, &trust_domain)
-        .with_context(|| format!("cannot open the local CA in {}", ca_dir.display()))?;
-    let certs = Arc::new(CertCache::new(Arc::new(ca)));
+    let (certs, bundle_watch) = match &opts.ca_client {
+        Some(c) => {
+            let client = crate::k8s::client(c.kubeconfig.as_deref()).await?;
+            let watch = watch_bundle(
+                client,
+                &c.namespace,
+                &c.bundle_configmap,
+                &trust_domain,
+                c.bundle_timeout,
+            )
+            .await?;
+            info!(ca = %c.client.address, server_name = %c.client.server_name,
+                bundle = %format!("{}/{}", c.namespace, c.bundle_configmap),
+                "certificates from the mesh CA");
+            let provider = CaClient::new(c.client.clone(), watch.bundle.clone());
+            (Arc::new(CertCache::new(Arc::new(provider))), Some(watch))
+        }
+        None => {
+            let ca_dir = opts.ca_dir.clone().unwrap_or_else(|| state_dir.join("ca"));
+            let ca = LocalCa::open(&ca_dir, &trust_domain)
+                .with_context(|| format!("cannot open the local CA in {}", ca_dir.display()))?;
+            (Arc::new(CertCache::new(Arc::new(ca))), None)
+        }
+    };
 
     // Data path.
     crate::tunnel_iface::ensure_tunnel_iface(TUNNEL_IFACE, &[node.tunnel_address])
@@ -575,6 +617,7 @@ pub async fn build_with(
         quit,
         servers,
         enrollment,
+        _bundle_watch: bundle_watch,
     })
 }
 

@@ -35,7 +35,7 @@ enum Command {
     /// account). With `--datapath-only`: only the data path (pin and attach the programs,
     /// redirect enrolled pods to the tunnel address, beat the heartbeat; prints `ready`). Either
     /// way SIGTERM/SIGINT exits leaving the programs attached.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Run the whole node agent (data path, identities, tunnel, policy) fed from a local YAML
     /// file instead of Kubernetes (docs/local-mode.md). Logs `nodemesh agent ready` and creates
     /// `<state-dir>/ready` once serving; SIGTERM drains and exits leaving the programs pinned.
@@ -55,6 +55,16 @@ enum Command {
         #[arg(long, default_value = Pins::DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
+    /// Run the mesh CA alone (what `mesh-agent controller` serves on every replica), for tests
+    /// and labs: Istio's CA API over TLS with node authorization (docs/architecture.md).
+    #[command(hide = true)]
+    Ca {
+        #[command(flatten)]
+        ca: CaArgs,
+        /// A kubeconfig file; default KUBECONFIG, else the in-cluster service account.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+    },
     /// Write the CustomResourceDefinitions generated from the policy types into a directory
     /// (`cargo xtask codegen` runs this for `charts/nodemesh/files/crds/`).
     #[command(hide = true)]
@@ -63,6 +73,113 @@ enum Command {
         #[arg(long)]
         out_dir: PathBuf,
     },
+}
+
+/// The CA's flags (`mesh-agent controller`, and the hidden `mesh-agent ca`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct CaArgs {
+    /// Where the CA listens (TLS, Istio's CA API).
+    #[arg(long = "ca-listen", default_value = "0.0.0.0:15012")]
+    pub listen: std::net::SocketAddr,
+    /// The release namespace: the root Secret and the bundle ConfigMap live there.
+    #[arg(
+        long = "ca-namespace",
+        env = "POD_NAMESPACE",
+        default_value = "nodemesh-system"
+    )]
+    pub namespace: String,
+    /// Trust domain of the identities the CA signs.
+    #[arg(long = "ca-trust-domain", default_value = crate::model::spec::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// The Secret holding the root (Istio `cacerts` layout; created when absent).
+    #[arg(long = "ca-secret", default_value = crate::ca::DEFAULT_SECRET)]
+    pub secret: String,
+    /// The ConfigMap the trust bundle is published in (`root-cert.pem`).
+    #[arg(long = "ca-bundle-configmap", default_value = crate::ca::DEFAULT_BUNDLE_CONFIGMAP)]
+    pub bundle_configmap: String,
+    /// The audience callers' tokens must be for.
+    #[arg(long = "ca-audience", default_value = crate::ca::DEFAULT_AUDIENCE)]
+    pub audience: String,
+    /// A user allowed to request certificates (repeatable); default
+    /// `system:serviceaccount:<namespace>:nodemesh-agent`.
+    #[arg(long = "ca-allowed-caller")]
+    pub allowed_callers: Vec<String>,
+    /// The CA Service's name: the serving certificate names `<service>.<namespace>.svc`.
+    #[arg(long = "ca-service", default_value = crate::ca::DEFAULT_SERVICE)]
+    pub service: String,
+    /// An extra DNS name for the serving certificate (repeatable).
+    #[arg(long = "ca-dns-name")]
+    pub dns_names: Vec<String>,
+    /// The longest certificate lifetime the CA signs, in seconds.
+    #[arg(long = "ca-max-ttl-secs", default_value_t = crate::ca::DEFAULT_MAX_TTL.as_secs())]
+    pub max_ttl_secs: u64,
+}
+
+impl CaArgs {
+    pub fn config(&self) -> crate::ca::CaConfig {
+        let mut c = crate::ca::CaConfig::new(&self.namespace, &self.trust_domain);
+        c.secret = self.secret.clone();
+        c.bundle_configmap = self.bundle_configmap.clone();
+        c.audience = self.audience.clone();
+        if !self.allowed_callers.is_empty() {
+            c.allowed_callers = self.allowed_callers.clone();
+        }
+        c.dns_names = crate::ca::service_dns_names(&self.service, &self.namespace);
+        c.dns_names.extend(self.dns_names.iter().cloned());
+        c.max_ttl = Duration::from_secs(self.max_ttl_secs.max(60));
+        c
+    }
+}
+
+fn run_ca(args: CaArgs, kubeconfig: Option<PathBuf>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report(&e),
+    };
+    let result: anyhow::Result<()> = rt.block_on(async move {
+        let client = crate::k8s::client(kubeconfig.as_deref()).await?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} for the CA: {e}", args.listen))?;
+        let readiness = crate::readiness::Readiness::new();
+        let shutdown = async {
+            if let Err(e) = crate::tunnel::drain::shutdown_signal().await {
+                tracing::warn!(error = %e, "no signal handler; running until killed");
+                std::future::pending::<()>().await;
+            }
+        };
+        let metrics = crate::ca::CaMetrics::default();
+        let serve = crate::ca::serve(
+            args.config(),
+            client,
+            listener,
+            metrics,
+            crate::ca::CaGates::register(&readiness),
+            shutdown,
+        );
+        let mut serve = std::pin::pin!(serve);
+        // `ready` on stdout once serving, for scripts and tests.
+        loop {
+            tokio::select! {
+                r = &mut serve => return Ok(r?),
+                () = tokio::time::sleep(Duration::from_millis(50)), if !readiness.is_ready() => {
+                    if readiness.is_ready() {
+                        println!("ready");
+                    }
+                }
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -133,10 +250,30 @@ struct NodeArgs {
     /// State directory (readiness file, CA unless `--ca-dir`); default /var/lib/nodemesh/<instance>.
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// The local CA's directory (until the controller's CA exists), shared by the agents of one
-    /// cluster; default <state-dir>/ca.
-    #[arg(long)]
+    /// The local CA's directory, shared by the agents of one cluster; default <state-dir>/ca.
+    /// Used unless `--ca-address` is given.
+    #[arg(long, conflicts_with = "ca_address")]
     ca_dir: Option<PathBuf>,
+    /// The mesh CA (`host:port`, e.g. `nodemesh-ca.nodemesh-system.svc:15012`): workload
+    /// certificates come from it instead of a local CA directory.
+    #[arg(long)]
+    ca_address: Option<String>,
+    /// The name the CA's TLS certificate must carry; default the host of `--ca-address`.
+    #[arg(long, requires = "ca_address")]
+    ca_server_name: Option<String>,
+    /// The agent's projected ServiceAccount token (audience `nodemesh-ca`), re-read per request.
+    #[arg(long, default_value = crate::identity::ca_client::DEFAULT_TOKEN_PATH)]
+    ca_token_file: PathBuf,
+    /// The namespace of the CA's trust bundle ConfigMap (the release namespace).
+    #[arg(long, default_value = "nodemesh-system")]
+    ca_namespace: String,
+    /// The trust bundle ConfigMap (`root-cert.pem`), watched: a change updates the tunnel's
+    /// trust without a restart.
+    #[arg(long, default_value = crate::ca::DEFAULT_BUNDLE_CONFIGMAP)]
+    ca_bundle_configmap: String,
+    /// Requested workload certificate lifetime in seconds (the CA may cap it).
+    #[arg(long, default_value_t = crate::identity::DEFAULT_CERT_TTL.as_secs())]
+    cert_ttl_secs: u64,
     /// Admin server (/config_dump, /logging, /quitquitquit), loopback only; default
     /// `127.0.0.1:15000`.
     #[arg(long)]
@@ -190,6 +327,9 @@ struct ControllerArgs {
     /// Log lines as `text` or `json`; the filter comes from RUST_LOG (default `info`).
     #[arg(long, default_value = "text")]
     log_format: crate::admin::LogFormat,
+    /// The mesh CA every replica serves (docs/architecture.md, "The mesh CA").
+    #[command(flatten)]
+    ca: CaArgs,
 }
 
 #[derive(clap::Args)]
@@ -330,9 +470,32 @@ fn run_kubernetes(args: NodeArgs) -> ExitCode {
     if let Some(a) = args.admin_addr {
         settings.admin_port = a.port();
     }
+    let ca_client = args.ca_address.as_ref().map(|address| {
+        let server_name = args.ca_server_name.clone().unwrap_or_else(|| {
+            address
+                .rsplit_once(':')
+                .map_or(address.as_str(), |(host, _)| host)
+                .trim_matches(['[', ']'])
+                .to_owned()
+        });
+        let mut client = crate::identity::ca_client::CaClientConfig::new(
+            address,
+            &server_name,
+            args.ca_token_file.clone(),
+        );
+        client.ttl = Duration::from_secs(args.cert_ttl_secs.max(60));
+        crate::app::CaClientOptions {
+            client,
+            kubeconfig: args.kubeconfig.clone(),
+            namespace: args.ca_namespace.clone(),
+            bundle_configmap: args.ca_bundle_configmap.clone(),
+            bundle_timeout: Duration::from_secs(60),
+        }
+    });
     let agent = crate::app::AgentOptions {
         state_dir: args.state_dir,
         ca_dir: args.ca_dir,
+        ca_client,
         cgroup: args.cgroup,
         instance: args.instance,
         bpffs: args.bpffs,
@@ -393,9 +556,35 @@ fn run_controller(args: ControllerArgs) -> ExitCode {
         Err(e) => return report(&e),
     };
     let kubeconfig = args.kubeconfig;
+    let ca = args.ca;
     let result = rt.block_on(async move {
         let client = crate::k8s::client(kubeconfig.as_deref()).await?;
-        let controller = crate::controller::Controller::new(client, opts)?;
+        let mut controller = crate::controller::Controller::new(client.clone(), opts)?;
+        // The CA, on every replica: its metrics in the controller's registry, its API errors
+        // counted with the controller's, its readiness gates in the controller's /readyz.
+        let api_metrics = controller.metrics().clone();
+        let ca_metrics =
+            crate::ca::CaMetrics::new(controller.registry()).with_api_errors(std::sync::Arc::new(
+                move |op, resource, code| api_metrics.api_error(op, resource, code),
+            ));
+        let listener = tokio::net::TcpListener::bind(ca.listen)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen on {} for the CA: {e} (is another process using the port? \
+                 choose another with --ca-listen)",
+                    ca.listen
+                )
+            })?;
+        let serve = crate::ca::serve(
+            ca.config(),
+            client,
+            listener,
+            ca_metrics,
+            crate::ca::CaGates::register(controller.readiness()),
+            controller.shutdown().wait(),
+        );
+        controller.add_component("ca", async move { Ok(serve.await?) });
         let running = controller.start().await?;
         let signal = async {
             if let Err(e) = crate::tunnel::drain::shutdown_signal().await {
@@ -551,10 +740,11 @@ pub fn main() -> ExitCode {
             }
             Err(e) => report(&e),
         },
-        Command::Node(args) => run_node(args),
+        Command::Node(args) => run_node(*args),
         Command::Local(args) => run_local(args),
         Command::Controller(args) => run_controller(args),
         Command::Uninstall { instance, bpffs } => run_uninstall(bpffs, &instance),
+        Command::Ca { ca, kubeconfig } => run_ca(ca, kubeconfig),
         Command::WriteCrds { out_dir } => match crate::crd::write_all(&out_dir) {
             Ok(written) => {
                 for path in written {

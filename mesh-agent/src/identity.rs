@@ -8,6 +8,7 @@
 //!
 //! This module knows nothing of the tunnel; the tunnel asks it for certificates and configs.
 
+pub mod ca_client;
 pub mod cache;
 pub mod local_ca;
 pub mod tls;

@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod ca;
 pub mod cgroup;
 pub mod cli;
 pub mod controller;

@@ -26,7 +26,8 @@ pub struct Permissions {
 
 /// The node agent: list + watch for its reflectors (pods for enrollment and the IP → identity
 /// map, nodes for HBONE addresses, namespaces for the enrollment label, services and
-/// endpointslices for service addresses, both policy kinds). It writes nothing.
+/// endpointslices for service addresses, both policy kinds), and in the release namespace the
+/// CA's trust bundle ConfigMap (a watch on that one name). It writes nothing.
 pub const AGENT: Permissions = Permissions {
     component: "agent",
     cluster: &[
@@ -46,7 +47,11 @@ pub const AGENT: Permissions = Permissions {
             verbs: &["list", "watch"],
         },
     ],
-    release_namespace: &[],
+    release_namespace: &[Grant {
+        api_group: "",
+        resources: &["configmaps"],
+        verbs: &["list", "watch"],
+    }],
 };
 
 /// The controller's policy status writer ([`crate::controller`]): every replica lists and
@@ -73,12 +78,51 @@ pub const CONTROLLER_LEADER_ELECTION: [Grant; 1] = [Grant {
     verbs: &["create", "get", "patch"],
 }];
 
-/// The controller: the policy status writer and its leader election. A component added to the
-/// controller (the CA) adds its grants here, in its own named list.
+/// The controller's CA ([`crate::ca`]), cluster-wide: review callers' tokens (TokenReview) and
+/// keep a pod reflector (is a token's pod there, which pods run on the caller's node).
+pub const CONTROLLER_CA: [Grant; 2] = [
+    Grant {
+        api_group: "authentication.k8s.io",
+        resources: &["tokenreviews"],
+        verbs: &["create"],
+    },
+    Grant {
+        api_group: "",
+        resources: &["pods"],
+        verbs: &["list", "watch"],
+    },
+];
+
+/// The controller's CA in the release namespace: its root Secret (read, watched by name, created
+/// when absent) and the trust bundle ConfigMap (read, created, updated).
+pub const CONTROLLER_CA_NAMESPACE: [Grant; 2] = [
+    Grant {
+        api_group: "",
+        resources: &["secrets"],
+        verbs: &["get", "list", "watch", "create"],
+    },
+    Grant {
+        api_group: "",
+        resources: &["configmaps"],
+        verbs: &["get", "create", "update"],
+    },
+];
+
+/// The controller: the policy status writer, its leader election and the CA, each with its own
+/// named list above.
 pub const CONTROLLER: Permissions = Permissions {
     component: "controller",
-    cluster: &[CONTROLLER_POLICY_STATUS[0], CONTROLLER_POLICY_STATUS[1]],
-    release_namespace: &[CONTROLLER_LEADER_ELECTION[0]],
+    cluster: &[
+        CONTROLLER_POLICY_STATUS[0],
+        CONTROLLER_POLICY_STATUS[1],
+        CONTROLLER_CA[0],
+        CONTROLLER_CA[1],
+    ],
+    release_namespace: &[
+        CONTROLLER_LEADER_ELECTION[0],
+        CONTROLLER_CA_NAMESPACE[0],
+        CONTROLLER_CA_NAMESPACE[1],
+    ],
 };
 
 /// Every component with a ServiceAccount in the chart.

@@ -41,6 +41,30 @@ pub const NS: &str = "demo";
 /// The enrollment label.
 pub const ENROLL: &str = "nodemesh.io/dataplane=enabled";
 const SYSTEM_NS: &str = "nodemesh-system";
+/// The mesh CA's port on node a's address ([`KCluster::start_ca`]).
+pub const CA_PORT: u16 = 15012;
+/// The name the CA's certificate carries and the agents verify.
+pub const CA_NAME: &str = "nodemesh-ca.nodemesh-system.svc";
+
+/// `mesh-agent controller` (its CA: what the agents get certificates from) running in node a's
+/// namespace.
+pub struct CaProcess {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl CaProcess {
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for CaProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// Node `i`'s cgroup levels above the pods (`kubepods.slice/kubepods-besteffort.slice` or
 /// `kubepods/besteffort`), removed innermost first.
@@ -105,6 +129,11 @@ impl Drop for KPod {
 /// The cluster. Field order is drop order: agents, pods, cgroup levels, control plane, nodes.
 pub struct KCluster {
     pub agents: Vec<Agent>,
+    /// With [`KCluster::start_ca`]: the CA, and each node agent's pod-bound token file.
+    pub ca: Option<CaProcess>,
+    ca_tokens: Vec<PathBuf>,
+    /// `--cert-ttl-secs` of agents started with the CA.
+    pub cert_ttl_secs: u64,
     pub pods: Vec<KPod>,
     roots: Vec<KubeletRoot>,
     pub cp: ControlPlane,
@@ -144,6 +173,9 @@ impl KCluster {
         let roots = vec![KubeletRoot::new(&a, true)?, KubeletRoot::new(&b, false)?];
         let cluster = Self {
             agents: Vec::new(),
+            ca: None,
+            ca_tokens: Vec::new(),
+            cert_ttl_secs: 24 * 3600,
             pods: Vec::new(),
             roots,
             cp,
@@ -283,6 +315,66 @@ impl KCluster {
             .with_context(|| format!("no pod {name}"))
     }
 
+    /// Starts `mesh-agent controller` (with the `nodemesh-controller` ServiceAccount's token and
+    /// the chart's RBAC), its CA on node a's address, creates each node agent's pod object
+    /// (`nodemesh-system/nodemesh-agent-<a|b>`) and a token bound to it for the CA's audience;
+    /// agents started afterwards get their certificates from the CA instead of a local CA.
+    pub fn start_ca(&mut self) -> Result<()> {
+        for (n, node) in ["node-a", "node-b"].iter().enumerate() {
+            let pod = format!("nodemesh-agent-{}", ["a", "b"][n]);
+            self.cp.apply(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: {SYSTEM_NS}\n\
+                 spec:\n  nodeName: {node}\n  serviceAccountName: nodemesh-agent\n  containers:\n  \
+                 - name: agent\n    image: example.invalid/nodemesh\n"
+            ))?;
+            let token = self.cp.token(
+                SYSTEM_NS,
+                "nodemesh-agent",
+                Some(mesh_agent::ca::DEFAULT_AUDIENCE),
+                Some(&pod),
+            )?;
+            let path = self.dir.path().join(format!("{pod}.token"));
+            std::fs::write(&path, token)?;
+            self.ca_tokens.push(path);
+        }
+        let kubeconfig = self.cp.service_account_kubeconfig(
+            SYSTEM_NS,
+            "nodemesh-controller",
+            Some(NODE_A.parse()?),
+        )?;
+        let log = self.dir.path().join("controller.log");
+        let child = self
+            .cp
+            .command(crate::agent_exe()?)?
+            .arg("controller")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--metrics-addr", &format!("{NODE_A}:15014")])
+            .args(["--lease-namespace", SYSTEM_NS, "--identity", "controller-0"])
+            .args(["--ca-listen", &format!("{NODE_A}:{CA_PORT}")])
+            .args(["--ca-namespace", SYSTEM_NS])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("cannot start the controller")?;
+        let mut ca = CaProcess { child, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ca.logs().contains("CA serving") {
+            if let Some(status) = ca.child.try_wait()? {
+                anyhow::bail!("the controller exited ({status}):\n{}", ca.logs());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the CA was not serving within 60 s:\n{}",
+                ca.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.ca = Some(ca);
+        Ok(())
+    }
+
     /// Starts both agents (a, then b: the first creates the shared local CA) with the
     /// `nodemesh-agent` ServiceAccount's token, reaching the API on node a's address.
     pub fn start_agents(&mut self) -> Result<()> {
@@ -309,11 +401,23 @@ impl KCluster {
             ["node-a", "node-b"][n].into(),
             "--tunnel-ip4".into(),
             tunnel.into(),
-            "--ca-dir".into(),
-            self.dir.path().join("ca").into(),
             "--metrics-addr".into(),
             format!("{addr}:15020").into(),
         ];
+        let mut args = args;
+        match self.ca_tokens.get(n).filter(|_| self.ca.is_some()) {
+            Some(token) => args.extend([
+                "--ca-address".into(),
+                format!("{NODE_A}:{CA_PORT}").into(),
+                "--ca-server-name".into(),
+                CA_NAME.into(),
+                "--ca-token-file".into(),
+                token.into(),
+                "--cert-ttl-secs".into(),
+                self.cert_ttl_secs.to_string().into(),
+            ]),
+            None => args.extend(["--ca-dir".into(), self.dir.path().join("ca").into()]),
+        }
         let instance = format!("{}-{}", self.prefix, ["a", "b"][n]);
         Agent::spawn(node, self.dir.path(), &instance, &args, || {})
     }
@@ -328,12 +432,17 @@ impl KCluster {
         hold_from(&self.pod(from)?.pod, dst)
     }
 
-    /// Every agent's log, for failure messages.
+    /// Every agent's log (and the CA's), for failure messages.
     pub fn logs(&self) -> String {
-        self.agents
+        let mut all: String = self
+            .agents
             .iter()
             .map(|a| format!("--- {}\n{}", a.log.display(), a.logs()))
-            .collect()
+            .collect();
+        if let Some(ca) = &self.ca {
+            all.push_str(&format!("--- {}\n{}", ca.log.display(), ca.logs()));
+        }
+        all
     }
 }
 

@@ -76,6 +76,11 @@ impl Ctl {
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .args(["--metrics-addr", &addr.to_string()])
+            // Its CA: a port of its own, and a root and bundle of its own (the RBAC test needs
+            // each replica to create them).
+            .args(["--ca-listen", "127.0.0.1:0", "--ca-namespace", NS])
+            .args(["--ca-secret", &format!("{name}-ca")])
+            .args(["--ca-bundle-configmap", &format!("{name}-ca")])
             .args([
                 "--lease-namespace",
                 NS,
@@ -671,9 +676,14 @@ fn account_without(cp: &ControlPlane, name: &str, without: Option<&Permission>) 
 fn operation(resource: &str, verb: &str) -> &'static str {
     match (resource, verb) {
         ("leases", _) => "lease",
+        ("tokenreviews", _) => "tokenreview",
         (r, _) if r.ends_with("/status") => "status-patch",
         (_, "list") => "list",
         (_, "watch") => "watch",
+        // The CA's Secret and bundle ConfigMap.
+        (_, "get") => "get",
+        (_, "create") => "create",
+        (_, "update") => "update",
         _ => "unknown",
     }
 }
@@ -701,6 +711,17 @@ fn every_verb_of_the_controllers_rbac_is_needed() -> Result<()> {
         // Fresh policies, so there is status to write.
         apply_policy(&cp, "AuthorizationPolicy", &name, GOOD_AP)?;
         apply_policy(&cp, "PeerAuthentication", &name, GOOD_PA)?;
+        // The CA's bundle ConfigMap: absent when creating it is what is taken away, else
+        // stale, so that updating it is needed too.
+        if without
+            .as_ref()
+            .is_none_or(|(_, r, v)| !(r == "configmaps" && v == "create"))
+        {
+            cp.apply(&format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}-ca\n  \
+                 namespace: {NS}\ndata:\n  root-cert.pem: stale\n"
+            ))?;
+        }
         let port = 15100 + u16::try_from(i)?;
         let mut ctl = Ctl::spawn(&cp, &kubeconfig, &name, &name, port)?;
         let result = (|| -> Result<()> {
@@ -754,6 +775,16 @@ fn every_verb_of_the_controllers_rbac_is_needed() -> Result<()> {
                             "ready or leader without the Lease: {code} {ready}"
                         ),
                         ("leases", _) => ensure!(!leader, "leader without patching the Lease"),
+                        // The CA: not ready while it cannot load its root, review tokens or
+                        // publish the bundle.
+                        ("secrets" | "configmaps", _) => ensure!(
+                            code == 503 && ready.contains("ca-root"),
+                            "ready without the CA's root: {code} {ready}"
+                        ),
+                        ("tokenreviews", _) => ensure!(
+                            code == 503 && ready.contains("ca-token-review"),
+                            "ready without TokenReview: {code} {ready}"
+                        ),
                         _ => ensure!(!written, "status written without the grant"),
                     }
                 }

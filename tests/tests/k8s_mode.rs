@@ -204,6 +204,170 @@ fn apiserver_restart_keeps_traffic_and_converges_after() -> Result<()> {
     Ok(())
 }
 
+fn ca_log(c: &KCluster) -> String {
+    c.ca.as_ref().map(|ca| ca.logs()).unwrap_or_default()
+}
+
+/// The CA's Secret (`nodemesh-cacerts`) as file name → PEM text, read as admin.
+fn ca_files(c: &KCluster) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let json: serde_json::Value = serde_json::from_str(&c.cp.kubectl(&[
+        "get",
+        "secret",
+        "nodemesh-cacerts",
+        "-n",
+        "nodemesh-system",
+        "-o",
+        "json",
+    ])?)?;
+    json["data"]
+        .as_object()
+        .cloned()
+        .context("the CA Secret has no data")
+}
+
+/// Replaces the CA Secret's data (values base64, as `ca_files` returns them).
+fn put_ca_files(c: &KCluster, data: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let secret = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "nodemesh-cacerts", "namespace": "nodemesh-system"},
+        "data": data,
+    });
+    let out = c.cp.kubectl_output(
+        c.cp.admin_kubeconfig(),
+        &["replace", "-f", "-"],
+        Some(&secret.to_string()),
+    )?;
+    ensure!(
+        out.status.success(),
+        "kubectl replace: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn b64(text: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .encode(text)
+        .into()
+}
+
+fn unb64(v: &serde_json::Value) -> Result<String> {
+    use base64::Engine as _;
+    Ok(String::from_utf8(
+        base64::engine::general_purpose::STANDARD.decode(v.as_str().context("not a string")?)?,
+    )?)
+}
+
+#[test]
+fn certificates_come_from_the_mesh_ca_and_a_root_rotation_refuses_no_connection() -> Result<()> {
+    let mut c = KCluster::up(true)?;
+    c.add_pod("client", "client", "client", 0)?;
+    c.add_pod("server-b", "server", "server", 1)?;
+    c.start_ca()?;
+    c.start_agents()?;
+    let echo = Echo::start(&c.pod("server-b")?.pod, 8080)?;
+    let server = at(&c.pod("server-b")?.pod.ip, 8080)?;
+    assert_eq!(
+        seen_from(&c, &echo, "client", server).with_context(|| c.logs())?,
+        TUNNEL_B
+    );
+    for id in [
+        "spiffe://cluster.local/ns/demo/sa/client",
+        "spiffe://cluster.local/ns/demo/sa/server",
+    ] {
+        ensure!(
+            ca_log(&c)
+                .lines()
+                .any(|l| l.contains("certificate signed") && l.contains(id)),
+            "the CA signed no certificate for {id}:\n{}",
+            c.logs()
+        );
+    }
+    for a in &c.agents {
+        ensure!(
+            a.logs().contains("certificates from the mesh CA") && !a.logs().contains("local CA"),
+            "an agent did not use the mesh CA:\n{}",
+            a.logs()
+        );
+    }
+    let mut held = c.hold("client", server)?;
+    echo_round(&mut held, b"before-rotation")?;
+
+    // Traffic flows through the whole rotation: a connection held open, and new connections
+    // one after the other from a second thread. Not one may fail.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (ok, failed) = std::thread::scope(|s| -> Result<(usize, Vec<String>)> {
+        let traffic = s.spawn(|| {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.roundtrip("client", server) {
+                    Ok(()) => ok += 1,
+                    Err(e) => failed.push(format!("{e:#}")),
+                }
+            }
+            (ok, failed)
+        });
+        let result = (|| -> Result<()> {
+            // Step 1: a new root joins the bundle; both agents see it.
+            let mut files = ca_files(&c)?;
+            let old_bundle = unb64(&files["root-cert.pem"])?;
+            let (new_cert, new_key) =
+                mesh_agent::identity::local_ca::generate_root("cluster.local")?;
+            files.insert(
+                "root-cert.pem".into(),
+                b64(&format!("{old_bundle}{new_cert}")),
+            );
+            put_ca_files(&c, &files)?;
+            until("both agents to trust both roots", CONVERGE, || {
+                Ok(c.agents
+                    .iter()
+                    .all(|a| a.logs().contains("trust bundle updated")))
+            })?;
+            echo_round(&mut held, b"after-step-1")?;
+            // Step 2: the CA signs with the new root; a new workload gets a new-root
+            // certificate and talks to one holding an old-root certificate, both ways trusted.
+            files.insert("ca-cert.pem".into(), b64(&new_cert));
+            files.insert("ca-key.pem".into(), b64(&new_key));
+            put_ca_files(&c, &files)?;
+            until("the CA to sign with the new root", CONVERGE, || {
+                Ok(ca_log(&c).matches("CA root (re)loaded").count() >= 3)
+            })?;
+            Ok(())
+        })();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (ok, failed) = traffic
+            .join()
+            .map_err(|_| anyhow::anyhow!("traffic thread panicked"))?;
+        result.with_context(|| c.logs())?;
+        Ok((ok, failed))
+    })?;
+    ensure!(
+        failed.is_empty(),
+        "{} of {} connections failed during the rotation: {:?}\n{}",
+        failed.len(),
+        ok + failed.len(),
+        failed,
+        c.logs()
+    );
+    ensure!(ok > 0, "no connection was made during the rotation");
+    echo_round(&mut held, b"after-step-2")?;
+    c.add_pod("client2", "client2", "client", 0)?;
+    until(
+        "a new-root workload to reach an old-root one",
+        CONVERGE,
+        || {
+            c.roundtrip("client2", server)?;
+            Ok(ca_log(&c).lines().any(|l| {
+                l.contains("certificate signed")
+                    && l.contains("spiffe://cluster.local/ns/demo/sa/client2")
+            }))
+        },
+    )
+    .with_context(|| c.logs())?;
+    Ok(())
+}
+
 /// Writes `msg` on `s` and reads the echo back.
 fn echo_round(s: &mut std::net::TcpStream, msg: &[u8]) -> Result<()> {
     use std::io::{Read, Write};

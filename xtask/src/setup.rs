@@ -249,24 +249,35 @@ fn ensure_ip(r: &mut Report) -> Result<()> {
 }
 
 /// Third-party HBONE clients of `tests/tests/interop.rs`: `openssl` (the CLI) and Python's `h2`
-/// for the system interpreter (Debian's python3-h2 is not seen by a pyenv or venv `python3`).
-/// The `openssl` CLI also makes the certificates of the Kubernetes control plane
-/// (`nodemesh_tests::k8s`).
+/// for the system interpreter (Debian's python3-h2 is not seen by a pyenv or venv `python3`);
+/// the third-party gRPC client of the mesh CA in `tests/tests/k8s_ca.rs`: Python's `grpc` and
+/// `google.protobuf` (Debian's python3-grpcio and python3-protobuf). The `openssl` CLI also
+/// makes the certificates of the Kubernetes control plane (`nodemesh_tests::k8s`).
 fn ensure_interop_tools(r: &mut Report) -> Result<()> {
     let has_openssl = output(Command::new("openssl").arg("version")).is_some();
-    let has_h2 = output(Command::new("/usr/bin/python3").args(["-c", "import h2, ssl"])).is_some();
-    let missing: Vec<&str> = [("openssl", has_openssl), ("python3-h2", has_h2)]
-        .into_iter()
-        .filter_map(|(pkg, present)| (!present).then_some(pkg))
-        .collect();
+    let has = |module: &str| {
+        output(Command::new("/usr/bin/python3").args(["-c", &format!("import {module}")])).is_some()
+    };
+    let missing: Vec<&str> = [
+        ("openssl", has_openssl),
+        ("python3-h2", has("h2, ssl")),
+        ("python3-grpcio", has("grpc")),
+        ("python3-protobuf", has("google.protobuf")),
+    ]
+    .into_iter()
+    .filter_map(|(pkg, present)| (!present).then_some(pkg))
+    .collect();
     if missing.is_empty() {
-        r.ok("openssl and python3-h2 (interop test clients; control-plane certificates)");
+        r.ok(
+            "openssl, python3-h2, python3-grpcio and python3-protobuf (interop test clients; \
+             control-plane certificates)",
+        );
     } else if apt_available() {
         apt_install(r, &missing)?;
     } else {
         bail!(
-            "{} missing: the interop test runs third-party HBONE clients with them; install \
-             openssl and Python's h2 package for /usr/bin/python3",
+            "{} missing: the interop tests run third-party HBONE and gRPC clients with them; \
+             install openssl and Python's h2, grpcio and protobuf packages for /usr/bin/python3",
             missing.join(" and ")
         );
     }

@@ -21,6 +21,7 @@
 //! bundle before the CA is used.
 
 use std::{
+    collections::BTreeMap,
     fs,
     io::Write,
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
@@ -126,8 +127,40 @@ fn random_serial() -> Result<SerialNumber, IdentityError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
+/// Where the CA's files are read from: a directory, or named blobs in memory (a Kubernetes
+/// Secret's data, keyed by file name) shown under a label path in errors.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Dir,
+    Memory(&'a BTreeMap<String, Vec<u8>>),
+}
+
+impl Source<'_> {
+    fn read(&self, path: &Path) -> Result<Vec<u8>, IdentityError> {
+        match self {
+            Source::Dir => read_file(path),
+            Source::Memory(files) => file_name(path)
+                .and_then(|name| files.get(name))
+                .cloned()
+                .ok_or_else(|| rejected(path, "it is missing".into())),
+        }
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        match self {
+            Source::Dir => path.exists(),
+            Source::Memory(files) => file_name(path).is_some_and(|name| files.contains_key(name)),
+        }
+    }
+}
+
+fn file_name(path: &Path) -> Option<&str> {
+    path.file_name().and_then(|n| n.to_str())
+}
+
 /// Which files hold what, once the layout is known.
-struct Layout {
+struct Layout<'a> {
+    source: Source<'a>,
     signer_cert: PathBuf,
     signer_key: PathBuf,
     /// `Some` in the Istio layout (the file may be absent).
@@ -146,6 +179,7 @@ impl LocalCa {
         })?;
         let layout = if dir.join(CA_KEY_FILE).exists() {
             Layout {
+                source: Source::Dir,
                 signer_cert: dir.join(CA_CERT_FILE),
                 signer_key: dir.join(CA_KEY_FILE),
                 chain: Some(dir.join(CERT_CHAIN_FILE)),
@@ -168,6 +202,7 @@ impl LocalCa {
                 create_root(dir, trust_domain)?;
             }
             Layout {
+                source: Source::Dir,
                 signer_cert: cert.clone(),
                 signer_key: key,
                 chain: None,
@@ -177,12 +212,42 @@ impl LocalCa {
         Self::load(dir, trust_domain, &layout)
     }
 
+    /// Opens a CA held in memory: `files` maps file names to contents, in either layout (Istio
+    /// `cacerts` when `ca-key.pem` is present, else `root-cert.pem` + `root-key.pem`); nothing is
+    /// created. `label` names where the files came from in errors and logs (e.g. `secret
+    /// nodemesh-system/nodemesh-cacerts`). The same checks as [`LocalCa::open`] apply.
+    pub fn from_files(
+        label: &Path,
+        files: &BTreeMap<String, Vec<u8>>,
+        trust_domain: &str,
+    ) -> Result<Self, IdentityError> {
+        let source = Source::Memory(files);
+        let layout = if files.contains_key(CA_KEY_FILE) {
+            Layout {
+                source,
+                signer_cert: label.join(CA_CERT_FILE),
+                signer_key: label.join(CA_KEY_FILE),
+                chain: Some(label.join(CERT_CHAIN_FILE)),
+                bundle: label.join(ROOT_CERT_FILE),
+            }
+        } else {
+            Layout {
+                source,
+                signer_cert: label.join(ROOT_CERT_FILE),
+                signer_key: label.join(ROOT_KEY_FILE),
+                chain: None,
+                bundle: label.join(ROOT_CERT_FILE),
+            }
+        };
+        Self::load(label, trust_domain, &layout)
+    }
+
     fn load(dir: &Path, trust_domain: &str, layout: &Layout) -> Result<Self, IdentityError> {
         let now = SystemTime::now();
-        let key = read_key(&layout.signer_key, layout.chain.is_none())?;
-        let signer = read_certs(&layout.signer_cert)?.swap_remove(0);
+        let key = read_key(layout.source, &layout.signer_key, layout.chain.is_none())?;
+        let signer = read_certs(layout.source, &layout.signer_cert)?.swap_remove(0);
         let signer_not_after = check_ca(&layout.signer_cert, &signer, now)?;
-        let roots = read_certs(&layout.bundle)?;
+        let roots = read_certs(layout.source, &layout.bundle)?;
         for root in &roots {
             check_ca(&layout.bundle, root, now)?;
         }
@@ -190,7 +255,7 @@ impl LocalCa {
         let signer_has_key_id = has_subject_key_id(&parse_cert(&layout.signer_cert, &signer)?);
         let chain = match &layout.chain {
             None => Vec::new(),
-            Some(path) if path.exists() => read_certs(path)?,
+            Some(path) if layout.source.exists(path) => read_certs(layout.source, path)?,
             Some(_) => vec![signer.clone()],
         };
         let chain = chain.into_iter().filter(|c| !roots.contains(c)).collect();
@@ -309,13 +374,113 @@ impl LocalCa {
             source,
         };
         let leaf_key = KeyPair::generate().map_err(sign_err)?;
+        let chain = self.sign_key(identity, &leaf_key, not_before, not_after)?;
+        Ok(WorkloadCert::new(
+            identity.clone(),
+            chain,
+            PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
+            not_before,
+            not_after,
+        ))
+    }
+
+    /// Signs a leaf for `identity` over a public key the CA does not hold (from a CSR, as
+    /// DER `SubjectPublicKeyInfo`), valid from `not_before` to `not_after`, capped at the
+    /// signer's expiry. Returns the chain: the leaf, then the intermediates.
+    pub fn sign_public_key(
+        &self,
+        identity: &SpiffeId,
+        spki_der: &[u8],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+        let key = rcgen::SubjectPublicKeyInfo::from_der(spki_der).map_err(|source| {
+            IdentityError::Sign {
+                identity: identity.to_string(),
+                source,
+            }
+        })?;
+        self.sign_key(
+            identity,
+            &key,
+            not_before,
+            not_after.min(self.signer_not_after),
+        )
+    }
+
+    /// When the signing certificate expires.
+    pub fn signer_not_after(&self) -> SystemTime {
+        self.signer_not_after
+    }
+
+    /// A TLS server certificate for `dns_names` (e.g. the CA service's own), with a fresh key:
+    /// `(chain, key)`, valid from `not_before` to `not_after` (capped at the signer's expiry).
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivatePkcs8KeyDer<'static>), IdentityError> {
+        let label = dns_names.join(",");
+        let sign_err = |source| IdentityError::Sign {
+            identity: label.clone(),
+            source,
+        };
+        let key = KeyPair::generate().map_err(sign_err)?;
+        let sans = dns_names
+            .iter()
+            .map(|n| Ia5String::try_from(n.as_str()).map(SanType::DnsName))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sign_err)?;
+        let chain = self.sign_sans(
+            &label,
+            sans,
+            &key,
+            not_before,
+            not_after.min(self.signer_not_after),
+        )?;
+        Ok((chain, PrivatePkcs8KeyDer::from(key.serialize_der())))
+    }
+
+    fn sign_key(
+        &self,
+        identity: &SpiffeId,
+        leaf_key: &impl rcgen::PublicKeyData,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+        let uri =
+            Ia5String::try_from(identity.to_string()).map_err(|source| IdentityError::Sign {
+                identity: identity.to_string(),
+                source,
+            })?;
+        self.sign_sans(
+            &identity.to_string(),
+            vec![SanType::URI(uri)],
+            leaf_key,
+            not_before,
+            not_after,
+        )
+    }
+
+    fn sign_sans(
+        &self,
+        label: &str,
+        sans: Vec<SanType>,
+        leaf_key: &impl rcgen::PublicKeyData,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+        let sign_err = |source| IdentityError::Sign {
+            identity: label.to_string(),
+            source,
+        };
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params
             .distinguished_name
-            .push(DnType::OrganizationName, identity.trust_domain());
-        let uri = Ia5String::try_from(identity.to_string()).map_err(sign_err)?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
+            .push(DnType::OrganizationName, self.trust_domain.as_str());
+        params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -329,18 +494,10 @@ impl LocalCa {
         params.not_before = to_offset(not_before);
         params.not_after = to_offset(not_after);
         params.serial_number = Some(random_serial()?);
-        let cert = params
-            .signed_by(&leaf_key, &self.issuer)
-            .map_err(sign_err)?;
+        let cert = params.signed_by(leaf_key, &self.issuer).map_err(sign_err)?;
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.chain.iter().cloned());
-        Ok(WorkloadCert::new(
-            identity.clone(),
-            chain,
-            PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
-            not_before,
-            not_after,
-        ))
+        Ok(chain)
     }
 }
 
@@ -370,14 +527,11 @@ fn read_file(path: &Path) -> Result<Vec<u8>, IdentityError> {
     fs::read(path).map_err(|e| rejected(path, format!("cannot read it: {e}")))
 }
 
-/// Creates `root-key.pem` (ECDSA P-256, 0600) and the self-signed `root-cert.pem`.
-fn create_root(dir: &Path, trust_domain: &str) -> Result<(), IdentityError> {
+/// A new self-signed root for `trust_domain` (ECDSA P-256, ten years): `(certificate PEM,
+/// PKCS#8 key PEM)`.
+pub fn generate_root(trust_domain: &str) -> Result<(String, String), IdentityError> {
     let sign_err = |source| IdentityError::Sign {
         identity: "root CA".into(),
-        source,
-    };
-    let dir_err = |source| IdentityError::CaDir {
-        path: dir.to_path_buf(),
         source,
     };
     let key = KeyPair::generate().map_err(sign_err)?;
@@ -387,15 +541,28 @@ fn create_root(dir: &Path, trust_domain: &str) -> Result<(), IdentityError> {
     params.not_after = to_offset(now + ROOT_TTL);
     params.serial_number = Some(random_serial()?);
     let cert = params.self_signed(&key).map_err(sign_err)?;
-    write_private(&dir.join(ROOT_KEY_FILE), key.serialize_pem().as_bytes()).map_err(dir_err)?;
-    fs::write(dir.join(ROOT_CERT_FILE), cert.pem()).map_err(dir_err)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Creates `root-key.pem` (ECDSA P-256, 0600) and the self-signed `root-cert.pem`.
+fn create_root(dir: &Path, trust_domain: &str) -> Result<(), IdentityError> {
+    let dir_err = |source| IdentityError::CaDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let (cert, key) = generate_root(trust_domain)?;
+    write_private(&dir.join(ROOT_KEY_FILE), key.as_bytes()).map_err(dir_err)?;
+    fs::write(dir.join(ROOT_CERT_FILE), cert).map_err(dir_err)?;
     info!(dir = %dir.display(), trust_domain, "created a new local root CA");
     Ok(())
 }
 
 /// Every `CERTIFICATE` block of a PEM file; at least one.
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
-    let pem = read_file(path)?;
+fn read_certs(
+    source: Source<'_>,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let pem = source.read(path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| rejected(path, format!("not a PEM certificate file: {e}")))?;
@@ -513,9 +680,12 @@ fn check_key_matches(
 
 /// Reads an unencrypted ECDSA (P-256, P-384) or RSA (2048 to 4096 bits) key in PKCS#8, PKCS#1 or
 /// SEC1 PEM. `own` keys (created by us) are reset to mode 0600; others only warned about.
-fn read_key(path: &Path, own: bool) -> Result<KeyPair, IdentityError> {
+fn read_key(source: Source<'_>, path: &Path, own: bool) -> Result<KeyPair, IdentityError> {
     let io_err = |e: std::io::Error| rejected(path, format!("cannot read or restrict it: {e}"));
-    let mode = fs::metadata(path).map_err(io_err)?.permissions().mode();
+    let mode = match source {
+        Source::Dir => fs::metadata(path).map_err(io_err)?.permissions().mode(),
+        Source::Memory(_) => 0o600,
+    };
     if mode & 0o077 != 0 {
         if own {
             warn!(path = %path.display(), mode = format!("{mode:o}"),
@@ -526,7 +696,7 @@ fn read_key(path: &Path, own: bool) -> Result<KeyPair, IdentityError> {
                 "CA key is readable by group or others; restrict it to the agent");
         }
     }
-    let pem = read_file(path)?;
+    let pem = source.read(path)?;
     let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         rejected(
             path,

@@ -44,8 +44,14 @@ use crate::identity::{
 /// authorization), as ztunnel.
 const TUNNEL_PORTS: [u16; 2] = [mesh_common::OUTBOUND_PORT, mesh_common::INBOUND_HBONE_PORT];
 
-/// A server config and the certificate it was built from (rebuilt when the cache renews it).
-type ServerConfigEntry = (Arc<WorkloadCert>, Arc<rustls::ServerConfig>);
+/// A server config with the certificate and the trust bundle's roots it was built from
+/// (rebuilt when the cache renews the certificate or the bundle changes: a root rotation reaches
+/// the next handshake without a restart).
+type ServerConfigEntry = (
+    Arc<WorkloadCert>,
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    Arc<rustls::ServerConfig>,
+);
 
 /// Everything the inbound server needs.
 pub struct Inbound {
@@ -202,13 +208,18 @@ impl Inbound {
             .server_configs
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some((c, cfg)) = configs.get(&cert.identity)
+        let bundle = self.certs.trust_bundle();
+        if let Some((c, roots, cfg)) = configs.get(&cert.identity)
             && Arc::ptr_eq(c, cert)
+            && *roots == bundle.roots
         {
             return Ok(cfg.clone());
         }
-        let cfg = server_config(cert, &self.certs.trust_bundle()).map_err(|e| e.to_string())?;
-        configs.insert(cert.identity.clone(), (cert.clone(), cfg.clone()));
+        let cfg = server_config(cert, &bundle).map_err(|e| e.to_string())?;
+        configs.insert(
+            cert.identity.clone(),
+            (cert.clone(), bundle.roots, cfg.clone()),
+        );
         Ok(cfg)
     }
 

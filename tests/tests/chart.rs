@@ -154,6 +154,22 @@ fn bad_values_are_refused_by_the_schema_naming_the_value() -> Result<()> {
             }
         }
     }
+    // The default agent.caProvider=controller without the controller: nobody to ask (a
+    // template's `fail`, which `helm lint` does not run).
+    let err = helm_fails(&[
+        "template",
+        "nodemesh",
+        &chart,
+        "--kube-version",
+        "1.34.4",
+        "--set",
+        "controller.enabled=false",
+    ])?;
+    assert!(
+        err.contains("agent.caProvider=controller needs the controller")
+            && err.contains("agent.caProvider=local"),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -642,6 +658,9 @@ fn the_agent_runs_with_the_charts_arguments_capabilities_and_token() -> Result<(
         ),
         format!("agent.hostPaths.state={}", state.display()),
         format!("agent.tunnelIPv4={TUNNEL_A}"),
+        // The controller's CA is the default; its client is covered by k8s_mode's CA test
+        // (the Service's DNS name does not resolve in the lab), so this agent signs locally.
+        "agent.caProvider=local".to_owned(),
     ]
     .into_iter()
     .flat_map(|s| ["--set".to_owned(), s])

@@ -69,6 +69,18 @@ pub struct TunnelConfig {
     /// Streams the pool puts on one connection before opening another (ztunnel: 100). Below the
     /// server's limit so the pool never queues on a peer's `SETTINGS`.
     pub pool_max_streams_per_connection: usize,
+    /// Spreading (issue 15): a new request goes to the pooled connection of its key with the
+    /// fewest streams; while that one already carries `pool_spread_streams` or more and the key
+    /// has fewer than `pool_max_connections_per_key` connections, another connection is opened
+    /// instead. Every connection is driven by its own task, so busy streams to one peer are
+    /// encrypted on all cores rather than serialised on one TLS connection. 1: a second
+    /// concurrent stream already gets its own connection (a handshake per extra connection,
+    /// then kept for `pool_idle_timeout`).
+    pub pool_spread_streams: usize,
+    /// The bound for spreading: connections per key the pool opens before it stacks streams
+    /// (up to `pool_max_streams_per_connection` each). 0: as many as the runtime has worker
+    /// threads (the CPUs that can encrypt in parallel), else the machine's CPUs.
+    pub pool_max_connections_per_key: usize,
     /// An unused pooled connection is closed after this long (ztunnel: 5 min).
     pub pool_idle_timeout: Duration,
     /// HTTP/2 keepalive: a PING every `keepalive_interval`; no answer within
@@ -119,6 +131,8 @@ impl Default for TunnelConfig {
             max_header_list_size: 16 * 1024,
             server_max_streams: 200,
             pool_max_streams_per_connection: 100,
+            pool_spread_streams: 1,
+            pool_max_connections_per_key: 0,
             pool_idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),

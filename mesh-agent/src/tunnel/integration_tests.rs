@@ -339,8 +339,12 @@ async fn thousand_concurrent_streams_share_few_connections() {
     while let Some(r) = tasks.join_next().await {
         r.expect("stream task");
     }
-    let conns = mesh.outbound.pool().connection_count();
-    let max = N.div_ceil(test_config().pool_max_streams_per_connection);
+    let pool = mesh.outbound.pool();
+    let conns = pool.connection_count();
+    // Spread over up to one connection per worker, then stacked up to the stream limit.
+    let max = N
+        .div_ceil(test_config().pool_max_streams_per_connection)
+        .max(pool.max_connections_per_key());
     assert!(
         (1..=max).contains(&conns),
         "{N} streams used {conns} connections (at most {max} expected)"
@@ -887,6 +891,8 @@ async fn failed_endpoint_is_ejected_and_another_is_tried() {
 async fn idle_pooled_connections_are_evicted_and_reused_before() {
     let mut opts = MeshOptions::default();
     opts.config.pool_idle_timeout = Duration::from_millis(300);
+    // No spreading: both streams share the one connection.
+    opts.config.pool_max_connections_per_key = 1;
     let mesh = Mesh::start(opts).await;
     let key = PoolKey {
         source: mesh.client.clone(),
@@ -1407,4 +1413,5 @@ mod endpoint_failures;
 mod handshake_metrics;
 mod metrics_endpoint;
 mod outbound_handshake;
+mod pool_spread;
 mod workload_labels;

@@ -7,6 +7,13 @@
 //! - At most `pool_max_streams_per_connection` streams are reserved on a connection. A request
 //!   reserves a slot under the pool mutex (a short, synchronous critical section), and releases
 //!   it when its stream ends.
+//! - Spreading ([`choose`]): a request takes the key's least loaded usable connection (the
+//!   oldest among equals); if that one carries `pool_spread_streams` or more streams and the key
+//!   has fewer than [`Pool::max_connections_per_key`] usable connections, a new connection is
+//!   opened instead. Each connection has its own task (TLS and HTTP/2 framing), so concurrent
+//!   busy streams to one peer use every runtime worker instead of one TLS connection. Past the
+//!   bound streams stack on the least loaded connection; only when all are full (the stream
+//!   limit) does the pool open more.
 //! - The mutex is never held across I/O. A new connection is inserted in state `Connecting`
 //!   with the creating request's slot reserved, and its handshake runs in its own task;
 //!   concurrent requests reserve further slots on it and wait for its state to change, so a
@@ -128,15 +135,18 @@ struct Conn {
 }
 
 impl Conn {
+    /// Not evicted, failed or closed: may take new streams (if below the limit).
+    fn usable(&self) -> bool {
+        !self.evicted.load(Ordering::SeqCst)
+            && !matches!(
+                *self.state.borrow(),
+                ConnState::Failed(_) | ConnState::Closed
+            )
+    }
+
     /// Reserves a stream slot. Called under the pool mutex.
     fn try_reserve(&self, max: usize) -> bool {
-        if self.evicted.load(Ordering::SeqCst) {
-            return false;
-        }
-        if matches!(
-            *self.state.borrow(),
-            ConnState::Failed(_) | ConnState::Closed
-        ) {
+        if !self.usable() {
             return false;
         }
         self.reserved
@@ -177,21 +187,73 @@ pub struct PooledStream {
 /// Opaque holder of the slot.
 pub struct SlotGuard(#[expect(dead_code, reason = "held for its Drop")] Slot);
 
+/// What [`Pool::checkout`] does for a request, given the stream counts of the key's usable
+/// connections (oldest first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// Reserve a slot on the connection at this index.
+    Reuse(usize),
+    /// Open another connection.
+    Open,
+}
+
+/// The pool's placement policy (see the module doc): the least loaded connection (the oldest
+/// among equals) while it carries fewer than `spread_streams` streams, or while the key already
+/// has `max_connections` connections and it is below `max_streams`; otherwise a new connection.
+pub fn choose(
+    loads: &[usize],
+    spread_streams: usize,
+    max_connections: usize,
+    max_streams: usize,
+) -> Choice {
+    let least = loads
+        .iter()
+        .enumerate()
+        .min_by_key(|&(i, &load)| (load, i))
+        .map(|(i, &load)| (i, load));
+    match least {
+        Some((i, load)) if load < spread_streams.max(1) && load < max_streams.max(1) => {
+            Choice::Reuse(i)
+        }
+        Some((i, load)) if loads.len() >= max_connections.max(1) && load < max_streams.max(1) => {
+            Choice::Reuse(i)
+        }
+        _ => Choice::Open,
+    }
+}
+
 pub struct Pool {
     config: TunnelConfig,
     certs: Arc<CertCache>,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
     next_id: AtomicU64,
+    max_connections_per_key: usize,
 }
 
 impl Pool {
     pub fn new(config: TunnelConfig, certs: Arc<CertCache>) -> Arc<Self> {
+        let max_connections_per_key = match config.pool_max_connections_per_key {
+            0 => tokio::runtime::Handle::try_current()
+                .map(|h| h.metrics().num_workers())
+                .ok()
+                .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+                .unwrap_or(1)
+                .max(1),
+            n => n,
+        };
         Arc::new(Self {
             config,
             certs,
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            max_connections_per_key,
         })
+    }
+
+    /// How many connections per key the pool spreads streams over before stacking them
+    /// (`pool_max_connections_per_key`, 0 resolved to the runtime's worker threads).
+    pub fn max_connections_per_key(&self) -> usize {
+        self.max_connections_per_key
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Arc<Conn>>>> {
@@ -223,8 +285,23 @@ impl Pool {
         let max = self.config.pool_max_streams_per_connection.max(1);
         let mut conns = self.lock();
         let list = conns.entry(key.clone()).or_default();
-        if let Some(c) = list.iter().find(|c| c.try_reserve(max)) {
-            return Slot { conn: c.clone() };
+        // Reservations only happen under this mutex (releases may run concurrently and only
+        // lower the counts), so the choice holds until the reservation below.
+        let usable: Vec<&Arc<Conn>> = list.iter().filter(|c| c.usable()).collect();
+        let loads: Vec<usize> = usable
+            .iter()
+            .map(|c| c.reserved.load(Ordering::SeqCst))
+            .collect();
+        if let Choice::Reuse(i) = choose(
+            &loads,
+            self.config.pool_spread_streams,
+            self.max_connections_per_key,
+            max,
+        ) && usable[i].try_reserve(max)
+        {
+            return Slot {
+                conn: usable[i].clone(),
+            };
         }
         let (tx, rx) = watch::channel(ConnState::Connecting);
         let conn = Arc::new(Conn {
@@ -534,5 +611,48 @@ impl prometheus_client::collector::Collector for PoolCollector {
             metric.encode(enc)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Choice, choose};
+
+    #[test]
+    fn first_request_opens() {
+        assert_eq!(choose(&[], 1, 2, 100), Choice::Open);
+    }
+
+    #[test]
+    fn idle_connection_is_reused() {
+        assert_eq!(choose(&[0], 1, 2, 100), Choice::Reuse(0));
+        assert_eq!(choose(&[1, 0], 1, 2, 100), Choice::Reuse(1));
+    }
+
+    #[test]
+    fn busy_connections_spread_until_the_bound() {
+        assert_eq!(choose(&[1], 1, 2, 100), Choice::Open);
+        assert_eq!(
+            choose(&[1, 1], 1, 2, 100),
+            Choice::Reuse(0),
+            "oldest of equals"
+        );
+        assert_eq!(choose(&[3, 2], 1, 2, 100), Choice::Reuse(1), "least loaded");
+        assert_eq!(choose(&[1, 3], 2, 4, 100), Choice::Reuse(0), "below spread");
+        assert_eq!(choose(&[2, 3], 2, 4, 100), Choice::Open);
+    }
+
+    #[test]
+    fn full_connections_open_more_past_the_bound() {
+        assert_eq!(choose(&[100, 100], 1, 2, 100), Choice::Open);
+        assert_eq!(choose(&[100, 99], 1, 2, 100), Choice::Reuse(1));
+    }
+
+    #[test]
+    fn zero_settings_behave_as_one() {
+        // max_connections 0 = 1: stack on the one connection.
+        assert_eq!(choose(&[5], 0, 0, 100), Choice::Reuse(0));
+        // max_streams 0 = 1.
+        assert_eq!(choose(&[1], 1, 1, 0), Choice::Open);
     }
 }

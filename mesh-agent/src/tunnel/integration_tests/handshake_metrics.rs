@@ -144,7 +144,10 @@ async fn foreign_trust_domain_expired_and_garbage_count_their_reasons() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_gauges_count_one_connection_and_its_open_streams() {
-    let mesh = Mesh::start(MeshOptions::default()).await;
+    let mut opts = MeshOptions::default();
+    // No spreading: the three streams share one connection.
+    opts.config.pool_max_connections_per_key = 1;
+    let mesh = Mesh::start(opts).await;
     let mut registry = MetricsRegistry::new(&BuildInfo::default());
     Pool::register(registry.nodemesh(), mesh.outbound.pool().clone());
     let gauges = |registry: &MetricsRegistry| {

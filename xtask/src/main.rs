@@ -4,6 +4,8 @@
 mod bench;
 mod build_ebpf;
 mod codegen;
+mod deny;
+mod fuzz;
 mod k8s;
 mod lab;
 mod setup;
@@ -29,6 +31,12 @@ enum Command {
     /// Regenerate the committed files derived from Rust types (the chart's CRDs); a test fails
     /// when they are stale.
     Codegen(codegen::Options),
+    /// Build and run the fuzz targets (`mesh-agent/fuzz`): `--smoke` (seconds each, as CI),
+    /// `--seconds N` or `--runs N`; prints executions and exec/s per target.
+    Fuzz(fuzz::Options),
+    /// `cargo deny check` with `xtask/deny.toml`: advisories (from the vendored database),
+    /// licences, duplicate versions, sources.
+    Deny(deny::Options),
     /// Everything CI checks: setup, eBPF build, fmt, clippy (host and eBPF), unit and root tests.
     Test(test::Options),
     /// The local lab: two nodes and their pods on this machine (`up`, the default; `down`;
@@ -49,6 +57,8 @@ fn main() {
         Command::BuildEbpf(opts) => build_ebpf::run(opts),
         Command::Codegen(opts) => codegen::run(opts),
         Command::Test(opts) => test::run(opts),
+        Command::Fuzz(opts) => fuzz::run(opts),
+        Command::Deny(opts) => deny::run(opts),
         Command::Lab(opts) => lab::run(opts),
         Command::Bench(opts) => bench::run(opts),
         Command::K8s(opts) => k8s::run(opts),

@@ -9,6 +9,48 @@ use rustls::Connection;
 use super::super::tls;
 use super::*;
 
+/// What the agent creates for its CA is its own: the directory 0700, the key 0600, the
+/// certificate readable (it is public). Nothing there is world-readable but the certificate.
+#[test]
+fn a_new_ca_directory_and_key_are_private() {
+    let parent = tempfile::tempdir().expect("tempdir");
+    let dir = parent.path().join("state/ca");
+    LocalCa::open(&dir, "cluster.local").expect("create");
+    let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "CA directory");
+    assert_eq!(mode(&dir.join(ROOT_KEY_FILE)), 0o600, "CA key");
+    assert_eq!(
+        mode(&dir.join(ROOT_CERT_FILE)) & 0o600,
+        0o600,
+        "CA certificate"
+    );
+}
+
+/// The key never shows in a log line that formats a certificate with `{:?}`.
+#[tokio::test]
+async fn debug_output_of_a_workload_certificate_has_no_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = LocalCa::open(dir.path(), "cluster.local").expect("create");
+    let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/a"
+        .parse()
+        .expect("id");
+    let cert = ca.issue(&id).await.expect("issue");
+    let shown = format!("{cert:?}");
+    let key = cert.key();
+    let secret = key.secret_der();
+    assert!(shown.contains("elided"), "{shown}");
+    // No 16-byte window of the key appears in the output, in decimal (Debug of bytes) or hex.
+    for window in secret.windows(16).step_by(8) {
+        let decimal = format!("{window:?}");
+        let decimal = &decimal[1..decimal.len() - 1];
+        let hex: String = window.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(
+            !shown.contains(decimal) && !shown.contains(&hex),
+            "key bytes in {shown}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn creates_root_once_with_private_key_and_reuses_it() {
     let dir = tempfile::tempdir().expect("tempdir");

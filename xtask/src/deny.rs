@@ -7,7 +7,8 @@
 //! see its LICENSE.txt) is committed as `xtask/deny/advisory-db.tar.xz` with its source commit
 //! in `xtask/deny/advisory-db.commit`. Each run unpacks it (once per snapshot) into
 //! `target/deny/advisory-dbs/` as a one-commit git repository dated like the snapshot, and runs
-//! cargo-deny with `--disable-fetch`. Refreshing the snapshot: docs/development.md.
+//! cargo-deny with `--offline` (it reads the database there and fetches nothing). A check of
+//! that set-up: a project pinned to `smallvec = "=1.6.0"` fails with RUSTSEC-2021-0003. Refreshing the snapshot: docs/development.md.
 
 use std::{
     path::{Path, PathBuf},
@@ -28,9 +29,10 @@ fn deny_dir() -> PathBuf {
     workspace_root().join("xtask/deny")
 }
 
-/// The directory cargo-deny opens for the database URL in `deny.toml` (`db-urls`): it names a
-/// database by the URL's host and a hash of the URL. Found with cargo-deny 0.20.2.
-const DB_DIR_NAME: &str = "github.com-2f857891b7f43c59";
+/// The directory cargo-deny opens (under `db-path`) for the database URL in `deny.toml`
+/// (`db-urls`): the URL's last path segment and a hash of the URL. Found with cargo-deny 0.20.2;
+/// a different name makes cargo-deny fail, naming the directory it wanted.
+const DB_DIR_NAME: &str = "advisory-db-3157b0e258782691";
 
 /// `<commit> <ISO date>` of the committed snapshot.
 fn snapshot_id() -> Result<(String, String)> {
@@ -100,16 +102,24 @@ pub fn run(_opts: Options) -> Result<()> {
     let root = workspace_root();
     let dbs = root.join("target/deny/advisory-dbs");
     prepare_db(&dbs)?;
+    // `--offline` (no GitHub) also keeps cargo-deny from downloading crates: fetch them first
+    // (crates.io is reachable), which also refreshes cargo's index cache for the yanked check.
+    exec(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["fetch", "--locked"]),
+    )?;
     let (commit, date) = snapshot_id()?;
     println!("cargo deny: advisories from the committed RustSec snapshot {commit} ({date})");
     exec(
         Command::new("cargo")
             .current_dir(&root)
             .env("NODEMESH_ADVISORY_DBS", &dbs)
-            .args(["deny", "--manifest-path"])
+            .args(["deny", "--offline", "--locked", "--manifest-path"])
             .arg(root.join("Cargo.toml"))
-            .args(["check", "--disable-fetch", "--config"])
-            .arg(deny_dir().join("deny.toml")),
+            .arg("--config")
+            .arg(deny_dir().join("deny.toml"))
+            .arg("check"),
     )
     .context(
         "cargo deny found a problem (above): a vulnerable or unmaintained crate (update it, or \

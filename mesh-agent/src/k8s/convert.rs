@@ -21,6 +21,8 @@
 //!   Endpoints: EndpointSlices labelled `kubernetes.io/service-name`, endpoints not marked
 //!   `ready: false`, whose `targetRef` is a pod that is a workload.
 //! - Nodes: the first IPv4 InternalIP (else the first InternalIP) is the HBONE address.
+//! - Objects whose names the model would refuse ([`crate::model`]'s DNS-name rule: Node names,
+//!   pod names, namespaces and service accounts, Service names) are left out and reported.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -42,7 +44,7 @@ use kube::{ResourceExt, api::DynamicObject};
 use super::{ENROLL_DISABLED, ENROLL_ENABLED, ENROLL_LABEL, NetnsFinder};
 use crate::{
     model::{
-        ClusterInput, FailMode, InvalidPolicies, Origin, Protocol, Sourced,
+        ClusterInput, FailMode, InvalidPolicies, Origin, Protocol, Sourced, name_problem,
         spec::{NodeSpec, ServicePortSpec, ServiceSpec, WorkloadSpec},
     },
     policy::spec::{
@@ -152,6 +154,15 @@ pub fn convert(snap: &Snapshot, settings: &Settings, netns: &dyn NetnsFinder) ->
     Converted { input, skipped }
 }
 
+/// The first of `fields` the model would refuse as a name, as a skip reason (the API server
+/// validates names, so only a broken or hostile source sends such an object; it is left out
+/// rather than blocking the model).
+fn bad_names(fields: &[(&str, &str)]) -> Option<String> {
+    fields.iter().find_map(|(field, value)| {
+        name_problem(value).map(|why| format!("{field} `{value}` {why}; left out"))
+    })
+}
+
 fn skip(skipped: &mut Vec<Skipped>, object: impl Into<String>, reason: impl Into<String>) {
     skipped.push(Skipped {
         object: object.into(),
@@ -178,6 +189,14 @@ fn nodes(
     for node in sorted(&snap.nodes) {
         let name = node.name_any();
         let object = format!("Node {name}");
+        if let Some(why) = name_problem(&name) {
+            skip(
+                skipped,
+                object,
+                format!("the name `{name}` {why}; left out"),
+            );
+            continue;
+        }
         let internal: Vec<IpAddr> = node
             .status
             .as_ref()
@@ -339,6 +358,14 @@ fn workloads<'a>(
             .or_else(|| spec.service_account.clone())
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".to_owned());
+        if let Some(problem) = bad_names(&[
+            ("name", &name),
+            ("namespace", &namespace),
+            ("serviceAccountName", &service_account),
+        ]) {
+            skip(skipped, object, problem);
+            continue;
+        }
         let labels: Labels = pod.labels().clone();
         candidates.push(Candidate {
             pod,
@@ -483,6 +510,10 @@ fn services(
     'services: for svc in sorted(&snap.services) {
         let (namespace, name) = key_of(svc.as_ref());
         let object = format!("Service {namespace}/{name}");
+        if let Some(problem) = bad_names(&[("name", &name), ("namespace", &namespace)]) {
+            skip(skipped, object, problem);
+            continue;
+        }
         let Some(spec) = &svc.spec else { continue };
         if spec.type_.as_deref() == Some("ExternalName") {
             continue;

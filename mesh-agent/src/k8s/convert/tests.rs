@@ -672,3 +672,69 @@ fn the_result_does_not_depend_on_store_order() {
         convert(&reversed, &settings(), &f)
     );
 }
+
+/// Objects whose names the model refuses are left out and reported, never passed on: one such
+/// object used to make `ClusterModel::build` refuse the whole model (found by the `k8s_objects`
+/// fuzz target: a Node without a name).
+#[test]
+fn objects_with_names_the_model_refuses_are_left_out() {
+    let mut snap = service_snapshot();
+    let nameless: Arc<Node> = typed(json!({"metadata": {},
+        "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.9"}]}}));
+    snap.nodes.push(nameless);
+    snap.nodes
+        .push(node("Node_C", &[("InternalIP", "10.0.0.10")]));
+    let mut bad_sa = pod_json("shop", "bad-sa", THIS, &["10.1.0.99"]);
+    bad_sa["spec"]["serviceAccountName"] = json!("Not A Name");
+    snap.pods.push(typed(bad_sa));
+    snap.pods.push(pod("shop", "-dash", THIS, &["10.1.0.98"]));
+    snap.services
+        .push(service("shop", "web.", "10.96.0.99", json!([{"port": 80}])));
+    let (model, skipped) = build(&snap, &netns(&["web", "db2", "bad-sa", "-dash"]));
+    assert!(
+        !names(&model)
+            .iter()
+            .any(|n| n.contains("bad-sa") || n.contains("-dash"))
+    );
+    assert_eq!(model.nodes().count(), 2, "only the two valid nodes");
+    let joined = skipped.join("\n");
+    for s in [
+        "Node : the name `` is empty; left out",
+        "Node Node_C: the name `Node_C` may contain only",
+        "Pod shop/bad-sa: serviceAccountName `Not A Name` may contain only",
+        "Pod shop/-dash: name `-dash` must start and end",
+        "Service shop/web.: name `web.` must start and end",
+    ] {
+        assert!(joined.contains(s), "{s} missing in:\n{joined}");
+    }
+}
+
+/// The fuzz target's input as it found the bug (YAML documents as the `k8s_objects` target
+/// reads them): the model builds.
+#[test]
+fn fuzz_regression_node_without_a_name() {
+    use serde::Deserialize;
+    let text = include_str!("fuzz/node-without-a-name.yaml");
+    let mut snap = Snapshot::default();
+    for document in serde_norway::Deserializer::from_str(text) {
+        let Ok(v) = serde_norway::Value::deserialize(document) else {
+            break;
+        };
+        if v.get("kind").and_then(|k| k.as_str()) == Some("Node")
+            && let Ok(n) = Node::deserialize(v)
+        {
+            snap.nodes.push(Arc::new(n));
+        }
+    }
+    assert!(
+        snap.nodes.iter().any(|n| n.name_any().is_empty()),
+        "the input has a nameless node"
+    );
+    let c = convert(&snap, &Settings::new("n1", ip("10.0.0.1")), &NoNetns);
+    ClusterModel::build(&c.input).expect("convert's output is accepted");
+    assert!(
+        c.skipped.iter().any(|s| s.object == "Node "),
+        "{:?}",
+        c.skipped
+    );
+}

@@ -22,7 +22,8 @@
 //!   `ready: false`, whose `targetRef` is a pod that is a workload.
 //! - Nodes: the first IPv4 InternalIP (else the first InternalIP) is the HBONE address.
 //! - Objects whose names the model would refuse ([`crate::model`]'s DNS-name rule: Node names,
-//!   pod names, namespaces and service accounts, Service names) are left out and reported.
+//!   pod names, namespaces and service accounts, Service names), and a second object of one
+//!   kind with the same name (Nodes, pods, Services, policies), are left out and reported.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -197,6 +198,14 @@ fn nodes(
             );
             continue;
         }
+        if out.iter().any(|n| n.spec.name == name) {
+            skip(
+                skipped,
+                object,
+                "another Node object has this name; left out",
+            );
+            continue;
+        }
         let internal: Vec<IpAddr> = node
             .status
             .as_ref()
@@ -273,6 +282,7 @@ fn workloads<'a>(
         .map(|ns| ns.name_any())
         .collect();
     let mut candidates: Vec<Candidate<'a>> = Vec::new();
+    let mut seen = BTreeSet::new();
     for pod in sorted(&snap.pods) {
         let (namespace, name) = key_of(pod.as_ref());
         let object = format!("Pod {namespace}/{name}");
@@ -364,6 +374,14 @@ fn workloads<'a>(
             ("serviceAccountName", &service_account),
         ]) {
             skip(skipped, object, problem);
+            continue;
+        }
+        if !seen.insert((namespace.clone(), name.clone())) {
+            skip(
+                skipped,
+                object,
+                "another Pod object has this name; left out",
+            );
             continue;
         }
         let labels: Labels = pod.labels().clone();
@@ -507,11 +525,20 @@ fn services(
         }
     }
     let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
     'services: for svc in sorted(&snap.services) {
         let (namespace, name) = key_of(svc.as_ref());
         let object = format!("Service {namespace}/{name}");
         if let Some(problem) = bad_names(&[("name", &name), ("namespace", &namespace)]) {
             skip(skipped, object, problem);
+            continue;
+        }
+        if !seen.insert((namespace.clone(), name.clone())) {
+            skip(
+                skipped,
+                object,
+                "another Service object has this name; left out",
+            );
             continue;
         }
         let Some(spec) = &svc.spec else { continue };
@@ -704,9 +731,18 @@ fn authorization_policies(
     skipped: &mut Vec<Skipped>,
 ) -> Vec<Sourced<AuthorizationPolicy>> {
     let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
     for obj in sorted(&snap.authorization_policies) {
         let (namespace, name) = key_of(obj.as_ref());
         let object = format!("AuthorizationPolicy {namespace}/{name}");
+        if !seen.insert((namespace.clone(), name.clone())) {
+            skip(
+                skipped,
+                object,
+                "another AuthorizationPolicy object has this name; left out",
+            );
+            continue;
+        }
         let spec = match serde_json::from_value::<AuthorizationPolicy>(policy_json(
             obj,
             "AuthorizationPolicy",
@@ -763,9 +799,18 @@ fn peer_authentications(
     skipped: &mut Vec<Skipped>,
 ) -> Vec<Sourced<PeerAuthentication>> {
     let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
     for obj in sorted(&snap.peer_authentications) {
         let (namespace, name) = key_of(obj.as_ref());
         let object = format!("PeerAuthentication {namespace}/{name}");
+        if !seen.insert((namespace.clone(), name.clone())) {
+            skip(
+                skipped,
+                object,
+                "another PeerAuthentication object has this name; left out",
+            );
+            continue;
+        }
         let spec = match serde_json::from_value::<PeerAuthentication>(policy_json(
             obj,
             "PeerAuthentication",

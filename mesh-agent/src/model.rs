@@ -14,6 +14,8 @@ mod ids;
 pub mod spec;
 mod validate;
 
+pub(crate) use validate::name_problem;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;

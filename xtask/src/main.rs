@@ -5,6 +5,8 @@ mod bench;
 mod build_ebpf;
 mod codegen;
 mod image;
+mod deny;
+mod fuzz;
 mod k8s;
 mod lab;
 mod setup;
@@ -33,6 +35,12 @@ enum Command {
     /// The container image (charts/image/Dockerfile): builds mesh-agent and stages the context
     /// in target/image; builds the image when docker, podman or buildah is present.
     Image(image::Options),
+    /// Build and run the fuzz targets (`mesh-agent/fuzz`): `--smoke` (seconds each, as CI),
+    /// `--seconds N` or `--runs N`; prints executions and exec/s per target.
+    Fuzz(fuzz::Options),
+    /// `cargo deny check` with `xtask/deny.toml`: advisories (from the vendored database),
+    /// licences, duplicate versions, sources.
+    Deny(deny::Options),
     /// Everything CI checks: setup, eBPF build, fmt, clippy (host and eBPF), unit and root tests.
     Test(test::Options),
     /// The local lab: two nodes and their pods on this machine (`up`, the default; `down`;
@@ -54,6 +62,8 @@ fn main() {
         Command::Codegen(opts) => codegen::run(opts),
         Command::Image(opts) => image::run(opts),
         Command::Test(opts) => test::run(opts),
+        Command::Fuzz(opts) => fuzz::run(opts),
+        Command::Deny(opts) => deny::run(opts),
         Command::Lab(opts) => lab::run(opts),
         Command::Bench(opts) => bench::run(opts),
         Command::K8s(opts) => k8s::run(opts),

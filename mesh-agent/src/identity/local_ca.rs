@@ -24,7 +24,7 @@ use std::{
     collections::BTreeMap,
     fs,
     io::Write,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -173,10 +173,16 @@ impl LocalCa {
     /// otherwise `root-cert.pem` and `root-key.pem`, both created (with the directory) when
     /// neither exists. Refuses files that would yield certificates nobody can verify.
     pub fn open(dir: &Path, trust_domain: &str) -> Result<Self, IdentityError> {
-        fs::create_dir_all(dir).map_err(|source| IdentityError::CaDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        // Created private (0700): it holds the signing key. An existing directory keeps its
+        // mode (an operator's Secret mount); the key file's own mode is checked below.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| IdentityError::CaDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         let layout = if dir.join(CA_KEY_FILE).exists() {
             Layout {
                 source: Source::Dir,

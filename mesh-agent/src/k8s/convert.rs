@@ -21,6 +21,9 @@
 //!   Endpoints: EndpointSlices labelled `kubernetes.io/service-name`, endpoints not marked
 //!   `ready: false`, whose `targetRef` is a pod that is a workload.
 //! - Nodes: the first IPv4 InternalIP (else the first InternalIP) is the HBONE address.
+//! - Objects whose names the model would refuse ([`crate::model`]'s DNS-name rule: Node names,
+//!   pod names, namespaces and service accounts, Service names), and a second object of one
+//!   kind with the same name (Nodes, pods, Services, policies), are left out and reported.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -39,7 +42,7 @@ use super::{
 };
 use crate::{
     model::{
-        ClusterInput, FailMode, InvalidPolicies, Origin, Protocol, Sourced,
+        ClusterInput, FailMode, InvalidPolicies, Origin, Protocol, Sourced, name_problem,
         spec::{NodeSpec, ServicePortSpec, ServiceSpec, WorkloadSpec},
     },
     policy::spec::{
@@ -149,6 +152,15 @@ pub fn convert(snap: &Snapshot, settings: &Settings, netns: &dyn NetnsFinder) ->
     Converted { input, skipped }
 }
 
+/// The first of `fields` the model would refuse as a name, as a skip reason (the API server
+/// validates names, so only a broken or hostile source sends such an object; it is left out
+/// rather than blocking the model).
+fn bad_names(fields: &[(&str, &str)]) -> Option<String> {
+    fields.iter().find_map(|(field, value)| {
+        name_problem(value).map(|why| format!("{field} `{value}` {why}; left out"))
+    })
+}
+
 fn skip(skipped: &mut Vec<Skipped>, object: impl Into<String>, reason: impl Into<String>) {
     skipped.push(Skipped {
         object: object.into(),
@@ -175,6 +187,22 @@ fn nodes(
     for node in sorted(&snap.nodes) {
         let name = node.name_any();
         let object = format!("Node {name}");
+        if let Some(why) = name_problem(&name) {
+            skip(
+                skipped,
+                object,
+                format!("the name `{name}` {why}; left out"),
+            );
+            continue;
+        }
+        if out.iter().any(|n| n.spec.name == name) {
+            skip(
+                skipped,
+                object,
+                "another Node object has this name; left out",
+            );
+            continue;
+        }
         let internal: Vec<IpAddr> = node
             .status
             .as_ref()
@@ -251,6 +279,7 @@ fn workloads<'a>(
         .map(|ns| ns.name_any())
         .collect();
     let mut candidates: Vec<Candidate<'a>> = Vec::new();
+    let mut seen = BTreeSet::new();
     for pod in sorted(&snap.pods) {
         let (namespace, name) = key_of(pod.as_ref());
         let object = format!("Pod {namespace}/{name}");
@@ -336,6 +365,22 @@ fn workloads<'a>(
             .or_else(|| spec.service_account.clone())
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".to_owned());
+        if let Some(problem) = bad_names(&[
+            ("name", &name),
+            ("namespace", &namespace),
+            ("serviceAccountName", &service_account),
+        ]) {
+            skip(skipped, object, problem);
+            continue;
+        }
+        if !seen.insert((namespace.clone(), name.clone())) {
+            skip(
+                skipped,
+                object,
+                "another Pod object has this name; left out",
+            );
+            continue;
+        }
         let labels: Labels = pod.labels().clone();
         candidates.push(Candidate {
             pod,
@@ -477,9 +522,22 @@ fn services(
         }
     }
     let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
     'services: for svc in sorted(&snap.services) {
         let (namespace, name) = key_of(svc.as_ref());
         let object = format!("Service {namespace}/{name}");
+        if let Some(problem) = bad_names(&[("name", &name), ("namespace", &namespace)]) {
+            skip(skipped, object, problem);
+            continue;
+        }
+        if !seen.insert((namespace.clone(), name.clone())) {
+            skip(
+                skipped,
+                object,
+                "another Service object has this name; left out",
+            );
+            continue;
+        }
         let Some(spec) = &svc.spec else { continue };
         if spec.type_.as_deref() == Some("ExternalName") {
             continue;
@@ -687,9 +745,18 @@ fn authorization_policies(
     skipped: &mut Vec<Skipped>,
 ) -> Vec<Sourced<AuthorizationPolicy>> {
     let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
     for obj in sorted(&snap.authorization_policies) {
         let (namespace, name) = key_of(obj.as_ref());
         let object = format!("AuthorizationPolicy {namespace}/{name}");
+        if !seen.insert((namespace.clone(), name.clone())) {
+            skip(
+                skipped,
+                object,
+                "another AuthorizationPolicy object has this name; left out",
+            );
+            continue;
+        }
         let spec = match read_authorization_policy(obj) {
             Ok(p) => p,
             Err(e) => {
@@ -743,9 +810,18 @@ fn peer_authentications(
     skipped: &mut Vec<Skipped>,
 ) -> Vec<Sourced<PeerAuthentication>> {
     let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
     for obj in sorted(&snap.peer_authentications) {
         let (namespace, name) = key_of(obj.as_ref());
         let object = format!("PeerAuthentication {namespace}/{name}");
+        if !seen.insert((namespace.clone(), name.clone())) {
+            skip(
+                skipped,
+                object,
+                "another PeerAuthentication object has this name; left out",
+            );
+            continue;
+        }
         let spec = match read_peer_authentication(obj) {
             Ok(p) => p,
             Err(e) => {

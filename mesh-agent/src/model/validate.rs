@@ -47,19 +47,27 @@ fn known(names: &BTreeMap<String, Node>) -> String {
         .join(", ")
 }
 
-/// Names, namespaces, service accounts and trust domains go into SPIFFE IDs, paths and logs: they
-/// follow Kubernetes' DNS-name rule (a `/` or a space would make an identity ambiguous).
-fn check_name(errors: &mut Errors, origin: &Origin, field: &str, value: &str, owner: &str) {
+/// Why `value` is not a name the model accepts, or `None` when it is. Names, namespaces,
+/// service accounts and trust domains go into SPIFFE IDs, paths and logs: they follow
+/// Kubernetes' DNS-name rule (a `/` or a space would make an identity ambiguous). The
+/// Kubernetes conversion uses it to leave out objects the model would refuse.
+pub(crate) fn name_problem(value: &str) -> Option<&'static str> {
     let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    let why = if value.is_empty() {
-        "is empty"
+    if value.is_empty() {
+        Some("is empty")
     } else if value.len() > 253 {
-        "is longer than 253 characters"
+        Some("is longer than 253 characters")
     } else if !value.bytes().all(|b| alnum(b) || b == b'-' || b == b'.') {
-        "may contain only lowercase letters, digits, `-` and `.` (Kubernetes' name rule)"
+        Some("may contain only lowercase letters, digits, `-` and `.` (Kubernetes' name rule)")
     } else if !value.bytes().next().is_some_and(alnum) || !value.bytes().last().is_some_and(alnum) {
-        "must start and end with a lowercase letter or digit"
+        Some("must start and end with a lowercase letter or digit")
     } else {
+        None
+    }
+}
+
+fn check_name(errors: &mut Errors, origin: &Origin, field: &str, value: &str, owner: &str) {
+    let Some(why) = name_problem(value) else {
         return;
     };
     errors.push(

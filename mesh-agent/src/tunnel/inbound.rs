@@ -23,7 +23,11 @@ use std::{
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
-use tokio::{net::TcpListener, task::JoinSet};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    task::JoinSet,
+};
 use tokio_rustls::LazyConfigAcceptor;
 use tracing::{debug, info, warn};
 
@@ -277,11 +281,7 @@ impl Inbound {
                 .and_then(|name| self.workloads.identity_for_sni(name))
             {
                 Some(identity) => Target::Identity(identity),
-                None => match (self.workloads.by_ip(local.ip()), &self.config.node_identity) {
-                    (Some(w), _) => Target::Arrival(w),
-                    (None, Some(node)) => Target::Node(node.clone()),
-                    (None, None) => return Err(ConnError::NotAWorkload(local)),
-                },
+                None => self.target_without_sni(local)?,
             };
             let identity = target.identity().clone();
             let cert = self.certs.get(&identity).await.map_err(|e| {
@@ -318,19 +318,10 @@ impl Inbound {
                 .map(spiffe_id_of)
                 .and_then(Result::ok)
                 .ok_or_else(|| ConnError::Tls("no verified client identity".into()))?;
-            let conn = h2::server::Builder::new()
-                .initial_window_size(self.config.stream_window)
-                .initial_connection_window_size(self.config.connection_window)
-                .max_frame_size(self.config.max_frame_size)
-                .max_header_list_size(self.config.max_header_list_size)
-                .max_concurrent_streams(self.config.server_max_streams)
-                .max_send_buffer_size(self.config.stream_window as usize)
-                .handshake::<_, Bytes>(tls)
-                .await
-                .map_err(ConnError::H2)?;
+            let conn = self.h2_handshake(tls).await?;
             Ok::<_, ConnError>((source, conn, target))
         };
-        let (source, mut conn, target) =
+        let (source, conn, target) =
             tokio::time::timeout(timeout, handshake)
                 .await
                 .map_err(|_| {
@@ -340,6 +331,82 @@ impl Inbound {
                     ConnError::HandshakeTimeout(timeout)
                 })??;
         debug!(%peer, %source, workload = %target.identity(), "inbound HBONE connection established");
+        self.serve_h2(conn, peer, local, source, target, drain)
+            .await
+    }
+
+    /// Whom a connection without a usable SNI speaks for: the workload it arrived at, else the
+    /// node (when configured).
+    fn target_without_sni(&self, local: SocketAddr) -> Result<Target, ConnError> {
+        match (self.workloads.by_ip(local.ip()), &self.config.node_identity) {
+            (Some(w), _) => Ok(Target::Arrival(w)),
+            (None, Some(node)) => Ok(Target::Node(node.clone())),
+            (None, None) => Err(ConnError::NotAWorkload(local)),
+        }
+    }
+
+    /// For the fuzz target `hbone_inbound` (`mesh-agent/fuzz`) only, not an API: serves `io` as
+    /// an inbound connection arriving at `local` without SNI whose TLS handshake already
+    /// happened and proved `source`. Everything after TLS is the production path: the HTTP/2
+    /// handshake (under `handshake_timeout`), every stream and its CONNECT handling, the
+    /// timeouts. Returns the connection's error as the log would show it.
+    #[doc(hidden)]
+    pub async fn serve_after_tls<IO>(
+        self: Arc<Self>,
+        io: IO,
+        peer: SocketAddr,
+        local: SocketAddr,
+        source: SpiffeId,
+        drain: &drain::Watch,
+    ) -> Result<(), String>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let _gauge = Gauge::new(&self.active_connections);
+        let run = async {
+            let target = self.target_without_sni(local)?;
+            let timeout = self.config.handshake_timeout;
+            let conn = tokio::time::timeout(timeout, self.h2_handshake(io))
+                .await
+                .map_err(|_| ConnError::HandshakeTimeout(timeout))??;
+            self.clone()
+                .serve_h2(conn, peer, local, source, target, drain)
+                .await
+        };
+        run.await.map_err(|e| e.to_string())
+    }
+
+    /// The server side of the HTTP/2 handshake on an established (TLS) stream.
+    async fn h2_handshake<IO>(&self, io: IO) -> Result<h2::server::Connection<IO, Bytes>, ConnError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        h2::server::Builder::new()
+            .initial_window_size(self.config.stream_window)
+            .initial_connection_window_size(self.config.connection_window)
+            .max_frame_size(self.config.max_frame_size)
+            .max_header_list_size(self.config.max_header_list_size)
+            .max_concurrent_streams(self.config.server_max_streams)
+            .max_send_buffer_size(self.config.stream_window as usize)
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(ConnError::H2)
+    }
+
+    /// Serves the streams of one HTTP/2 connection whose peer proved `source`, until the
+    /// connection ends (or stays idle, or drains).
+    async fn serve_h2<IO>(
+        self: Arc<Self>,
+        mut conn: h2::server::Connection<IO, Bytes>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        source: SpiffeId,
+        target: Target,
+        drain: &drain::Watch,
+    ) -> Result<(), ConnError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
         let target = Arc::new(target);
 
         let source = Arc::new(source);

@@ -9,6 +9,57 @@ use rustls::Connection;
 use super::super::tls;
 use super::*;
 
+/// What the agent creates for its CA is its own: the directory 0700, the key 0600, the
+/// certificate readable (it is public). Nothing there is world-readable but the certificate.
+#[test]
+fn a_new_ca_directory_and_key_are_private() {
+    let parent = tempfile::tempdir().expect("tempdir");
+    let dir = parent.path().join("state/ca");
+    LocalCa::open(&dir, "cluster.local").expect("create");
+    let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "CA directory");
+    assert_eq!(mode(&dir.join(ROOT_KEY_FILE)), 0o600, "CA key");
+    assert_eq!(
+        mode(&dir.join(ROOT_CERT_FILE)) & 0o600,
+        0o600,
+        "CA certificate"
+    );
+}
+
+/// The key never shows in a log line that formats a certificate with `{:?}`.
+#[tokio::test]
+async fn debug_output_of_a_workload_certificate_has_no_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = LocalCa::open(dir.path(), "cluster.local").expect("create");
+    let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/a"
+        .parse()
+        .expect("id");
+    let cert = ca.issue(&id).await.expect("issue");
+    let shown = format!("{cert:?}");
+    let key = cert.key();
+    let secret = key.secret_der();
+    assert!(shown.contains("elided"), "{shown}");
+    // No 16-byte window of the key's secret part appears in the output, in decimal (Debug of
+    // bytes) or hex. Windows also found in the certificate (the algorithm identifiers and the
+    // public key that PKCS#8 carries too) are public and skipped.
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let public = hex(cert.chain[0].as_ref());
+    let mut checked = 0;
+    for window in secret.windows(16) {
+        if public.contains(&hex(window)) {
+            continue;
+        }
+        checked += 1;
+        let decimal = format!("{window:?}");
+        let decimal = &decimal[1..decimal.len() - 1];
+        assert!(
+            !shown.contains(decimal) && !shown.contains(&hex(window)),
+            "key bytes in {shown}"
+        );
+    }
+    assert!(checked > 0, "the key has a secret part to look for");
+}
+
 #[tokio::test]
 async fn creates_root_once_with_private_key_and_reuses_it() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -672,3 +672,125 @@ fn the_result_does_not_depend_on_store_order() {
         convert(&reversed, &settings(), &f)
     );
 }
+
+/// Objects whose names the model refuses are left out and reported, never passed on: one such
+/// object used to make `ClusterModel::build` refuse the whole model (found by the `k8s_objects`
+/// fuzz target: a Node without a name).
+#[test]
+fn objects_with_names_the_model_refuses_are_left_out() {
+    let mut snap = service_snapshot();
+    let nameless: Arc<Node> = typed(json!({"metadata": {},
+        "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.9"}]}}));
+    snap.nodes.push(nameless);
+    snap.nodes
+        .push(node("Node_C", &[("InternalIP", "10.0.0.10")]));
+    let mut bad_sa = pod_json("shop", "bad-sa", THIS, &["10.1.0.99"]);
+    bad_sa["spec"]["serviceAccountName"] = json!("Not A Name");
+    snap.pods.push(typed(bad_sa));
+    snap.pods.push(pod("shop", "-dash", THIS, &["10.1.0.98"]));
+    snap.services
+        .push(service("shop", "web.", "10.96.0.99", json!([{"port": 80}])));
+    let (model, skipped) = build(&snap, &netns(&["web", "db2", "bad-sa", "-dash"]));
+    assert!(
+        !names(&model)
+            .iter()
+            .any(|n| n.contains("bad-sa") || n.contains("-dash"))
+    );
+    assert_eq!(model.nodes().count(), 2, "only the two valid nodes");
+    let joined = skipped.join("\n");
+    for s in [
+        "Node : the name `` is empty; left out",
+        "Node Node_C: the name `Node_C` may contain only",
+        "Pod shop/bad-sa: serviceAccountName `Not A Name` may contain only",
+        "Pod shop/-dash: name `-dash` must start and end",
+        "Service shop/web.: name `web.` must start and end",
+    ] {
+        assert!(joined.contains(s), "{s} missing in:\n{joined}");
+    }
+}
+
+/// Objects from YAML documents as the `k8s_objects` fuzz target reads them.
+fn snapshot_of_yaml(text: &str) -> Snapshot {
+    use serde::Deserialize;
+    let mut snap = Snapshot::default();
+    for document in serde_norway::Deserializer::from_str(text) {
+        let Ok(v) = serde_norway::Value::deserialize(document) else {
+            break;
+        };
+        let kind = v
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        macro_rules! push {
+            ($field:ident, $ty:ty) => {
+                if let Ok(o) = <$ty>::deserialize(v) {
+                    snap.$field.push(Arc::new(o));
+                }
+            };
+        }
+        match kind.as_str() {
+            "Pod" => push!(pods, Pod),
+            "Node" => push!(nodes, Node),
+            "Namespace" => push!(namespaces, Namespace),
+            "Service" => push!(services, Service),
+            "EndpointSlice" => push!(endpoint_slices, EndpointSlice),
+            "AuthorizationPolicy" => push!(authorization_policies, DynamicObject),
+            "PeerAuthentication" => push!(peer_authentications, DynamicObject),
+            _ => {}
+        }
+    }
+    snap
+}
+
+/// The `k8s_objects` fuzz target's inputs as they found the bugs: the model builds.
+#[test]
+fn fuzz_regressions_build_a_model() {
+    for (name, text) in [
+        (
+            "node-without-a-name",
+            include_str!("fuzz/node-without-a-name.yaml"),
+        ),
+        (
+            "two-nodes-named-alike",
+            include_str!("fuzz/two-nodes-named-alike.yaml"),
+        ),
+    ] {
+        let snap = snapshot_of_yaml(text);
+        let c = convert(&snap, &Settings::new("n1", ip("10.0.0.1")), &NoNetns);
+        assert!(c.input.nodes.iter().any(|n| n.spec.name == "n1"), "{name}");
+        if let Err(e) = ClusterModel::build(&c.input) {
+            panic!("{name}: convert's output was refused: {e:?}");
+        }
+    }
+}
+
+/// A second Node, Pod or Service object with a name already seen is left out (the API server
+/// keeps names unique; a broken source may not): the model refused duplicates as a whole
+/// (found by the `k8s_objects` fuzz target: two Nodes named alike).
+#[test]
+fn a_second_object_with_the_same_name_is_left_out() {
+    let mut snap = service_snapshot();
+    snap.nodes
+        .push(node("node-b", &[("InternalIP", "10.0.0.77")]));
+    snap.pods.push(pod("shop", "web", THIS, &["10.1.0.77"]));
+    snap.services.extend(snap.services.clone());
+    let deny = policy(
+        "AuthorizationPolicy",
+        "shop",
+        "deny",
+        json!({"action": "DENY", "rules": [{}]}),
+    );
+    snap.authorization_policies = vec![deny.clone(), deny];
+    let (model, skipped) = build(&snap, &netns(&["web", "db2"]));
+    assert_eq!(model.nodes().count(), 2);
+    let joined = skipped.join("\n");
+    for s in [
+        "Node node-b: another Node object has this name",
+        "Pod shop/web: another Pod object has this name",
+        "Service shop/",
+        "AuthorizationPolicy shop/deny: another AuthorizationPolicy object has this name",
+    ] {
+        assert!(joined.contains(s), "{s} missing in:\n{joined}");
+    }
+}

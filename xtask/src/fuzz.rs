@@ -46,7 +46,7 @@ pub struct Options {
     /// Stop each target after this many executions.
     #[arg(long)]
     pub runs: Option<u64>,
-    /// A few seconds per target (what `cargo xtask test` runs).
+    /// A few seconds per target (what `cargo xtask test` runs), on an unoptimised build.
     #[arg(long)]
     pub smoke: bool,
     /// Only build the targets.
@@ -62,7 +62,10 @@ fn out_dir() -> PathBuf {
     workspace_root().join("target/fuzz")
 }
 
-fn cargo_fuzz(sub: &str) -> Command {
+/// `dev`: cargo-fuzz's `--dev` (unoptimised, still instrumented): what the smoke run uses, since
+/// an optimised instrumented build of the agent's whole dependency tree costs a cold CI machine
+/// far more than the seconds of fuzzing it buys; long runs build optimised.
+fn cargo_fuzz(sub: &str, dev: bool) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(workspace_root())
         .env("RUSTC_BOOTSTRAP", "1")
@@ -73,12 +76,16 @@ fn cargo_fuzz(sub: &str) -> Command {
         .arg("--target-dir")
         .arg(out_dir())
         .args(["--sanitizer", "none"]);
+    if dev {
+        cmd.arg("--dev");
+    }
     cmd
 }
 
-/// Builds every target (release, debug assertions on, coverage instrumentation).
-pub fn build() -> Result<()> {
-    exec(&mut cargo_fuzz("build"))
+/// Builds every target (release, or `dev` for the smoke run; debug assertions on, coverage
+/// instrumentation).
+pub fn build(dev: bool) -> Result<()> {
+    exec(&mut cargo_fuzz("build", dev))
         .context("building the fuzz targets failed (is cargo-fuzz installed? `cargo xtask setup`)")
 }
 
@@ -88,7 +95,7 @@ struct Outcome {
     seconds: f64,
 }
 
-fn run_target(target: &str, limit: &[String]) -> Result<Outcome> {
+fn run_target(target: &str, limit: &[String], dev: bool) -> Result<Outcome> {
     let corpus = out_dir().join("corpus").join(target);
     let artifacts = out_dir().join("artifacts").join(target);
     let logs = out_dir().join("logs");
@@ -98,7 +105,7 @@ fn run_target(target: &str, limit: &[String]) -> Result<Outcome> {
     let log_path = logs.join(format!("{target}.log"));
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
-    let mut cmd = cargo_fuzz("run");
+    let mut cmd = cargo_fuzz("run", dev);
     cmd.arg(target).arg(&corpus);
     let seeds = fuzz_dir().join("seeds").join(target);
     if seeds.is_dir() {
@@ -168,7 +175,7 @@ pub fn run(opts: Options) -> Result<()> {
         }
         opts.targets.iter().map(String::as_str).collect()
     };
-    build()?;
+    build(opts.smoke)?;
     if opts.build_only {
         return Ok(());
     }
@@ -188,7 +195,7 @@ pub fn run(opts: Options) -> Result<()> {
     }
     let mut rows = Vec::new();
     for t in &targets {
-        let o = run_target(t, &limit)?;
+        let o = run_target(t, &limit, opts.smoke)?;
         rows.push((t.to_string(), o));
     }
     println!(

@@ -33,5 +33,6 @@ pub mod policy;
 pub mod rbac;
 pub mod readiness;
 pub mod reconcile;
+pub mod splice;
 pub mod tunnel;
 pub mod tunnel_iface;

@@ -1,0 +1,120 @@
+//! Root tests of the same-node splice (sockhash + stream verdict) on the real kernel: the
+//! start-up self-test passes here, and a connection carried by the tunnel's same-node carrier
+//! moves its bytes in the kernel (the kernel's counters grow, the user-space copy's stay 0),
+//! byte-exact, half-closed both ways; forced to `copy`, the same connection is copied.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use mesh_agent::{
+    datapath::Datapath,
+    tunnel::{
+        copy::Counters,
+        listener::bind_exclusive,
+        splice::{PathChoice, SameNode, SameNodePath, Splicer, self_test},
+    },
+};
+use nodemesh_tests::require_root;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+fn splicer(dp: &Datapath) -> Arc<dyn Splicer> {
+    Arc::new(dp.splicer().expect("this kernel offers the splice"))
+}
+
+#[tokio::test]
+async fn self_test_passes_on_this_kernel() {
+    require_root();
+    let dp = Datapath::load().expect("load");
+    self_test(&*splicer(&dp)).await.expect("self-test");
+}
+
+/// A connected pair through a listener: (the peer's end, the tunnel's end).
+async fn pair() -> (TcpStream, TcpStream) {
+    let l = bind_exclusive(SocketAddr::from(([127, 0, 0, 1], 0)), 4).expect("bind");
+    let peer = TcpStream::connect(l.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (mine, _) = l.accept().await.expect("accept");
+    (peer, mine)
+}
+
+/// app ⇄ [a | tunnel | b] ⇄ pod: app sends `up` bytes then FIN, pod answers `down` bytes then
+/// FIN; returns the bytes each side received and the carrier's counters.
+async fn carry_once(carrier: &SameNode, up: usize, down: usize) -> (Vec<u8>, Vec<u8>, (u64, u64)) {
+    let (mut app, mut a) = pair().await;
+    let (mut pod, mut b) = pair().await;
+    let counters = Counters::default();
+    let data = |n: usize, seed: u8| -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    };
+    let (to_pod, to_app) = (data(up, 7), data(down, 11));
+    let app_side = async {
+        app.write_all(&to_pod).await.expect("app write");
+        app.shutdown().await.expect("app shutdown");
+        let mut got = Vec::new();
+        app.read_to_end(&mut got).await.expect("app read");
+        got
+    };
+    let pod_side = async {
+        let mut got = Vec::new();
+        pod.read_to_end(&mut got).await.expect("pod read");
+        pod.write_all(&to_app).await.expect("pod write");
+        pod.shutdown().await.expect("pod shutdown");
+        got
+    };
+    let (carried, app_got, pod_got) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(
+            carrier.carry(&mut a, &mut b, 256 * 1024, &counters),
+            app_side,
+            pod_side
+        )
+    })
+    .await
+    .expect("the connection ends within 30 s");
+    carried.expect("carried");
+    assert_eq!(pod_got, to_pod, "app → pod byte-exact");
+    assert_eq!(app_got, to_app, "pod → app byte-exact");
+    let t = counters.snapshot();
+    (pod_got, app_got, (t.tcp_to_stream, t.stream_to_tcp))
+}
+
+#[tokio::test]
+async fn spliced_bytes_never_cross_user_space() {
+    require_root();
+    let dp = Datapath::load().expect("load");
+    let carrier = SameNode::new();
+    let path = carrier.choose(PathChoice::Auto, Ok(splicer(&dp))).await;
+    assert_eq!(path, SameNodePath::Splice);
+    const UP: usize = 8 << 20;
+    const DOWN: usize = 3 << 20;
+    let (_, _, counted) = carry_once(&carrier, UP, DOWN).await;
+    assert_eq!(
+        counted,
+        (UP as u64, DOWN as u64),
+        "access-log bytes come from the kernel"
+    );
+    let m = carrier.metrics();
+    assert_eq!(m.copied_bytes(), 0, "no byte was copied in user space");
+    assert_eq!(m.spliced_bytes(), (UP + DOWN) as u64);
+    assert_eq!(m.connections(SameNodePath::Splice), 1);
+    assert_eq!(m.connections(SameNodePath::Copy), 0);
+}
+
+#[tokio::test]
+async fn forced_copy_copies_in_user_space() {
+    require_root();
+    let dp = Datapath::load().expect("load");
+    let carrier = SameNode::new();
+    let path = carrier.choose(PathChoice::Copy, Ok(splicer(&dp))).await;
+    assert_eq!(path, SameNodePath::Copy);
+    let (_, _, counted) = carry_once(&carrier, 1 << 20, 1 << 18).await;
+    assert_eq!(counted, (1 << 20, 1 << 18));
+    let m = carrier.metrics();
+    assert_eq!(m.copied_bytes(), (1 << 20) + (1 << 18));
+    assert_eq!(m.spliced_bytes(), 0);
+    assert_eq!(m.connections(SameNodePath::Copy), 1);
+}

@@ -1,7 +1,9 @@
 //! Root tests of the same-node splice (sockhash + stream verdict) on the real kernel: the
 //! start-up self-test passes here, and a connection carried by the tunnel's same-node carrier
 //! moves its bytes in the kernel (the kernel's counters grow, the user-space copy's stay 0),
-//! byte-exact, half-closed both ways; forced to `copy`, the same connection is copied.
+//! byte-exact, half-closed both ways; forced to `copy`, the same connection is copied; a
+//! spliced connection dropped mid-transfer (policy revocation, drain deadline) records the bytes
+//! moved so far and both ends see the close.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -17,6 +19,7 @@ use nodemesh_tests::require_root;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
+    sync::oneshot,
 };
 
 fn splicer(dp: &Datapath) -> Arc<dyn Splicer> {
@@ -117,4 +120,56 @@ async fn forced_copy_copies_in_user_space() {
     assert_eq!(m.copied_bytes(), (1 << 20) + (1 << 18));
     assert_eq!(m.spliced_bytes(), 0);
     assert_eq!(m.connections(SameNodePath::Copy), 1);
+}
+
+/// What a policy revocation or the drain deadline does: the carry future is dropped while data
+/// flows. The bytes moved so far are recorded (access log, metrics), the pair is unspliced, and
+/// once the tunnel drops its two sockets the app and the pod both see the connection end.
+#[tokio::test]
+async fn a_spliced_connection_dropped_mid_transfer_records_its_bytes_and_closes_both_ends() {
+    require_root();
+    let dp = Datapath::load().expect("load");
+    let carrier = SameNode::new();
+    let path = carrier
+        .choose(PathChoice::Auto, Ok(splicer(&dp)))
+        .await;
+    assert_eq!(path, SameNodePath::Splice);
+    let (mut app, mut a) = pair().await;
+    let (mut pod, mut b) = pair().await;
+    let counters = Counters::default();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let carry = async {
+        tokio::select! {
+            r = carrier.carry(&mut a, &mut b, 256 * 1024, &counters) => {
+                panic!("the connection ended by itself: {r:?}")
+            }
+            _ = stopped => {}
+        }
+    };
+    let traffic = async {
+        app.write_all(&[1u8; 100_000]).await.expect("app write");
+        let mut got = vec![0u8; 100_000];
+        pod.read_exact(&mut got).await.expect("pod read");
+        pod.write_all(&[2u8; 5_000]).await.expect("pod write");
+        let mut back = vec![0u8; 5_000];
+        app.read_exact(&mut back).await.expect("app read");
+        assert!(got.iter().all(|&x| x == 1) && back.iter().all(|&x| x == 2));
+        stop.send(()).expect("carrier alive");
+    };
+    tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(carry, traffic) })
+        .await
+        .expect("traffic within 30 s");
+    let t = counters.snapshot();
+    assert_eq!((t.tcp_to_stream, t.stream_to_tcp), (100_000, 5_000));
+    assert_eq!(carrier.metrics().spliced_bytes(), 105_000);
+    assert_eq!(carrier.metrics().copied_bytes(), 0);
+    drop((a, b));
+    for (name, end) in [("app", &mut app), ("pod", &mut pod)] {
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), end.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("{name} did not see the close within 5 s"))
+            .unwrap_or(0);
+        assert_eq!(n, 0, "{name} received bytes after the close");
+    }
 }

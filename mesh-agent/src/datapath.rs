@@ -296,7 +296,8 @@ impl Datapath {
         let meta = Array::try_from(take(maps::META)?).map_err(map_err(maps::META))?;
         let splice_socks = take(maps::SPLICE_SOCKS)?;
         let splice_links = take(maps::SPLICE_LINKS)?;
-        let splice = attach_splice(&mut ebpf, splice_socks, splice_links).map_err(|e| {
+        let splice_ctl = take(maps::SPLICE_CTL)?;
+        let splice = attach_splice(&mut ebpf, splice_socks, splice_links, splice_ctl).map_err(|e| {
             warn!(error = %e, "same-node splice unavailable on this kernel: same-node connections are copied in user space");
             e.to_string()
         });
@@ -713,12 +714,15 @@ fn attach_splice(
     ebpf: &mut Ebpf,
     socks: aya::maps::Map,
     links: aya::maps::Map,
+    ctl: aya::maps::Map,
 ) -> Result<crate::splice::SockSplice, DatapathError> {
     let name = programs::SPLICE_VERDICT;
     let socks: SockHash<MapData, u64> =
         SockHash::try_from(socks).map_err(map_err(maps::SPLICE_SOCKS))?;
     let links: HashMap<MapData, u64, SpliceLink> =
         HashMap::try_from(links).map_err(map_err(maps::SPLICE_LINKS))?;
+    let ctl: HashMap<MapData, u64, mesh_common::SpliceCtl> =
+        HashMap::try_from(ctl).map_err(map_err(maps::SPLICE_CTL))?;
     let prog: &mut SkSkb = ebpf
         .program_mut(name)
         .ok_or(DatapathError::MissingProgram { name })?
@@ -734,7 +738,7 @@ fn attach_splice(
     let id = prog.attach(&map_fd).map_err(prog_err(name))?;
     let link = prog.take_link(id).map_err(prog_err(name))?;
     debug!(program = name, "splice verdict attached to its sockhash");
-    Ok(crate::splice::SockSplice::new(socks, links, link))
+    Ok(crate::splice::SockSplice::new(socks, links, ctl, link))
 }
 
 impl KernelMaps for Datapath {

@@ -28,7 +28,13 @@ use aya::{
     maps::{HashMap, MapData, MapError, SockHash},
     programs::sk_skb::SkSkbLink,
 };
-use mesh_common::{SpliceLink, maps};
+use mesh_common::{SpliceCtl, SpliceLink, maps};
+
+/// Redirect credit per direction: the most bytes the kernel's splice queue may hold for a peer
+/// that does not keep up (it has no backpressure of its own). When a direction runs out, the
+/// program leaves segments on the socket (its receive buffer fills and TCP's window stops the
+/// sender); the tunnel forwards them once the queue has drained and grants a new window.
+pub const SPLICE_WINDOW: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpliceError {
@@ -49,6 +55,7 @@ pub enum SpliceError {
 struct Maps {
     socks: SockHash<MapData, u64>,
     links: HashMap<MapData, u64, SpliceLink>,
+    ctl: HashMap<MapData, u64, SpliceCtl>,
 }
 
 struct Inner {
@@ -67,11 +74,12 @@ impl SockSplice {
     pub(crate) fn new(
         socks: SockHash<MapData, u64>,
         links: HashMap<MapData, u64, SpliceLink>,
+        ctl: HashMap<MapData, u64, SpliceCtl>,
         verdict: SkSkbLink,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                maps: Mutex::new(Maps { socks, links }),
+                maps: Mutex::new(Maps { socks, links, ctl }),
                 _verdict: verdict,
             }),
         }
@@ -109,6 +117,17 @@ impl SockSplice {
                 cap: mesh_common::MAX_SPLICED_SOCKETS,
                 source,
             };
+            let ctl_err = |source| SpliceError::Map {
+                name: maps::SPLICE_CTL,
+                cap: mesh_common::MAX_SPLICED_SOCKETS,
+                source,
+            };
+            let first = SpliceCtl {
+                allowed: SPLICE_WINDOW,
+                consumed: 0,
+            };
+            m.ctl.insert(ca, first, 0).map_err(ctl_err)?;
+            m.ctl.insert(cb, first, 0).map_err(ctl_err)?;
             // Links first: a socket in the sockhash without a link keeps its data (the verdict
             // passes it), so there is no moment where a segment could be lost.
             m.links
@@ -117,6 +136,7 @@ impl SockSplice {
                     SpliceLink {
                         peer_cookie: cb,
                         bytes: 0,
+                        passed: 0,
                     },
                     0,
                 )
@@ -127,6 +147,7 @@ impl SockSplice {
                     SpliceLink {
                         peer_cookie: ca,
                         bytes: 0,
+                        passed: 0,
                     },
                     0,
                 )
@@ -154,16 +175,40 @@ pub struct Spliced {
 }
 
 impl Spliced {
-    /// Bytes the kernel moved `a → b` and `b → a` so far.
+    /// Bytes the kernel redirected `a → b` and `b → a` so far (not counting what it left to
+    /// the tunnel: see [`SpliceCtl`]).
     pub fn bytes(&self) -> (u64, u64) {
         let m = self.splice.lock();
         let get = |k: u64| m.links.get(&k, 0).map(|l| l.bytes).unwrap_or(0);
         (get(self.a), get(self.b))
     }
 
+    /// Bytes the kernel left on `a` and on `b` for the tunnel (flow control) so far.
+    pub fn passed(&self) -> (u64, u64) {
+        let m = self.splice.lock();
+        let get = |k: u64| m.links.get(&k, 0).map(|l| l.passed).unwrap_or(0);
+        (get(self.a), get(self.b))
+    }
+
+    /// Grants `a` (`from_a`) or `b` redirect credit up to `allowed` redirected bytes and
+    /// records that the tunnel has forwarded `consumed` bytes the program left on it.
+    pub fn grant(&self, from_a: bool, allowed: u64, consumed: u64) -> Result<(), SpliceError> {
+        let key = if from_a { self.a } else { self.b };
+        self.splice
+            .lock()
+            .ctl
+            .insert(key, SpliceCtl { allowed, consumed }, 0)
+            .map_err(|source| SpliceError::Map {
+                name: maps::SPLICE_CTL,
+                cap: mesh_common::MAX_SPLICED_SOCKETS,
+                source,
+            })
+    }
+
     /// Whether every byte the kernel took from one socket has entered the other's send queue:
-    /// `to` is the receiving socket (`b` for `a → b`), `moved` the count from [`Self::bytes`].
-    /// Only then may `to` be half-closed without cutting the stream short.
+    /// `to` is the receiving socket (`b` for `a → b`), `moved` the bytes that must be there
+    /// (redirected plus forwarded by the tunnel). Only then may `to` be half-closed, or the
+    /// tunnel write to it, without cutting the stream short or reordering it.
     pub fn flushed(to: &impl AsFd, moved: u64) -> std::io::Result<bool> {
         Ok(bytes_queued(to)? >= moved)
     }
@@ -174,6 +219,9 @@ impl Drop for Spliced {
         let mut m = self.splice.lock();
         for k in [self.a, self.b] {
             let _ = m.links.remove(&k);
+        }
+        for k in [self.a, self.b] {
+            let _ = m.ctl.remove(&k);
         }
         for k in [self.a, self.b] {
             let _ = m.socks.remove(&k);

@@ -58,6 +58,9 @@ pub mod maps {
     /// `HashMap<u64 socket cookie, SpliceLink>`: which socket each spliced socket's received
     /// bytes go to, and how many went. Not pinned, as [`SPLICE_SOCKS`].
     pub const SPLICE_LINKS: &str = "NM_SPLICE_LINK";
+    /// `HashMap<u64 socket cookie, SpliceCtl>`: the tunnel's flow control of each spliced
+    /// socket (written by userspace only). Not pinned, as [`SPLICE_SOCKS`].
+    pub const SPLICE_CTL: &str = "NM_SPLICE_CTL";
 
     /// Every map, for pinning.
     pub const ALL: [&str; 12] = [
@@ -118,16 +121,33 @@ pub const MESH_DST_OUTSIDE: u32 = 2;
 /// connection, so as many connections as the outbound listener serves at most by default.
 pub const MAX_SPLICED_SOCKETS: u32 = 65536;
 
-/// Value of [`maps::SPLICE_LINKS`]: where a spliced socket's received bytes go.
+/// Value of [`maps::SPLICE_LINKS`]: where a spliced socket's received bytes go. Written by
+/// userspace once (at splice time), then only by the verdict program, one socket at a time (the
+/// kernel runs a socket's verdict under that socket's lock), so plain adds are exact.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SpliceLink {
     /// Socket cookie of the peer socket (the key of its entry in [`maps::SPLICE_SOCKS`]).
     pub peer_cookie: u64,
-    /// Bytes received on this socket and handed to the peer's send side by the verdict
-    /// program. Only the program updates it, one socket at a time (the kernel runs a socket's
-    /// verdict under that socket's lock), so a plain add is exact.
+    /// Bytes received on this socket and handed to the peer's send side by the program.
     pub bytes: u64,
+    /// Bytes received on this socket and left to the tunnel (flow control: see [`SpliceCtl`]).
+    pub passed: u64,
+}
+
+/// Value of [`maps::SPLICE_CTL`], written by userspace only: the kernel's splice queue has no
+/// backpressure of its own (a peer that does not read would let the sender queue without
+/// bound), so the program redirects a segment only while `bytes + len <= allowed` and every
+/// byte it left to the tunnel has been forwarded by it (`passed == consumed`, which keeps the
+/// byte order); otherwise it leaves the segment on the socket (charged to its receive buffer,
+/// so TCP's window pushes back on the sender) and the tunnel forwards it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpliceCtl {
+    /// Redirect credit: the program redirects while its `bytes` stay at or below this.
+    pub allowed: u64,
+    /// Bytes of this socket the tunnel has read (what the program passed) and forwarded.
+    pub consumed: u64,
 }
 
 /// Identity id meaning "any identity" in a [`PolicyKey`] (wildcard); never assigned to a workload.
@@ -388,6 +408,8 @@ mod user {
     unsafe impl aya::Pod for super::GuardPortKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SpliceLink {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SpliceCtl {}
 }
 
 #[cfg(test)]
@@ -406,7 +428,8 @@ mod tests {
         assert_eq!(size_of::<GuardPortKey>(), 16);
         assert_eq!(size_of::<OrigDst>(), 40);
         assert_eq!(size_of::<SockTuple>(), 40);
-        assert_eq!(size_of::<SpliceLink>(), 16);
+        assert_eq!(size_of::<SpliceLink>(), 24);
+        assert_eq!(size_of::<SpliceCtl>(), 16);
     }
 
     #[test]

@@ -54,7 +54,7 @@ use mesh_common::{
     LpmAddr, LpmPortAddr, MAX_ENROLLED, MAX_EXCLUSIONS, MAX_GUARD_PORTS, MAX_IDENTITY_PREFIXES,
     MAX_MESH_DESTINATIONS, MAX_PENDING_CONNECTIONS, MAX_POLICY_ENTRIES, MAX_SPLICED_SOCKETS,
     MESH_DST_OUTSIDE, Meta, MtlsMode, OrigDst, POLICY_DENY, PORT_ANY, PROTO_TCP, PROTO_UDP,
-    PolicyKey, SockTuple, SpliceLink, TunnelConfig, V4_MAPPED_WORD,
+    PolicyKey, SockTuple, SpliceCtl, SpliceLink, TunnelConfig, V4_MAPPED_WORD,
 };
 
 /// Allow the operation (cgroup sock_addr and sock_ops return convention).
@@ -112,6 +112,9 @@ static NM_SPLICE_SOCK: SockHash<u64> = SockHash::with_max_entries(MAX_SPLICED_SO
 
 #[map]
 static NM_SPLICE_LINK: HashMap<u64, SpliceLink> = HashMap::with_max_entries(MAX_SPLICED_SOCKETS, 0);
+
+#[map]
+static NM_SPLICE_CTL: HashMap<u64, SpliceCtl> = HashMap::with_max_entries(MAX_SPLICED_SOCKETS, 0);
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -628,10 +631,12 @@ pub fn mesh_splice_verdict(ctx: SkBuffContext) -> u32 {
     try_splice_verdict(&ctx)
 }
 
-/// A segment received on a spliced socket goes to its peer's send side (flags 0: egress).
-/// A socket without a link (not spliced yet, or being torn down) keeps its data: it is queued
-/// for the tunnel to read, as without the program. A redirect to a peer that has left the
-/// sockhash (closed) drops the segment, as a write to a closed socket would fail.
+/// A segment received on a spliced socket goes to its peer's send side (flags 0: egress) while
+/// the tunnel's credit allows it and the tunnel has forwarded every byte left to it before (so
+/// the byte order holds); otherwise it stays on this socket for the tunnel to read (see
+/// `SpliceCtl`). A socket without a link (not spliced yet, or being torn down) keeps its data,
+/// as without the program. A redirect to a peer that has left the sockhash (closed) drops the
+/// segment, as a write to a closed socket would fail.
 #[inline(always)]
 fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
     // SAFETY: the context pointer is valid for the helper in sk_skb programs.
@@ -639,13 +644,23 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
     let Some(link) = NM_SPLICE_LINK.get_ptr_mut(cookie) else {
         return SK_PASS;
     };
-    // SAFETY: non-null pointer to the map value, valid for the program's run.
-    let mut peer = unsafe { (*link).peer_cookie };
+    // SAFETY: the value is copied out immediately; userspace writes it whole.
+    let ctl = unsafe { NM_SPLICE_CTL.get(cookie) }
+        .copied()
+        .unwrap_or_default();
     let len = u64::from(ctx.len());
+    // SAFETY: non-null pointer to the map value, valid for the program's run; only this
+    // socket's verdict writes its entry (under its lock).
+    let (bytes, passed, mut peer) = unsafe { ((*link).bytes, (*link).passed, (*link).peer_cookie) };
+    if passed != ctl.consumed || bytes + len > ctl.allowed {
+        // SAFETY: as above.
+        unsafe { (*link).passed = passed + len };
+        return SK_PASS;
+    }
     let verdict = NM_SPLICE_SOCK.redirect_skb(ctx, &mut peer, 0) as u32;
     if verdict == SK_PASS {
-        // SAFETY: as above; only this socket's verdict writes its entry (under its lock).
-        unsafe { (*link).bytes += len };
+        // SAFETY: as above.
+        unsafe { (*link).bytes = bytes + len };
     }
     verdict
 }

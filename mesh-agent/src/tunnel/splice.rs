@@ -22,7 +22,7 @@
 //!   has drained into the other socket, forwards the bytes left to it in order (the program
 //!   redirects nothing more until it has), and grants a new window. While bytes move, the
 //!   credit is kept a window ahead of what has drained (checked every 2 ms, backing off to
-//!   500 ms when idle), so a peer that keeps up does not run out.
+//!   5 s when idle), so a peer that keeps up does not run out.
 //!
 //! Which path serves same-node connections is decided once at start ([`SameNode::choose`]):
 //! `auto` runs [`self_test`] (a spliced pair on loopback: early bytes, 1 MiB each way, counters,
@@ -353,20 +353,21 @@ async fn spliced(app: &TcpStream, pod: &TcpStream, rec: &Recorded<'_>) -> std::i
 /// Keeps each direction's redirect credit a window ahead of what has drained into the other
 /// socket, so a peer that keeps up never runs out (running out costs a trip through the tunnel,
 /// and a continuous stream then tends to stay on it). Checks every 2 ms while bytes move,
-/// backing off to every 500 ms when idle; never returns.
+/// backing off to every 5 s when idle (an idle check is one map read: no credit was used);
+/// never returns.
 async fn refresh_credit(app: &TcpStream, pod: &TcpStream, rec: &Recorded<'_>) {
     const BUSY: Duration = Duration::from_millis(2);
-    const IDLE: Duration = Duration::from_millis(500);
+    const IDLE: Duration = Duration::from_secs(5);
     let mut pause = BUSY;
     let mut last = (0, 0);
     loop {
         tokio::time::sleep(pause).await;
         let moved = rec.pair.bytes();
-        pause = if moved == last {
-            (pause * 2).min(IDLE)
-        } else {
-            BUSY
-        };
+        if moved == last {
+            pause = (pause * 2).min(IDLE);
+            continue;
+        }
+        pause = BUSY;
         last = moved;
         let passed = rec.pair.passed();
         for (d, to, redirected, passed) in

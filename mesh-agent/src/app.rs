@@ -71,7 +71,7 @@ pub struct AgentOptions {
     /// Stats/admin addresses and the `/logging` handle.
     pub observability: observability::ObservabilityOptions,
     /// How same-node connections are carried: `Auto` splices them in the kernel when the
-    /// start-up self-test passes, `Copy` forces the user-space copy.
+    /// start-up self-test passes, `Copy` (the default for now) the user-space copy.
     pub same_node_path: tunnel::splice::PathChoice,
 }
 

@@ -143,8 +143,9 @@ struct NodeArgs {
     admin_addr: Option<std::net::SocketAddr>,
     /// How same-node connections are carried: `auto` splices them in the kernel (sockhash +
     /// stream verdict) when the start-up self-test passes, else copies them in user space;
-    /// `copy` always copies in user space.
-    #[arg(long, default_value = "auto")]
+    /// `copy` (the default for now: the splice lowers the short-connection rate) always copies
+    /// in user space.
+    #[arg(long, default_value = "copy")]
     same_node_path: crate::tunnel::splice::PathChoice,
     /// How long a service endpoint that could not be reached is skipped, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
@@ -225,8 +226,9 @@ struct LocalArgs {
     poll_ms: u64,
     /// How same-node connections are carried: `auto` splices them in the kernel (sockhash +
     /// stream verdict) when the start-up self-test passes, else copies them in user space;
-    /// `copy` always copies in user space.
-    #[arg(long, default_value = "auto")]
+    /// `copy` (the default for now: the splice lowers the short-connection rate) always copies
+    /// in user space.
+    #[arg(long, default_value = "copy")]
     same_node_path: crate::tunnel::splice::PathChoice,
     /// How long a service endpoint that could not be reached is skipped, in milliseconds.
     #[arg(long, default_value_t = 30_000)]

@@ -624,12 +624,22 @@ impl Cluster {
     }
 }
 
-/// The same-node path the local-mode agents of the tests run with: `auto` (spliced in the kernel)
-/// unless `NODEMESH_TEST_SAME_NODE_PATH=copy`, so every same-node test runs on either path.
+/// The same-node path the local-mode agents of the tests run with: `auto` (spliced in the kernel,
+/// not yet the agent's default, so the tests keep it exercised) unless
+/// `NODEMESH_TEST_SAME_NODE_PATH=copy`, so every same-node test runs on either path.
 pub fn same_node_path() -> &'static str {
     match std::env::var("NODEMESH_TEST_SAME_NODE_PATH").as_deref() {
         Ok("copy") => "copy",
         _ => "auto",
+    }
+}
+
+/// The same-node path of the lab and the bench: the agent's default (`copy`) unless
+/// `NODEMESH_TEST_SAME_NODE_PATH=auto` (the bench's before/after of the splice).
+pub fn lab_same_node_path() -> &'static str {
+    match std::env::var("NODEMESH_TEST_SAME_NODE_PATH").as_deref() {
+        Ok("auto") => "auto",
+        _ => "copy",
     }
 }
 

@@ -243,3 +243,52 @@ async fn a_pod_that_does_not_read_stops_the_app_and_then_gets_every_byte_in_orde
         m.copied_bytes() >> 20
     );
 }
+
+/// Connection-rate probe (ignored; run by hand with `--ignored --nocapture`): 200 short
+/// connections (1 byte each way, the pod closes first) through the carrier, per path.
+#[tokio::test]
+#[ignore = "a measurement, run by hand"]
+async fn short_connections_per_path() {
+    require_root();
+    let dp = Datapath::load().expect("load");
+    for choice in [PathChoice::Copy, PathChoice::Auto] {
+        let carrier = SameNode::new();
+        carrier.choose(choice, Ok(splicer(&dp))).await;
+        let start = std::time::Instant::now();
+        let mut worst = Duration::ZERO;
+        for _ in 0..200 {
+            let t = std::time::Instant::now();
+            let (mut app, mut a) = pair().await;
+            let (mut pod, mut b) = pair().await;
+            let counters = Counters::default();
+            let client = async {
+                app.write_all(b"x").await.expect("w");
+                let mut r = Vec::new();
+                app.read_to_end(&mut r).await.expect("r");
+                assert_eq!(r, b"y");
+                app.shutdown().await.expect("s");
+            };
+            let server = async {
+                let mut one = [0u8; 1];
+                pod.read_exact(&mut one).await.expect("r");
+                pod.write_all(b"y").await.expect("w");
+                pod.shutdown().await.expect("s");
+                let mut rest = Vec::new();
+                pod.read_to_end(&mut rest).await.expect("eof");
+            };
+            let (c, (), ()) = tokio::join!(
+                carrier.carry(&mut a, &mut b, 1 << 18, &counters),
+                client,
+                server
+            );
+            c.expect("carried");
+            worst = worst.max(t.elapsed());
+        }
+        eprintln!(
+            "{:?}: 200 connections in {:?}, worst {:?}",
+            carrier.path(),
+            start.elapsed(),
+            worst
+        );
+    }
+}

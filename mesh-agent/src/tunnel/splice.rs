@@ -24,7 +24,8 @@
 //!   credit is kept a window ahead of what has drained (checked every 2 ms, backing off to
 //!   5 s when idle), so a peer that keeps up does not run out.
 //!
-//! Which path serves same-node connections is decided once at start ([`SameNode::choose`]):
+//! Which path serves same-node connections is decided once at start ([`SameNode::choose`];
+//! the default is `copy` until the splice's connection rate is fixed, see [`PathChoice`]):
 //! `auto` runs [`self_test`] (a spliced pair on loopback: early bytes, 1 MiB each way, counters,
 //! nothing readable in user space, half-close both ways) and falls back to the user-space copy
 //! if it fails; `copy` forces the copy. A connection the splicer refuses (its maps full) is
@@ -95,13 +96,16 @@ impl SplicedPair for crate::splice::Spliced {
     }
 }
 
-/// How same-node connections are carried (`--same-node-path`).
+/// How same-node connections are carried (`--same-node-path`). The default is `Copy` for now:
+/// the splice is correct and cuts request latency and CPU per byte, but its per-connection cost
+/// (splice/unsplice map updates, the FIN hand-over waiting for the kernel's work queue) lowers
+/// the short-connection rate (docs/performance.md, "Same-node splice").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PathChoice {
     /// Splice when the start-up self-test passes, else copy in user space.
-    #[default]
     Auto,
     /// Always copy in user space.
+    #[default]
     Copy,
 }
 

@@ -77,6 +77,9 @@ pub struct AgentOptions {
     pub trust_domain: Option<String>,
     /// Stats/admin addresses and the `/logging` handle.
     pub observability: observability::ObservabilityOptions,
+    /// How same-node connections are carried: `Auto` splices them in the kernel when the
+    /// start-up self-test passes, `Copy` (the default for now) the user-space copy.
+    pub same_node_path: tunnel::splice::PathChoice,
 }
 
 /// Where the agent gets certificates in Kubernetes mode with `--ca-address`: the mesh CA
@@ -113,6 +116,7 @@ impl Default for AgentOptions {
             ejection_time: TunnelConfig::default().ejection_time,
             trust_domain: None,
             observability: Default::default(),
+            same_node_path: Default::default(),
         }
     }
 }
@@ -540,6 +544,14 @@ pub async fn build_with(
     };
     let (trigger, drain_watch) = drain::channel();
     let tunnel = tunnel::start(config, certs.clone(), seams, inbound, outbound, drain_watch)?;
+    let splicer = datapath
+        .splicer()
+        .map(|s| Arc::new(s) as Arc<dyn tunnel::splice::Splicer>);
+    tunnel
+        .outbound
+        .same_node_carrier()
+        .choose(opts.same_node_path, splicer)
+        .await;
     let datapath = Arc::new(Mutex::new(datapath));
     let agent_metrics = obs.agent.clone();
     let quit = obs.quit.clone();

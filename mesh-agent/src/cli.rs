@@ -278,6 +278,12 @@ struct NodeArgs {
     /// `127.0.0.1:15000`.
     #[arg(long)]
     admin_addr: Option<std::net::SocketAddr>,
+    /// How same-node connections are carried: `auto` splices them in the kernel (sockhash +
+    /// stream verdict) when the start-up self-test passes, else copies them in user space;
+    /// `copy` (the default for now: the splice lowers the short-connection rate) always copies
+    /// in user space.
+    #[arg(long, default_value = "copy")]
+    same_node_path: crate::tunnel::splice::PathChoice,
     /// How long a service endpoint that could not be reached is skipped, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     ejection_ms: u64,
@@ -358,6 +364,12 @@ struct LocalArgs {
     /// How often the config file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     poll_ms: u64,
+    /// How same-node connections are carried: `auto` splices them in the kernel (sockhash +
+    /// stream verdict) when the start-up self-test passes, else copies them in user space;
+    /// `copy` (the default for now: the splice lowers the short-connection rate) always copies
+    /// in user space.
+    #[arg(long, default_value = "copy")]
+    same_node_path: crate::tunnel::splice::PathChoice,
     /// How long a service endpoint that could not be reached is skipped, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     ejection_ms: u64,
@@ -398,6 +410,7 @@ fn run_local(args: LocalArgs) -> ExitCode {
             instance: args.instance,
             bpffs: args.bpffs,
             ejection_time: Duration::from_millis(args.ejection_ms),
+            same_node_path: args.same_node_path,
             observability: crate::app::observability::ObservabilityOptions {
                 metrics_addr: args.metrics_addr,
                 admin_addr: args.admin_addr,
@@ -500,6 +513,7 @@ fn run_kubernetes(args: NodeArgs) -> ExitCode {
         instance: args.instance,
         bpffs: args.bpffs,
         ejection_time: Duration::from_millis(args.ejection_ms),
+        same_node_path: args.same_node_path,
         trust_domain: Some(args.trust_domain),
         observability: crate::app::observability::ObservabilityOptions {
             metrics_addr: args.metrics_addr,

@@ -23,17 +23,18 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, SkStorage,
+        Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, SkStorage, SockHash,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SkSkb,
+        SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use mesh_common::{
     Counter, EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, MAP_LAYOUT_VERSION, Meta, OrigDst,
-    PolicyKey, SockTuple, TunnelConfig, maps, programs,
+    PolicyKey, SockTuple, SpliceLink, TunnelConfig, maps, programs,
 };
 use tracing::{debug, info, warn};
 
@@ -178,6 +179,8 @@ pub struct Datapath {
     pinned_links: Vec<PinnedLink>,
     /// The aya-log reader and how many records it forwarded, when kernel logging is on.
     ebpf_logs: Option<(aya_log::EbpfLogger<TracingLog>, Arc<AtomicU64>)>,
+    /// The same-node splice, or why it cannot be offered on this kernel.
+    splice: Result<crate::splice::SockSplice, String>,
 }
 
 /// How to load the programs.
@@ -291,6 +294,13 @@ impl Datapath {
         let guard_ports =
             HashMap::try_from(take(maps::GUARD_PORTS)?).map_err(map_err(maps::GUARD_PORTS))?;
         let meta = Array::try_from(take(maps::META)?).map_err(map_err(maps::META))?;
+        let splice_socks = take(maps::SPLICE_SOCKS)?;
+        let splice_links = take(maps::SPLICE_LINKS)?;
+        let splice_ctl = take(maps::SPLICE_CTL)?;
+        let splice = attach_splice(&mut ebpf, splice_socks, splice_links, splice_ctl).map_err(|e| {
+            warn!(error = %e, "same-node splice unavailable on this kernel: same-node connections are copied in user space");
+            e.to_string()
+        });
         Ok(Self {
             ebpf,
             enrolled,
@@ -314,7 +324,15 @@ impl Datapath {
             pins: pins.cloned(),
             pinned_links: Vec::new(),
             ebpf_logs,
+            splice,
         })
+    }
+
+    /// The same-node splice handle (sockhash + stream verdict), or why this kernel cannot
+    /// offer it. Whether it is *used* is decided by its start-up self-test
+    /// ([`crate::splice::SockSplice::self_test`]).
+    pub fn splicer(&self) -> Result<crate::splice::SockSplice, String> {
+        self.splice.clone()
     }
 
     /// Attaches the programs to the cgroup v2 directory `cgroup`. Every socket created by a
@@ -688,6 +706,39 @@ fn usage<K>(
         }
     }
     Ok(MapUsage { entries, capacity })
+}
+
+/// Loads the splice verdict program and attaches it to the (unpinned) sockhash. The attachment
+/// lives as long as the returned handle or a clone of it.
+fn attach_splice(
+    ebpf: &mut Ebpf,
+    socks: aya::maps::Map,
+    links: aya::maps::Map,
+    ctl: aya::maps::Map,
+) -> Result<crate::splice::SockSplice, DatapathError> {
+    let name = programs::SPLICE_VERDICT;
+    let socks: SockHash<MapData, u64> =
+        SockHash::try_from(socks).map_err(map_err(maps::SPLICE_SOCKS))?;
+    let links: HashMap<MapData, u64, SpliceLink> =
+        HashMap::try_from(links).map_err(map_err(maps::SPLICE_LINKS))?;
+    let ctl: HashMap<MapData, u64, mesh_common::SpliceCtl> =
+        HashMap::try_from(ctl).map_err(map_err(maps::SPLICE_CTL))?;
+    let prog: &mut SkSkb = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::MissingProgram { name })?
+        .try_into()
+        .map_err(prog_err(name))?;
+    prog.load().map_err(prog_err(name))?;
+    let map_fd = socks.fd().try_clone().map_err(|e| {
+        map_err(maps::SPLICE_SOCKS)(MapError::SyscallError(aya::sys::SyscallError {
+            call: "dup",
+            io_error: e,
+        }))
+    })?;
+    let id = prog.attach(&map_fd).map_err(prog_err(name))?;
+    let link = prog.take_link(id).map_err(prog_err(name))?;
+    debug!(program = name, "splice verdict attached to its sockhash");
+    Ok(crate::splice::SockSplice::new(socks, links, ctl, link))
 }
 
 impl KernelMaps for Datapath {

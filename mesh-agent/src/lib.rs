@@ -37,5 +37,6 @@ pub mod privileges;
 pub mod rbac;
 pub mod readiness;
 pub mod reconcile;
+pub mod splice;
 pub mod tunnel;
 pub mod tunnel_iface;

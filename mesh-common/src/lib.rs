@@ -50,6 +50,18 @@ pub mod maps {
     /// empty: not programmed yet) captures, as before the map existed.
     pub const MESH_DESTINATIONS: &str = "NM_MESH_DST";
 
+    /// `SockHash<u64 socket cookie>`: the tunnel's two sockets of each spliced same-node
+    /// connection (the accepted app socket and the socket to the destination pod). The stream
+    /// verdict program is attached to it. Not pinned: it holds the agent's own sockets and lives
+    /// and dies with the agent (a restarted agent's connections are new ones).
+    pub const SPLICE_SOCKS: &str = "NM_SPLICE_SOCK";
+    /// `HashMap<u64 socket cookie, SpliceLink>`: which socket each spliced socket's received
+    /// bytes go to, and how many went. Not pinned, as [`SPLICE_SOCKS`].
+    pub const SPLICE_LINKS: &str = "NM_SPLICE_LINK";
+    /// `HashMap<u64 socket cookie, SpliceCtl>`: the tunnel's flow control of each spliced
+    /// socket (written by userspace only). Not pinned, as [`SPLICE_SOCKS`].
+    pub const SPLICE_CTL: &str = "NM_SPLICE_CTL";
+
     /// Every map, for pinning.
     pub const ALL: [&str; 12] = [
         ENROLLED,
@@ -75,6 +87,8 @@ pub mod programs {
     pub const SENDMSG6: &str = "mesh_sendmsg6";
     pub const GUARD_INGRESS: &str = "mesh_guard_ingress";
     pub const SOCKOPS: &str = "mesh_sockops";
+    /// sk_skb stream verdict on [`crate::maps::SPLICE_SOCKS`]: same-node splice.
+    pub const SPLICE_VERDICT: &str = "mesh_splice_verdict";
 }
 
 /// Default port of the outbound (redirect target) listener on the tunnel address.
@@ -102,6 +116,39 @@ pub const MESH_DST_MEMBER: u32 = 1;
 /// whose longest match is this one is outside the mesh and is not captured. Any other value
 /// captures.
 pub const MESH_DST_OUTSIDE: u32 = 2;
+
+/// Capacity of [`maps::SPLICE_SOCKS`] and [`maps::SPLICE_LINKS`]: two sockets per spliced
+/// connection, so as many connections as the outbound listener serves at most by default.
+pub const MAX_SPLICED_SOCKETS: u32 = 65536;
+
+/// Value of [`maps::SPLICE_LINKS`]: where a spliced socket's received bytes go. Written by
+/// userspace once (at splice time), then only by the verdict program, one socket at a time (the
+/// kernel runs a socket's verdict under that socket's lock), so plain adds are exact.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpliceLink {
+    /// Socket cookie of the peer socket (the key of its entry in [`maps::SPLICE_SOCKS`]).
+    pub peer_cookie: u64,
+    /// Bytes received on this socket and handed to the peer's send side by the program.
+    pub bytes: u64,
+    /// Bytes received on this socket and left to the tunnel (flow control: see [`SpliceCtl`]).
+    pub passed: u64,
+}
+
+/// Value of [`maps::SPLICE_CTL`], written by userspace only: the kernel's splice queue has no
+/// backpressure of its own (a peer that does not read would let the sender queue without
+/// bound), so the program redirects a segment only while `bytes + len <= allowed` and every
+/// byte it left to the tunnel has been forwarded by it (`passed == consumed`, which keeps the
+/// byte order); otherwise it leaves the segment on the socket (charged to its receive buffer,
+/// so TCP's window pushes back on the sender) and the tunnel forwards it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpliceCtl {
+    /// Redirect credit: the program redirects while its `bytes` stay at or below this.
+    pub allowed: u64,
+    /// Bytes of this socket the tunnel has read (what the program passed) and forwarded.
+    pub consumed: u64,
+}
 
 /// Identity id meaning "any identity" in a [`PolicyKey`] (wildcard); never assigned to a workload.
 pub const IDENTITY_ANY: u32 = 0;
@@ -359,6 +406,10 @@ mod user {
     unsafe impl aya::Pod for super::PolicyKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GuardPortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SpliceLink {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SpliceCtl {}
 }
 
 #[cfg(test)]
@@ -377,6 +428,8 @@ mod tests {
         assert_eq!(size_of::<GuardPortKey>(), 16);
         assert_eq!(size_of::<OrigDst>(), 40);
         assert_eq!(size_of::<SockTuple>(), 40);
+        assert_eq!(size_of::<SpliceLink>(), 24);
+        assert_eq!(size_of::<SpliceCtl>(), 16);
     }
 
     #[test]

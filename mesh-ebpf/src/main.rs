@@ -15,6 +15,12 @@
 //!   `PASSIVE_ESTABLISHED` (when also attached to the tunnel's cgroup) the entry is moved into the
 //!   accepted socket's storage and deleted from the tuple map.
 //!
+//! - `mesh_splice_verdict` (sk_skb stream verdict on `NM_SPLICE_SOCK`): the same-node splice.
+//!   The tunnel puts its two sockets of an authorized same-node connection (the accepted app
+//!   socket and the socket to the destination pod) into the sockhash and links them in
+//!   `NM_SPLICE_LINK`; every segment either socket receives is handed to the other socket's
+//!   send side in the kernel and counted, so the payload never reaches user space.
+//!
 //! - `mesh_guard_ingress` (cgroup_skb/ingress): the plaintext guard. A TCP packet to a
 //!   *listening* socket of an enrolled STRICT pod is dropped unless it comes from the tunnel
 //!   address or the listener's port is on the pod's allow-list (`NM_GUARD_PORTS`, kubelet probes).
@@ -35,19 +41,20 @@ use aya_ebpf::{
     },
     btf_maps::SkStorage,
     helpers::generated::{
-        bpf_get_netns_cookie, bpf_ktime_get_ns, bpf_set_retval, bpf_sk_fullsock, bpf_sk_storage_get,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
+        bpf_sk_fullsock, bpf_sk_storage_get,
     },
-    macros::{btf_map, cgroup_skb, cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    macros::{btf_map, cgroup_skb, cgroup_sock_addr, map, sock_ops, stream_verdict},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
     AF_INET, AF_INET6, Counter, EnrolledPod, FailMode, GuardPortKey, IDENTITY_ANY, IDENTITY_WORLD,
     LpmAddr, LpmPortAddr, MAX_ENROLLED, MAX_EXCLUSIONS, MAX_GUARD_PORTS, MAX_IDENTITY_PREFIXES,
-    MAX_MESH_DESTINATIONS, MAX_PENDING_CONNECTIONS, MAX_POLICY_ENTRIES, MESH_DST_OUTSIDE, Meta,
-    MtlsMode, OrigDst, POLICY_DENY, PORT_ANY, PROTO_TCP, PROTO_UDP, PolicyKey, SockTuple,
-    TunnelConfig, V4_MAPPED_WORD,
+    MAX_MESH_DESTINATIONS, MAX_PENDING_CONNECTIONS, MAX_POLICY_ENTRIES, MAX_SPLICED_SOCKETS,
+    MESH_DST_OUTSIDE, Meta, MtlsMode, OrigDst, POLICY_DENY, PORT_ANY, PROTO_TCP, PROTO_UDP,
+    PolicyKey, SockTuple, SpliceCtl, SpliceLink, TunnelConfig, V4_MAPPED_WORD,
 };
 
 /// Allow the operation (cgroup sock_addr and sock_ops return convention).
@@ -99,6 +106,15 @@ static NM_META: Array<u64> = Array::with_max_entries(Meta::SLOTS, 0);
 
 #[map]
 static NM_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::SLOTS, 0);
+
+#[map]
+static NM_SPLICE_SOCK: SockHash<u64> = SockHash::with_max_entries(MAX_SPLICED_SOCKETS, 0);
+
+#[map]
+static NM_SPLICE_LINK: HashMap<u64, SpliceLink> = HashMap::with_max_entries(MAX_SPLICED_SOCKETS, 0);
+
+#[map]
+static NM_SPLICE_CTL: HashMap<u64, SpliceCtl> = HashMap::with_max_entries(MAX_SPLICED_SOCKETS, 0);
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -605,6 +621,48 @@ fn try_sockops(ctx: &SockOpsContext) {
     // Handed over: the tuple entry is no longer needed (and must not serve a later reuse).
     let _ = NM_ODST_TUPLE.remove(key);
     count(Counter::OrigDstHandedOver);
+}
+
+/// sk_skb verdicts.
+const SK_PASS: u32 = 1;
+
+#[stream_verdict]
+pub fn mesh_splice_verdict(ctx: SkBuffContext) -> u32 {
+    try_splice_verdict(&ctx)
+}
+
+/// A segment received on a spliced socket goes to its peer's send side (flags 0: egress) while
+/// the tunnel's credit allows it and the tunnel has forwarded every byte left to it before (so
+/// the byte order holds); otherwise it stays on this socket for the tunnel to read (see
+/// `SpliceCtl`). A socket without a link (not spliced yet, or being torn down) keeps its data,
+/// as without the program. A redirect to a peer that has left the sockhash (closed) drops the
+/// segment, as a write to a closed socket would fail.
+#[inline(always)]
+fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
+    // SAFETY: the context pointer is valid for the helper in sk_skb programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(link) = NM_SPLICE_LINK.get_ptr_mut(cookie) else {
+        return SK_PASS;
+    };
+    // SAFETY: the value is copied out immediately; userspace writes it whole.
+    let ctl = unsafe { NM_SPLICE_CTL.get(cookie) }
+        .copied()
+        .unwrap_or_default();
+    let len = u64::from(ctx.len());
+    // SAFETY: non-null pointer to the map value, valid for the program's run; only this
+    // socket's verdict writes its entry (under its lock).
+    let (bytes, passed, mut peer) = unsafe { ((*link).bytes, (*link).passed, (*link).peer_cookie) };
+    if passed != ctl.consumed || bytes + len > ctl.allowed {
+        // SAFETY: as above.
+        unsafe { (*link).passed = passed + len };
+        return SK_PASS;
+    }
+    let verdict = NM_SPLICE_SOCK.redirect_skb(ctx, &mut peer, 0) as u32;
+    if verdict == SK_PASS {
+        // SAFETY: as above.
+        unsafe { (*link).bytes = bytes + len };
+    }
+    verdict
 }
 
 /// cgroup_skb verdicts.

@@ -262,8 +262,33 @@ impl Agent {
         args.extend(["--node".into(), node.name.clone().into()]);
         args.extend(["--ca-dir".into(), dir.join("ca").into_os_string()]);
         args.extend(["--poll-ms".into(), "100".into()]);
+        let path = same_node_path();
+        if !extra.iter().any(|a| a == "--same-node-path") {
+            args.extend(["--same-node-path".into(), path.into()]);
+        }
         args.extend(extra.iter().map(Into::into));
-        Self::spawn(node, dir, instance, &args, each)
+        let agent = Self::spawn(node, dir, instance, &args, each)?;
+        if !extra.iter().any(|a| a == "--same-node-path") {
+            agent.check_same_node_path(path)?;
+        }
+        Ok(agent)
+    }
+
+    /// Fails unless the agent's log says it carries same-node connections on `path` (`auto`:
+    /// spliced in the kernel, which this kernel supports, so a fallback is a failure; `copy`:
+    /// copied in user space).
+    pub fn check_same_node_path(&self, path: &str) -> Result<()> {
+        let want = match path {
+            "copy" => "copied in user space (--same-node-path copy)",
+            _ => "spliced in the kernel (self-test passed)",
+        };
+        ensure!(
+            self.logs().contains(want),
+            "the agent does not carry same-node connections as `--same-node-path {path}` \
+             should (expected a log line containing {want:?}):\n{}",
+            self.logs()
+        );
+        Ok(())
     }
 
     /// Starts `mesh-agent ARGS --state-dir DIR/<node> --cgroup <node cgroup> --instance
@@ -596,6 +621,25 @@ impl Cluster {
             .iter()
             .map(|a| format!("--- {}\n{}", a.log.display(), a.logs()))
             .collect()
+    }
+}
+
+/// The same-node path the local-mode agents of the tests run with: `auto` (spliced in the kernel,
+/// not yet the agent's default, so the tests keep it exercised) unless
+/// `NODEMESH_TEST_SAME_NODE_PATH=copy`, so every same-node test runs on either path.
+pub fn same_node_path() -> &'static str {
+    match std::env::var("NODEMESH_TEST_SAME_NODE_PATH").as_deref() {
+        Ok("copy") => "copy",
+        _ => "auto",
+    }
+}
+
+/// The same-node path of the lab and the bench: the agent's default (`copy`) unless
+/// `NODEMESH_TEST_SAME_NODE_PATH=auto` (the bench's before/after of the splice).
+pub fn lab_same_node_path() -> &'static str {
+    match std::env::var("NODEMESH_TEST_SAME_NODE_PATH").as_deref() {
+        Ok("auto") => "auto",
+        _ => "copy",
     }
 }
 

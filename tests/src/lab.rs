@@ -576,6 +576,9 @@ impl Lab {
                 .arg("--cgroup")
                 .arg(&cg)
                 .args(["--instance", &self.node_ns(&n.name)])
+                // `NODEMESH_TEST_SAME_NODE_PATH=auto` splices same-node connections in the
+                // kernel (the bench's before/after of the splice); the agent's default copies.
+                .args(["--same-node-path", crate::cluster::lab_same_node_path()])
                 // glibc's `rep movsb` memmove halves rustls decryption on the Zen 3 hosts we
                 // develop on (glibc BZ 30994); docs/performance.md has the measurement.
                 .env("GLIBC_TUNABLES", AGENT_GLIBC_TUNABLES)

@@ -201,6 +201,11 @@ impl Observability {
             ],
         );
         tunnel::pool::Pool::register(self.registry.nodemesh(), tunnel.outbound.pool().clone());
+        tunnel
+            .outbound
+            .same_node_carrier()
+            .metrics()
+            .register(self.registry.nodemesh());
         register_datapath(self.registry.nodemesh(), datapath.clone());
         RuntimeCollector::register(self.registry.nodemesh(), tokio::runtime::Handle::current());
         let expiry_certs = certs.clone();

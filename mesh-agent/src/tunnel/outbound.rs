@@ -55,6 +55,7 @@ pub struct Outbound {
     active: AtomicUsize,
     connections: Arc<ConnectionManager>,
     metrics: TunnelMetrics,
+    same_node: super::splice::SameNode,
 }
 
 struct Gauge<'a>(&'a AtomicUsize);
@@ -152,6 +153,7 @@ impl Outbound {
             active: AtomicUsize::new(0),
             connections: ConnectionManager::new(),
             metrics: TunnelMetrics::default(),
+            same_node: super::splice::SameNode::new(),
         })
     }
 
@@ -169,6 +171,12 @@ impl Outbound {
     /// This server's traffic metrics (`reporter="source"`).
     pub fn metrics(&self) -> &TunnelMetrics {
         &self.metrics
+    }
+
+    /// How same-node connections are carried (spliced in the kernel or copied); choose the
+    /// path once at start with [`super::splice::SameNode::choose`].
+    pub fn same_node_carrier(&self) -> &super::splice::SameNode {
+        &self.same_node
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -558,8 +566,11 @@ impl Outbound {
         });
         let counters = copy::Counters::default();
         tokio::select! {
-            r = same_node_copy(tcp, &mut upstream, self.config.copy_buffer_size, &counters) => match r {
-                Ok(()) => outcome.result = "ok (same node)".into(),
+            r = self.same_node.carry(tcp, &mut upstream, self.config.copy_buffer_size, &counters) => match r {
+                Ok(()) => outcome.result = match self.same_node.path() {
+                    super::splice::SameNodePath::Splice => "ok (same node, spliced)".into(),
+                    super::splice::SameNodePath::Copy => "ok (same node)".into(),
+                },
                 Err(e) => outcome.result = format!("same-node copy ended with an error: {e}"),
             },
             Ok(reason) = &mut registration.revoked => {
@@ -580,7 +591,7 @@ const SAME_NODE_FIRST_BUFFER: usize = 16 * 1024;
 /// allocations of the full size per connection (two 256 KiB `memset`s were 22% of the agent's
 /// CPU in the connection-rate benchmark), the buffers are uninitialised `BytesMut`s that start
 /// small and grow only for bulk transfers. Byte counts stay readable if the copy is cancelled.
-async fn same_node_copy(
+pub(super) async fn same_node_copy(
     app: &mut tokio::net::TcpStream,
     pod: &mut tokio::net::TcpStream,
     max_buffer: usize,

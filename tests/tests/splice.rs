@@ -1,0 +1,294 @@
+//! Root tests of the same-node splice (sockhash + stream verdict) on the real kernel: the
+//! start-up self-test passes here, and a connection carried by the tunnel's same-node carrier
+//! moves its bytes in the kernel (the kernel's counters grow, the user-space copy's stay 0),
+//! byte-exact, half-closed both ways; forced to `copy`, the same connection is copied; a
+//! spliced connection dropped mid-transfer (policy revocation, drain deadline) records the bytes
+//! moved so far and both ends see the close.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use mesh_agent::{
+    datapath::Datapath,
+    tunnel::{
+        copy::Counters,
+        listener::bind_exclusive,
+        splice::{PathChoice, SameNode, SameNodePath, Splicer, self_test},
+    },
+};
+use nodemesh_tests::require_root;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::oneshot,
+};
+
+fn splicer(dp: &Datapath) -> Arc<dyn Splicer> {
+    Arc::new(dp.splicer().expect("this kernel offers the splice"))
+}
+
+#[tokio::test]
+async fn self_test_passes_on_this_kernel() {
+    require_root();
+    let dp = Datapath::load().expect("load");
+    self_test(&*splicer(&dp)).await.expect("self-test");
+}
+
+/// A connected pair through a listener: (the peer's end, the tunnel's end).
+async fn pair() -> (TcpStream, TcpStream) {
+    let l = bind_exclusive(SocketAddr::from(([127, 0, 0, 1], 0)), 4).expect("bind");
+    let peer = TcpStream::connect(l.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (mine, _) = l.accept().await.expect("accept");
+    (peer, mine)
+}
+
+/// app ⇄ [a | tunnel | b] ⇄ pod: app sends `up` bytes then FIN, pod answers `down` bytes then
+/// FIN; returns the bytes each side received and the carrier's counters.
+async fn carry_once(carrier: &SameNode, up: usize, down: usize) -> (Vec<u8>, Vec<u8>, (u64, u64)) {
+    let (mut app, mut a) = pair().await;
+    let (mut pod, mut b) = pair().await;
+    let counters = Counters::default();
+    let data = |n: usize, seed: u8| -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    };
+    let (to_pod, to_app) = (data(up, 7), data(down, 11));
+    let app_side = async {
+        app.write_all(&to_pod).await.expect("app write");
+        app.shutdown().await.expect("app shutdown");
+        let mut got = Vec::new();
+        app.read_to_end(&mut got).await.expect("app read");
+        got
+    };
+    let pod_side = async {
+        let mut got = Vec::new();
+        pod.read_to_end(&mut got).await.expect("pod read");
+        pod.write_all(&to_app).await.expect("pod write");
+        pod.shutdown().await.expect("pod shutdown");
+        got
+    };
+    let (carried, app_got, pod_got) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(
+            carrier.carry(&mut a, &mut b, 256 * 1024, &counters),
+            app_side,
+            pod_side
+        )
+    })
+    .await
+    .expect("the connection ends within 30 s");
+    carried.expect("carried");
+    assert_eq!(pod_got, to_pod, "app → pod byte-exact");
+    assert_eq!(app_got, to_app, "pod → app byte-exact");
+    let t = counters.snapshot();
+    (pod_got, app_got, (t.tcp_to_stream, t.stream_to_tcp))
+}
+
+#[tokio::test]
+async fn spliced_bytes_never_cross_user_space() {
+    require_root();
+    let dp = Datapath::load().expect("load");
+    let carrier = SameNode::new();
+    let path = carrier.choose(PathChoice::Auto, Ok(splicer(&dp))).await;
+    assert_eq!(path, SameNodePath::Splice);
+    const UP: usize = 6 << 20;
+    const DOWN: usize = 3 << 20;
+    let (_, _, counted) = carry_once(&carrier, UP, DOWN).await;
+    assert_eq!(
+        counted,
+        (UP as u64, DOWN as u64),
+        "access-log bytes come from the kernel"
+    );
+    let m = carrier.metrics();
+    assert_eq!(m.copied_bytes(), 0, "no byte was copied in user space");
+    assert_eq!(m.spliced_bytes(), (UP + DOWN) as u64);
+    assert_eq!(m.connections(SameNodePath::Splice), 1);
+    assert_eq!(m.connections(SameNodePath::Copy), 0);
+}
+
+#[tokio::test]
+async fn forced_copy_copies_in_user_space() {
+    require_root();
+    let dp = Datapath::load().expect("load");
+    let carrier = SameNode::new();
+    let path = carrier.choose(PathChoice::Copy, Ok(splicer(&dp))).await;
+    assert_eq!(path, SameNodePath::Copy);
+    let (_, _, counted) = carry_once(&carrier, 1 << 20, 1 << 18).await;
+    assert_eq!(counted, (1 << 20, 1 << 18));
+    let m = carrier.metrics();
+    assert_eq!(m.copied_bytes(), (1 << 20) + (1 << 18));
+    assert_eq!(m.spliced_bytes(), 0);
+    assert_eq!(m.connections(SameNodePath::Copy), 1);
+}
+
+/// What a policy revocation or the drain deadline does: the carry future is dropped while data
+/// flows. The bytes moved so far are recorded (access log, metrics), the pair is unspliced, and
+/// once the tunnel drops its two sockets the app and the pod both see the connection end.
+#[tokio::test]
+async fn a_spliced_connection_dropped_mid_transfer_records_its_bytes_and_closes_both_ends() {
+    require_root();
+    let dp = Datapath::load().expect("load");
+    let carrier = SameNode::new();
+    let path = carrier.choose(PathChoice::Auto, Ok(splicer(&dp))).await;
+    assert_eq!(path, SameNodePath::Splice);
+    let (mut app, mut a) = pair().await;
+    let (mut pod, mut b) = pair().await;
+    let counters = Counters::default();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let carry = async {
+        tokio::select! {
+            r = carrier.carry(&mut a, &mut b, 256 * 1024, &counters) => {
+                panic!("the connection ended by itself: {r:?}")
+            }
+            _ = stopped => {}
+        }
+    };
+    let traffic = async {
+        app.write_all(&[1u8; 100_000]).await.expect("app write");
+        let mut got = vec![0u8; 100_000];
+        pod.read_exact(&mut got).await.expect("pod read");
+        pod.write_all(&[2u8; 5_000]).await.expect("pod write");
+        let mut back = vec![0u8; 5_000];
+        app.read_exact(&mut back).await.expect("app read");
+        assert!(got.iter().all(|&x| x == 1) && back.iter().all(|&x| x == 2));
+        stop.send(()).expect("carrier alive");
+    };
+    tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(carry, traffic)
+    })
+    .await
+    .expect("traffic within 30 s");
+    let t = counters.snapshot();
+    assert_eq!((t.tcp_to_stream, t.stream_to_tcp), (100_000, 5_000));
+    assert_eq!(carrier.metrics().spliced_bytes(), 105_000);
+    assert_eq!(carrier.metrics().copied_bytes(), 0);
+    drop((a, b));
+    for (name, end) in [("app", &mut app), ("pod", &mut pod)] {
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), end.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("{name} did not see the close within 5 s"))
+            .unwrap_or(0);
+        assert_eq!(n, 0, "{name} received bytes after the close");
+    }
+}
+
+/// Backpressure: the kernel's splice queue has none of its own, so a pod that does not read must
+/// still stop the app (as with the user-space copy) through the redirect credit: the kernel
+/// queues at most a window, then the bytes stay in the tunnel socket's receive buffer and TCP's
+/// window stops the app. When the pod reads again, everything arrives in order, byte-exact,
+/// part of it forwarded by the tunnel.
+#[tokio::test]
+async fn a_pod_that_does_not_read_stops_the_app_and_then_gets_every_byte_in_order() {
+    require_root();
+    let dp = Datapath::load().expect("load");
+    let carrier = SameNode::new();
+    let path = carrier.choose(PathChoice::Auto, Ok(splicer(&dp))).await;
+    assert_eq!(path, SameNodePath::Splice);
+    let (mut app, mut a) = pair().await;
+    let (mut pod, mut b) = pair().await;
+    let counters = Counters::default();
+    const TOTAL: usize = 96 << 20;
+    let data: Vec<u8> = (0..TOTAL)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let written = std::sync::atomic::AtomicUsize::new(0);
+    let writer = async {
+        for chunk in data.chunks(1 << 20) {
+            app.write_all(chunk).await.expect("app write");
+            written.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        app.shutdown().await.expect("app shutdown");
+        let mut rest = Vec::new();
+        app.read_to_end(&mut rest).await.expect("app read");
+    };
+    let reader = async {
+        // The observation window: without backpressure the app writes all 96 MiB in well
+        // under a second (638 MiB in 3 s was measured before the credit existed).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let w = written.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            w < 48 << 20,
+            "{} MiB accepted from the app while the pod read nothing",
+            w >> 20
+        );
+        let mut got = Vec::with_capacity(TOTAL);
+        pod.read_to_end(&mut got).await.expect("pod read");
+        pod.shutdown().await.expect("pod shutdown");
+        assert_eq!(got.len(), TOTAL, "every byte arrived");
+        assert!(got == data, "byte-exact and in order");
+    };
+    let (carried, (), ()) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(
+            carrier.carry(&mut a, &mut b, 256 * 1024, &counters),
+            writer,
+            reader
+        )
+    })
+    .await
+    .expect("done within 60 s");
+    carried.expect("carried");
+    let t = counters.snapshot();
+    assert_eq!(t.tcp_to_stream, TOTAL as u64);
+    let m = carrier.metrics();
+    assert_eq!(m.spliced_bytes() + m.copied_bytes(), TOTAL as u64);
+    assert!(
+        m.copied_bytes() > 0,
+        "the tunnel forwarded what the credit held back"
+    );
+    eprintln!(
+        "spliced {} MiB, forwarded by the tunnel {} MiB",
+        m.spliced_bytes() >> 20,
+        m.copied_bytes() >> 20
+    );
+}
+
+/// Connection-rate probe (ignored; run by hand with `--ignored --nocapture`): 200 short
+/// connections (1 byte each way, the pod closes first) through the carrier, per path.
+#[tokio::test]
+#[ignore = "a measurement, run by hand"]
+async fn short_connections_per_path() {
+    require_root();
+    let dp = Datapath::load().expect("load");
+    for choice in [PathChoice::Copy, PathChoice::Auto] {
+        let carrier = SameNode::new();
+        carrier.choose(choice, Ok(splicer(&dp))).await;
+        let start = std::time::Instant::now();
+        let mut worst = Duration::ZERO;
+        for _ in 0..200 {
+            let t = std::time::Instant::now();
+            let (mut app, mut a) = pair().await;
+            let (mut pod, mut b) = pair().await;
+            let counters = Counters::default();
+            let client = async {
+                app.write_all(b"x").await.expect("w");
+                let mut r = Vec::new();
+                app.read_to_end(&mut r).await.expect("r");
+                assert_eq!(r, b"y");
+                app.shutdown().await.expect("s");
+            };
+            let server = async {
+                let mut one = [0u8; 1];
+                pod.read_exact(&mut one).await.expect("r");
+                pod.write_all(b"y").await.expect("w");
+                pod.shutdown().await.expect("s");
+                let mut rest = Vec::new();
+                pod.read_to_end(&mut rest).await.expect("eof");
+            };
+            let (c, (), ()) = tokio::join!(
+                carrier.carry(&mut a, &mut b, 1 << 18, &counters),
+                client,
+                server
+            );
+            c.expect("carried");
+            worst = worst.max(t.elapsed());
+        }
+        eprintln!(
+            "{:?}: 200 connections in {:?}, worst {:?}",
+            carrier.path(),
+            start.elapsed(),
+            worst
+        );
+    }
+}

@@ -4,9 +4,9 @@
 mod bench;
 mod build_ebpf;
 mod codegen;
-mod image;
 mod deny;
 mod fuzz;
+mod image;
 mod k8s;
 mod lab;
 mod setup;

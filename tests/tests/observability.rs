@@ -400,20 +400,26 @@ fn node_mode_serves_map_gauges() -> Result<()> {
     let cgroup = ChildCgroup::new(&format!("{p}-n"))?;
     let instance = format!("{p}-n");
     let stats = addr("127.0.0.1", STATS_PORT)?;
-    let mut child = Command::new(probe_exe()?)
-        .arg(cgroup.path())
-        .arg(ns.path())
-        .arg("exec")
-        .arg(agent_exe()?)
-        .args([
-            "node",
-            "--datapath-only",
-            "--instance",
-            &instance,
-            "--cgroup",
-        ])
-        .arg(cgroup.path())
-        .args(["--tunnel-ip4", TUNNEL, "--metrics-addr", &stats.to_string()])
+    // `mesh-agent node --datapath-only` of this instance, in the node's cgroup and namespace.
+    let datapath = || -> Result<Command> {
+        let mut cmd = Command::new(probe_exe()?);
+        cmd.arg(cgroup.path())
+            .arg(ns.path())
+            .arg("exec")
+            .arg(agent_exe()?)
+            .args([
+                "node",
+                "--datapath-only",
+                "--instance",
+                &instance,
+                "--cgroup",
+            ])
+            .arg(cgroup.path())
+            .args(["--tunnel-ip4", TUNNEL]);
+        Ok(cmd)
+    };
+    let mut child = datapath()?
+        .args(["--metrics-addr", &stats.to_string()])
         .args(["--exclude", "10.96.0.0/12", "--exclude", "@53"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -438,20 +444,7 @@ fn node_mode_serves_map_gauges() -> Result<()> {
         assert_eq!((status, body.as_str()), (200, "ready\n"));
         // A second data path of the running instance stops at the instance claim, before it
         // touches the first one's pins or programs.
-        let second = Command::new(probe_exe()?)
-            .arg(cgroup.path())
-            .arg(ns.path())
-            .arg("exec")
-            .arg(agent_exe()?)
-            .args([
-                "node",
-                "--datapath-only",
-                "--instance",
-                &instance,
-                "--cgroup",
-            ])
-            .arg(cgroup.path())
-            .args(["--tunnel-ip4", TUNNEL])
+        let second = datapath()?
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

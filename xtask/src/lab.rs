@@ -1,20 +1,24 @@
-//! `cargo xtask lab [up|down|status|exec POD -- CMD]`: builds the eBPF object and the tests
-//! crate's binaries (`nm-lab`, `nm-agent`, `nm-probe`), then runs `nm-lab` (root) with the same
-//! arguments from the workspace root. xtask does not depend on mesh-agent: its build needs the
-//! eBPF object this task builds first.
+//! `cargo xtask lab [up [--kubernetes]|down|status|exec POD -- CMD]`: builds the eBPF object and
+//! the tests crate's binaries (`nm-lab`, `nm-agent`, `nm-probe`), then runs `nm-lab` (root) with
+//! the same arguments from the workspace root. xtask does not depend on mesh-agent: its build
+//! needs the eBPF object this task builds first. `up --kubernetes` also needs kube-apiserver,
+//! etcd, kubectl and helm: it builds them like `cargo xtask k8s build` (once; later runs reuse the
+//! cache) and hands their directory to `nm-lab` (`NODEMESH_K8S_BIN`); so do `down` and `status`
+//! when the cache is there.
 
 use std::process::Command;
 
 use anyhow::Result;
 
 use crate::{
-    build_ebpf, setup,
+    build_ebpf, k8s, setup,
     util::{exec, workspace_root},
 };
 
 #[derive(clap::Args, Debug, Default)]
 pub struct Options {
-    /// `up` (default), `down`, `status`, or `exec POD -- CMD...`.
+    /// `up` (default; `up --kubernetes` for the Kubernetes mode), `down`, `status`, or
+    /// `exec POD -- CMD...`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
 }
@@ -35,9 +39,10 @@ pub fn run(opts: Options) -> Result<()> {
             .current_dir(&root)
             .args(["build", "-p", "nodemesh-tests", "--bins"]),
     )?;
-    exec(
-        Command::new(root.join("target/debug/nm-lab"))
-            .current_dir(&root)
-            .args(&opts.args),
-    )
+    let kubernetes = opts.args.iter().any(|a| a == "--kubernetes");
+    let mut nm_lab = Command::new(root.join("target/debug/nm-lab"));
+    if kubernetes {
+        nm_lab.env(k8s::BIN_ENV, k8s::build()?);
+    }
+    exec(nm_lab.current_dir(&root).args(&opts.args))
 }

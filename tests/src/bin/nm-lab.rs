@@ -179,8 +179,8 @@ fn up_kubernetes(place: &Lab, config: PathBuf) -> Result<()> {
     let k = &lab["kubernetes"];
     let kubeconfig = k["kubeconfig"].as_str().unwrap_or_default();
     println!(
-        "lab up in Kubernetes mode: kube-apiserver {} (in node {}'s network namespace, \
-         forwarded to this host)",
+        "lab up in Kubernetes mode: kube-apiserver {} (it runs in {}'s network namespace; \
+         this host reaches it through a forwarded loopback port)",
         k["api"].as_str().unwrap_or_default(),
         lab["nodes"][0]["name"].as_str().unwrap_or_default()
     );
@@ -220,14 +220,14 @@ fn up_kubernetes(place: &Lab, config: PathBuf) -> Result<()> {
     println!(
         "\nno mesh yet: install it with Helm (the kubelet stand-in runs what the chart deploys):\n  \
          export KUBECONFIG={kubeconfig}\n  \
-         helm install nodemesh charts/nodemesh -n nodemesh-system --create-namespace\n  \
-         kubectl -n nodemesh-system rollout status daemonset/nodemesh-agent --timeout=180s\n  \
+         helm install nodemesh charts/nodemesh -n nodemesh-system --create-namespace --wait\n  \
          kubectl label namespace demo nodemesh.io/dataplane=enabled\n  \
          cargo xtask lab exec {client} -- curl -s http://{server_ip}:{port}/\n\
-         agent logs (access lines): target/lab/<node>.log; the stand-in's: {}\n\
+         agent logs (access lines): {state}/<node>.log; the stand-in's: {}\n\
          docs/kubernetes-mode.md, \"Try it on the lab\"; cargo xtask lab down removes everything",
         k["kubelet_log"].as_str().unwrap_or_default(),
         port = lab::ECHO_PORT,
+        state = place.state_dir().display(),
     );
     Ok(())
 }

@@ -887,11 +887,10 @@ impl Kubelet {
                     .create(true)
                     .append(true)
                     .open(&log)?;
-                Ok(cmd
-                    .stdout(out.try_clone()?)
+                cmd.stdout(out.try_clone()?)
                     .stderr(out)
                     .spawn()
-                    .context("cannot start the container")?)
+                    .context("cannot start the container")
             });
             let Some(pod) = self.pods.get_mut(key) else {
                 continue;

@@ -219,7 +219,7 @@ fn up_kubernetes(place: &Lab, config: PathBuf) -> Result<()> {
     };
     println!(
         "\nno mesh yet: install it with Helm (the kubelet stand-in runs what the chart deploys):\n  \
-         export KUBECONFIG={kubeconfig}\n  \
+         eval \"$(cargo xtask lab env)\"   # KUBECONFIG={kubeconfig}, PATH: kubectl, helm\n  \
          helm install nodemesh charts/nodemesh -n nodemesh-system --create-namespace --wait\n  \
          kubectl label namespace demo nodemesh.io/dataplane=enabled\n  \
          cargo xtask lab exec {client} -- curl -s http://{server_ip}:{port}/\n\

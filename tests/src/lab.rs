@@ -349,6 +349,23 @@ impl Lab {
         Ok(None)
     }
 
+    /// Whether the Kubernetes mode's kubelet stand-in (with its control plane) runs.
+    pub fn kubelet_running(&self) -> Result<bool> {
+        let mut cgroups = Vec::new();
+        collect_cgroups(
+            &self.cgroup()?.join(crate::lab_k8s::KUBELET_CGROUP),
+            &mut cgroups,
+        );
+        // The stand-in itself (`nm-lab … kubelet`), not only the control plane it started.
+        Ok(cgroups.iter().flat_map(|cg| procs(cg)).any(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
+                args.first().is_some_and(|a| a.ends_with(b"nm-lab"))
+                    && args.last() == Some(&&b"kubelet"[..])
+            })
+        }))
+    }
+
     /// Whether a process runs in the lab's cgroups (its agents or servers).
     pub fn is_running(&self) -> Result<bool> {
         let mut cgroups = Vec::new();

@@ -78,10 +78,10 @@ fn run() -> Result<()> {
                         "Kubernetes mode: API {} (export KUBECONFIG={}); kubelet stand-in {}",
                         k["api"].as_str().unwrap_or_default(),
                         k["kubeconfig"].as_str().unwrap_or_default(),
-                        if lab.is_running()? {
+                        if lab.kubelet_running()? {
                             "running"
                         } else {
-                            "NOT running"
+                            "NOT running (see kubelet.log: `lab down`, then `up` again)"
                         }
                     );
                     println!("{}", serde_json::to_string_pretty(&l)?);

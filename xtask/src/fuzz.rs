@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    setup,
+    build_ebpf, setup,
     util::{exec, workspace_root},
 };
 
@@ -86,7 +86,7 @@ fn cargo_fuzz(sub: &str, dev: bool) -> Command {
 /// instrumentation).
 pub fn build(dev: bool) -> Result<()> {
     exec(&mut cargo_fuzz("build", dev))
-        .context("building the fuzz targets failed (is cargo-fuzz installed? `cargo xtask setup`)")
+        .context("building the fuzz targets failed (the compiler's messages are above)")
 }
 
 /// What one run did, from libFuzzer's closing line (`Done N runs in S second(s)`).
@@ -175,6 +175,9 @@ pub fn run(opts: Options) -> Result<()> {
         }
         opts.targets.iter().map(String::as_str).collect()
     };
+    // The agent embeds the eBPF object: build it first, as every other task that builds the
+    // agent does (a fresh clone has none).
+    build_ebpf::run(build_ebpf::Options::default())?;
     build(opts.smoke)?;
     if opts.build_only {
         return Ok(());

@@ -182,6 +182,9 @@ fn run_ca(args: CaArgs, kubeconfig: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// The agent runtime's worker threads unless `--worker-threads` says otherwise.
+pub const DEFAULT_WORKER_THREADS: u16 = 2;
+
 #[derive(clap::Args)]
 struct NodeArgs {
     /// Only the data path (no Kubernetes, tunnel, identities or policy): the programs, the
@@ -295,6 +298,12 @@ struct NodeArgs {
     /// (bind-mounted namespace files).
     #[arg(long)]
     pod_netns_dir: Option<PathBuf>,
+    /// Tokio worker threads of the agent's runtime: the cores the tunnel can use at once (under
+    /// load the HBONE pool opens up to one connection per worker and peer). 2 by default, as
+    /// ztunnel; raise it with the agent's CPU limit on nodes with heavy mesh traffic.
+    #[arg(long, env = "NODEMESH_WORKER_THREADS", default_value_t = DEFAULT_WORKER_THREADS,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    worker_threads: u16,
     /// Log lines as `text` or `json` (Kubernetes mode); the filter starts from RUST_LOG
     /// (default `info`) and `/logging?level=` replaces it.
     #[arg(long, default_value = "text")]
@@ -380,6 +389,12 @@ struct LocalArgs {
     /// `127.0.0.1:<adminPort>` (15000).
     #[arg(long)]
     admin_addr: Option<std::net::SocketAddr>,
+    /// Tokio worker threads of the agent's runtime: the cores the tunnel can use at once (under
+    /// load the HBONE pool opens up to one connection per worker and peer). 2 by default, as
+    /// ztunnel; raise it with the agent's CPU limit on nodes with heavy mesh traffic.
+    #[arg(long, env = "NODEMESH_WORKER_THREADS", default_value_t = DEFAULT_WORKER_THREADS,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    worker_threads: u16,
     /// Log lines as `text` or `json`; the filter starts from RUST_LOG (default `info`) and
     /// `/logging?level=` replaces it.
     #[arg(long, default_value = "text")]
@@ -402,6 +417,7 @@ fn init_reloadable_logging(
 
 fn run_local(args: LocalArgs) -> ExitCode {
     let logging = init_reloadable_logging(args.log_format);
+    let workers = args.worker_threads;
     let opts = crate::app::LocalOptions {
         agent: crate::app::AgentOptions {
             state_dir: args.state_dir,
@@ -422,13 +438,16 @@ fn run_local(args: LocalArgs) -> ExitCode {
         node: args.node,
         poll_interval: Duration::from_millis(args.poll_ms.max(10)),
     };
-    run_agent(async move { crate::app::build(opts).await })
+    run_agent(workers, async move { crate::app::build(opts).await })
 }
 
 /// Runs an agent built by `build` until SIGTERM/SIGINT (or `/quitquitquit`).
-fn run_agent(build: impl Future<Output = anyhow::Result<crate::app::Running>>) -> ExitCode {
+fn run_agent(
+    workers: u16,
+    build: impl Future<Output = anyhow::Result<crate::app::Running>>,
+) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(usize::from(workers))
         .enable_all()
         .build()
     {
@@ -464,6 +483,7 @@ fn run_agent(build: impl Future<Output = anyhow::Result<crate::app::Running>>) -
 /// `mesh-agent node` without `--datapath-only`: the whole agent fed by Kubernetes.
 fn run_kubernetes(args: NodeArgs) -> ExitCode {
     let logging = init_reloadable_logging(args.log_format);
+    let workers = args.worker_threads;
     let Some(node) = args.node.filter(|n| !n.is_empty()) else {
         eprintln!(
             "error: the node's name is needed: pass --node or set NODE_NAME (in a DaemonSet, \
@@ -529,12 +549,15 @@ fn run_kubernetes(args: NodeArgs) -> ExitCode {
         None => std::sync::Arc::new(crate::podns::ProcScanner::new(args.proc_root)),
     };
     let kubeconfig = args.kubeconfig;
-    run_agent(crate::app::build_with(agent, async move {
-        let client = crate::k8s::client(kubeconfig.as_deref()).await?;
-        let opts = crate::k8s::source::SourceOptions::new(settings);
-        let watch = crate::k8s::source::start(client, opts, netns).await;
-        Ok(crate::app::ModelFeed::kubernetes(watch))
-    }))
+    run_agent(
+        workers,
+        crate::app::build_with(agent, async move {
+            let client = crate::k8s::client(kubeconfig.as_deref()).await?;
+            let opts = crate::k8s::source::SourceOptions::new(settings);
+            let watch = crate::k8s::source::start(client, opts, netns).await;
+            Ok(crate::app::ModelFeed::kubernetes(watch))
+        }),
+    )
 }
 
 /// `mesh-agent controller`.
@@ -781,4 +804,36 @@ fn init_default_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command, DEFAULT_WORKER_THREADS};
+
+    fn workers(args: &[&str]) -> Result<u16, clap::Error> {
+        Cli::try_parse_from(args).map(|c| match c.command {
+            Command::Local(a) => a.worker_threads,
+            Command::Node(a) => a.worker_threads,
+            _ => unreachable!("only local and node are parsed here"),
+        })
+    }
+
+    #[test]
+    fn worker_threads_default_flag_and_bounds() {
+        let local = ["mesh-agent", "local", "--config", "c.yaml"];
+        assert_eq!(workers(&local).expect("parses"), DEFAULT_WORKER_THREADS);
+        let mut four = local.to_vec();
+        four.extend(["--worker-threads", "4"]);
+        assert_eq!(workers(&four).expect("parses"), 4);
+        let node = ["mesh-agent", "node", "--worker-threads", "8"];
+        assert_eq!(workers(&node).expect("parses"), 8);
+        for bad in ["0", "257", "many"] {
+            let mut args = local.to_vec();
+            args.extend(["--worker-threads", bad]);
+            let err = workers(&args).expect_err(bad).to_string();
+            assert!(err.contains("--worker-threads"), "{bad}: {err}");
+        }
+    }
 }

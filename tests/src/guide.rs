@@ -445,7 +445,7 @@ mod tests {
     fn mermaid_check_finds_nodes_and_refuses_broken_syntax() {
         let ok = "flowchart LR\n  subgraph s[S]\n    a[A]\n  end\n  b([B])\n  a -->|x| b\n  a ==> c\n";
         let n = mermaid_nodes(ok).expect("valid");
-        assert_eq!(n, ["a", "b", "c"].map(str::to_owned).into());
+        assert_eq!(n, BTreeSet::from(["a", "b", "c"].map(str::to_owned)));
         assert!(mermaid_nodes("graph\n a --> b").is_err());
         assert!(mermaid_nodes("flowchart LR\n subgraph s[S]\n a[A]\n").is_err());
         assert!(mermaid_nodes("flowchart LR\n a[A --> b").is_err());

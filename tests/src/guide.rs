@@ -3,8 +3,10 @@
 //! anchors, links, tables, and the two forms of the architecture diagram.
 //!
 //! Markers (HTML comments, invisible when rendered), each on its own line right before a fence:
-//! - `<!-- run: ENV -->` or `<!-- run: ENV, fails -->` before a ```` ```sh ```` block: the block is
-//!   run in environment `ENV` (`host`, `lab`, `lab-k8s`); with `fails` it must exit non-zero.
+//! - `<!-- run: ENV[, fails][, retry] -->` before a ```` ```sh ```` block: the block is run in
+//!   environment `ENV` (`host`, `lab`, `lab-k8s`); with `fails` it must exit non-zero; with
+//!   `retry` it is run again (for a bounded time) until it does what it should, for a step the
+//!   guide tells the reader may take a second or two to apply (a label, a policy).
 //! - `<!-- expect -->` before a ```` ```text ```` block right after a runnable block: every
 //!   non-empty line must match a line of what that block printed (stdout and stderr), whole,
 //!   with runs of whitespace counted as one space and `…` standing for any text.
@@ -20,6 +22,8 @@ pub struct Block {
     pub env: String,
     /// The block must exit non-zero (a refused connection, say).
     pub fails: bool,
+    /// The block may be repeated until it behaves as expected (the guide says so to the reader).
+    pub retry: bool,
     /// The shell text.
     pub code: String,
     /// The output it must print (the `expect` block after it).
@@ -97,14 +101,18 @@ pub fn runnable_blocks(md: &str) -> Result<Vec<Block>> {
                     "line {}: unknown run environment `{env}`",
                     f.line
                 );
-                let mut fails = false;
+                let (mut fails, mut retry) = (false, false);
                 for p in parts {
-                    ensure!(p == "fails", "line {}: unknown run option `{p}`", f.line);
-                    fails = true;
+                    match p {
+                        "fails" => fails = true,
+                        "retry" => retry = true,
+                        _ => bail!("line {}: unknown run option `{p}`", f.line),
+                    }
                 }
                 out.push(Block {
                     env,
                     fails,
+                    retry,
                     code: f.text,
                     expect: None,
                     line: f.line,
@@ -410,13 +418,14 @@ mod tests {
 
     #[test]
     fn markers_pick_runnable_blocks_and_their_output() {
-        let md = "text\n\n<!-- run: lab -->\n```sh\necho hi\n```\n\n<!-- expect -->\n```text\nhi\n```\n\n```sh\nnot run\n```\n<!-- run: host, fails -->\n```sh\nfalse\n```\n";
+        let md = "text\n\n<!-- run: lab -->\n```sh\necho hi\n```\n\n<!-- expect -->\n```text\nhi\n```\n\n```sh\nnot run\n```\n<!-- run: host, fails, retry -->\n```sh\nfalse\n```\n";
         let b = runnable_blocks(md).expect("parses");
         assert_eq!(b.len(), 2);
         assert_eq!(b[0].env, "lab");
         assert_eq!(b[0].code, "echo hi");
         assert_eq!(b[0].expect.as_deref(), Some("hi"));
-        assert!(b[1].fails && b[1].expect.is_none());
+        assert!(b[1].fails && b[1].retry && b[1].expect.is_none());
+        assert!(!b[0].retry);
         assert!(runnable_blocks("<!-- run: moon -->\n```sh\nx\n```\n").is_err());
         assert!(runnable_blocks("<!-- expect -->\n```text\nx\n```\n").is_err());
     }

@@ -14,7 +14,11 @@
 //!   `cargo xtask lab ARGS` into `nm-lab --prefix nmguide --state-dir target/lab ARGS` (and `up`
 //!   into `up --config` of the lab file copied with its namespaces renamed), as
 //!   `tests/tests/lab_twice.rs` does. So the test runs beside a user's lab and beside the other
-//!   lab tests (prefixes `nmlabt`, `nmlabu`, `nm-bench`).
+//!   lab tests (prefixes `nmlabt`, `nmlabu`, `nmlabk`, `nm-bench`);
+//! - `run: lab-k8s` blocks the same way with the prefix `nmguidek` (`up --kubernetes` publishes
+//!   the lab's API on an ephemeral loopback port, so two such labs never collide), `kubectl` and
+//!   `helm` from the control-plane binaries of `cargo xtask k8s build` (what `cargo xtask k8s
+//!   env` puts on `PATH`).
 //!
 //! Each block runs in `bash` with `set -e`; the environment a block exports (e.g. `KUBECONFIG`)
 //! is carried to the next one. A block's expected output (`expect` marker) is checked line by
@@ -28,7 +32,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
@@ -43,6 +47,10 @@ const EN: &str = "docs/guide.md";
 const LAB_PREFIX: &str = "nmguide";
 /// A block that takes longer than this is killed (the lab's `up` takes about 30 s).
 const BLOCK_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a `retry` block may take to behave (the agents apply a label or a policy within a
+/// second or two; the lab's control plane shares two CPUs with the other tests).
+const RETRY_FOR: Duration = Duration::from_secs(30);
+const LAB_K8S_PREFIX: &str = "nmguidek";
 
 /// The template's sections, Korean and English, in order.
 const SECTIONS: [(&str, &str, [(&str, &str); 2]); 8] = [
@@ -485,7 +493,8 @@ fn alert_queries_name_real_metrics() -> Result<()> {
 }
 
 /// Runs `blocks` one by one in `workdir` with `env`, each in `bash -e` after `preamble`, the
-/// environment carried between blocks; checks exit statuses and expected output.
+/// environment carried between blocks; checks exit statuses and expected output. A `retry` block
+/// is run again, once a second for up to [`RETRY_FOR`], until it behaves as expected.
 fn run_blocks(
     blocks: &[Block],
     workdir: &Path,
@@ -500,38 +509,58 @@ fn run_blocks(
             st = shell_quote(&state),
             code = b.code
         );
-        let mut cmd = Command::new("timeout");
-        cmd.args([
-            "--kill-after=10",
-            &BLOCK_TIMEOUT.as_secs().to_string(),
-            "bash",
-            "-c",
-            &script,
-        ])
-        .current_dir(workdir);
-        for (k, v) in env {
-            cmd.env(k, v);
+        let deadline = Instant::now() + if b.retry { RETRY_FOR } else { Duration::ZERO };
+        let mut attempt = 1;
+        loop {
+            let result = run_block(b, &script, workdir, env);
+            match result {
+                Err(e) if b.retry && Instant::now() < deadline => {
+                    eprintln!("(attempt {attempt} of the block at line {}: {e:#}; again)", b.line);
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                other => {
+                    other?;
+                    break;
+                }
+            }
         }
-        let out = cmd.output().context("cannot run bash")?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        eprintln!("--- {EN} line {}:\n{}\n--- output:\n{text}", b.line, b.code);
-        ensure!(
-            out.status.code() != Some(124),
-            "the block at {EN} line {} timed out",
-            b.line
-        );
-        ensure!(
-            out.status.success() != b.fails,
-            "the block at {EN} line {} {} ({}):\n{}\noutput:\n{text}",
-            b.line,
-            if b.fails { "should fail but succeeded" } else { "failed" },
-            out.status,
-            b.code
-        );
-        if let Some(expect) = &b.expect {
-            guide::check_expected(expect, &text)
-                .with_context(|| format!("the block at {EN} line {}", b.line))?;
-        }
+    }
+    Ok(())
+}
+
+fn run_block(b: &Block, script: &str, workdir: &Path, env: &[(&str, String)]) -> Result<()> {
+    let mut cmd = Command::new("timeout");
+    cmd.args([
+        "--kill-after=10",
+        &BLOCK_TIMEOUT.as_secs().to_string(),
+        "bash",
+        "-c",
+        script,
+    ])
+    .current_dir(workdir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().context("cannot run bash")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("--- {EN} line {}:\n{}\n--- output:\n{text}", b.line, b.code);
+    ensure!(
+        out.status.code() != Some(124),
+        "the block at {EN} line {} timed out",
+        b.line
+    );
+    ensure!(
+        out.status.success() != b.fails,
+        "the block at {EN} line {} {} ({}):\n{}\noutput:\n{text}",
+        b.line,
+        if b.fails { "should fail but succeeded" } else { "failed" },
+        out.status,
+        b.code
+    );
+    if let Some(expect) = &b.expect {
+        guide::check_expected(expect, &text)
+            .with_context(|| format!("the block at {EN} line {}", b.line))?;
     }
     Ok(())
 }
@@ -573,19 +602,22 @@ fn scratch_workspace(dir: &Path, prefix: &str) -> Result<PathBuf> {
     Ok(files.join("lab.yaml"))
 }
 
-/// `cargo xtask lab ARGS` as the test's own lab (see the module comment); any other `cargo`
-/// command is refused, so the guide cannot slip in a command the test does not run.
+/// `cargo xtask lab ARGS` as the test's own lab (see the module comment), `cargo xtask k8s env`
+/// printing the test's control-plane binaries; any other `cargo` command is refused, so the
+/// guide cannot slip in a command the test does not run.
 const LAB_SHIM: &str = r#"
 cargo() {
   if [ "$1" = xtask ] && [ "$2" = lab ]; then
     shift 2
     case "${1:-up}" in
       up) [ $# -gt 0 ] && shift
-          "$NM_GUIDE_LAB" --prefix "$NM_GUIDE_PREFIX" --state-dir "$PWD/target/lab" up --config "$NM_GUIDE_CONFIG" "$@" ;;
+          "$NM_GUIDE_LAB" --prefix "$NM_GUIDE_PREFIX" --state-dir "$PWD/target/lab" up "$@" --config "$NM_GUIDE_CONFIG" ;;
       *)  "$NM_GUIDE_LAB" --prefix "$NM_GUIDE_PREFIX" --state-dir "$PWD/target/lab" "$@" ;;
     esac
+  elif [ "$*" = "xtask k8s env" ] && [ -n "$NODEMESH_K8S_BIN" ]; then
+    printf 'export KUBECONFIG=%q\nexport PATH=%q:"$PATH"\n' "$PWD/target/k8s/admin.kubeconfig" "$NODEMESH_K8S_BIN"
   else
-    echo "the docs test runs only 'cargo xtask lab ...'; got: cargo $*" >&2
+    echo "the docs test runs only 'cargo xtask lab ...' and 'cargo xtask k8s env'; got: cargo $*" >&2
     return 127
   fi
 }
@@ -611,6 +643,43 @@ fn the_local_lab_walkthrough_runs_as_written() -> Result<()> {
             ("NM_GUIDE_LAB", env!("CARGO_BIN_EXE_nm-lab").to_owned()),
             ("NM_GUIDE_PREFIX", LAB_PREFIX.to_owned()),
             ("NM_GUIDE_CONFIG", config.display().to_string()),
+        ],
+    );
+    let down = lab.down();
+    result?;
+    down?;
+    ensure!(
+        lab.status()?.is_none(),
+        "the guide's last command took the lab down"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_kubernetes_walkthrough_runs_as_written() -> Result<()> {
+    require_root();
+    let blocks: Vec<Block> = guide::runnable_blocks(&read(EN)?)?
+        .into_iter()
+        .filter(|b| b.env == "lab-k8s")
+        .collect();
+    ensure!(blocks.len() >= 6, "the Kubernetes walk-through has its blocks");
+    let bin = nodemesh_tests::k8s::Binaries::locate()?;
+    let tmp = tempfile::tempdir()?;
+    let config = scratch_workspace(tmp.path(), LAB_K8S_PREFIX)?;
+    let lab = Lab::new(LAB_K8S_PREFIX, tmp.path().join("target/lab"))?;
+    lab.down()?;
+    let result = run_blocks(
+        &blocks,
+        tmp.path(),
+        LAB_SHIM,
+        &[
+            ("NM_GUIDE_LAB", env!("CARGO_BIN_EXE_nm-lab").to_owned()),
+            ("NM_GUIDE_PREFIX", LAB_K8S_PREFIX.to_owned()),
+            ("NM_GUIDE_CONFIG", config.display().to_string()),
+            (
+                nodemesh_tests::k8s::BIN_ENV,
+                bin.dir().display().to_string(),
+            ),
         ],
     );
     let down = lab.down();

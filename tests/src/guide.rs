@@ -291,7 +291,11 @@ pub fn table_rows(md: &str, first_header: &str) -> Vec<Vec<String>> {
             in_table = true;
             continue;
         }
-        if in_table && !cells.iter().all(|c| c.chars().all(|ch| ch == '-' || ch == ':')) {
+        if in_table
+            && !cells
+                .iter()
+                .all(|c| c.chars().all(|ch| ch == '-' || ch == ':'))
+        {
             out.push(cells);
         }
     }
@@ -328,8 +332,14 @@ pub fn mermaid_nodes(src: &str) -> Result<BTreeSet<String>> {
     let mut lines = src.lines().map(str::trim).filter(|l| !l.is_empty());
     let first = lines.next().context("empty Mermaid block")?;
     ensure!(
-        ["flowchart LR", "flowchart TB", "flowchart TD", "flowchart RL", "flowchart BT"]
-            .contains(&first),
+        [
+            "flowchart LR",
+            "flowchart TB",
+            "flowchart TD",
+            "flowchart RL",
+            "flowchart BT"
+        ]
+        .contains(&first),
         "a Mermaid flowchart starts with `flowchart <direction>`, not `{first}`"
     );
     let id_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
@@ -437,14 +447,20 @@ mod tests {
         assert!(!line_matches("hello", "hello world"));
         assert!(line_matches("hello …", "hello world"));
         assert!(!line_matches("3", "6.18.3"));
-        assert!(line_matches("x{a=\"1\",…b=\"2\"…", "x{a=\"1\",z=\"0\",b=\"2\",c=\"3\"} 7"));
+        assert!(line_matches(
+            "x{a=\"1\",…b=\"2\"…",
+            "x{a=\"1\",z=\"0\",b=\"2\",c=\"3\"} 7"
+        ));
         assert!(check_expected("a\nb …", "b 1\na").is_ok());
         assert!(check_expected("a\nc", "a\nb").is_err());
     }
 
     #[test]
     fn slugs_follow_github() {
-        assert_eq!(slug("4. Installation and configuration"), "4-installation-and-configuration");
+        assert_eq!(
+            slug("4. Installation and configuration"),
+            "4-installation-and-configuration"
+        );
         assert_eq!(slug("1. 개요"), "1-개요");
         assert_eq!(slug("4.1.1 The local lab"), "411-the-local-lab");
         assert_eq!(slug("`mesh-agent node` flags"), "mesh-agent-node-flags");
@@ -452,7 +468,8 @@ mod tests {
 
     #[test]
     fn mermaid_check_finds_nodes_and_refuses_broken_syntax() {
-        let ok = "flowchart LR\n  subgraph s[S]\n    a[A]\n  end\n  b([B])\n  a -->|x| b\n  a ==> c\n";
+        let ok =
+            "flowchart LR\n  subgraph s[S]\n    a[A]\n  end\n  b([B])\n  a -->|x| b\n  a ==> c\n";
         let n = mermaid_nodes(ok).expect("valid");
         assert_eq!(n, BTreeSet::from(["a", "b", "c"].map(str::to_owned)));
         assert!(mermaid_nodes("graph\n a --> b").is_err());

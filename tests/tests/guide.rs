@@ -52,14 +52,24 @@ const BLOCK_TIMEOUT: Duration = Duration::from_secs(600);
 const RETRY_FOR: Duration = Duration::from_secs(30);
 const LAB_K8S_PREFIX: &str = "nmguidek";
 
+/// A section: its Korean and English headings and its two subsections' (Korean, English).
+type Section = (
+    &'static str,
+    &'static str,
+    [(&'static str, &'static str); 2],
+);
+
 /// The template's sections, Korean and English, in order.
-const SECTIONS: [(&str, &str, [(&str, &str); 2]); 8] = [
+const SECTIONS: [Section; 8] = [
     (
         "1. 개요",
         "1. Overview",
         [
             ("1.1 서비스 메시 정의", "1.1 What a service mesh is"),
-            ("1.2 필요성", "1.2 Why a mesh, and why sidecarless with eBPF"),
+            (
+                "1.2 필요성",
+                "1.2 Why a mesh, and why sidecarless with eBPF",
+            ),
         ],
     ),
     (
@@ -98,7 +108,10 @@ const SECTIONS: [(&str, &str, [(&str, &str); 2]); 8] = [
         "6. 보안",
         "6. Security",
         [
-            ("6.1 인증 및 권한 부여", "6.1 Authentication and authorization"),
+            (
+                "6.1 인증 및 권한 부여",
+                "6.1 Authentication and authorization",
+            ),
             ("6.2 데이터 암호화", "6.2 Data encryption"),
         ],
     ),
@@ -179,7 +192,9 @@ fn both_guides_have_the_eight_sections_in_order() -> Result<()> {
             for w in &want {
                 match h3[at..].iter().position(|h| h == w) {
                     Some(p) => at += p + 1,
-                    None => bail!("{file}: section `{title}` needs the subsection `### {w}` (in order); it has {h3:?}"),
+                    None => bail!(
+                        "{file}: section `{title}` needs the subsection `### {w}` (in order); it has {h3:?}"
+                    ),
                 }
             }
         }
@@ -235,7 +250,11 @@ fn links_and_anchors_resolve_and_the_readme_links_the_guide() -> Result<()> {
                 None
             } else {
                 let t = docs.join(path);
-                ensure!(t.exists(), "{file}: link `{link}`: {} does not exist", t.display());
+                ensure!(
+                    t.exists(),
+                    "{file}: link `{link}`: {} does not exist",
+                    t.display()
+                );
                 Some(t)
             };
             if let Some(a) = anchor {
@@ -262,7 +281,11 @@ fn links_and_anchors_resolve_and_the_readme_links_the_guide() -> Result<()> {
         .into_iter()
         .next()
         .context("README has a code block")?;
-    let commands: Vec<&str> = first.text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let commands: Vec<&str> = first
+        .text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     ensure!(
         commands.len() == 2
             && commands[0].starts_with("cargo xtask lab ")
@@ -294,9 +317,14 @@ fn flow_yaml_equal(written: &str, v: &serde_norway::Value) -> bool {
 
 #[test]
 fn every_chart_value_is_in_the_settings_table_with_its_default() -> Result<()> {
-    let values: serde_norway::Value = serde_norway::from_str(&read("charts/nodemesh/values.yaml")?)?;
+    let values: serde_norway::Value =
+        serde_norway::from_str(&read("charts/nodemesh/values.yaml")?)?;
     let leaves = guide::yaml_leaves(&values);
-    ensure!(leaves.len() > 50, "values.yaml read: {} leaves", leaves.len());
+    ensure!(
+        leaves.len() > 50,
+        "values.yaml read: {} leaves",
+        leaves.len()
+    );
     for (file, md) in both()? {
         let header = if file == KO { "값" } else { "value" };
         let rows = guide::table_rows(&md, header);
@@ -323,7 +351,10 @@ fn every_chart_value_is_in_the_settings_table_with_its_default() -> Result<()> {
             }
         }
         // A row for a mapping (`agent.nodeSelector`) states the whole mapping as its default.
-        for r in rows.iter().filter(|r| !leaves.iter().any(|(p, _)| *p == r[0])) {
+        for r in rows
+            .iter()
+            .filter(|r| !leaves.iter().any(|(p, _)| *p == r[0]))
+        {
             let v = r[0]
                 .split('.')
                 .try_fold(&values, |v, k| v.get(k))
@@ -446,8 +477,13 @@ fn the_architecture_diagram_renders_and_matches_the_mermaid_version() -> Result<
             .into_iter()
             .filter(|f| f.info == "mermaid")
             .collect();
-        ensure!(mermaid.len() == 1, "{file}: one Mermaid diagram, found {}", mermaid.len());
-        let m = guide::mermaid_nodes(&mermaid[0].text).with_context(|| format!("{file}: Mermaid"))?;
+        ensure!(
+            mermaid.len() == 1,
+            "{file}: one Mermaid diagram, found {}",
+            mermaid.len()
+        );
+        let m =
+            guide::mermaid_nodes(&mermaid[0].text).with_context(|| format!("{file}: Mermaid"))?;
         ensure!(
             m == nodes,
             "{file}: the Mermaid diagram names {m:?}, architecture.dot {nodes:?}"
@@ -515,7 +551,10 @@ fn run_blocks(
             let result = run_block(b, &script, workdir, env);
             match result {
                 Err(e) if b.retry && Instant::now() < deadline => {
-                    eprintln!("(attempt {attempt} of the block at line {}: {e:#}; again)", b.line);
+                    eprintln!(
+                        "(attempt {attempt} of the block at line {}: {e:#}; again)",
+                        b.line
+                    );
                     attempt += 1;
                     std::thread::sleep(Duration::from_secs(1));
                 }
@@ -554,7 +593,11 @@ fn run_block(b: &Block, script: &str, workdir: &Path, env: &[(&str, String)]) ->
         out.status.success() != b.fails,
         "the block at {EN} line {} {} ({}):\n{}\noutput:\n{text}",
         b.line,
-        if b.fails { "should fail but succeeded" } else { "failed" },
+        if b.fails {
+            "should fail but succeeded"
+        } else {
+            "failed"
+        },
         out.status,
         b.code
     );
@@ -662,7 +705,10 @@ fn the_kubernetes_walkthrough_runs_as_written() -> Result<()> {
         .into_iter()
         .filter(|b| b.env == "lab-k8s")
         .collect();
-    ensure!(blocks.len() >= 6, "the Kubernetes walk-through has its blocks");
+    ensure!(
+        blocks.len() >= 6,
+        "the Kubernetes walk-through has its blocks"
+    );
     let bin = nodemesh_tests::k8s::Binaries::locate()?;
     let tmp = tempfile::tempdir()?;
     let config = scratch_workspace(tmp.path(), LAB_K8S_PREFIX)?;

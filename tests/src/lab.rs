@@ -297,6 +297,13 @@ impl Made {
                 let _ = c.wait();
             }
         }
+        // Processes this attempt's children started (the control plane under the kubelet
+        // stand-in) live on in the cgroups it made.
+        let mut made_cgroups = Vec::new();
+        for cg in &self.cgroups {
+            collect_cgroups(cg, &mut made_cgroups);
+        }
+        kill_all_in(&made_cgroups);
         for instance in &self.instances {
             let uninstall = agent_exe().and_then(|exe| {
                 run(
@@ -342,6 +349,23 @@ impl Lab {
         Ok(None)
     }
 
+    /// Whether the Kubernetes mode's kubelet stand-in (with its control plane) runs.
+    pub fn kubelet_running(&self) -> Result<bool> {
+        let mut cgroups = Vec::new();
+        collect_cgroups(
+            &self.cgroup()?.join(crate::lab_k8s::KUBELET_CGROUP),
+            &mut cgroups,
+        );
+        // The stand-in itself (`nm-lab … kubelet`), not only the control plane it started.
+        Ok(cgroups.iter().flat_map(|cg| procs(cg)).any(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
+                args.first().is_some_and(|a| a.ends_with(b"nm-lab"))
+                    && args.last() == Some(&&b"kubelet"[..])
+            })
+        }))
+    }
+
     /// Whether a process runs in the lab's cgroups (its agents or servers).
     pub fn is_running(&self) -> Result<bool> {
         let mut cgroups = Vec::new();
@@ -354,6 +378,17 @@ impl Lab {
     /// (processes, pins of its agents, namespaces, cgroups) and nothing else; the logs stay in the
     /// state directory.
     pub fn up(&self, config: &Path) -> Result<serde_json::Value> {
+        self.up_mode(config, false)
+    }
+
+    /// [`Lab::up`] in Kubernetes mode ([`crate::lab_k8s`]): the same nodes and pods, a real
+    /// control plane and the kubelet stand-in instead of local agents; nodemesh itself comes with
+    /// `helm install`.
+    pub fn up_kubernetes(&self, config: &Path) -> Result<serde_json::Value> {
+        self.up_mode(config, true)
+    }
+
+    fn up_mode(&self, config: &Path, kubernetes: bool) -> Result<serde_json::Value> {
         let config = fs::canonicalize(config)
             .with_context(|| format!("cannot find the lab file {}", config.display()))?;
         let model: std::sync::Arc<ClusterModel> = LocalConfigSource::new(&config, None)
@@ -385,7 +420,7 @@ impl Lab {
             );
         }
         let mut made = Made::default();
-        match self.build(&config, &model, &nodes, &mut made) {
+        match self.build(&config, &model, &nodes, &mut made, kubernetes) {
             Ok(lab) => Ok(lab),
             Err(e) => {
                 let problems = made.undo();
@@ -412,6 +447,7 @@ impl Lab {
         model: &ClusterModel,
         nodes: &[mesh_agent::model::Node],
         made: &mut Made,
+        kubernetes: bool,
     ) -> Result<serde_json::Value> {
         let state = self.state.clone();
         fs::create_dir_all(&state)?;
@@ -462,6 +498,36 @@ impl Lab {
                 &self.node_ns(&n.name),
                 &["ip", "link", "set", "nmlab0", "up"],
             )?;
+        }
+
+        // Kubernetes mode: the control plane and the kubelet stand-in, then every pod as an API
+        // object first (its UID names its cgroups).
+        let mut uids = BTreeMap::new();
+        let mut api = None;
+        let cluster = crate::lab_k8s::ClusterInfo {
+            nodes: nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| -> Result<crate::lab_k8s::NodeInfo> {
+                    Ok(crate::lab_k8s::NodeInfo {
+                        name: n.name.clone(),
+                        ip: match n.address {
+                            IpAddr::V4(v4) => v4,
+                            IpAddr::V6(_) => bail!("the lab's nodes have IPv4 addresses"),
+                        },
+                        netns: Path::new("/run/netns").join(self.node_ns(&n.name)),
+                        cgroup: root_cg.join(&n.name),
+                        systemd: i == 0,
+                    })
+                })
+                .collect::<Result<_>>()?,
+        };
+        if kubernetes {
+            made.cgroup(&root_cg.join(crate::lab_k8s::KUBELET_CGROUP))?;
+            let (child, url) = crate::lab_k8s::start_kubelet(self, &cluster)?;
+            made.children.push(child);
+            api = Some(url);
+            uids = crate::lab_k8s::register(self, model, &cluster)?;
         }
 
         let mut pods = Vec::new();
@@ -524,7 +590,10 @@ impl Lab {
                 &other_ns,
                 &["ip", "route", "replace", &format!("{ip}/32"), "via", &via],
             )?;
-            let uid = self.pod_uid(&w.key.name);
+            let uid = uids
+                .get(&w.key.name)
+                .cloned()
+                .unwrap_or_else(|| self.pod_uid(&w.key.name));
             let systemd = w.node == a.name;
             let node_cg = root_cg.join(&w.node);
             let (sandbox_cg, cg) = kubelet_cgroups(&node_cg, systemd, &uid);
@@ -536,7 +605,22 @@ impl Lab {
                 "service_account": w.service_account, "netns": w.netns, "ip": ip.to_string(),
                 "cgroup": cg, "uid": uid,
             }));
-            if w.key.name.starts_with("server") {
+            if w.key.name.starts_with("server") && kubernetes {
+                // An HTTP answer for curl, an echo for anything else (`lab_k8s::serve`).
+                let log = fs::File::create(state.join(format!("{}.log", w.key.name)))?;
+                let child = Command::new(probe_exe()?)
+                    .arg(&cg)
+                    .arg(&w.netns)
+                    .arg("exec")
+                    .arg(crate::lab_k8s::lab_exe()?)
+                    .args(["serve", &format!("{ip}:{ECHO_PORT}"), &w.key.name])
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .spawn()
+                    .context("cannot start a server")?;
+                made.children.push(child);
+            } else if w.key.name.starts_with("server") {
                 let child = Command::new(probe_exe()?)
                     .arg(&cg)
                     .arg(&w.netns)
@@ -551,6 +635,28 @@ impl Lab {
         }
 
         let mut node_json = Vec::new();
+        if let Some(api) = api {
+            crate::lab_k8s::pods_running(self, model, &pods)?;
+            for n in &cluster.nodes {
+                node_json.push(serde_json::json!({
+                    "name": n.name, "netns": n.netns, "ip": n.ip.to_string(),
+                    "tunnel_ip": crate::lab_k8s::CHART_TUNNEL_IP, "link_if": "nmlab0",
+                    "metrics_url": format!("http://{}:15020/metrics", n.ip),
+                    "log": state.join(format!("{}.log", n.name)), "cgroup": n.cgroup,
+                }));
+            }
+            let lab = serde_json::json!({
+                "config": config, "nodes": node_json, "pods": pods,
+                "kubernetes": {
+                    "api": api,
+                    "kubeconfig": crate::lab_k8s::kubeconfig_path(self),
+                    "control_plane_logs": state.join("control-plane"),
+                    "kubelet_log": state.join("kubelet.log"),
+                },
+            });
+            fs::write(state.join("lab.json"), serde_json::to_string_pretty(&lab)?)?;
+            return Ok(lab);
+        }
         for n in nodes {
             let node_state = state.join(&n.name);
             let log = state.join(format!("{}.log", n.name));
@@ -632,6 +738,11 @@ impl Lab {
         let mut problems = Vec::new();
         let root_cg = self.cgroup()?;
         // Processes: every one in a lab cgroup, deepest first. SIGTERM, then SIGKILL.
+        // Kubernetes mode: the kubelet stand-in first (with its control plane), or it would
+        // start again the containers this stops.
+        let mut kubelet = Vec::new();
+        collect_cgroups(&root_cg.join(crate::lab_k8s::KUBELET_CGROUP), &mut kubelet);
+        kill_all_in(&kubelet);
         let mut cgroups = Vec::new();
         collect_cgroups(&root_cg, &mut cgroups);
         for signal in [libc::SIGTERM, libc::SIGKILL] {
@@ -679,6 +790,14 @@ impl Lab {
                 problems.push(format!("cannot remove cgroup {}: {e}", cg.display()));
             }
         }
+        // The nodes' own bpffs (Kubernetes mode): unmounted, their pins go.
+        if self.state.exists() {
+            for m in crate::lab_k8s::mounts_below(&self.state)? {
+                if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+                    problems.push(format!("cannot unmount {}: {e}", m.display()));
+                }
+            }
+        }
         if self.state.exists() {
             fs::remove_dir_all(&self.state)?;
         }
@@ -699,6 +818,20 @@ fn collect_cgroups(dir: &Path, out: &mut Vec<PathBuf>) {
                 collect_cgroups(&e.path(), out);
             }
         }
+    }
+}
+
+/// SIGKILL to every process in `cgroups`, waiting up to 10 s until they are gone.
+fn kill_all_in(cgroups: &[PathBuf]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cgroups.iter().any(|cg| !procs(cg).is_empty()) && Instant::now() < deadline {
+        for cg in cgroups {
+            for pid in procs(cg) {
+                // SAFETY: plain syscall with integers; a stale pid at worst gets ESRCH.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod k8s;
 pub mod k8s_cluster;
 pub mod lab;
+pub mod lab_k8s;
 
 pub use k8s::block_on_in_netns;
 

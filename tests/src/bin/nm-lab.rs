@@ -2,10 +2,16 @@
 //!
 //! - `nm-lab up [--config FILE]` (default `tests/lab/lab.yaml`): builds the lab, prints a summary
 //!   and writes `target/lab/lab.json`.
+//! - `nm-lab up --kubernetes [--config FILE]`: the same nodes and pods in Kubernetes mode
+//!   (`nodemesh_tests::lab_k8s`): a real kube-apiserver, no agents until `helm install`; prints
+//!   the kubeconfig (`target/lab/kubeconfig`) and what to do next.
 //! - `nm-lab down`: removes everything (also after a crash).
 //! - `nm-lab status`: prints `lab.json` and whether each agent serves.
 //! - `nm-lab exec POD -- CMD...`: runs CMD in the pod's cgroup and network namespace;
 //!   `nm-lab exec NODE -- CMD...` in the node's network namespace (where its metrics listen).
+//!
+//! - Internal: `nm-lab kubelet` (the Kubernetes mode's stand-in, started by `up --kubernetes`),
+//!   `nm-lab serve ADDR NAME` (the servers in the pods in Kubernetes mode).
 //!
 //! The workspace root is the current directory (xtask runs it there). `--prefix P --state-dir DIR`
 //! before the command give the lab other names and another state directory (tests use them to
@@ -16,11 +22,11 @@ use std::{os::unix::process::CommandExt, path::PathBuf, process::ExitCode};
 use anyhow::{Context, Result, bail};
 use nodemesh_tests::{
     lab::{self, Lab},
-    probe_exe, require_root,
+    lab_k8s, probe_exe, require_root,
 };
 
 const USAGE: &str = "usage: nm-lab [--prefix P --state-dir DIR] \
-                     [up [--config FILE] | down | status | exec POD|NODE -- CMD...]";
+                     [up [--kubernetes] [--config FILE] | down | status | exec POD|NODE -- CMD...]";
 
 fn main() -> ExitCode {
     match run() {
@@ -52,6 +58,12 @@ fn run() -> Result<()> {
     {
         [] | ["up"] => up(&lab, workspace.join("tests/lab/lab.yaml")),
         ["up", "--config", file] => up(&lab, PathBuf::from(file)),
+        ["up", "--kubernetes"] => up_kubernetes(&lab, workspace.join("tests/lab/lab.yaml")),
+        ["up", "--kubernetes", "--config", file] | ["up", "--config", file, "--kubernetes"] => {
+            up_kubernetes(&lab, PathBuf::from(file))
+        }
+        ["kubelet"] => lab_k8s::run_kubelet(&lab),
+        ["serve", addr, name] => lab_k8s::serve(addr, name),
         ["down"] => {
             lab.down()?;
             println!("lab down: namespaces, cgroups, pins, processes and target/lab removed");
@@ -60,6 +72,20 @@ fn run() -> Result<()> {
         ["status"] => {
             match lab.status()? {
                 None => println!("the lab is down"),
+                Some(l) if !l["kubernetes"].is_null() => {
+                    let k = &l["kubernetes"];
+                    println!(
+                        "Kubernetes mode: API {} (export KUBECONFIG={}); kubelet stand-in {}",
+                        k["api"].as_str().unwrap_or_default(),
+                        k["kubeconfig"].as_str().unwrap_or_default(),
+                        if lab.kubelet_running()? {
+                            "running"
+                        } else {
+                            "NOT running (see kubelet.log: `lab down`, then `up` again)"
+                        }
+                    );
+                    println!("{}", serde_json::to_string_pretty(&l)?);
+                }
                 Some(l) => {
                     for n in l["nodes"].as_array().into_iter().flatten() {
                         let ready = lab
@@ -145,5 +171,63 @@ fn up(place: &Lab, config: PathBuf) -> Result<()> {
     if rows.iter().any(|r| !r.ok) {
         bail!("some demo rows did not behave as expected (see the agent logs)");
     }
+    Ok(())
+}
+
+fn up_kubernetes(place: &Lab, config: PathBuf) -> Result<()> {
+    let lab = place.up_kubernetes(&config)?;
+    let k = &lab["kubernetes"];
+    let kubeconfig = k["kubeconfig"].as_str().unwrap_or_default();
+    println!(
+        "lab up in Kubernetes mode: kube-apiserver {} (it runs in {}'s network namespace; \
+         this host reaches it through a forwarded loopback port)",
+        k["api"].as_str().unwrap_or_default(),
+        lab["nodes"][0]["name"].as_str().unwrap_or_default()
+    );
+    for n in lab["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "  node {:<8} InternalIP {}",
+            n["name"].as_str().unwrap_or_default(),
+            n["ip"].as_str().unwrap_or_default()
+        );
+    }
+    for p in lab["pods"].as_array().into_iter().flatten() {
+        println!(
+            "  pod  {}/{:<10} node {:<7} ip {}",
+            p["namespace"].as_str().unwrap_or_default(),
+            p["name"].as_str().unwrap_or_default(),
+            p["node"].as_str().unwrap_or_default(),
+            p["ip"].as_str().unwrap_or_default()
+        );
+    }
+    // A connection worth showing: the first client to a server on the other node.
+    let pods: Vec<&serde_json::Value> = lab["pods"].as_array().into_iter().flatten().collect();
+    let client = pods
+        .iter()
+        .find(|p| p["name"].as_str().is_some_and(|n| n.starts_with("client")));
+    let server = client.and_then(|c| {
+        pods.iter().find(|p| {
+            p["name"].as_str().is_some_and(|n| n.starts_with("server")) && p["node"] != c["node"]
+        })
+    });
+    let (client, server_ip) = match (client, server) {
+        (Some(c), Some(s)) => (
+            c["name"].as_str().unwrap_or_default(),
+            s["ip"].as_str().unwrap_or_default(),
+        ),
+        _ => ("POD", "SERVER_IP"),
+    };
+    println!(
+        "\nno mesh yet: install it with Helm (the kubelet stand-in runs what the chart deploys):\n  \
+         eval \"$(cargo xtask lab env)\"   # KUBECONFIG={kubeconfig}, PATH: kubectl, helm\n  \
+         helm install nodemesh charts/nodemesh -n nodemesh-system --create-namespace --wait\n  \
+         kubectl label namespace demo nodemesh.io/dataplane=enabled\n  \
+         cargo xtask lab exec {client} -- curl -s http://{server_ip}:{port}/\n\
+         agent logs (access lines): {state}/<node>.log; the stand-in's: {}\n\
+         docs/kubernetes-mode.md, \"Try it on the lab\"; cargo xtask lab down removes everything",
+        k["kubelet_log"].as_str().unwrap_or_default(),
+        port = lab::ECHO_PORT,
+        state = place.state_dir().display(),
+    );
     Ok(())
 }

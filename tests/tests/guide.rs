@@ -17,7 +17,7 @@
 //!   lab tests (prefixes `nmlabt`, `nmlabu`, `nmlabk`, `nm-bench`);
 //! - `run: lab-k8s` blocks the same way with the prefix `nmguidek` (`up --kubernetes` publishes
 //!   the lab's API on an ephemeral loopback port, so two such labs never collide), `kubectl` and
-//!   `helm` from the control-plane binaries of `cargo xtask k8s build` (what `cargo xtask k8s
+//!   `helm` from the control-plane binaries of `cargo xtask k8s build` (what `cargo xtask lab
 //!   env` puts on `PATH`).
 //!
 //! Each block runs in `bash` with `set -e`; the environment a block exports (e.g. `KUBECONFIG`)
@@ -645,9 +645,10 @@ fn scratch_workspace(dir: &Path, prefix: &str) -> Result<PathBuf> {
     Ok(files.join("lab.yaml"))
 }
 
-/// `cargo xtask lab ARGS` as the test's own lab (see the module comment), `cargo xtask k8s env`
-/// printing the test's control-plane binaries; any other `cargo` command is refused, so the
-/// guide cannot slip in a command the test does not run.
+/// `cargo xtask lab ARGS` as the test's own lab (see the module comment; `lab env` prints the
+/// exports `cargo xtask lab env` prints, for this lab's state directory and the test's
+/// control-plane binaries); any other `cargo` command is refused, so the guide cannot slip in a
+/// command the test does not run.
 const LAB_SHIM: &str = r#"
 cargo() {
   if [ "$1" = xtask ] && [ "$2" = lab ]; then
@@ -655,12 +656,11 @@ cargo() {
     case "${1:-up}" in
       up) [ $# -gt 0 ] && shift
           "$NM_GUIDE_LAB" --prefix "$NM_GUIDE_PREFIX" --state-dir "$PWD/target/lab" up "$@" --config "$NM_GUIDE_CONFIG" ;;
+      env) printf 'export KUBECONFIG=%q\nexport PATH=%q:"$PATH"\n' "$PWD/target/lab/kubeconfig" "$NODEMESH_K8S_BIN" ;;
       *)  "$NM_GUIDE_LAB" --prefix "$NM_GUIDE_PREFIX" --state-dir "$PWD/target/lab" "$@" ;;
     esac
-  elif [ "$*" = "xtask k8s env" ] && [ -n "$NODEMESH_K8S_BIN" ]; then
-    printf 'export KUBECONFIG=%q\nexport PATH=%q:"$PATH"\n' "$PWD/target/k8s/admin.kubeconfig" "$NODEMESH_K8S_BIN"
   else
-    echo "the docs test runs only 'cargo xtask lab ...' and 'cargo xtask k8s env'; got: cargo $*" >&2
+    echo "the docs test runs only 'cargo xtask lab ...'; got: cargo $*" >&2
     return 127
   fi
 }

@@ -288,9 +288,32 @@ fn ensure_interop_tools(r: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// The docs test (`tests/tests/guide.rs`) renders the guide's architecture diagram: Graphviz's
+/// `dot` (Debian `graphviz`) for its source and `rsvg-convert` (Debian `librsvg2-bin`) for the
+/// checked-in SVG, each to PNG, so a broken diagram fails.
+fn ensure_docs_tools(r: &mut Report) -> Result<()> {
+    let missing: Vec<&str> = [("graphviz", "dot"), ("librsvg2-bin", "rsvg-convert")]
+        .into_iter()
+        .filter_map(|(pkg, exe)| which(exe).is_none().then_some(pkg))
+        .collect();
+    if missing.is_empty() {
+        r.ok("graphviz and librsvg2-bin (`dot`, `rsvg-convert`: the guide's diagram check)");
+    } else if apt_available() {
+        apt_install(r, &missing)?;
+    } else {
+        bail!(
+            "{} missing: the docs test renders docs/diagrams/architecture.{{dot,svg}} with \
+             Graphviz's `dot` and librsvg's `rsvg-convert`; install them",
+            missing.join(" and ")
+        );
+    }
+    Ok(())
+}
+
 fn ensure_test_tools(r: &mut Report) -> Result<()> {
     ensure_ip(r)?;
     ensure_interop_tools(r)?;
+    ensure_docs_tools(r)?;
     ensure_python_tools(r)?;
     // Go cannot be installed from Debian (too old): it must be there (CI machines have it).
     let (go, version) = crate::k8s::find_go()?;

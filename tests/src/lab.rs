@@ -55,6 +55,25 @@ pub const ECHO_PORT: u16 = 8080;
 pub const AGENT_GLIBC_TUNABLES: &str = "glibc.cpu.x86_rep_movsb_threshold=4194304";
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
+/// Copies the lab's files (`tests/lab/lab.yaml`, `policies.yaml`) into `dir` with the pods'
+/// network namespaces renamed to `prefix`, so a test's lab runs beside a user's (`nm-lab
+/// --prefix`); returns the copy of `lab.yaml`.
+pub fn files_for_prefix(dir: &Path, prefix: &str) -> Result<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("lab");
+    for f in ["lab.yaml", "policies.yaml"] {
+        let text = fs::read_to_string(src.join(f)).with_context(|| format!("read {f}"))?;
+        fs::write(
+            dir.join(f),
+            text.replace(
+                &format!("/run/netns/{PREFIX}-"),
+                &format!("/run/netns/{prefix}-"),
+            ),
+        )
+        .with_context(|| format!("write {}", dir.join(f).display()))?;
+    }
+    Ok(dir.join("lab.yaml"))
+}
+
 /// One lab: the prefix of its names and where it keeps its state (`lab.json`, logs, the CA and
 /// the agents' state directories).
 #[derive(Clone, Debug)]

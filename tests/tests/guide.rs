@@ -632,17 +632,7 @@ fn scratch_workspace(dir: &Path, prefix: &str) -> Result<PathBuf> {
     fs::create_dir_all(dir.join("target"))?;
     let files = dir.join("lab-files");
     fs::create_dir_all(&files)?;
-    for f in ["lab.yaml", "policies.yaml"] {
-        let text = fs::read_to_string(root().join("tests/lab").join(f))?;
-        fs::write(
-            files.join(f),
-            text.replace(
-                &format!("/run/netns/{}-", lab::PREFIX),
-                &format!("/run/netns/{prefix}-"),
-            ),
-        )?;
-    }
-    Ok(files.join("lab.yaml"))
+    lab::files_for_prefix(&files, prefix)
 }
 
 /// `cargo xtask lab ARGS` as the test's own lab (see the module comment; `lab env` prints the

@@ -16,22 +16,6 @@ use nodemesh_tests::{
 
 const PREFIX: &str = "nmlabt";
 
-/// Copies the lab files into `dir` with the pods' namespaces renamed to this test's prefix.
-fn lab_files(dir: &Path) -> Result<std::path::PathBuf> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("lab");
-    for f in ["lab.yaml", "policies.yaml"] {
-        let text = fs::read_to_string(src.join(f)).with_context(|| format!("read {f}"))?;
-        fs::write(
-            dir.join(f),
-            text.replace(
-                &format!("/run/netns/{}-", lab::PREFIX),
-                &format!("/run/netns/{PREFIX}-"),
-            ),
-        )?;
-    }
-    Ok(dir.join("lab.yaml"))
-}
-
 fn leftovers(lab: &Lab, pids: &[i32]) -> Result<Vec<String>> {
     let mut left = Vec::new();
     for line in run("ip", &["netns", "list"])?.lines() {
@@ -79,7 +63,7 @@ fn pids_in(dir: &Path, out: &mut Vec<i32>) {
 fn lab_up_demo_and_down_leave_nothing_behind() -> Result<()> {
     require_root();
     let tmp = tempfile::tempdir()?;
-    let config = lab_files(tmp.path())?;
+    let config = lab::files_for_prefix(tmp.path(), PREFIX)?;
     let lab = Lab::new(PREFIX, tmp.path().join("state"))?;
     // A previous crashed run of this test: start clean (down is idempotent).
     lab.down()?;

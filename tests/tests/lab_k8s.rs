@@ -10,14 +10,15 @@
 use std::{
     fs,
     os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use nodemesh_tests::{
     k8s::Binaries,
+    k8s_cluster::until,
     lab::{self, Lab},
     lab_k8s, require_root, run,
 };
@@ -25,22 +26,6 @@ use nodemesh_tests::{
 const PREFIX: &str = "nmlabk";
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/server";
-
-/// The lab files with the pods' namespaces renamed to this test's prefix.
-fn lab_files(dir: &Path) -> Result<PathBuf> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("lab");
-    for f in ["lab.yaml", "policies.yaml"] {
-        let text = fs::read_to_string(src.join(f)).with_context(|| format!("read {f}"))?;
-        fs::write(
-            dir.join(f),
-            text.replace(
-                &format!("/run/netns/{}-", lab::PREFIX),
-                &format!("/run/netns/{PREFIX}-"),
-            ),
-        )?;
-    }
-    Ok(dir.join("lab.yaml"))
-}
 
 /// `nm-lab --prefix … --state-dir … ARGS`, as `cargo xtask lab ARGS` runs it.
 fn nm_lab(lab: &Lab, args: &[&str]) -> Result<Output> {
@@ -82,23 +67,6 @@ fn helm(lab: &Lab, home: &Path, args: &[&str]) -> Result<String> {
         text(&out)
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn until(what: &str, within: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + within;
-    let mut last = String::new();
-    loop {
-        match f() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{what}: not within {within:?} (last error: {last})"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 /// Access lines of `log` with `direction` naming both identities.
@@ -153,7 +121,7 @@ fn helm_install_on_the_kubernetes_lab_meshes_denies_and_counts_then_down_leaves_
         .prefix("lab_k8s-")
         .tempdir_in(&base)?;
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))?;
-    let config = lab_files(tmp.path())?;
+    let config = lab::files_for_prefix(tmp.path(), PREFIX)?;
     let lab = Lab::new(PREFIX, tmp.path().join("state"))?;
     lab.down()?;
     let host_pins_before = Path::new("/sys/fs/bpf/nodemesh/default").exists();

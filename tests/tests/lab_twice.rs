@@ -14,21 +14,6 @@ use nodemesh_tests::{
 
 const PREFIX: &str = "nmlabu";
 
-fn lab_files(dir: &Path) -> Result<std::path::PathBuf> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("lab");
-    for f in ["lab.yaml", "policies.yaml"] {
-        let text = std::fs::read_to_string(src.join(f)).with_context(|| format!("read {f}"))?;
-        std::fs::write(
-            dir.join(f),
-            text.replace(
-                &format!("/run/netns/{}-", lab::PREFIX),
-                &format!("/run/netns/{PREFIX}-"),
-            ),
-        )?;
-    }
-    Ok(dir.join("lab.yaml"))
-}
-
 /// `nm-lab --prefix … --state-dir … up --config FILE`, as `cargo xtask lab up` runs it.
 fn nm_lab(lab: &Lab, config: &Path) -> Result<std::process::Output> {
     Command::new(env!("CARGO_BIN_EXE_nm-lab"))
@@ -71,7 +56,7 @@ fn all_rows_ok(lab: &Lab) -> Result<()> {
 fn a_second_lab_up_fails_and_leaves_the_first_lab_serving() -> Result<()> {
     require_root();
     let tmp = tempfile::tempdir()?;
-    let config = lab_files(tmp.path())?;
+    let config = lab::files_for_prefix(tmp.path(), PREFIX)?;
     let lab = Lab::new(PREFIX, tmp.path().join("state"))?;
     lab.down()?;
 

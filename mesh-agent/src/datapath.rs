@@ -246,7 +246,7 @@ impl Datapath {
         let level: u8 = opts.ebpf_log_level.map_or(0, u8::from);
         loader.override_global(aya_log::LEVEL, &level, false);
         if let Some(n) = opts.max_enrolled_pods {
-            loader.set_max_entries(maps::ENROLLED, n.max(1));
+            loader.map_max_entries(maps::ENROLLED, n.max(1));
         }
         if let Some(pins) = pins {
             pins.create_dirs()?;

@@ -777,26 +777,36 @@ fn slow_readers_are_backpressured() -> Result<()> {
     }
     let after = (rss_kib(pid_a)?, rss_kib(pid_b)?);
     let held = server.pushed() - pushed_before;
-    let grew = after.0.saturating_sub(before.0) + after.1.saturating_sub(before.1);
-    let per_conn_kib = grew / STALLED as u64;
+    let grew = (
+        after.0.saturating_sub(before.0),
+        after.1.saturating_sub(before.1),
+    );
+    let per_conn = |g: u64| g / STALLED as u64;
     eprintln!(
         "{STALLED} clients that never read: the server was stopped after {} MiB in flight \
-         ({} KiB per connection, kernel buffers included); agent RSS node a {} → {} KiB, node b \
-         {} → {} KiB: {per_conn_kib} KiB per stalled connection",
+         ({} KiB per connection, kernel buffers included); agent RSS node a {} → {} KiB ({} KiB \
+         per stalled connection), node b {} → {} KiB ({} KiB per stalled connection)",
         held >> 20,
         held / 1024 / STALLED as u64,
         before.0,
         after.0,
+        per_conn(grew.0),
         before.1,
         after.1,
+        per_conn(grew.1),
     );
-    // Per stalled connection the agents may hold one stream window (4 MiB, node a's receive
-    // side) and a copy buffer on each side (256 KiB); whatever else is the kernel's.
+    // Per stalled connection each agent may hold one stream window (4 MiB: received and not
+    // yet written on node a, queued for sending on node b, whose h2 send buffer is one stream
+    // window) and its copy buffer (256 KiB, twice while a chunk is in flight); the rest is the
+    // kernel's socket buffers.
     let bound_kib = (4 * 1024 + 2 * 256) * STALLED as u64;
-    ensure!(
-        grew <= bound_kib,
-        "the agents grew by {grew} KiB (bound {bound_kib} KiB)"
-    );
+    for (node, g) in [("a", grew.0), ("b", grew.1)] {
+        ensure!(
+            g <= bound_kib,
+            "node {node}'s agent grew by {g} KiB with {STALLED} stalled connections (bound \
+             {bound_kib} KiB)"
+        );
+    }
     // Reading resumes the flow, in order.
     let mut s = stalled.pop().context("a stalled connection")?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;

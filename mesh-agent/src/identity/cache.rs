@@ -133,10 +133,7 @@ impl CertCache {
 
     /// Renews every cached certificate that is past half-life, every `every`, so idle
     /// identities never reach expiry. Runs until the returned task is aborted.
-    pub fn spawn_refresher(
-        self: Arc<Self>,
-        every: std::time::Duration,
-    ) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_refresher(self: Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

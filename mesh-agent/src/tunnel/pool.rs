@@ -444,7 +444,9 @@ impl Pool {
         let expires = peer_not_after.map_or(cert.not_after, |t| t.min(cert.not_after));
         let pair = h2::client::Builder::new()
             .initial_window_size(self.config.stream_window)
-            .initial_connection_window_size(self.config.connection_window)
+            .initial_connection_window_size(self.config.connection_window_for(
+                u32::try_from(self.config.pool_max_streams_per_connection).unwrap_or(u32::MAX),
+            ))
             .max_frame_size(self.config.max_frame_size)
             .max_header_list_size(self.config.max_header_list_size)
             .max_send_buffer_size(self.config.stream_window as usize)

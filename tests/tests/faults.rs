@@ -177,7 +177,7 @@ fn failed_closed(kind: ErrorKind, msg: &str) -> bool {
 fn sigkill_under_load_twenty_times() -> Result<()> {
     const KILLS: usize = 20;
     /// From the kill to the first round trip through the new agent that started after it.
-    const RECOVERY_BOUND: Duration = Duration::from_secs(8);
+    const RECOVERY_BOUND: Duration = Duration::from_secs(5);
     let mut c = up(&[])?;
     let dst = addr(&c.server_b.ip, PORT)?;
     let server = Server::start(&c.server_b.ns.path(), dst, Mode::Echo)?;
@@ -830,9 +830,16 @@ fn ten_thousand_idle_connections() -> Result<()> {
     set_nofile_soft(Some(1024))?;
     let mut c = up(&[])?;
     let dst = addr(&c.server_b.ip, PORT)?;
-    let server = Server::start(&c.server_b.ns.path(), dst, Mode::Echo)?;
-    // This process holds both ends: the clients and the server's sockets.
-    raise_own_nofile(4 * N as u64)?;
+    // This process holds the 10,000 client sockets, the echo server (a pod's process, under
+    // node b's plaintext guard; it inherits this limit) the 10,000 accepted ones. The hard
+    // limit is what the machine gives (20,000 here; raising it needs CAP_SYS_RESOURCE).
+    let limit = set_nofile_soft(None)?;
+    ensure!(
+        limit >= N as u64 + 1000,
+        "this test needs an open-file hard limit above {} (have {limit})",
+        N + 1000
+    );
+    let echo = Echo::start(&c.server_b, PORT)?;
     let _in_pod = InCgroup::enter(c.client.cgroup.path())?;
     client_roundtrip(&c, dst, 1)?;
     let (pid_a, pid_b) = (agent_pid(&c.agents[0]), agent_pid(&c.agents[1]));
@@ -843,13 +850,14 @@ fn ten_thousand_idle_connections() -> Result<()> {
     );
     let rss0 = (rss_kib(pid_a)?, rss_kib(pid_b)?);
     let fds0 = (fd_count(pid_a)?, fd_count(pid_b)?);
-    let accepted0 = server.accepted();
+    let mut accepted = echo.accepted() as u64;
+    let accepted0 = accepted;
 
     let started = Instant::now();
     let mut conns: Vec<TcpStream> = Vec::with_capacity(N);
     let ns = c.client.ns.path();
     // Batches of 500 from one namespace thread each; the next batch waits until the server
-    // has most of the previous ones (the outbound's accept queue is 1024 deep).
+    // has the previous ones (the outbound's accept queue is 1024 deep).
     for batch in 0..N / 500 {
         let made = mesh_agent::netns::in_netns(&ns, move || {
             (0..500)
@@ -863,17 +871,15 @@ fn ten_thousand_idle_connections() -> Result<()> {
             "the server accepting the batch",
             Duration::from_secs(60),
             || {
-                ensure!(server.accepted() >= want, "{} of {want}", server.accepted());
+                accepted += echo.accepted() as u64;
+                ensure!(accepted >= want, "{accepted} of {want}");
                 Ok(())
             },
         )?;
     }
     until_ok("every connection accepted", Duration::from_secs(60), || {
-        ensure!(
-            server.accepted() >= accepted0 + N as u64,
-            "{}",
-            server.accepted()
-        );
+        accepted += echo.accepted() as u64;
+        ensure!(accepted >= accepted0 + N as u64, "{accepted}");
         Ok(())
     })?;
     let opened_in = started.elapsed();
@@ -904,8 +910,8 @@ fn ten_thousand_idle_connections() -> Result<()> {
     );
     for (node, (a, b)) in [("a", (rss0.0, rss1.0)), ("b", (rss0.1, rss1.1))] {
         ensure!(
-            per_conn(a, b) <= 64.0,
-            "node {node}: {:.1} KiB per idle connection (bound 64 KiB)",
+            per_conn(a, b) <= 32.0,
+            "node {node}: {:.1} KiB per idle connection (bound 32 KiB)",
             per_conn(a, b)
         );
     }
@@ -920,28 +926,7 @@ fn ten_thousand_idle_connections() -> Result<()> {
         ensure!(back == token.as_bytes(), "connection {i} echoed {back:?}");
     }
     drop(conns);
-    server.only_from(tunnel_b())?;
+    drop(echo);
     no_panic(&c)?;
     alive(&mut c)
-}
-
-/// Raises this process's soft and hard limit of open descriptors to at least `n` (root may
-/// raise the hard limit up to `fs.nr_open`).
-fn raise_own_nofile(n: u64) -> Result<()> {
-    let lim = libc::rlimit {
-        rlim_cur: n,
-        rlim_max: n,
-    };
-    let soft = set_nofile_soft(None)?;
-    if soft >= n {
-        return Ok(());
-    }
-    // SAFETY: setrlimit only reads the struct we pass.
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
-    ensure!(
-        rc == 0,
-        "cannot raise the open-file limit to {n}: {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
 }

@@ -22,7 +22,8 @@
 //! - `slow_readers_are_backpressured`: a server pushing to 16 clients that never read: the
 //!   server is stopped by flow control and the agents' memory grows by a bounded amount.
 //! - `ten_thousand_idle_connections`: 10,000 connections held through the tunnel: memory and
-//!   descriptors per connection, and a sample still echoes.
+//!   descriptors per connection, and a sample still echoes (the server is a pod's echo process
+//!   here: this process's descriptor limit holds the clients only).
 //!
 //! Link faults: `nodemesh_tests::faults::{blackhole, lossy}` (netem when the kernel has it).
 //! Measured outcomes are printed (`--nocapture`) and recorded in docs/faults.md.
@@ -295,11 +296,20 @@ fn sigkill_under_load_twenty_times() -> Result<()> {
         .filter(|(kind, msg)| !failed_closed(*kind, msg))
         .map(|e| format!("{e:?}"))
         .collect();
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    for (kind, msg) in failures.iter().filter_map(|a| a.error.as_ref()) {
+        let name = if msg.contains("echo returned") {
+            "closed early".to_owned()
+        } else {
+            format!("{kind:?}")
+        };
+        *kinds.entry(name).or_default() += 1;
+    }
     recoveries.sort();
     since_ready.sort();
     let rss_b_after = rss_kib(agent_pid(&c.agents[1]))?;
     eprintln!(
-        "{KILLS} SIGKILLs under load: {} round trips, {} failed (all in the gaps); kill → first \
+        "{KILLS} SIGKILLs under load: {} round trips, {} failed (all in the gaps: {kinds:?}); kill → first \
          round trip through the new agent: min {:?}, median {:?}, max {:?}; after its readiness: \
          max {:?}; node b's agent RSS {rss_b_before} → {rss_b_after} KiB",
         attempts.len(),

@@ -161,8 +161,9 @@ fn io_kind(e: &anyhow::Error) -> ErrorKind {
         .map_or(ErrorKind::Other, std::io::Error::kind)
 }
 
-/// Whether a failed round trip failed closed: refused, reset, aborted, or closed early (an
-/// echo shorter than what was sent). A timeout would be a hang, not a refusal.
+/// Whether a failed round trip failed closed: refused, reset (also seen as `ENOTCONN` by a
+/// write after the reset arrived), aborted, or closed early (an echo shorter than what was
+/// sent). A timeout would be a hang, not a refusal.
 fn failed_closed(kind: ErrorKind, msg: &str) -> bool {
     matches!(
         kind,
@@ -171,6 +172,7 @@ fn failed_closed(kind: ErrorKind, msg: &str) -> bool {
             | ErrorKind::ConnectionAborted
             | ErrorKind::BrokenPipe
             | ErrorKind::UnexpectedEof
+            | ErrorKind::NotConnected
     ) || msg.contains("echo returned")
 }
 
@@ -388,6 +390,7 @@ fn expired_certificate_with_the_ca_down() -> Result<()> {
     let _in_pod = InCgroup::enter(c.client.cgroup.path())?;
     client_roundtrip(&c, dst, 1).context("before the fault")?;
     let expired_before = failures_no_cert(&c)?;
+    let rss_before = rss_kib(agent_pid(&c.agents[0]))?;
 
     // The CA goes down: the current certificates stay in use until they expire (the
     // refresher renews at half-life, so each has at least ~TTL/2 left now).
@@ -462,6 +465,11 @@ fn expired_certificate_with_the_ca_down() -> Result<()> {
         recovery < Duration::from_secs(3),
         "recovery took {recovery:?}"
     );
+    let rss_after = rss_kib(agent_pid(&c.agents[0]))?;
+    ensure!(
+        rss_after <= rss_before + 16 * 1024,
+        "node a grew from {rss_before} to {rss_after} KiB"
+    );
     server.only_from(tunnel_b())?;
     no_panic(&c)?;
     alive(&mut c)
@@ -477,6 +485,7 @@ fn failures_no_cert(c: &Cluster) -> Result<u64> {
 #[test]
 fn enrolled_pods_map_full() -> Result<()> {
     let mut c = up(&["--max-enrolled-pods", "2"])?;
+    let rss_before = rss_kib(agent_pid(&c.agents[0]))?;
     // A third pod on node a, added to the file: the map of 2 holds client and server-a.
     let extra = nodemesh_tests::cluster::pod(&unique_prefix(), &c.node_a, "extra", NET.pods_a, 3)?;
     let extra_line = workload(&extra, "extra", "extra", "", "a");
@@ -562,6 +571,11 @@ fn enrolled_pods_map_full() -> Result<()> {
     ensure!(
         peer.ip() == tunnel_b(),
         "delivered by the tunnel, got {peer}"
+    );
+    let rss_after = rss_kib(agent_pid(&c.agents[0]))?;
+    ensure!(
+        rss_after <= rss_before + 16 * 1024,
+        "node a grew from {rss_before} to {rss_after} KiB"
     );
     no_panic(&c)?;
     alive(&mut c)

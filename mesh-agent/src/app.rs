@@ -697,7 +697,23 @@ fn program(
         }
     }
     let capacity = datapath.enrolled_capacity()?;
-    let left_out = compute::fit_capacity(&mut next, cookies, capacity as usize);
+    let left_out = if next.len() > capacity as usize {
+        // Pods enrolled before keep their place: those of the last pass and, right after a
+        // restart (no last pass), those in the adopted map.
+        let in_kernel: std::collections::BTreeSet<u64> =
+            crate::maps::KernelMaps::read_entries(datapath)?
+                .enrolled
+                .into_keys()
+                .collect();
+        let previous: BTreeMap<ObjectKey, ()> = next
+            .iter()
+            .filter(|(k, (_, c))| cookies.contains_key(*k) || in_kernel.contains(c))
+            .map(|(k, _)| (k.clone(), ()))
+            .collect();
+        compute::fit_capacity(&mut next, &previous, capacity as usize)
+    } else {
+        Vec::new()
+    };
     for key in &left_out {
         tracing::error!(workload = %key, capacity, map = mesh_common::maps::ENROLLED,
             "cannot enroll the workload: the eBPF map of enrolled pods is full. Its connections \

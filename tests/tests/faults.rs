@@ -485,7 +485,6 @@ fn failures_no_cert(c: &Cluster) -> Result<u64> {
 #[test]
 fn enrolled_pods_map_full() -> Result<()> {
     let mut c = up(&["--max-enrolled-pods", "2"])?;
-    let rss_before = rss_kib(agent_pid(&c.agents[0]))?;
     // A third pod on node a, added to the file: the map of 2 holds client and server-a.
     let extra = nodemesh_tests::cluster::pod(&unique_prefix(), &c.node_a, "extra", NET.pods_a, 3)?;
     let extra_line = workload(&extra, "extra", "extra", "", "a");
@@ -543,6 +542,26 @@ fn enrolled_pods_map_full() -> Result<()> {
             server.ip
         );
     }
+    // A restarted agent (the map adopted from the pins) keeps the pods it had enrolled and
+    // leaves the same one out, whatever the key order says.
+    c.agents[0].kill()?;
+    c.restart_agent(0)?;
+    c.agents[0].wait_log("the map-full error for `extra` after the restart", |l| {
+        l.contains("cannot enroll the workload") && l.contains("extra")
+    })?;
+    ensure!(
+        !c.agents[0]
+            .logs()
+            .lines()
+            .any(|l| l.contains("cannot enroll the workload") && l.contains("server-a")),
+        "the restarted agent unenrolled server-a to make room:\n{}",
+        c.agents[0].logs()
+    );
+    ensure!(
+        not_enrolled(&c)? == 1,
+        "still one workload left out after the restart"
+    );
+    let rss_before = rss_kib(agent_pid(&c.agents[0]))?;
     // The enrolled client is meshed as before.
     c.roundtrip(addr(&c.server_b.ip, PORT)?, "meshed")?;
     let peer = echo_b.next_peer()?;

@@ -124,9 +124,9 @@ pub fn desired_state(
 /// the enrolled-pods map: workloads already in `previous` (enrolled by the last pass) keep
 /// their place, then the others in key order. Returns the keys left out, in key order. A pod
 /// is never unenrolled to make room for another.
-pub fn fit_capacity<V>(
+pub fn fit_capacity<V, W>(
     next: &mut BTreeMap<model::ObjectKey, V>,
-    previous: &BTreeMap<model::ObjectKey, V>,
+    previous: &BTreeMap<model::ObjectKey, W>,
     capacity: usize,
 ) -> Vec<model::ObjectKey> {
     if next.len() <= capacity {
@@ -456,11 +456,14 @@ spec:
         };
         // Under the capacity: nothing left out.
         let mut next = map(&["a", "b"]);
-        assert!(fit_capacity(&mut next, &BTreeMap::new(), 2).is_empty());
+        assert!(fit_capacity(&mut next, &BTreeMap::<model::ObjectKey, ()>::new(), 2).is_empty());
         assert_eq!(next.len(), 2);
         // First pass: key order decides.
         let mut next = map(&["a", "b", "c"]);
-        assert_eq!(fit_capacity(&mut next, &BTreeMap::new(), 2), [key("c")]);
+        assert_eq!(
+            fit_capacity(&mut next, &BTreeMap::<model::ObjectKey, ()>::new(), 2),
+            [key("c")]
+        );
         assert_eq!(next, map(&["a", "b"]));
         // Later: enrolled pods keep their place even when a new one sorts first.
         let mut next = map(&["a", "b", "c"]);

@@ -80,6 +80,15 @@ pub struct AgentOptions {
     /// How same-node connections are carried: `Auto` splices them in the kernel when the
     /// start-up self-test passes, `Copy` (the default for now) the user-space copy.
     pub same_node_path: tunnel::splice::PathChoice,
+    /// Workload certificate lifetime from the local CA; `None`: 24 h. A test setting
+    /// (`mesh-agent local --cert-ttl-secs`, hidden).
+    pub cert_ttl: Option<Duration>,
+    /// Fault injection (`mesh-agent local --ca-fault-file`, hidden): while this file exists the
+    /// local CA refuses to issue, as an unreachable CA would (`identity::fault`).
+    pub ca_fault_file: Option<PathBuf>,
+    /// Capacity of the enrolled-pods map when this instance's pins are created; `None`: 4096.
+    /// A test setting (`mesh-agent local --max-enrolled-pods`, hidden).
+    pub max_enrolled_pods: Option<u32>,
 }
 
 /// Where the agent gets certificates in Kubernetes mode with `--ca-address`: the mesh CA
@@ -117,6 +126,9 @@ impl Default for AgentOptions {
             trust_domain: None,
             observability: Default::default(),
             same_node_path: Default::default(),
+            cert_ttl: None,
+            ca_fault_file: None,
+            max_enrolled_pods: None,
         }
     }
 }
@@ -419,6 +431,7 @@ pub async fn build_with(
     opts: AgentOptions,
     source: impl Future<Output = Result<ModelFeed>>,
 ) -> Result<Running> {
+    raise_fd_limit();
     let (mut obs, gates) = observability::Observability::new();
     let model_synced = obs.gate("model-synced");
     if let Some(addr) = opts.observability.metrics_addr {
@@ -478,9 +491,21 @@ pub async fn build_with(
         }
         None => {
             let ca_dir = opts.ca_dir.clone().unwrap_or_else(|| state_dir.join("ca"));
-            let ca = LocalCa::open(&ca_dir, &trust_domain)
+            let mut ca = LocalCa::open(&ca_dir, &trust_domain)
                 .with_context(|| format!("cannot open the local CA in {}", ca_dir.display()))?;
-            (Arc::new(CertCache::new(Arc::new(ca))), None)
+            if let Some(ttl) = opts.cert_ttl {
+                ca = ca.with_ttl(ttl);
+            }
+            let certs = match &opts.ca_fault_file {
+                Some(file) => {
+                    warn!(file = %file.display(), "fault injection: the local CA refuses to issue while this file exists");
+                    CertCache::new(Arc::new(
+                        crate::identity::fault::RefuseWhileFileExists::new(ca, file.clone()),
+                    ))
+                }
+                None => CertCache::new(Arc::new(ca)),
+            };
+            (Arc::new(certs), None)
         }
     };
 
@@ -491,7 +516,11 @@ pub async fn build_with(
         Some(p) => p.clone(),
         None => crate::cgroup::cgroup2_mount().context("cannot find the cgroup v2 hierarchy")?,
     };
-    let mut datapath = Datapath::load_with(Some(&pins), &LoadOptions::default())?;
+    let load = LoadOptions {
+        max_enrolled_pods: opts.max_enrolled_pods,
+        ..Default::default()
+    };
+    let mut datapath = Datapath::load_with(Some(&pins), &load)?;
     datapath.attach(&cgroup)?;
     if let Some(own) = own_cgroup()
         && !own.starts_with(&cgroup)
@@ -504,8 +533,9 @@ pub async fn build_with(
     let state = TunnelState::new(compute::snapshot(&model)?);
     let authorizer = PolicyAuthorizer::with_metrics(model.clone(), obs.agent.clone());
     let mut cookies = BTreeMap::new();
-    program(&mut datapath, &model, &mut cookies)?;
+    let not_enrolled = program(&mut datapath, &model, &mut cookies)?;
     obs.agent.workloads_enrolled(cookies.len() as u64);
+    obs.agent.workloads_not_enrolled(&not_enrolled);
     let mut enrollment = gates.workloads_enrolled;
     enrollment.observe(model.local_workloads().count(), cookies.len());
     gates.config_synced.ready();
@@ -587,7 +617,11 @@ pub async fn build_with(
             }
         }
     });
-    let refresher = certs.spawn_refresher(Duration::from_secs(60));
+    // Often enough that an idle identity's certificate is renewed before it expires.
+    let refresh_every = opts.cert_ttl.map_or(Duration::from_secs(60), |ttl| {
+        (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    });
+    let refresher = certs.spawn_refresher(refresh_every);
     let reloads = agent_metrics.clone();
     let keep_feed = tokio::spawn(async move {
         // Holds the source for the agent's lifetime; counts the reloads it rejects (valid ones
@@ -635,12 +669,14 @@ pub async fn build_with(
 
 /// Reads the netns cookies of local workloads (keeping known ones while their namespace path
 /// stays the same: a Kubernetes pod whose sandbox was recreated gets a new path) and reconciles
-/// the maps.
+/// the maps. Workloads beyond the enrolled-pods map's capacity are left out (those enrolled
+/// before keep their place), each logged as an error; returns how many were left out and why.
 fn program(
     datapath: &mut Datapath,
     model: &ClusterModel,
     cookies: &mut BTreeMap<ObjectKey, (PathBuf, u64)>,
-) -> Result<()> {
+) -> Result<crate::metrics::agent::NotEnrolled> {
+    let mut not_enrolled = crate::metrics::agent::NotEnrolled::default();
     let mut next = BTreeMap::new();
     for w in model.local_workloads() {
         if let Some((path, c)) = cookies.get(&w.key)
@@ -654,11 +690,38 @@ fn program(
                 next.insert(w.key.clone(), (w.netns.clone(), c));
             }
             Err(e) => {
+                not_enrolled.netns_unreadable += 1;
                 warn!(workload = %w.key, netns = %w.netns.display(), error = %e,
                     "cannot enroll the workload yet (its network namespace is not readable); retrying on the next change")
             }
         }
     }
+    let capacity = datapath.enrolled_capacity()?;
+    let left_out = if next.len() > capacity as usize {
+        // Pods enrolled before keep their place: those of the last pass and, right after a
+        // restart (no last pass), those in the adopted map.
+        let in_kernel: std::collections::BTreeSet<u64> =
+            crate::maps::KernelMaps::read_entries(datapath)?
+                .enrolled
+                .into_keys()
+                .collect();
+        let previous: BTreeMap<ObjectKey, ()> = next
+            .iter()
+            .filter(|(k, (_, c))| cookies.contains_key(*k) || in_kernel.contains(c))
+            .map(|(k, _)| (k.clone(), ()))
+            .collect();
+        compute::fit_capacity(&mut next, &previous, capacity as usize)
+    } else {
+        Vec::new()
+    };
+    for key in &left_out {
+        tracing::error!(workload = %key, capacity, map = mesh_common::maps::ENROLLED,
+            "cannot enroll the workload: the eBPF map of enrolled pods is full. Its connections \
+             are not captured by the mesh (as for a pod outside it: STRICT destinations drop \
+             its plaintext) until a place frees up; this node runs more mesh workloads than \
+             the data path holds");
+    }
+    not_enrolled.map_full = left_out.len();
     *cookies = next;
     let by_key: BTreeMap<ObjectKey, u64> =
         cookies.iter().map(|(k, (_, c))| (k.clone(), *c)).collect();
@@ -671,7 +734,42 @@ fn program(
         pods = cookies.len(),
         "maps reconciled"
     );
-    Ok(())
+    Ok(not_enrolled)
+}
+
+/// Raises the soft limit of open descriptors to the hard limit. Each proxied connection holds
+/// two sockets (the app's and the pod's or a stream on a pooled one), and the listeners accept
+/// up to `max_inbound_connections` + `max_outbound_connections`: the usual soft limit of 1024
+/// would refuse connections long before those bounds. The hard limit is the operator's (the
+/// container runtime's `LimitNOFILE`), never raised; the bounds stay enforced by the listeners.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only into the struct we pass, which lives on this stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+        return;
+    }
+    if lim.rlim_cur >= lim.rlim_max {
+        info!(limit = lim.rlim_cur, "open-file limit");
+        return;
+    }
+    let before = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads only the struct we pass; raising the soft limit up to the hard
+    // limit needs no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        info!(
+            from = before,
+            to = lim.rlim_cur,
+            "raised the open-file limit to the hard limit"
+        );
+    } else {
+        warn!(error = %std::io::Error::last_os_error(), limit = before,
+            "cannot raise the open-file limit; connections past it will be refused");
+    }
 }
 
 /// The identity the inbound presents to clients that name none (see
@@ -738,13 +836,14 @@ impl Running {
 
     fn apply(&mut self, model: Arc<ClusterModel>) -> Result<()> {
         let snapshot = compute::snapshot(&model)?;
-        program(
+        let not_enrolled = program(
             &mut self.datapath.lock().unwrap_or_else(|p| p.into_inner()),
             &model,
             &mut self.cookies,
         )?;
         self.agent_metrics
             .workloads_enrolled(self.cookies.len() as u64);
+        self.agent_metrics.workloads_not_enrolled(&not_enrolled);
         self.enrollment
             .observe(model.local_workloads().count(), self.cookies.len());
         self.state.replace(snapshot);

@@ -399,6 +399,17 @@ struct LocalArgs {
     /// `/logging?level=` replaces it.
     #[arg(long, default_value = "text")]
     log_format: crate::admin::LogFormat,
+    /// Test setting: workload certificate lifetime in seconds (default 24 h).
+    #[arg(long, hide = true)]
+    cert_ttl_secs: Option<u64>,
+    /// Fault injection for tests: while this file exists the local CA refuses to issue
+    /// certificates, as an unreachable CA would.
+    #[arg(long, hide = true)]
+    ca_fault_file: Option<PathBuf>,
+    /// Test setting: capacity of the enrolled-pods map (NM_ENROLLED) when this instance's pins
+    /// are created (default 4096).
+    #[arg(long, hide = true)]
+    max_enrolled_pods: Option<u32>,
 }
 
 fn init_reloadable_logging(
@@ -432,6 +443,9 @@ fn run_local(args: LocalArgs) -> ExitCode {
                 admin_addr: args.admin_addr,
                 logging,
             },
+            cert_ttl: args.cert_ttl_secs.map(|s| Duration::from_secs(s.max(1))),
+            ca_fault_file: args.ca_fault_file,
+            max_enrolled_pods: args.max_enrolled_pods,
             ..Default::default()
         },
         config: args.config,
@@ -690,6 +704,7 @@ fn run_node(args: NodeArgs) -> ExitCode {
         exclusions: args.exclusions,
         load: LoadOptions {
             ebpf_log_level: args.ebpf_log_level,
+            ..Default::default()
         },
     };
     let rt = match tokio::runtime::Builder::new_current_thread()

@@ -190,6 +190,11 @@ pub struct LoadOptions {
     /// statement. With a level, records are forwarded to `tracing` (target `nodemesh::ebpf`)
     /// by [`Datapath::flush_ebpf_logs`], to be called when [`Datapath::ebpf_log_fd`] is readable.
     pub ebpf_log_level: Option<aya_log::Level>,
+    /// Capacity of the enrolled-pods map (`NM_ENROLLED`); `None`: [`mesh_common::MAX_ENROLLED`].
+    /// Takes effect only when the map is created: pins adopted from an earlier agent keep
+    /// theirs. A test setting (`mesh-agent local --max-enrolled-pods`, hidden) to reach a full
+    /// map without thousands of pods.
+    pub max_enrolled_pods: Option<u32>,
 }
 
 /// Forwards aya-log records (which use the `log` crate) to `tracing`.
@@ -240,6 +245,9 @@ impl Datapath {
         // log statement and the hot paths pay nothing.
         let level: u8 = opts.ebpf_log_level.map_or(0, u8::from);
         loader.override_global(aya_log::LEVEL, &level, false);
+        if let Some(n) = opts.max_enrolled_pods {
+            loader.map_max_entries(maps::ENROLLED, n.max(1));
+        }
         if let Some(pins) = pins {
             pins.create_dirs()?;
             for name in maps::ALL {
@@ -653,6 +661,14 @@ impl Datapath {
             self.orig_dst.misses.load(Ordering::Relaxed),
         );
         Ok(out)
+    }
+
+    /// How many pods the enrolled-pods map (`NM_ENROLLED`) holds.
+    pub fn enrolled_capacity(&self) -> Result<u32, DatapathError> {
+        Ok(IterableMap::map(&self.enrolled)
+            .info()
+            .map_err(map_err(maps::ENROLLED))?
+            .max_entries())
     }
 
     /// Entries and capacity of each map that fills up (the hash and LPM maps), by map name.

@@ -10,6 +10,7 @@
 
 pub mod ca_client;
 pub mod cache;
+pub mod fault;
 pub mod local_ca;
 pub mod tls;
 

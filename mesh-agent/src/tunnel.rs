@@ -58,9 +58,12 @@ pub struct TunnelConfig {
     /// before answering, so this is upstream connect time plus one round trip).
     pub response_timeout: Duration,
     /// HTTP/2 flow control, as ztunnel (interoperability and proven throughput): 4 MiB per
-    /// stream, 16 MiB per connection, 1 MiB frames. Larger windows let one stream fill a
-    /// 10 Gb/s link at cross-node round trips; memory per stream is bounded by the window.
+    /// stream, 1 MiB frames. Larger windows let one stream fill a 10 Gb/s link at cross-node
+    /// round trips; memory per stream is bounded by the window.
     pub stream_window: u32,
+    /// The smallest HTTP/2 connection window (16 MiB, ztunnel's). The window a side
+    /// advertises is [`TunnelConfig::connection_window_for`] its stream limit: never less than
+    /// one stream window per stream it accepts.
     pub connection_window: u32,
     pub max_frame_size: u32,
     /// Largest header block accepted (CONNECT requests carry a few short headers). 16 KiB.
@@ -116,6 +119,23 @@ pub struct TunnelConfig {
     /// TLS handshake and connect metrics, shared by inbound and the pool (a cheap handle; the
     /// wiring registers it, tests read it).
     pub handshake_metrics: metrics::HandshakeMetrics,
+}
+
+impl TunnelConfig {
+    /// The HTTP/2 connection window of a side that takes up to `streams` concurrent streams per
+    /// connection: at least `connection_window`, and at least `streams` stream windows. A
+    /// stream whose reader stalls keeps up to one stream window of data unreleased, which also
+    /// counts against the connection's window; with fewer than one stream window per stream, a
+    /// few stalled readers use the whole connection window up and every other stream of the
+    /// connection stops for good, read or not (found by `tests/tests/faults.rs`,
+    /// `slow_readers_are_backpressured`: 16 stalled streams froze a seventeenth). Memory per
+    /// connection stays bounded by `streams` × `stream_window`, the bound per stream times
+    /// the streams allowed; capped at HTTP/2's largest window (2³¹ − 1).
+    pub fn connection_window_for(&self, streams: u32) -> u32 {
+        let all = u64::from(self.stream_window) * u64::from(streams.max(1));
+        let window = all.max(u64::from(self.connection_window));
+        u32::try_from(window.min(i32::MAX as u64)).unwrap_or(i32::MAX as u32)
+    }
 }
 
 impl Default for TunnelConfig {

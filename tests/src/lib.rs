@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail, ensure};
 pub mod bench;
 pub mod chart;
 pub mod cluster;
+pub mod faults;
 pub mod k8s;
 pub mod k8s_cluster;
 pub mod lab;

@@ -43,6 +43,7 @@ fn programs_load_with_logging_off_and_on_and_records_arrive() -> Result<()> {
             None,
             &LoadOptions {
                 ebpf_log_level: Some(level),
+                ..Default::default()
             },
         )?;
     }
@@ -50,6 +51,7 @@ fn programs_load_with_logging_off_and_on_and_records_arrive() -> Result<()> {
         None,
         &LoadOptions {
             ebpf_log_level: Some(aya_log::Level::Debug),
+            ..Default::default()
         },
     )?;
     assert!(loud.ebpf_log_fd().is_some());

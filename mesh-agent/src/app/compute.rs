@@ -120,6 +120,42 @@ pub fn desired_state(
     Ok(d)
 }
 
+/// Cuts `next` (local workloads with their netns cookies) to `capacity` entries, the size of
+/// the enrolled-pods map: workloads already in `previous` (enrolled by the last pass) keep
+/// their place, then the others in key order. Returns the keys left out, in key order. A pod
+/// is never unenrolled to make room for another.
+pub fn fit_capacity<V, W>(
+    next: &mut BTreeMap<model::ObjectKey, V>,
+    previous: &BTreeMap<model::ObjectKey, W>,
+    capacity: usize,
+) -> Vec<model::ObjectKey> {
+    if next.len() <= capacity {
+        return Vec::new();
+    }
+    let kept_before = next.keys().filter(|k| previous.contains_key(*k)).count();
+    let mut room_for_new = capacity.saturating_sub(kept_before);
+    let mut room_for_old = capacity;
+    let mut left_out = Vec::new();
+    for key in next.keys() {
+        let fits = if previous.contains_key(key) {
+            let fits = room_for_old > 0;
+            room_for_old = room_for_old.saturating_sub(1);
+            fits
+        } else {
+            let fits = room_for_new > 0;
+            room_for_new = room_for_new.saturating_sub(1);
+            fits
+        };
+        if !fits {
+            left_out.push(key.clone());
+        }
+    }
+    for key in &left_out {
+        next.remove(key);
+    }
+    left_out
+}
+
 /// The kernel's early-deny entries: for each (local source identity, destination identity), the
 /// ports on which **every** local pod of the source identity is denied by the policies of
 /// **every** workload of the destination identity (the kernel keys on identities, not pods).
@@ -410,5 +446,31 @@ spec:
             }]
         );
         assert!(early_denies(&model(CLUSTER)).is_empty());
+    }
+
+    #[test]
+    fn fit_capacity_keeps_enrolled_pods_and_leaves_out_the_newest() {
+        let key = |n: &str| model::ObjectKey::new("demo", n);
+        let map = |names: &[&str]| -> BTreeMap<model::ObjectKey, u64> {
+            names.iter().map(|n| (key(n), 1)).collect()
+        };
+        // Under the capacity: nothing left out.
+        let mut next = map(&["a", "b"]);
+        assert!(fit_capacity(&mut next, &BTreeMap::<model::ObjectKey, ()>::new(), 2).is_empty());
+        assert_eq!(next.len(), 2);
+        // First pass: key order decides.
+        let mut next = map(&["a", "b", "c"]);
+        assert_eq!(
+            fit_capacity(&mut next, &BTreeMap::<model::ObjectKey, ()>::new(), 2),
+            [key("c")]
+        );
+        assert_eq!(next, map(&["a", "b"]));
+        // Later: enrolled pods keep their place even when a new one sorts first.
+        let mut next = map(&["a", "b", "c"]);
+        assert_eq!(fit_capacity(&mut next, &map(&["b", "c"]), 2), [key("a")]);
+        assert_eq!(next, map(&["b", "c"]));
+        // A pod that left frees its place for a waiting one.
+        let mut next = map(&["a", "c"]);
+        assert!(fit_capacity(&mut next, &map(&["b", "c"]), 2).is_empty());
     }
 }

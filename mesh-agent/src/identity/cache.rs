@@ -1,8 +1,12 @@
 //! One certificate per identity, renewed at half-life.
 //!
 //! A lookup that finds a certificate past its refresh time asks the provider for a new one; if
-//! that fails the old certificate is kept until it expires (the CA may be briefly down), and the
-//! next lookup tries again. Concurrent first lookups of one identity share one request to the
+//! that fails the old certificate is kept until it expires (the CA may be briefly down), and
+//! lookups use it without asking again for a backoff (1 s doubling to 30 s, never past the
+//! expiry), so a CA that is down does not delay every new connection by the provider's own
+//! retries. The half-life counts from when the certificate arrived (or its `notBefore`, if
+//! later), not from the back-dated `notBefore`: with the 5-minute back-dating a short-lived
+//! certificate would otherwise be past its half-life the moment it is issued. Concurrent first lookups of one identity share one request to the
 //! provider (a per-identity async lock, held across the provider call only, never across a
 //! TLS handshake).
 
@@ -11,7 +15,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use tracing::{info, warn};
@@ -21,7 +25,25 @@ use super::{CertificateProvider, IdentityError, SpiffeId, TrustBundle, WorkloadC
 type IssueFuture = Pin<Box<dyn Future<Output = Result<WorkloadCert, IdentityError>> + Send>>;
 type IssueFn = dyn Fn(SpiffeId) -> IssueFuture + Send + Sync;
 
-type Entry = Arc<tokio::sync::Mutex<Option<Arc<WorkloadCert>>>>;
+type Entry = Arc<tokio::sync::Mutex<Option<Cached>>>;
+
+/// First wait after a failed renewal; doubles per failure up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A cached certificate and when to ask the provider again.
+struct Cached {
+    cert: Arc<WorkloadCert>,
+    refresh_at: SystemTime,
+    failures: u32,
+}
+
+/// Half-life of `cert` counted from `received` (or its `notBefore`, if later).
+fn renew_time(cert: &WorkloadCert, received: SystemTime) -> SystemTime {
+    let start = cert.not_before.max(received);
+    let life = cert.not_after.duration_since(start).unwrap_or_default();
+    start + life / 2
+}
 
 /// Certificates by identity, from one provider.
 pub struct CertCache {
@@ -61,25 +83,40 @@ impl CertCache {
         };
         let mut slot = entry.lock().await;
         let now = SystemTime::now();
-        if let Some(cert) = slot.as_ref()
-            && now < cert.refresh_at()
+        if let Some(c) = slot.as_ref()
+            && now < c.refresh_at
         {
-            return Ok(cert.clone());
+            return Ok(c.cert.clone());
         }
         match (self.issue)(identity.clone()).await {
             Ok(cert) => {
                 let cert = Arc::new(cert);
                 info!(%identity, not_after = ?cert.not_after, "workload certificate issued");
-                *slot = Some(cert.clone());
+                *slot = Some(Cached {
+                    refresh_at: renew_time(&cert, SystemTime::now()),
+                    cert: cert.clone(),
+                    failures: 0,
+                });
                 Ok(cert)
             }
-            Err(e) => match slot.as_ref() {
-                Some(old) if now < old.not_after => {
-                    warn!(%identity, error = %e, not_after = ?old.not_after,
+            Err(e) => match slot.as_mut() {
+                Some(old) if now < old.cert.not_after => {
+                    old.failures = old.failures.saturating_add(1);
+                    let backoff = RETRY_MIN
+                        .saturating_mul(1 << (old.failures - 1).min(5))
+                        .min(RETRY_MAX);
+                    old.refresh_at = (now + backoff).min(old.cert.not_after);
+                    warn!(%identity, error = %e, not_after = ?old.cert.not_after,
+                        retry_in = ?backoff,
                         "certificate renewal failed; keeping the current one until it expires");
-                    Ok(old.clone())
+                    Ok(old.cert.clone())
                 }
-                _ => Err(e),
+                Some(_) => {
+                    warn!(%identity, error = %e,
+                        "certificate expired and its renewal failed: connections of this identity are refused until the CA issues one");
+                    Err(e)
+                }
+                None => Err(e),
             },
         }
     }
@@ -96,10 +133,7 @@ impl CertCache {
 
     /// Renews every cached certificate that is past half-life, every `every`, so idle
     /// identities never reach expiry. Runs until the returned task is aborted.
-    pub fn spawn_refresher(
-        self: Arc<Self>,
-        every: std::time::Duration,
-    ) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_refresher(self: Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -127,7 +161,10 @@ impl CertCache {
             .iter()
             .map(|(id, e)| CachedCert {
                 identity: id.clone(),
-                cert: e.try_lock().ok().and_then(|c| c.clone()),
+                cert: e
+                    .try_lock()
+                    .ok()
+                    .and_then(|c| c.as_ref().map(|c| c.cert.clone())),
             })
             .collect();
         out.sort_by_key(|c| c.identity.to_string());
@@ -216,6 +253,74 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         task.abort();
+    }
+
+    /// Issues certificates back-dated by 5 minutes, as both CAs do, valid `ttl` from now;
+    /// refuses while `down` is set.
+    struct Backdated {
+        ca: LocalCa,
+        calls: AtomicUsize,
+        ttl: Duration,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl CertificateProvider for Backdated {
+        async fn issue(&self, identity: &SpiffeId) -> Result<WorkloadCert, IdentityError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                return Err(IdentityError::Provider {
+                    identity: identity.to_string(),
+                    reason: "down".into(),
+                });
+            }
+            let now = SystemTime::now();
+            self.ca
+                .issue_with_validity(identity, now - Duration::from_secs(300), now + self.ttl)
+        }
+        fn trust_bundle(&self) -> TrustBundle {
+            self.ca.trust_bundle()
+        }
+    }
+
+    #[tokio::test]
+    async fn short_lived_certificates_renew_at_half_life_and_failures_back_off() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let id: SpiffeId = "spiffe://cluster.local/ns/a/sa/b".parse().expect("id");
+        let provider = Arc::new(Backdated {
+            ca: LocalCa::open(dir.path(), "cluster.local").expect("ca"),
+            calls: AtomicUsize::new(0),
+            ttl: Duration::from_secs(2),
+            down: false.into(),
+        });
+        let cache = CertCache::new(provider.clone());
+        let first = cache.get(&id).await.expect("first");
+        let again = cache.get(&id).await.expect("second");
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "a back-dated short-lived certificate is reused before its half-life"
+        );
+        assert_eq!(provider.calls.load(Ordering::SeqCst), 1);
+
+        // Past the half-life with the CA down: the current certificate is kept, and the next
+        // lookups do not ask again until the backoff (1 s) has passed.
+        provider.down.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let kept = cache.get(&id).await.expect("kept while valid");
+        assert!(Arc::ptr_eq(&first, &kept));
+        let calls = provider.calls.load(Ordering::SeqCst);
+        assert_eq!(calls, 2, "one renewal attempt");
+        cache.get(&id).await.expect("kept");
+        assert_eq!(provider.calls.load(Ordering::SeqCst), calls, "backing off");
+
+        // Expired with the CA still down: refused.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let err = cache.get(&id).await.expect_err("expired and not renewed");
+        assert!(err.to_string().contains("down"), "{err}");
+
+        // The CA is back: a new certificate.
+        provider.down.store(false, Ordering::SeqCst);
+        let renewed = cache.get(&id).await.expect("renewed");
+        assert!(!Arc::ptr_eq(&first, &renewed));
     }
 
     #[tokio::test]

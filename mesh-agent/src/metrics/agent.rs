@@ -29,7 +29,17 @@ type Labels1 = [(&'static str, &'static str); 1];
 pub struct AgentMetrics {
     policy_decisions: Family<Labels1, Counter>,
     workloads: Gauge,
+    not_enrolled: Family<Labels1, Gauge>,
     config_reloads: Family<Labels1, Counter>,
+}
+
+/// Local workloads the last configuration pass could not enroll, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NotEnrolled {
+    /// Their network namespace could not be read (not there yet); retried on the next change.
+    pub netns_unreadable: usize,
+    /// The enrolled-pods map was full.
+    pub map_full: usize,
 }
 
 impl AgentMetrics {
@@ -46,6 +56,12 @@ impl AgentMetrics {
             "Workloads on this node captured by the datapath",
             m.workloads.clone(),
         );
+        registry.register(
+            "workloads_not_enrolled",
+            "Workloads on this node the datapath does not capture, by reason (map_full, netns_unreadable)",
+            m.not_enrolled.clone(),
+        );
+        m.workloads_not_enrolled(&NotEnrolled::default());
         registry.register(
             "config_reloads",
             "Configuration reload attempts by result (success, failure)",
@@ -66,6 +82,17 @@ impl AgentMetrics {
 
     pub fn workloads_enrolled(&self, n: u64) {
         self.workloads.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn workloads_not_enrolled(&self, n: &NotEnrolled) {
+        for (reason, count) in [
+            ("map_full", n.map_full),
+            ("netns_unreadable", n.netns_unreadable),
+        ] {
+            self.not_enrolled
+                .get_or_create(&[("reason", reason)])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
     }
 
     /// One reload attempt; a failure keeps the last good configuration.

@@ -383,7 +383,10 @@ impl Inbound {
     {
         h2::server::Builder::new()
             .initial_window_size(self.config.stream_window)
-            .initial_connection_window_size(self.config.connection_window)
+            .initial_connection_window_size(
+                self.config
+                    .connection_window_for(self.config.server_max_streams),
+            )
             .max_frame_size(self.config.max_frame_size)
             .max_header_list_size(self.config.max_header_list_size)
             .max_concurrent_streams(self.config.server_max_streams)

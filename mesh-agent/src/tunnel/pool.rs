@@ -24,6 +24,10 @@
 //!   `pool_idle_timeout`; eviction marks it under the mutex so no request can reserve it after.
 //! - Each connection sends HTTP/2 PINGs every `keepalive_interval`; a missing PONG after
 //!   `keepalive_timeout` closes it.
+//! - A connection takes no new stream once the certificate either side presented in its
+//!   handshake has expired (streams already on it finish); it closes when its last stream
+//!   ends. A new stream then needs a new handshake, with a renewed certificate or none (the
+//!   request fails with the certificate error): an expired identity never opens a connection.
 
 use std::{
     collections::HashMap,
@@ -32,7 +36,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -132,12 +136,22 @@ struct Conn {
     /// Set under the pool mutex; a set flag means no new reservation.
     evicted: AtomicBool,
     idle_since: Mutex<Instant>,
+    /// The earlier `notAfter` of the two certificates of its handshake (set once ready).
+    expires: Mutex<Option<SystemTime>>,
 }
 
 impl Conn {
-    /// Not evicted, failed or closed: may take new streams (if below the limit).
+    fn expired(&self) -> bool {
+        self.expires
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| SystemTime::now() >= t)
+    }
+
+    /// Not evicted, failed, closed or expired: may take new streams (if below the limit).
     fn usable(&self) -> bool {
         !self.evicted.load(Ordering::SeqCst)
+            && !self.expired()
             && !matches!(
                 *self.state.borrow(),
                 ConnState::Failed(_) | ConnState::Closed
@@ -311,6 +325,7 @@ impl Pool {
             reserved: AtomicUsize::new(1),
             evicted: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
+            expires: Mutex::new(None),
         });
         list.push(conn.clone());
         drop(conns);
@@ -340,7 +355,9 @@ impl Pool {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .elapsed();
-        if conn.reserved.load(Ordering::SeqCst) != 0 || idle_for < self.config.pool_idle_timeout {
+        if conn.reserved.load(Ordering::SeqCst) != 0
+            || (idle_for < self.config.pool_idle_timeout && !conn.expired())
+        {
             return false;
         }
         conn.evicted.store(true, Ordering::SeqCst);
@@ -353,13 +370,20 @@ impl Pool {
         true
     }
 
+    /// TCP, TLS and HTTP/2 handshakes; also returns when the connection's certificates expire.
     async fn handshake(
         &self,
         key: &PoolKey,
     ) -> Result<
         (
-            SendRequest<Bytes>,
-            h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Bytes>,
+            (
+                SendRequest<Bytes>,
+                h2::client::Connection<
+                    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+                    Bytes,
+                >,
+            ),
+            SystemTime,
         ),
         PoolError,
     > {
@@ -406,9 +430,23 @@ impl Pool {
                 }
             })?;
         hs.handshake(Direction::Outbound, began.elapsed().as_secs_f64());
-        h2::client::Builder::new()
+        let peer_not_after = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| {
+                use x509_parser::prelude::{FromDer, X509Certificate};
+                let (_, x) = X509Certificate::from_der(leaf.as_ref()).ok()?;
+                let secs = u64::try_from(x.validity().not_after.timestamp()).ok()?;
+                Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+            });
+        let expires = peer_not_after.map_or(cert.not_after, |t| t.min(cert.not_after));
+        let pair = h2::client::Builder::new()
             .initial_window_size(self.config.stream_window)
-            .initial_connection_window_size(self.config.connection_window)
+            .initial_connection_window_size(self.config.connection_window_for(
+                u32::try_from(self.config.pool_max_streams_per_connection).unwrap_or(u32::MAX),
+            ))
             .max_frame_size(self.config.max_frame_size)
             .max_header_list_size(self.config.max_header_list_size)
             .max_send_buffer_size(self.config.stream_window as usize)
@@ -418,7 +456,8 @@ impl Pool {
             .map_err(|e| PoolError::H2Handshake {
                 hbone,
                 reason: e.to_string(),
-            })
+            })?;
+        Ok((pair, expires))
     }
 
     /// Connects, publishes the state, then drives the connection until it closes or idles out.
@@ -437,7 +476,10 @@ impl Pool {
             }
         };
         let (send, mut h2conn) = match result {
-            Ok(pair) => pair,
+            Ok((pair, expires)) => {
+                *conn.expires.lock().unwrap_or_else(|p| p.into_inner()) = Some(expires);
+                pair
+            }
             Err(e) => {
                 warn!(source = %conn.key.source, hbone = %conn.key.hbone, error = %e,
                     "HBONE connection failed");
@@ -491,7 +533,7 @@ impl Pool {
                 }
                 _ = ticker.tick() => {
                     if self.evict_if_idle(&conn) {
-                        break "idle".to_string();
+                        break if conn.expired() { "certificate expired" } else { "idle" }.to_string();
                     }
                 }
             }

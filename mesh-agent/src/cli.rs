@@ -455,11 +455,62 @@ fn run_local(args: LocalArgs) -> ExitCode {
     run_agent(workers, async move { crate::app::build(opts).await })
 }
 
+/// How often the agent looks for freed heap memory to hand back to the kernel.
+const TRIM_INTERVAL: Duration = Duration::from_secs(5);
+/// Free heap memory below this is left to the allocator.
+const TRIM_MIN_FREE: usize = 4 << 20;
+
+/// Hands freed heap memory back to the kernel every few seconds once there is enough of it.
+/// glibc keeps what the tunnel's buffers (copy buffers up to 256 KiB, h2's frame buffers of up to
+/// 1 MiB, rustls's records) used under load: it raises its `mmap` threshold to the largest block
+/// freed, so those buffers come from the heap, which `free` rarely shrinks; the bench's agents
+/// stayed at twice their idle RSS after the load. With one arena ([`one_malloc_arena`])
+/// `malloc_trim` releases the free pages and the heap's top (it cannot shrink the top of a
+/// thread's arena), and the agents return to their idle RSS (docs/performance.md, "Memory after
+/// load"). Fixing the `mmap` threshold instead returns the memory too, but costs a fresh `mmap`
+/// and page faults per large buffer: 25% more CPU per GB in a paired run.
+async fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    loop {
+        tokio::time::sleep(TRIM_INTERVAL).await;
+        let trimmed = tokio::task::spawn_blocking(|| {
+            // SAFETY: mallinfo2 only reads the allocator's statistics.
+            let free = unsafe { libc::mallinfo2() }.fordblks;
+            // SAFETY: malloc_trim only releases pages of free chunks; no live allocation moves.
+            (free >= TRIM_MIN_FREE).then(|| (free, unsafe { libc::malloc_trim(0) } == 1))
+        })
+        .await;
+        if let Ok(Some((free, released))) = trimmed {
+            tracing::debug!(
+                free_bytes = free,
+                released,
+                "returned freed heap memory to the kernel"
+            );
+        }
+    }
+}
+
+/// One malloc arena for the whole agent instead of one per thread: [`return_freed_memory`] can
+/// then return all of it. The runtime's few threads allocate mostly from their thread caches, so
+/// the shared arena's lock is not contended (CPU per GB and per connection unchanged in paired
+/// runs).
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes an allocator parameter; called before the runtime's
+        // threads exist.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
+            tracing::warn!("mallopt(M_ARENA_MAX) refused; memory may stay high after load");
+        }
+    }
+}
+
 /// Runs an agent built by `build` until SIGTERM/SIGINT (or `/quitquitquit`).
 fn run_agent(
     workers: u16,
     build: impl Future<Output = anyhow::Result<crate::app::Running>>,
 ) -> ExitCode {
+    one_malloc_arena();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(usize::from(workers))
         .enable_all()
@@ -468,6 +519,7 @@ fn run_agent(
         Ok(rt) => rt,
         Err(e) => return report(&e),
     };
+    rt.spawn(return_freed_memory());
     let result = rt.block_on(async {
         let shutdown = async {
             if let Err(e) = crate::tunnel::drain::shutdown_signal().await {

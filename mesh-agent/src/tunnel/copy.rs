@@ -1,6 +1,7 @@
 //! Copying between a TCP socket and an HTTP/2 stream, both ways, with half-close.
 //!
-//! TCP → h2: reads into one buffer of `buffer_size` bytes, hands the filled part to h2 as a
+//! TCP → h2: reads into one buffer (16 KiB at first, doubling while reads fill it, up to
+//! `buffer_size`), hands the filled part to h2 as a
 //! `Bytes` (no copy) and sends only as much as the peer's flow-control window allows; when h2
 //! has released the previous chunk, the buffer's memory is reused (`BytesMut::reserve` reclaims
 //! a uniquely owned allocation), so steady state does not allocate per chunk. TCP EOF becomes
@@ -18,6 +19,10 @@ use super::Side;
 
 /// Reads smaller than this trigger a refill of the buffer (avoids tiny reads at its end).
 const MIN_READ_SPACE: usize = 16 * 1024;
+/// The TCP → h2 buffer starts at this size and doubles while reads fill it, up to the
+/// configured `copy_buffer_size`: a request/response or idle connection holds 16 KiB instead of
+/// 256 KiB, and only bulk streams reach the size that is served by its own `mmap`.
+const FIRST_BUFFER: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -71,11 +76,14 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
     stream_side: Side,
     counter: &std::sync::atomic::AtomicU64,
 ) -> Result<(), CopyError> {
-    let mut buf = BytesMut::with_capacity(buffer_size);
+    let max_buffer = buffer_size.max(FIRST_BUFFER);
+    let mut target = FIRST_BUFFER;
+    let mut buf = BytesMut::with_capacity(target);
     loop {
         if buf.capacity() - buf.len() < MIN_READ_SPACE {
-            buf.reserve(buffer_size);
+            buf.reserve(target);
         }
+        let space = buf.capacity() - buf.len();
         let n = tcp
             .read_buf(&mut buf)
             .await
@@ -83,6 +91,9 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
                 side: tcp_side,
                 source,
             })?;
+        if n == space && target < max_buffer {
+            target = (target * 2).min(max_buffer);
+        }
         if n == 0 {
             send.send_data(Bytes::new(), true)
                 .map_err(|source| CopyError::Stream {

@@ -13,9 +13,12 @@
 //! machine hits all paths alike; the report takes medians over rounds, and ratios to raw round
 //! by round (paired).
 
+pub mod history;
 pub mod k8s_scale;
 pub mod load;
+pub mod plot;
 pub mod report;
+pub mod soak;
 
 use std::{
     fs,
@@ -146,21 +149,64 @@ pub fn run_bench(workspace: &Path, config: &Path, out: &Path, plan: Plan) -> Res
     catch_interrupts();
     claim(&lab)?;
     let started = Instant::now();
+    let load_before = report::load_average();
     let (samples, idle_kb) = measure(&lab, config, plan)?;
-    let report = report::Report::new(plan, &samples, idle_kb, started.elapsed());
+    let mut report = report::Report::new(plan, &samples, idle_kb, started.elapsed());
+    report.meta = report::RunMeta {
+        finished_utc: report::utc_minute(std::time::SystemTime::now()),
+        load_before,
+        load_after: report::load_average(),
+    };
     fs::create_dir_all(out)?;
     let md = report.markdown();
     fs::write(out.join("report.md"), &md)?;
+    let json = report.json();
     fs::write(
         out.join("report.json"),
-        serde_json::to_string_pretty(&report.json())?,
+        serde_json::to_string_pretty(&json)?,
     )?;
+    fs::write(out.join("paths.svg"), report.paths_chart()?)?;
     println!("\n{md}");
     println!(
-        "written: {} and report.json",
+        "written: {}, report.json and paths.svg",
         out.join("report.md").display()
     );
+    if !plan.quick {
+        // A full run joins the committed history (docs/performance.md, "History").
+        let file = workspace.join(HISTORY_FILE);
+        history::append(
+            &file,
+            history::entry(&json, git_commit(workspace).as_deref()),
+        )?;
+        history::draw(&file, &out.join("history.svg"))?;
+        println!(
+            "appended to {} (commit it with the run's notes); chart {}",
+            file.display(),
+            out.join("history.svg").display()
+        );
+    }
     Ok(())
+}
+
+/// The committed bench history, relative to the workspace ([`history`]).
+pub const HISTORY_FILE: &str = "docs/bench-history.json";
+
+/// The short commit id of the workspace's HEAD, with `+` when the tree has changes.
+fn git_commit(workspace: &Path) -> Option<String> {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(workspace)
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let head = git(&["rev-parse", "--short=12", "HEAD"])?;
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    Some(if dirty { format!("{head}+") } else { head })
 }
 
 fn check_interrupted() -> Result<()> {

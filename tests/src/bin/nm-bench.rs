@@ -11,21 +11,29 @@
 //!   the Kubernetes scale benchmark (`bench::k8s_scale`; defaults 5,000 pods, 500 services, 50
 //!   nodes, 100 probe pods), merged into `DIR/report.{md,json}` (default `target/bench`).
 //!   It runs `nm-bench k8s-source-probe KUBECONFIG NODE` as its child: the source alone.
+//! - `nm-bench soak --minutes N [--interval SECS] [--config FILE] [--out DIR]`: the soak
+//!   (`bench::soak`, `cargo xtask soak`): mixed traffic through the bench lab for N minutes, the
+//!   agents sampled every SECS (default 5); report in `DIR/report.{md,json}` and `DIR/soak.svg`
+//!   (default `target/soak`); fails when its verdict does. For tests: `--seconds N` instead of
+//!   `--minutes`, and `--prefix P` (a lab of its own beside a running bench lab).
 //! - The load, each in its own process placed in a cgroup and network namespace:
 //!   `nm-bench serve CGROUP NETNS ADDR`, `stream CGROUP NETNS DST FLOWS SECS`,
-//!   `rr CGROUP NETNS DST SIZE SECS`, `crr CGROUP NETNS DST CLIENTS SECS`.
+//!   `rr CGROUP NETNS DST SIZE SECS`, `crr CGROUP NETNS DST CLIENTS SECS`, and the soak's
+//!   `mix CGROUP NETNS SAME_NODE_DST CROSS_NODE_DST SECS`.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use nodemesh_tests::bench::{self, k8s_scale, load};
+use nodemesh_tests::bench::{self, k8s_scale, load, soak};
 
 const USAGE: &str = "usage: nm-bench run [--quick] [--config FILE] [--out DIR] | \
                      up [--config FILE] | down | \
                      k8s-scale [--pods N] [--services N] [--nodes N] [--probe-pods N] [--out DIR] | \
                      k8s-source-probe KUBECONFIG NODE | \
+                     soak --minutes N [--interval SECS] [--config FILE] [--out DIR] | \
                      serve CGROUP NETNS ADDR | stream CGROUP NETNS DST FLOWS SECS | \
-                     rr CGROUP NETNS DST SIZE SECS | crr CGROUP NETNS DST CLIENTS SECS";
+                     rr CGROUP NETNS DST SIZE SECS | crr CGROUP NETNS DST CLIENTS SECS | \
+                     mix CGROUP NETNS SAME_NODE_DST CROSS_NODE_DST SECS";
 
 fn main() -> ExitCode {
     match run() {
@@ -108,6 +116,43 @@ fn run() -> Result<()> {
         ["k8s-source-probe", kubeconfig, node] => {
             k8s_scale::source_probe(kubeconfig.as_ref(), node)
         }
+        ["soak", opts @ ..] => {
+            require_root()?;
+            let workspace = std::env::current_dir()?;
+            let mut duration = None;
+            let mut o = soak::Options::new(&workspace, Duration::ZERO);
+            let mut interval = None;
+            let mut it = opts.iter();
+            while let Some(opt) = it.next() {
+                let mut value = || it.next().context(USAGE);
+                match *opt {
+                    "--minutes" => {
+                        let m: f64 = parse("minutes", value()?)?;
+                        anyhow::ensure!(m.is_finite() && m > 0.0, "--minutes must be positive");
+                        duration = Some(Duration::from_secs_f64(m * 60.0));
+                    }
+                    "--seconds" => {
+                        duration = Some(Duration::from_secs(parse("seconds", value()?)?))
+                    }
+                    "--interval" => {
+                        interval = Some(Duration::from_secs(parse("interval seconds", value()?)?))
+                    }
+                    "--config" => o.config = PathBuf::from(value()?),
+                    "--out" => o.out = PathBuf::from(value()?),
+                    "--prefix" => o.prefix = value()?.to_string(),
+                    _ => bail!(USAGE),
+                }
+            }
+            o.duration = duration.context("say how long: --minutes N")?;
+            o.policy_every = soak::Options::policy_every_for(o.duration);
+            if let Some(i) = interval {
+                o.interval = i;
+            } else if o.duration < Duration::from_secs(60) {
+                // Short runs: enough samples to draw.
+                o.interval = Duration::from_secs(2);
+            }
+            soak::run(&o)
+        }
         ["down"] => {
             require_root()?;
             bench::down_only(&std::env::current_dir()?)
@@ -116,6 +161,12 @@ fn run() -> Result<()> {
             load::join_place(cgroup.as_ref(), netns.as_ref())?;
             let result = match (*verb, rest) {
                 ("serve", [addr]) => return load::serve(parse("address", addr)?),
+                ("mix", [same, cross, secs]) => {
+                    return load::mix(
+                        &[parse("address", same)?, parse("address", cross)?],
+                        parse("seconds", secs)?,
+                    );
+                }
                 ("stream", [dst, flows, secs]) => load::stream(
                     parse("address", dst)?,
                     parse("flows", flows)?,

@@ -74,6 +74,9 @@ pub fn entry(report: &serde_json::Value, commit: Option<&str>) -> serde_json::Va
         "raw": pick(&report["paths"]["raw"], &RAW_KEYS),
         "same_node": mesh("mesh_same_node"),
         "cross_node": mesh("mesh_cross_node"),
+        "third_party": report.get("third_party").map(|t| serde_json::json!({
+            "paths": t["paths"], "ratios_to_raw": t["ratios_to_raw"],
+        })),
     })
 }
 

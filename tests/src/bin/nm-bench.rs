@@ -1,10 +1,12 @@
 //! `nm-bench`: the benchmark (`cargo xtask bench` builds it in release and runs it as root from
 //! the workspace root; the method is in `nodemesh_tests::bench` and docs/performance.md).
 //!
-//! - `nm-bench run [--quick] [--config FILE] [--out DIR]` (defaults `tests/lab/bench.yaml`,
-//!   `target/bench`): brings the bench lab up, measures raw, mesh same-node and mesh
-//!   cross-node, takes the lab down (also on error and Ctrl-C) and writes `report.md` and
-//!   `report.json`.
+//! - `nm-bench run [--quick] [--third-party] [--config FILE] [--out DIR]` (defaults
+//!   `tests/lab/bench.yaml`, `target/bench`): brings the bench lab up, measures raw, mesh
+//!   same-node and mesh cross-node (with `--third-party` also with iperf3 and wrk against
+//!   nginx, `bench::third_party`), takes the lab down (also on error and Ctrl-C) and writes
+//!   `report.md`, `report.json` and the chart `paths.svg`; a full run also appends to
+//!   `docs/bench-history.json` and draws `history.svg`.
 //! - `nm-bench up [--config FILE]` / `nm-bench down`: the same lab and servers left running (for
 //!   profiling: it prints the command that drives each path), and its removal.
 //! - `nm-bench k8s-scale [--pods N] [--services N] [--nodes N] [--probe-pods N] [--out DIR]`:
@@ -19,21 +21,23 @@
 //! - The load, each in its own process placed in a cgroup and network namespace:
 //!   `nm-bench serve CGROUP NETNS ADDR`, `stream CGROUP NETNS DST FLOWS SECS`,
 //!   `rr CGROUP NETNS DST SIZE SECS`, `crr CGROUP NETNS DST CLIENTS SECS`, and the soak's
-//!   `mix CGROUP NETNS SAME_NODE_DST CROSS_NODE_DST SECS`.
+//!   `mix CGROUP NETNS SAME_NODE_DST CROSS_NODE_DST SECS`; `exec CGROUP NETNS PROGRAM ARGS…`
+//!   places a third-party tool and execs it.
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use nodemesh_tests::bench::{self, k8s_scale, load, soak};
 
-const USAGE: &str = "usage: nm-bench run [--quick] [--config FILE] [--out DIR] | \
+const USAGE: &str = "usage: nm-bench run [--quick] [--third-party] [--config FILE] [--out DIR] | \
                      up [--config FILE] | down | \
                      k8s-scale [--pods N] [--services N] [--nodes N] [--probe-pods N] [--out DIR] | \
                      k8s-source-probe KUBECONFIG NODE | \
                      soak --minutes N [--interval SECS] [--config FILE] [--out DIR] | \
                      serve CGROUP NETNS ADDR | stream CGROUP NETNS DST FLOWS SECS | \
                      rr CGROUP NETNS DST SIZE SECS | crr CGROUP NETNS DST CLIENTS SECS | \
-                     mix CGROUP NETNS SAME_NODE_DST CROSS_NODE_DST SECS";
+                     mix CGROUP NETNS SAME_NODE_DST CROSS_NODE_DST SECS | \
+                     exec CGROUP NETNS PROGRAM ARGS...";
 
 fn main() -> ExitCode {
     match run() {
@@ -69,18 +73,22 @@ fn run() -> Result<()> {
             require_root()?;
             let workspace = std::env::current_dir()?;
             let mut quick = false;
+            let mut third_party = false;
             let mut config = workspace.join("tests/lab/bench.yaml");
             let mut out = workspace.join("target/bench");
             let mut it = opts.iter();
             while let Some(o) = it.next() {
                 match *o {
                     "--quick" => quick = true,
+                    "--third-party" => third_party = true,
                     "--config" => config = PathBuf::from(it.next().context(USAGE)?),
                     "--out" => out = PathBuf::from(it.next().context(USAGE)?),
                     _ => bail!(USAGE),
                 }
             }
-            bench::run_bench(&workspace, &config, &out, bench::Plan::new(quick))
+            let mut plan = bench::Plan::new(quick);
+            plan.third_party = third_party;
+            bench::run_bench(&workspace, &config, &out, plan)
         }
         ["up", opts @ ..] => {
             require_root()?;
@@ -161,6 +169,11 @@ fn run() -> Result<()> {
             load::join_place(cgroup.as_ref(), netns.as_ref())?;
             let result = match (*verb, rest) {
                 ("serve", [addr]) => return load::serve(parse("address", addr)?),
+                ("exec", [program, args @ ..]) => {
+                    use std::os::unix::process::CommandExt;
+                    let e = std::process::Command::new(program).args(args).exec();
+                    bail!("cannot run {program}: {e}");
+                }
                 ("mix", [same, cross, secs]) => {
                     return load::mix(
                         &[parse("address", same)?, parse("address", cross)?],

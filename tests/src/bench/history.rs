@@ -149,6 +149,7 @@ pub fn chart(history: &serde_json::Value) -> Result<String> {
             series(path, "conn_per_s_ratio", "new connections/s, 8 clients"),
         ],
         reference: Some((target, format!("target {target}× (throughput)"))),
+        legend_lower_right: false,
     };
     let panels = vec![
         ratios(
@@ -169,6 +170,7 @@ pub fn chart(history: &serde_json::Value) -> Result<String> {
                 series("same_node", "rr_1b_p50_added_us", "same node"),
             ],
             reference: Some((40.0, "target, cross node (40 µs)".into())),
+            legend_lower_right: false,
         },
         LinePanel {
             title: "agent CPU per GB, both agents (lower is better)".into(),
@@ -178,6 +180,7 @@ pub fn chart(history: &serde_json::Value) -> Result<String> {
                 series("same_node", "agent_cpu_s_per_gb", "same node"),
             ],
             reference: Some((1.3, "target, cross node (1.3 s)".into())),
+            legend_lower_right: false,
         },
     ];
     plot::lines(

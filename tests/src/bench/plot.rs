@@ -39,6 +39,15 @@ pub struct LinePanel {
     pub series: Vec<Series>,
     /// A dashed horizontal reference line (e.g. a target) and its legend label.
     pub reference: Option<(f64, String)>,
+    /// The legend in the lower right corner instead of the upper left.
+    pub legend_lower_right: bool,
+}
+
+/// `0.15000000000000002` → `0.15`: an axis label with at most 3 decimals, no trailing zeros.
+fn short_number(x: f64) -> String {
+    let s = format!("{x:.3}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" { "0".into() } else { s.to_owned() }
 }
 
 /// One bar of a [`BarPanel`]: its label under the axis, its value and a note drawn above it.
@@ -141,7 +150,7 @@ pub fn lines(
                         }
                     }
                     Some(_) => String::new(),
-                    None => format!("{x}"),
+                    None => short_number(*x),
                 }
             };
             let mut mesh = chart.configure_mesh();
@@ -185,7 +194,11 @@ pub fn lines(
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
+                .position(if panel.legend_lower_right {
+                    SeriesLabelPosition::LowerRight
+                } else {
+                    SeriesLabelPosition::UpperLeft
+                })
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK.mix(0.4))
                 .label_font(("sans-serif", 12).into_font())
@@ -314,6 +327,7 @@ mod tests {
                     },
                 ],
                 reference: Some((13.0, "limit".into())),
+                legend_lower_right: false,
             },
             LinePanel {
                 title: "fds".into(),
@@ -323,6 +337,7 @@ mod tests {
                     points: vec![(0.0, 30.0), (2.0, 31.0)],
                 }],
                 reference: None,
+                legend_lower_right: true,
             },
         ];
         let labels = vec![
@@ -347,6 +362,14 @@ mod tests {
             svg.matches("<polyline").count() >= 3,
             "three lines at least"
         );
+    }
+
+    #[test]
+    fn axis_numbers_are_short() {
+        assert_eq!(short_number(0.150_000_000_000_000_02), "0.15");
+        assert_eq!(short_number(2.0), "2");
+        assert_eq!(short_number(-0.0001), "0");
+        assert_eq!(short_number(12.5), "12.5");
     }
 
     #[test]

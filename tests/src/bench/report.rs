@@ -230,68 +230,7 @@ impl Report {
     /// and 4-flow throughput, rr 1 B p50, new connections/s), a bar per path, each mesh bar
     /// noted with its paired ratio to raw (or the added latency).
     pub fn paths_chart(&self) -> anyhow::Result<String> {
-        use super::plot::{Bar, BarPanel};
-        let names = [
-            ("raw", "raw"),
-            ("mesh_same_node", "mesh same node"),
-            ("mesh_cross_node", "mesh cross node"),
-        ];
-        let panel = |title: &str, unit: &str, metric: &str, ratio: &str| BarPanel {
-            title: title.to_owned(),
-            y_desc: unit.to_owned(),
-            bars: names
-                .iter()
-                .filter_map(|(path, label)| {
-                    let value = *self.paths.get(path)?.get(metric)?;
-                    let note = if *path == "raw" {
-                        fmt(value)
-                    } else {
-                        match self.ratios.get(path).and_then(|r| r.get(ratio)) {
-                            Some(r) if ratio.ends_with("_us") => format!("{r:+.1} µs"),
-                            Some(r) => format!("{r:.2}×"),
-                            None => fmt(value),
-                        }
-                    };
-                    Some(Bar {
-                        label: (*label).to_owned(),
-                        value,
-                        note,
-                    })
-                })
-                .collect(),
-        };
-        let panels = [
-            panel(
-                "throughput, 1 flow",
-                "Gbit/s",
-                "throughput_1flow_gbit_s",
-                "throughput_1flow_ratio",
-            ),
-            panel(
-                "throughput, 4 flows",
-                "Gbit/s",
-                "throughput_4flow_gbit_s",
-                "throughput_4flow_ratio",
-            ),
-            panel(
-                "keep-alive rr 1 B, p50 (lower is better)",
-                "µs",
-                "rr_1b_p50_us",
-                "rr_1b_p50_added_us",
-            ),
-            panel(
-                "new connections/s, 8 clients",
-                "connections/s",
-                "conn_per_s",
-                "conn_per_s_ratio",
-            ),
-        ];
-        let title = format!(
-            "nodemesh bench{} {}: each path against raw (notes: ratio to raw, paired by round)",
-            if self.plan.quick { " --quick" } else { "" },
-            self.meta.finished_utc,
-        );
-        super::plot::bars(title.trim_end(), &panels, 2, 1000, 330)
+        paths_chart(&self.json())
     }
 
     fn target_value(&self, t: &Target) -> Option<f64> {
@@ -675,6 +614,81 @@ fn fmt(v: f64) -> String {
     } else {
         format!("{v:.2}")
     }
+}
+
+/// The chart of each path against raw ([`Report::paths_chart`]) from a `report.json` (also an
+/// older one: `nm-bench charts`). The title names the run's kind, date and machine.
+pub fn paths_chart(report: &serde_json::Value) -> anyhow::Result<String> {
+    use super::plot::{Bar, BarPanel};
+    let names = [
+        ("raw", "raw"),
+        ("mesh_same_node", "mesh same node"),
+        ("mesh_cross_node", "mesh cross node"),
+    ];
+    let panel = |title: &str, unit: &str, metric: &str, ratio: &str| BarPanel {
+        title: title.to_owned(),
+        y_desc: unit.to_owned(),
+        bars: names
+            .iter()
+            .filter_map(|(path, label)| {
+                let value = report["paths"][path][metric].as_f64()?;
+                let note = if *path == "raw" {
+                    fmt(value)
+                } else {
+                    match report["ratios_to_raw"][path][ratio].as_f64() {
+                        Some(r) if ratio.ends_with("_us") => format!("{r:+.1} µs"),
+                        Some(r) => format!("{r:.2}×"),
+                        None => fmt(value),
+                    }
+                };
+                Some(Bar {
+                    label: (*label).to_owned(),
+                    value,
+                    note,
+                })
+            })
+            .collect(),
+    };
+    let panels = [
+        panel(
+            "throughput, 1 flow",
+            "Gbit/s",
+            "throughput_1flow_gbit_s",
+            "throughput_1flow_ratio",
+        ),
+        panel(
+            "throughput, 4 flows",
+            "Gbit/s",
+            "throughput_4flow_gbit_s",
+            "throughput_4flow_ratio",
+        ),
+        panel(
+            "keep-alive rr 1 B, p50 (lower is better)",
+            "µs",
+            "rr_1b_p50_us",
+            "rr_1b_p50_added_us",
+        ),
+        panel(
+            "new connections/s, 8 clients",
+            "connections/s",
+            "conn_per_s",
+            "conn_per_s_ratio",
+        ),
+    ];
+    let run = &report["run"];
+    let title = format!(
+        "nodemesh bench ({}{}): each path against raw; notes: ratio to raw, paired by round",
+        if run["quick"] == true {
+            "quick"
+        } else {
+            "full"
+        },
+        run["finished_utc"]
+            .as_str()
+            .filter(|d| !d.is_empty())
+            .map_or(String::new(), |d| format!(", {d}")),
+    );
+    super::plot::bars(&title, &panels, 2, 1000, 330)
 }
 
 /// The 1-minute load average (`/proc/loadavg`).

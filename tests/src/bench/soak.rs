@@ -658,6 +658,16 @@ pub struct SoakReport {
 }
 
 impl SoakReport {
+    /// `30 min`, or `20 s` for runs under two minutes.
+    fn length(&self) -> String {
+        let secs = self.opts.duration.as_secs_f64();
+        if secs < 120.0 {
+            format!("{secs:.0} s")
+        } else {
+            format!("{:.0} min", secs / 60.0)
+        }
+    }
+
     fn load_ticks(&self) -> Vec<&Tick> {
         self.ticks
             .iter()
@@ -851,9 +861,9 @@ impl SoakReport {
         let checks = self.checks();
         let pass = Self::pass(&checks);
         let mut s = format!(
-            "# nodemesh soak ({:.0} min of mixed traffic, a sample every {} s; finished {}; load \
+            "# nodemesh soak ({} of mixed traffic, a sample every {} s; finished {}; load \
              average {} before, {} after)\n\n{}\n\n**Verdict: {}**\n\n",
-            self.opts.duration.as_secs_f64() / 60.0,
+            self.length(),
             self.opts.interval.as_secs_f64(),
             self.finished_utc,
             self.load.0.map_or("?".into(), |l| format!("{l:.1}")),
@@ -979,12 +989,13 @@ impl SoakReport {
                     })
                     .collect(),
                 reference: None,
+                legend_lower_right: true,
             })
             .collect();
         plot::lines(
             &format!(
-                "nodemesh soak, {:.0} min ({})",
-                self.opts.duration.as_secs_f64() / 60.0,
+                "nodemesh soak, {} of mixed traffic ({})",
+                self.length(),
                 self.finished_utc
             ),
             "minutes since the traffic started (the last point: after the load)",
@@ -1041,7 +1052,7 @@ mod tests {
             agents: vec![agent(12.0, 1, 0, 0)],
             client: serde_json::json!({}),
         }];
-        for k in 1..=18 {
+        for k in 1..=18u32 {
             let t = f64::from(k) * 30.0;
             ticks.push(Tick {
                 t_s: t,

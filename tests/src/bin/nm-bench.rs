@@ -13,6 +13,8 @@
 //!   the Kubernetes scale benchmark (`bench::k8s_scale`; defaults 5,000 pods, 500 services, 50
 //!   nodes, 100 probe pods), merged into `DIR/report.{md,json}` (default `target/bench`).
 //!   It runs `nm-bench k8s-source-probe KUBECONFIG NODE` as its child: the source alone.
+//! - `nm-bench charts [--report REPORT_JSON] [--history FILE] [--out DIR]`: redraws the charts
+//!   of an earlier run (`paths.svg` from its `report.json`, `history.svg` from the history).
 //! - `nm-bench soak --minutes N [--interval SECS] [--config FILE] [--out DIR]`: the soak
 //!   (`bench::soak`, `cargo xtask soak`): mixed traffic through the bench lab for N minutes, the
 //!   agents sampled every SECS (default 5); report in `DIR/report.{md,json}` and `DIR/soak.svg`
@@ -34,6 +36,7 @@ const USAGE: &str = "usage: nm-bench run [--quick] [--third-party] [--config FIL
                      k8s-scale [--pods N] [--services N] [--nodes N] [--probe-pods N] [--out DIR] | \
                      k8s-source-probe KUBECONFIG NODE | \
                      soak --minutes N [--interval SECS] [--config FILE] [--out DIR] | \
+                     charts [--report REPORT_JSON] [--history FILE] [--out DIR] | \
                      serve CGROUP NETNS ADDR | stream CGROUP NETNS DST FLOWS SECS | \
                      rr CGROUP NETNS DST SIZE SECS | crr CGROUP NETNS DST CLIENTS SECS | \
                      mix CGROUP NETNS SAME_NODE_DST CROSS_NODE_DST SECS | \
@@ -160,6 +163,35 @@ fn run() -> Result<()> {
                 o.interval = Duration::from_secs(2);
             }
             soak::run(&o)
+        }
+        ["charts", opts @ ..] => {
+            // Redraws the charts of an earlier run: `paths.svg` from its report.json,
+            // `history.svg` from the history file.
+            let workspace = std::env::current_dir()?;
+            let mut report = None;
+            let mut history = workspace.join(bench::HISTORY_FILE);
+            let mut out = workspace.join("target/bench");
+            let mut it = opts.iter();
+            while let Some(o) = it.next() {
+                let mut value = || it.next().context(USAGE);
+                match *o {
+                    "--report" => report = Some(PathBuf::from(value()?)),
+                    "--history" => history = PathBuf::from(value()?),
+                    "--out" => out = PathBuf::from(value()?),
+                    _ => bail!(USAGE),
+                }
+            }
+            std::fs::create_dir_all(&out)?;
+            if let Some(file) = report {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                let json: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not JSON", file.display()))?;
+                std::fs::write(out.join("paths.svg"), bench::report::paths_chart(&json)?)?;
+            }
+            bench::history::draw(&history, &out.join("history.svg"))?;
+            println!("written: charts in {}", out.display());
+            Ok(())
         }
         ["down"] => {
             require_root()?;

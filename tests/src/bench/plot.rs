@@ -80,8 +80,8 @@ fn y_range(values: impl Iterator<Item = f64>, headroom: f64) -> std::ops::Range<
     if hi - lo < 1e-9 {
         hi = lo + 1.0;
     }
-    let pad = (hi - lo) * headroom;
-    (if lo < 0.0 { lo - pad } else { lo })..hi + pad
+    let span = hi - lo;
+    (if lo < 0.0 { lo - span * 0.08 } else { lo })..hi + span * headroom
 }
 
 /// A figure of `panels` stacked vertically, sharing the x axis `x_desc`. With `x_labels`, x
@@ -134,7 +134,11 @@ pub fn lines(
                 .margin(8)
                 .x_label_area_size(36)
                 .y_label_area_size(60)
-                .build_cartesian_2d(x_lo..x_hi, y_range(ys, 0.12))
+                // Headroom above the lines for a legend in the upper left.
+                .build_cartesian_2d(
+                    x_lo..x_hi,
+                    y_range(ys, if panel.legend_lower_right { 0.12 } else { 0.7 }),
+                )
                 .map_err(err)?;
             // With many runs, label every `step`-th one (labels are about 70 px wide).
             let step =
@@ -157,6 +161,7 @@ pub fn lines(
             mesh.y_desc(panel.y_desc.as_str())
                 .x_desc(x_desc)
                 .x_label_formatter(&label_of)
+                .y_label_formatter(&|y: &f64| short_number(*y))
                 .light_line_style(WHITE.mix(0.0))
                 .label_style(("sans-serif", 12).into_font());
             if let Some(labels) = x_labels {
@@ -238,7 +243,8 @@ pub fn bars(
                 .x_label_area_size(28)
                 .y_label_area_size(56)
                 .build_cartesian_2d(
-                    (0..n as i32).into_segmented(),
+                    // A segmented 0..k has k + 1 segments.
+                    (0..n as i32 - 1).into_segmented(),
                     y_range(panel.bars.iter().map(|b| b.value), 0.18),
                 )
                 .map_err(err)?;
@@ -247,6 +253,7 @@ pub fn bars(
                 .disable_x_mesh()
                 .light_line_style(WHITE.mix(0.0))
                 .y_desc(panel.y_desc.as_str())
+                .y_label_formatter(&|y: &f64| short_number(*y))
                 .x_label_formatter(&|v: &SegmentValue<i32>| match v {
                     SegmentValue::CenterOf(i) => {
                         labels.get(*i as usize).cloned().unwrap_or_default()

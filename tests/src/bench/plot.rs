@@ -147,7 +147,7 @@ pub fn lines(
                 match x_labels {
                     Some(labels) if (x - x.round()).abs() < 1e-6 && *x >= 0.0 => {
                         let i = x.round() as usize;
-                        if i % step == 0 {
+                        if i.is_multiple_of(step) {
                             labels.get(i).cloned().unwrap_or_default()
                         } else {
                             String::new()

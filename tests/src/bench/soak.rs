@@ -230,7 +230,7 @@ fn sample(p: &Probe) -> Result<AgentSample> {
                 .then_some(*filter)
                 .into_iter()
                 .collect();
-            (*label, sum(*metric, &filter))
+            (*label, sum(metric, &filter))
         })
         .collect();
     Ok(AgentSample {
@@ -251,7 +251,7 @@ fn sample(p: &Probe) -> Result<AgentSample> {
 /// The two policy files the soak alternates: both allow exactly the soak's traffic (the
 /// client's identity to the servers' port), so a reload must never break a connection.
 fn policy_text(form: usize) -> String {
-    let ports = if form % 2 == 0 {
+    let ports = if form.is_multiple_of(2) {
         format!("[\"{}\"]", super::MESH_PORT)
     } else {
         format!("[\"{}\", \"{}\"]", super::MESH_PORT, super::RAW_PORT)

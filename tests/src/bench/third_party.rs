@@ -145,6 +145,8 @@ pub fn start_servers(tools: &Tools, places: &[ServerPlace], dir: &Path) -> Resul
                 ])
                 .arg("--logfile")
                 .arg(&log)
+                // Without it the banner waits in a buffer and readiness is never seen.
+                .arg("--forceflush")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

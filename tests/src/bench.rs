@@ -244,6 +244,15 @@ fn claim(lab: &Lab) -> Result<()> {
          `target/release/nm-bench down` first; nothing was changed",
         lab.prefix()
     );
+    // A soak beside the bench would distort both (the soak has a lab of its own, so that
+    // `nm-bench down` never ends it).
+    let soak = Lab::new(soak::PREFIX, PathBuf::new())?;
+    ensure!(
+        lab.prefix() != PREFIX || !soak.is_running()?,
+        "a soak is running (lab `{}`, `nm-bench soak`): wait for it to end (or stop it with \
+         Ctrl-C); nothing was changed",
+        soak::PREFIX
+    );
     teardown(lab).context("cannot clean up an earlier bench lab")
 }
 

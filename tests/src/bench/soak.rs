@@ -3,8 +3,9 @@
 //! memory, file descriptors, threads and tasks stay flat and their error counters stay still.
 //! Method and criteria: docs/performance.md, "Soak".
 //!
-//! - **Lab**: the bench lab ([`super::PREFIX`], so it refuses to start beside a running bench
-//!   lab and a bench refuses to start beside it) from a copy of its file in `OUT/files/` that
+//! - **Lab**: the bench lab's topology under a prefix of its own ([`PREFIX`]: `nm-bench down`
+//!   never ends a soak; a soak refuses to start beside a running bench lab or soak, and the
+//!   bench refuses to start beside a soak), from a copy of its file in `OUT/files/` that
 //!   includes a policy file the soak rewrites every [`Options::policy_every`] (two forms that
 //!   allow the same traffic), so the agents reload their policies under load.
 //! - **Traffic** ([`super::load::mix`], one process in `client-a`'s pod): per destination (same
@@ -95,6 +96,11 @@ pub const ERROR_COUNTERS: [(&str, &str, &str); 9] = [
     ),
 ];
 
+/// The soak lab's prefix: a lab of its own (namespaces `nm-soak-…`, cgroup `<cgroup2>/nm-soak`),
+/// so that `nm-bench down` (which removes the bench lab whoever runs it) never ends a soak. A soak
+/// refuses to start while the bench lab runs, and the bench refuses while a soak runs.
+pub const PREFIX: &str = "nm-soak";
+
 /// What `nm-bench soak` was asked to do.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -120,7 +126,7 @@ impl Options {
             policy_every: Self::policy_every_for(duration),
             config: workspace.join("tests/lab/bench.yaml"),
             out: workspace.join("target/soak"),
-            prefix: super::PREFIX.to_owned(),
+            prefix: PREFIX.to_owned(),
         }
     }
 
@@ -341,6 +347,14 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     let lab = Lab::new(&opts.prefix, opts.out.join("lab"))?;
     catch_interrupts();
+    // Tests give a prefix of their own and run beside whatever runs.
+    let bench = Lab::new(super::PREFIX, PathBuf::new())?;
+    ensure!(
+        opts.prefix != PREFIX || !bench.is_running()?,
+        "the bench lab `{}` is up (`nm-bench up`, or a benchmark running): a soak beside it would \
+         distort both; run the soak when it is down; nothing was changed",
+        super::PREFIX
+    );
     claim(&lab)?;
     let files = opts.out.join("files");
     let lab_file = lab_files(&opts.config, &opts.prefix, &files)?;

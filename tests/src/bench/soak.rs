@@ -355,6 +355,12 @@ pub fn run(opts: &Options) -> Result<()> {
          distort both; run the soak when it is down; nothing was changed",
         super::PREFIX
     );
+    ensure!(
+        !lab.is_running()?,
+        "a soak is running (lab `{}`): wait for it to end or stop it with Ctrl-C; nothing was \
+         changed",
+        lab.prefix()
+    );
     claim(&lab)?;
     let files = opts.out.join("files");
     let lab_file = lab_files(&opts.config, &opts.prefix, &files)?;

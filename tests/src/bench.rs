@@ -13,9 +13,13 @@
 //! machine hits all paths alike; the report takes medians over rounds, and ratios to raw round
 //! by round (paired).
 
+pub mod history;
 pub mod k8s_scale;
 pub mod load;
+pub mod plot;
 pub mod report;
+pub mod soak;
+pub mod third_party;
 
 use std::{
     fs,
@@ -68,6 +72,8 @@ pub(crate) fn interrupted() -> bool {
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {
     pub quick: bool,
+    /// Also run the third-party tools (iperf3, wrk against nginx; [`third_party`]).
+    pub third_party: bool,
     pub rounds: usize,
     pub stream_secs: f64,
     pub rr_secs: f64,
@@ -79,6 +85,7 @@ impl Plan {
         if quick {
             Self {
                 quick,
+                third_party: false,
                 rounds: 3,
                 stream_secs: 1.5,
                 rr_secs: 1.0,
@@ -87,6 +94,7 @@ impl Plan {
         } else {
             Self {
                 quick,
+                third_party: false,
                 rounds: 7,
                 stream_secs: 3.0,
                 rr_secs: 2.0,
@@ -145,22 +153,72 @@ pub fn run_bench(workspace: &Path, config: &Path, out: &Path, plan: Plan) -> Res
     let lab = Lab::new(PREFIX, workspace.join("target").join("bench").join("lab"))?;
     catch_interrupts();
     claim(&lab)?;
+    // The third-party tools must be there before the lab goes up.
+    let tools = plan.third_party.then(third_party::tools).transpose()?;
     let started = Instant::now();
-    let (samples, idle_kb) = measure(&lab, config, plan)?;
-    let report = report::Report::new(plan, &samples, idle_kb, started.elapsed());
+    let load_before = report::load_average();
+    let (samples, idle_kb, third) = measure(&lab, config, plan, tools.as_ref(), out)?;
+    let mut report = report::Report::new(plan, &samples, idle_kb, started.elapsed());
+    report.meta = report::RunMeta {
+        finished_utc: report::utc_minute(std::time::SystemTime::now()),
+        load_before,
+        load_after: report::load_average(),
+    };
     fs::create_dir_all(out)?;
-    let md = report.markdown();
+    let mut md = report.markdown();
+    let mut json = report.json();
+    if let Some(tp) = &third {
+        md.push('\n');
+        md.push_str(&tp.markdown());
+        json["third_party"] = tp.json();
+    }
     fs::write(out.join("report.md"), &md)?;
     fs::write(
         out.join("report.json"),
-        serde_json::to_string_pretty(&report.json())?,
+        serde_json::to_string_pretty(&json)?,
     )?;
+    fs::write(out.join("paths.svg"), report.paths_chart()?)?;
     println!("\n{md}");
     println!(
-        "written: {} and report.json",
+        "written: {}, report.json and paths.svg",
         out.join("report.md").display()
     );
+    if !plan.quick {
+        // A full run joins the committed history (docs/performance.md, "History").
+        let file = workspace.join(HISTORY_FILE);
+        history::append(
+            &file,
+            history::entry(&json, git_commit(workspace).as_deref()),
+        )?;
+        history::draw(&file, &out.join("history.svg"))?;
+        println!(
+            "appended to {} (commit it with the run's notes); chart {}",
+            file.display(),
+            out.join("history.svg").display()
+        );
+    }
     Ok(())
+}
+
+/// The committed bench history, relative to the workspace ([`history`]).
+pub const HISTORY_FILE: &str = "docs/bench-history.json";
+
+/// The short commit id of the workspace's HEAD, with `+` when the tree has changes.
+fn git_commit(workspace: &Path) -> Option<String> {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(workspace)
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let head = git(&["rev-parse", "--short=12", "HEAD"])?;
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    Some(if dirty { format!("{head}+") } else { head })
 }
 
 fn check_interrupted() -> Result<()> {
@@ -185,6 +243,15 @@ fn claim(lab: &Lab) -> Result<()> {
         "the bench lab `{}` is up (`nm-bench up`, or another benchmark running): take it down with \
          `target/release/nm-bench down` first; nothing was changed",
         lab.prefix()
+    );
+    // A soak beside the bench would distort both (the soak has a lab of its own, so that
+    // `nm-bench down` never ends it).
+    let soak = Lab::new(soak::PREFIX, PathBuf::new())?;
+    ensure!(
+        lab.prefix() != PREFIX || !soak.is_running()?,
+        "a soak is running (lab `{}`, `nm-bench soak`): wait for it to end (or stop it with \
+         Ctrl-C); nothing was changed",
+        soak::PREFIX
     );
     teardown(lab).context("cannot clean up an earlier bench lab")
 }
@@ -464,14 +531,22 @@ pub fn down_only(workspace: &Path) -> Result<()> {
     )?)
 }
 
-fn measure(lab: &Lab, config: &Path, plan: Plan) -> Result<(Vec<Sample>, u64)> {
+type Measured = (Vec<Sample>, u64, Option<third_party::ThirdParty>);
+
+fn measure(
+    lab: &Lab,
+    config: &Path,
+    plan: Plan,
+    tools: Option<&third_party::Tools>,
+    out: &Path,
+) -> Result<Measured> {
     let Setup {
         agents,
         idle_kb,
-        servers,
+        mut servers,
         paths,
     } = setup(lab, config)?;
-    let result = (|| -> Result<Vec<Sample>> {
+    let result = (|| -> Result<(Vec<Sample>, Option<third_party::ThirdParty>)> {
         // Warm-up: the first connection of a mesh path sets up its pool connection.
         for p in &paths {
             run_one(p, Test::Rr1, 0.3, &agents)?;
@@ -500,7 +575,43 @@ fn measure(lab: &Lab, config: &Path, plan: Plan) -> Result<(Vec<Sample>, u64)> {
                 }
             }
         }
-        Ok(samples)
+        let third = match tools {
+            Some(tools) => {
+                let topo = lab.status()?.context("the bench lab has no lab.json")?;
+                let place = |name: &'static str, pod_name: &str, raw: bool| -> Result<_> {
+                    let (cg, ns, ip) = pod(&topo, pod_name)?;
+                    Ok(third_party::ServerPlace {
+                        name,
+                        cgroup: if raw { raw_cgroup(lab)? } else { cg },
+                        netns: ns,
+                        ip: ip.parse()?,
+                        iperf_port: if raw {
+                            third_party::IPERF_RAW_PORT
+                        } else {
+                            third_party::IPERF_MESH_PORT
+                        },
+                        nginx_port: if raw {
+                            third_party::NGINX_RAW_PORT
+                        } else {
+                            third_party::NGINX_MESH_PORT
+                        },
+                    })
+                };
+                let places = [
+                    place("server-a", "server-a", false)?,
+                    place("server-b", "server-b", false)?,
+                    place("raw", "server-b", true)?,
+                ];
+                servers.extend(third_party::start_servers(
+                    tools,
+                    &places,
+                    &out.join("third-party"),
+                )?);
+                Some(third_party::measure(tools, &paths)?)
+            }
+            None => None,
+        };
+        Ok((samples, third))
     })();
     for mut s in servers {
         let _ = s.kill();
@@ -508,9 +619,9 @@ fn measure(lab: &Lab, config: &Path, plan: Plan) -> Result<(Vec<Sample>, u64)> {
     }
     // This call made the lab (`setup`): it always takes it down.
     let down = teardown(lab);
-    let samples = result?;
+    let (samples, third) = result?;
     down.context("bench lab teardown")?;
-    Ok((samples, idle_kb))
+    Ok((samples, idle_kb, third))
 }
 
 /// Runs one test on one path; returns the generator's result, the agents' CPU seconds during

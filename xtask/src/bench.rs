@@ -5,6 +5,7 @@
 //! 500 services in a real kube-apiserver; its section is merged into the same report; needs the
 //! binaries of `cargo xtask k8s build`) and the criterion micro-benchmarks (`cargo bench -p
 //! mesh-agent --bench hot_paths`; reports in `target/criterion`). `--quick` skips both.
+//! `--third-party` also drives iperf3 and wrk against nginx on the same paths.
 
 use std::process::Command;
 
@@ -21,11 +22,18 @@ pub struct Options {
     /// repeat within 15%. Skips the Kubernetes scale run and the micro-benchmarks.
     #[arg(long)]
     pub quick: bool,
+    /// Also drive Debian's iperf3, and wrk against nginx, on the same paths (about 3 minutes
+    /// more; `cargo xtask setup` installs them). Their table goes into the same report.
+    #[arg(long)]
+    pub third_party: bool,
 }
 
 pub fn run(opts: Options) -> Result<()> {
     let root = workspace_root();
     setup::ensure_lab_tools()?;
+    if opts.third_party {
+        setup::ensure_bench_tools()?;
+    }
     build_ebpf::run(build_ebpf::Options::default())?;
     exec(
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -36,6 +44,9 @@ pub fn run(opts: Options) -> Result<()> {
     bench.current_dir(&root).arg("run");
     if opts.quick {
         bench.arg("--quick");
+    }
+    if opts.third_party {
+        bench.arg("--third-party");
     }
     exec(&mut bench)?;
     if !opts.quick {

@@ -10,6 +10,7 @@ mod image;
 mod k8s;
 mod lab;
 mod setup;
+mod soak;
 mod test;
 mod toolchain;
 mod util;
@@ -49,6 +50,10 @@ enum Command {
     /// The mesh against the raw path in one run (root): throughput, latency, connection rate,
     /// agent CPU and memory. Report in target/bench/report.{md,json}.
     Bench(bench::Options),
+    /// The soak (root): mixed traffic through the bench lab for `--minutes N`, the agents' RSS,
+    /// open fds, threads, tasks and error counters over time, and a verdict (flat memory, no
+    /// errors). Report and chart in target/soak/.
+    Soak(soak::Options),
     /// A real Kubernetes control plane built from the Go module proxy: `build` (cached
     /// kube-apiserver, kubectl, etcd, helm), `up`, `down`, `env`, `status`.
     K8s(k8s::Options),
@@ -66,6 +71,7 @@ fn main() {
         Command::Deny(opts) => deny::run(opts),
         Command::Lab(opts) => lab::run(opts),
         Command::Bench(opts) => bench::run(opts),
+        Command::Soak(opts) => soak::run(opts),
         Command::K8s(opts) => k8s::run(opts),
     };
     if let Err(e) = result {

@@ -310,8 +310,44 @@ fn ensure_docs_tools(r: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// The third-party load tools of `cargo xtask bench --third-party` (`nodemesh_tests::bench::
+/// third_party`): iperf3, wrk and nginx (the light build) from Debian.
+const BENCH_PACKAGES: [(&str, &str); 3] = [
+    ("iperf3", "iperf3"),
+    ("wrk", "wrk"),
+    ("nginx", "nginx-light"),
+];
+
+fn ensure_bench_tools_in(r: &mut Report) -> Result<()> {
+    let present = |bin: &str| which(bin).is_some() || Path::new("/usr/sbin").join(bin).is_file();
+    let missing: Vec<&str> = BENCH_PACKAGES
+        .iter()
+        .filter(|(bin, _)| !present(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        r.ok("iperf3, wrk and nginx (`cargo xtask bench --third-party`)");
+    } else if apt_available() {
+        apt_install(r, &missing)?;
+    } else {
+        bail!(
+            "{} missing: `cargo xtask bench --third-party` drives iperf3 and wrk against nginx; \
+             install them",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Installs the third-party load tools when one is missing.
+pub fn ensure_bench_tools() -> Result<()> {
+    let mut r = Report { changed: 0 };
+    ensure_bench_tools_in(&mut r)
+}
+
 fn ensure_test_tools(r: &mut Report) -> Result<()> {
     ensure_ip(r)?;
+    ensure_bench_tools_in(r)?;
     ensure_interop_tools(r)?;
     ensure_docs_tools(r)?;
     ensure_python_tools(r)?;

@@ -247,3 +247,223 @@ pub fn crr(dst: SocketAddr, clients: usize, secs: f64) -> Result<serde_json::Val
         "count": ok, "failed": failed, "secs": took, "conn_per_s": ok as f64 / took,
     }))
 }
+
+/// The soak's traffic ([`mix`]): what each kind does, per destination (same node and cross
+/// node), paced so that a long run loads the machine steadily instead of saturating it.
+pub mod mix_plan {
+    use std::time::Duration;
+
+    /// Request sizes of the keep-alive exchanges, in turn.
+    pub const RR_SIZES: [usize; 4] = [1, 64, 1024, 16 * 1024];
+    /// Exchanges per second on each kept-alive connection.
+    pub const RR_PER_S: u32 = 100;
+    /// Kept-alive connections per destination that live for the whole run.
+    pub const RR_LONG: usize = 1;
+    /// Kept-alive connections per destination that are closed and reopened every
+    /// [`RR_RENEW`].
+    pub const RR_RENEWED: usize = 1;
+    pub const RR_RENEW: Duration = Duration::from_secs(20);
+    /// New connections per second per destination (connect, one byte each way, close).
+    pub const CHURN_PER_S: u32 = 100;
+    /// A bulk burst (one flow at full speed) every [`BULK_EVERY`], alternating destinations.
+    pub const BULK_EVERY: Duration = Duration::from_secs(10);
+    pub const BULK_SECS: f64 = 2.0;
+    /// How often the generator prints its counters.
+    pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+}
+
+/// The soak's counters ([`mix`]): cumulative since it started.
+#[derive(Debug, Default)]
+pub struct MixCounters {
+    pub rr_ok: std::sync::atomic::AtomicU64,
+    pub rr_failed: std::sync::atomic::AtomicU64,
+    pub renewed: std::sync::atomic::AtomicU64,
+    pub conn_ok: std::sync::atomic::AtomicU64,
+    pub conn_failed: std::sync::atomic::AtomicU64,
+    pub bulk_ok: std::sync::atomic::AtomicU64,
+    pub bulk_failed: std::sync::atomic::AtomicU64,
+    pub bulk_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl MixCounters {
+    fn json(&self, t: f64, done: bool) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        serde_json::json!({
+            "t": t, "done": done,
+            "rr_ok": self.rr_ok.load(Relaxed), "rr_failed": self.rr_failed.load(Relaxed),
+            "renewed": self.renewed.load(Relaxed),
+            "conn_ok": self.conn_ok.load(Relaxed), "conn_failed": self.conn_failed.load(Relaxed),
+            "bulk_ok": self.bulk_ok.load(Relaxed), "bulk_failed": self.bulk_failed.load(Relaxed),
+            "bulk_bytes": self.bulk_bytes.load(Relaxed),
+        })
+    }
+}
+
+/// Sleeps until `next` (a pacing schedule), then moves it on by `step`; a schedule that fell
+/// behind by more than a second restarts from now instead of bursting to catch up.
+fn pace(next: &mut Instant, step: Duration, until: Instant) {
+    let now = Instant::now();
+    if *next > now {
+        std::thread::sleep((*next).min(until).saturating_duration_since(now));
+    } else if now - *next > Duration::from_secs(1) {
+        *next = now;
+    }
+    *next += step;
+}
+
+/// One kept-alive connection of the soak: echo exchanges of [`mix_plan::RR_SIZES`] at
+/// [`mix_plan::RR_PER_S`] until `until`, or until `renew` has passed (then it closes and the
+/// caller opens the next). An error counts once and ends the connection.
+fn rr_connection(
+    dst: SocketAddr,
+    until: Instant,
+    renew: Option<Duration>,
+    c: &MixCounters,
+) -> Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut s = connect(dst)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    s.set_write_timeout(Some(CONNECT_TIMEOUT))?;
+    s.write_all(&[MODE_ECHO])?;
+    let end = renew.map_or(until, |r| (Instant::now() + r).min(until));
+    let step = Duration::from_secs(1) / mix_plan::RR_PER_S;
+    let mut next = Instant::now();
+    let largest = mix_plan::RR_SIZES.iter().copied().max().unwrap_or(1);
+    let out = vec![0x42u8; largest];
+    let mut back = vec![0u8; largest];
+    for size in mix_plan::RR_SIZES.iter().copied().cycle() {
+        pace(&mut next, step, end);
+        if Instant::now() >= end {
+            break;
+        }
+        s.write_all(&out[..size]).context("request")?;
+        s.read_exact(&mut back[..size]).context("response")?;
+        c.rr_ok.fetch_add(1, Relaxed);
+    }
+    Ok(())
+}
+
+/// One bulk burst: one flow for `secs` at full speed; returns the bytes the server counted.
+fn bulk_once(dst: SocketAddr, secs: f64) -> Result<u64> {
+    let mut c = connect(dst)?;
+    c.set_write_timeout(Some(Duration::from_secs(30)))?;
+    c.set_read_timeout(Some(Duration::from_secs(30)))?;
+    c.write_all(&[MODE_SINK])?;
+    let buf = vec![0x5au8; BULK_CHUNK];
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let mut sent = 0u64;
+    while Instant::now() < until {
+        c.write_all(&buf).context("bulk write")?;
+        sent += buf.len() as u64;
+    }
+    c.shutdown(Shutdown::Write)?;
+    let mut ack = [0u8; 8];
+    c.read_exact(&mut ack)
+        .context("the server did not acknowledge the bytes")?;
+    let got = u64::from_le_bytes(ack);
+    ensure!(got == sent, "sent {sent} bytes, the server counted {got}");
+    Ok(got)
+}
+
+/// The soak's mixed traffic to `dsts` (same node and cross node) for `secs`: per destination,
+/// kept-alive request/response connections (some for the whole run, some renewed every
+/// [`mix_plan::RR_RENEW`]), connection churn at [`mix_plan::CHURN_PER_S`], and a bulk burst
+/// every [`mix_plan::BULK_EVERY`] (alternating destinations). Prints its counters as one JSON
+/// line every [`mix_plan::REPORT_EVERY`] and a last one with `"done": true`. Failures are
+/// counted, not fatal: the soak judges them.
+pub fn mix(dsts: &[SocketAddr], secs: f64) -> Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    ensure!(!dsts.is_empty(), "at least one destination");
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(secs);
+    let c = Arc::new(MixCounters::default());
+    let mut threads = Vec::new();
+    for &dst in dsts {
+        for renew in std::iter::repeat_n(None, mix_plan::RR_LONG).chain(std::iter::repeat_n(
+            Some(mix_plan::RR_RENEW),
+            mix_plan::RR_RENEWED,
+        )) {
+            let c = c.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut first = true;
+                while Instant::now() < until {
+                    if !first && renew.is_some() {
+                        c.renewed.fetch_add(1, Relaxed);
+                    }
+                    first = false;
+                    if rr_connection(dst, until, renew, &c).is_err() {
+                        c.rr_failed.fetch_add(1, Relaxed);
+                        // Back off before reconnecting.
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            }));
+        }
+        let c = c.clone();
+        threads.push(std::thread::spawn(move || {
+            let step = Duration::from_secs(1) / mix_plan::CHURN_PER_S;
+            let mut next = Instant::now();
+            loop {
+                pace(&mut next, step, until);
+                if Instant::now() >= until {
+                    break;
+                }
+                let once = || -> std::io::Result<()> {
+                    let mut s = TcpStream::connect_timeout(&dst, CONNECT_TIMEOUT)?;
+                    s.set_nodelay(true)?;
+                    s.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+                    s.write_all(&[MODE_CRR])?;
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b)?;
+                    // The server's FIN: the connection is done when this returns.
+                    let _ = s.read(&mut b)?;
+                    Ok(())
+                };
+                match once() {
+                    Ok(()) => c.conn_ok.fetch_add(1, Relaxed),
+                    Err(_) => c.conn_failed.fetch_add(1, Relaxed),
+                };
+            }
+        }));
+    }
+    {
+        let c = c.clone();
+        let dsts = dsts.to_vec();
+        threads.push(std::thread::spawn(move || {
+            let mut next = Instant::now() + mix_plan::BULK_EVERY / 2;
+            for dst in dsts.iter().cycle() {
+                pace(&mut next, mix_plan::BULK_EVERY, until);
+                let left = until
+                    .saturating_duration_since(Instant::now())
+                    .as_secs_f64();
+                if left < mix_plan::BULK_SECS + 1.0 {
+                    break;
+                }
+                match bulk_once(*dst, mix_plan::BULK_SECS) {
+                    Ok(bytes) => {
+                        c.bulk_ok.fetch_add(1, Relaxed);
+                        c.bulk_bytes.fetch_add(bytes, Relaxed);
+                    }
+                    Err(_) => {
+                        c.bulk_failed.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    let mut out = std::io::stdout();
+    let mut next = Instant::now() + mix_plan::REPORT_EVERY;
+    while Instant::now() < until {
+        pace(&mut next, mix_plan::REPORT_EVERY, until);
+        writeln!(out, "{}", c.json(start.elapsed().as_secs_f64(), false))?;
+        out.flush()?;
+    }
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a soak traffic thread panicked"))?;
+    }
+    writeln!(out, "{}", c.json(start.elapsed().as_secs_f64(), true))?;
+    out.flush()?;
+    Ok(())
+}

@@ -54,9 +54,20 @@ const TARGETS: [Target; 5] = [
     },
 ];
 
+/// When and under what load a run ran (the history and the report's header).
+#[derive(Clone, Debug, Default)]
+pub struct RunMeta {
+    /// `2026-11-26T03:47Z` ([`utc_minute`]).
+    pub finished_utc: String,
+    /// 1-minute load average before and after the run (the machine may be shared).
+    pub load_before: Option<f64>,
+    pub load_after: Option<f64>,
+}
+
 pub struct Report {
     plan: Plan,
     took: Duration,
+    pub meta: RunMeta,
     /// path → metric → median.
     paths: BTreeMap<&'static str, BTreeMap<&'static str, f64>>,
     /// mesh path → ratio metric → median over rounds.
@@ -209,9 +220,17 @@ impl Report {
         Self {
             plan,
             took,
+            meta: RunMeta::default(),
             paths,
             ratios,
         }
+    }
+
+    /// The chart of each path against raw (`paths.svg`): one panel per figure (single-flow
+    /// and 4-flow throughput, rr 1 B p50, new connections/s), a bar per path, each mesh bar
+    /// noted with its paired ratio to raw (or the added latency).
+    pub fn paths_chart(&self) -> anyhow::Result<String> {
+        paths_chart(&self.json())
     }
 
     fn target_value(&self, t: &Target) -> Option<f64> {
@@ -244,6 +263,8 @@ impl Report {
                 "crr_secs": self.plan.crr_secs, "crr_clients": super::CRR_CLIENTS,
                 "took_s": self.took.as_secs_f64(),
                 "machine": machine(),
+                "finished_utc": self.meta.finished_utc,
+                "load_before": self.meta.load_before, "load_after": self.meta.load_after,
             },
         })
     }
@@ -595,8 +616,116 @@ fn fmt(v: f64) -> String {
     }
 }
 
+/// The chart of each path against raw ([`Report::paths_chart`]) from a `report.json` (also an
+/// older one: `nm-bench charts`). The title names the run's kind, date and machine.
+pub fn paths_chart(report: &serde_json::Value) -> anyhow::Result<String> {
+    use super::plot::{Bar, BarPanel};
+    let names = [
+        ("raw", "raw"),
+        ("mesh_same_node", "mesh same node"),
+        ("mesh_cross_node", "mesh cross node"),
+    ];
+    let panel = |title: &str, unit: &str, metric: &str, ratio: &str| BarPanel {
+        title: title.to_owned(),
+        y_desc: unit.to_owned(),
+        bars: names
+            .iter()
+            .filter_map(|(path, label)| {
+                let value = report["paths"][path][metric].as_f64()?;
+                let note = if *path == "raw" {
+                    fmt(value)
+                } else {
+                    match report["ratios_to_raw"][path][ratio].as_f64() {
+                        Some(r) if ratio.ends_with("_us") => format!("{r:+.1} µs"),
+                        Some(r) => format!("{r:.2}×"),
+                        None => fmt(value),
+                    }
+                };
+                Some(Bar {
+                    label: (*label).to_owned(),
+                    value,
+                    note,
+                })
+            })
+            .collect(),
+    };
+    let panels = [
+        panel(
+            "throughput, 1 flow",
+            "Gbit/s",
+            "throughput_1flow_gbit_s",
+            "throughput_1flow_ratio",
+        ),
+        panel(
+            "throughput, 4 flows",
+            "Gbit/s",
+            "throughput_4flow_gbit_s",
+            "throughput_4flow_ratio",
+        ),
+        panel(
+            "keep-alive rr 1 B, p50 (lower is better)",
+            "µs",
+            "rr_1b_p50_us",
+            "rr_1b_p50_added_us",
+        ),
+        panel(
+            "new connections/s, 8 clients",
+            "connections/s",
+            "conn_per_s",
+            "conn_per_s_ratio",
+        ),
+    ];
+    let run = &report["run"];
+    let title = format!(
+        "nodemesh bench ({}{}): each path against raw; notes: ratio to raw, paired by round",
+        if run["quick"] == true {
+            "quick"
+        } else {
+            "full"
+        },
+        run["finished_utc"]
+            .as_str()
+            .filter(|d| !d.is_empty())
+            .map_or(String::new(), |d| format!(", {d}")),
+    );
+    super::plot::bars(&title, &panels, 2, 1000, 330)
+}
+
+/// The 1-minute load average (`/proc/loadavg`).
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `2026-11-26T03:47Z`: the UTC minute of `t`.
+pub fn utc_minute(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}Z",
+        rest / 3_600,
+        rest % 3_600 / 60
+    )
+}
+
 /// CPU model, core count and kernel, for the report's header.
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -615,6 +744,15 @@ fn machine() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_minute_formats_civil_dates() {
+        let at = |secs: u64| utc_minute(std::time::UNIX_EPOCH + Duration::from_secs(secs));
+        assert_eq!(at(0), "1970-01-01T00:00Z");
+        // 2026-11-26 03:47:59 UTC and a leap day.
+        assert_eq!(at(1_795_664_879), "2026-11-26T03:47Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00Z");
+    }
 
     #[test]
     fn median_of_odd_even_and_non_finite() {
@@ -690,6 +828,11 @@ mod tests {
             r.markdown()
                 .contains("| single-flow throughput, mesh/raw | ≥ 0.4 × | 0.25 × | FAIL |")
         );
+        let chart = r.paths_chart().expect("chart");
+        super::super::plot::check_svg(&chart).expect("svg");
+        for note in ["0.25×", "0.50×", "+30.0 µs", "mesh cross node"] {
+            assert!(chart.contains(note), "{note} missing from the chart");
+        }
     }
 
     fn scale(enroll: Vec<f64>) -> K8sScale {

@@ -74,7 +74,8 @@ pub struct Report {
     ratios: BTreeMap<&'static str, BTreeMap<&'static str, f64>>,
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+/// The median of the finite values (`None` when there is none).
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     v.retain(|x| x.is_finite());
     if v.is_empty() {
         return None;

@@ -18,6 +18,7 @@
 //!   policy reloads, and the error counters of [`ERROR_COUNTERS`].
 //! - **Output** in `OUT` (default `target/soak`): `report.md`, `report.json`, `soak.svg`.
 
+use crate::bench::report::median;
 use std::{
     collections::BTreeMap,
     fs,
@@ -628,19 +629,6 @@ impl Resource {
             Resource::Tasks => 16.0,
         }
     }
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
 }
 
 /// Least-squares slope of `points` (y per x unit).

@@ -10,6 +10,7 @@
 //! NETNS PROG ARGS…`, which joins the place and execs the tool. Rounds rotate the path order
 //! like the bench's; medians over rounds, ratios to raw paired by round.
 
+use crate::bench::report::median;
 use std::{
     collections::BTreeMap,
     fs,
@@ -396,20 +397,6 @@ pub fn measure(tools: &Tools, paths: &[PathSpec]) -> Result<ThirdParty> {
     }
     tp.took = started.elapsed();
     Ok(tp)
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
 }
 
 impl ThirdParty {

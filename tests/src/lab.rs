@@ -55,6 +55,19 @@ pub const ECHO_PORT: u16 = 8080;
 pub const AGENT_GLIBC_TUNABLES: &str = "glibc.cpu.x86_rep_movsb_threshold=4194304";
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
+/// Appends the processes of cgroup `dir` and of every cgroup below it to `out` (a cgroup that
+/// is gone counts as empty).
+pub fn pids_in(dir: &Path, out: &mut Vec<i32>) {
+    if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            pids_in(&e.path(), out);
+        }
+    }
+}
+
 /// Copies the lab's files (`tests/lab/lab.yaml`, `policies.yaml`) into `dir` with the pods'
 /// network namespaces renamed to `prefix`, so a test's lab runs beside a user's (`nm-lab
 /// --prefix`); returns the copy of `lab.yaml`.

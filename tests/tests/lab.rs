@@ -48,17 +48,6 @@ fn leftovers(lab: &Lab, pids: &[i32]) -> Result<Vec<String>> {
     Ok(left)
 }
 
-fn pids_in(dir: &Path, out: &mut Vec<i32>) {
-    if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
-        out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
-    }
-    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
-        if e.path().is_dir() {
-            pids_in(&e.path(), out);
-        }
-    }
-}
-
 #[test]
 fn lab_up_demo_and_down_leave_nothing_behind() -> Result<()> {
     require_root();
@@ -136,7 +125,7 @@ fn lab_up_demo_and_down_leave_nothing_behind() -> Result<()> {
             "the denied row is refused"
         );
         let mut pids = Vec::new();
-        pids_in(
+        lab::pids_in(
             &mesh_agent::cgroup::cgroup2_mount()?.join(PREFIX),
             &mut pids,
         );

@@ -95,15 +95,20 @@ fn logs(lab: &Lab) -> String {
     all
 }
 
-fn pids_in(dir: &Path, out: &mut Vec<i32>) {
-    if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
-        out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
-    }
-    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
-        if e.path().is_dir() {
-            pids_in(&e.path(), out);
-        }
-    }
+/// Node a's `/metrics`, fetched in its network namespace as the guide does.
+fn node_a_metrics(lab: &Lab, node_a_ip: &str) -> Result<String> {
+    let out = nm_lab(
+        lab,
+        &[
+            "exec",
+            "node-a",
+            "--",
+            "curl",
+            "-sS",
+            &format!("http://{node_a_ip}:15020/metrics"),
+        ],
+    )?;
+    Ok(text(&out))
 }
 
 #[test]
@@ -289,18 +294,7 @@ fn helm_install_on_the_kubernetes_lab_meshes_denies_and_counts_then_down_leaves_
         .with_context(|| logs(&lab))?;
 
         // The metrics count it, on node a's agent (its metrics address in its namespace).
-        let metrics = nm_lab(
-            &lab,
-            &[
-                "exec",
-                "node-a",
-                "--",
-                "curl",
-                "-sS",
-                &format!("http://{node_a_ip}:15020/metrics"),
-            ],
-        )?;
-        let metrics = text(&metrics);
+        let metrics = node_a_metrics(&lab, &node_a_ip)?;
         let opened = nodemesh_tests::metric_sum(
             &metrics,
             "istio_tcp_connections_opened_total",
@@ -336,18 +330,7 @@ fn helm_install_on_the_kubernetes_lab_meshes_denies_and_counts_then_down_leaves_
             },
         )
         .with_context(|| logs(&lab))?;
-        let metrics = nm_lab(
-            &lab,
-            &[
-                "exec",
-                "node-a",
-                "--",
-                "curl",
-                "-sS",
-                &format!("http://{node_a_ip}:15020/metrics"),
-            ],
-        )?;
-        let metrics = text(&metrics);
+        let metrics = node_a_metrics(&lab, &node_a_ip)?;
         let denied = nodemesh_tests::metric_sum(
             &metrics,
             "nodemesh_datapath_events_total",
@@ -356,7 +339,7 @@ fn helm_install_on_the_kubernetes_lab_meshes_denies_and_counts_then_down_leaves_
         ensure!(denied >= 1, "node a counts the refusal:\n{metrics}");
 
         let mut pids = Vec::new();
-        pids_in(
+        lab::pids_in(
             &mesh_agent::cgroup::cgroup2_mount()?.join(PREFIX),
             &mut pids,
         );

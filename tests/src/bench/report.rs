@@ -123,6 +123,15 @@ pub struct Report {
     ratios: BTreeMap<&'static str, BTreeMap<&'static str, f64>>,
 }
 
+/// A mesh-to-raw figure as the report prints it: added µs for a latency, else a ratio.
+pub(crate) fn ratio_cell(v: f64, latency: bool) -> String {
+    if latency {
+        format!("{v:+.1} µs")
+    } else {
+        format!("{v:.2}×")
+    }
+}
+
 /// The median of the finite values (`None` when there is none).
 pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     v.retain(|x| x.is_finite());
@@ -390,12 +399,8 @@ impl Report {
             let r = |p: &str| {
                 ratio
                     .and_then(|k| self.ratios[p].get(k))
-                    .map_or("–".to_owned(), |v| {
-                        if ratio.is_some_and(|k| k.ends_with("_us")) {
-                            format!("{v:+.1} µs")
-                        } else {
-                            format!("{v:.2}×")
-                        }
+                    .map_or("–".to_owned(), |&v| {
+                        ratio_cell(v, ratio.is_some_and(|k| k.ends_with("_us")))
                     })
             };
             s.push_str(&format!(

@@ -10,7 +10,7 @@
 //! NETNS PROG ARGS…`, which joins the place and execs the tool. Rounds rotate the path order
 //! like the bench's; medians over rounds, ratios to raw paired by round.
 
-use crate::bench::report::median;
+use crate::bench::report::{median, ratio_cell};
 use std::{
     collections::BTreeMap,
     fs,
@@ -475,13 +475,8 @@ impl ThirdParty {
             let (_, label) = tool.metric();
             let cell = |p: &str| self.median(p, tool).map_or("–".into(), fmt);
             let r = |p: &str| {
-                self.ratio(p, tool).map_or("–".into(), |v| {
-                    if tool.is_latency() {
-                        format!("{v:+.1} µs")
-                    } else {
-                        format!("{v:.2}×")
-                    }
-                })
+                self.ratio(p, tool)
+                    .map_or("–".into(), |v| ratio_cell(v, tool.is_latency()))
             };
             s.push_str(&format!(
                 "| {label} | {} | {} | {} | {} | {} |\n",

@@ -89,6 +89,9 @@ pub struct AgentOptions {
     /// Capacity of the enrolled-pods map when this instance's pins are created; `None`: 4096.
     /// A test setting (`mesh-agent local --max-enrolled-pods`, hidden).
     pub max_enrolled_pods: Option<u32>,
+    /// Threads that carry the tunnel's traffic, each with its own runtime and listeners
+    /// (`tunnel::shards`); 1: the tunnel runs on the agent's runtime.
+    pub tunnel_threads: usize,
 }
 
 /// Where the agent gets certificates in Kubernetes mode with `--ca-address`: the mesh CA
@@ -129,6 +132,7 @@ impl Default for AgentOptions {
             cert_ttl: None,
             ca_fault_file: None,
             max_enrolled_pods: None,
+            tunnel_threads: 1,
         }
     }
 }
@@ -555,6 +559,7 @@ pub async fn build_with(
         ejection_time: opts.ejection_time,
         handshake_metrics: obs.handshake.clone(),
         node_identity: Some(node_identity(&trust_domain)?),
+        shards: opts.tunnel_threads.max(1),
         ..TunnelConfig::default()
     };
     let inbound_addr = SocketAddr::new(node.address, node.hbone_port);

@@ -298,12 +298,17 @@ struct NodeArgs {
     /// (bind-mounted namespace files).
     #[arg(long)]
     pod_netns_dir: Option<PathBuf>,
-    /// Tokio worker threads of the agent's runtime: the cores the tunnel can use at once (under
-    /// load the HBONE pool opens up to one connection per worker and peer). 2 by default, as
-    /// ztunnel; raise it with the agent's CPU limit on nodes with heavy mesh traffic.
+    /// Threads that carry the tunnel's traffic: the cores it can use at once. Each serves its
+    /// own share of the connections from accept to close (its own listeners, runtime and HBONE
+    /// connections), so a connection never hops between threads. 2 by default, as ztunnel's
+    /// workers; raise it with the agent's CPU limit on nodes with heavy mesh traffic.
     #[arg(long, env = "NODEMESH_WORKER_THREADS", default_value_t = DEFAULT_WORKER_THREADS,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: u16,
+    /// A/B setting: run the tunnel on one work-stealing runtime with `--worker-threads` workers
+    /// (the layout before issue 15) instead of one thread per share.
+    #[arg(long, env = "NODEMESH_SHARED_RUNTIME", hide = true)]
+    shared_runtime: bool,
     /// Log lines as `text` or `json` (Kubernetes mode); the filter starts from RUST_LOG
     /// (default `info`) and `/logging?level=` replaces it.
     #[arg(long, default_value = "text")]
@@ -389,12 +394,17 @@ struct LocalArgs {
     /// `127.0.0.1:<adminPort>` (15000).
     #[arg(long)]
     admin_addr: Option<std::net::SocketAddr>,
-    /// Tokio worker threads of the agent's runtime: the cores the tunnel can use at once (under
-    /// load the HBONE pool opens up to one connection per worker and peer). 2 by default, as
-    /// ztunnel; raise it with the agent's CPU limit on nodes with heavy mesh traffic.
+    /// Threads that carry the tunnel's traffic: the cores it can use at once. Each serves its
+    /// own share of the connections from accept to close (its own listeners, runtime and HBONE
+    /// connections), so a connection never hops between threads. 2 by default, as ztunnel's
+    /// workers; raise it with the agent's CPU limit on nodes with heavy mesh traffic.
     #[arg(long, env = "NODEMESH_WORKER_THREADS", default_value_t = DEFAULT_WORKER_THREADS,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: u16,
+    /// A/B setting: run the tunnel on one work-stealing runtime with `--worker-threads` workers
+    /// (the layout before issue 15) instead of one thread per share.
+    #[arg(long, env = "NODEMESH_SHARED_RUNTIME", hide = true)]
+    shared_runtime: bool,
     /// Log lines as `text` or `json`; the filter starts from RUST_LOG (default `info`) and
     /// `/logging?level=` replaces it.
     #[arg(long, default_value = "text")]
@@ -428,7 +438,7 @@ fn init_reloadable_logging(
 
 fn run_local(args: LocalArgs) -> ExitCode {
     let logging = init_reloadable_logging(args.log_format);
-    let workers = args.worker_threads;
+    let threads = Threads::new(args.worker_threads, args.shared_runtime);
     let opts = crate::app::LocalOptions {
         agent: crate::app::AgentOptions {
             state_dir: args.state_dir,
@@ -446,13 +456,14 @@ fn run_local(args: LocalArgs) -> ExitCode {
             cert_ttl: args.cert_ttl_secs.map(|s| Duration::from_secs(s.max(1))),
             ca_fault_file: args.ca_fault_file,
             max_enrolled_pods: args.max_enrolled_pods,
+            tunnel_threads: threads.tunnel,
             ..Default::default()
         },
         config: args.config,
         node: args.node,
         poll_interval: Duration::from_millis(args.poll_ms.max(10)),
     };
-    run_agent(workers, async move { crate::app::build(opts).await })
+    run_agent(threads, async move { crate::app::build(opts).await })
 }
 
 /// How often the agent looks for freed heap memory to hand back to the kernel.
@@ -505,14 +516,42 @@ fn one_malloc_arena() {
     }
 }
 
+/// How the agent's threads are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Threads {
+    /// Workers of the main runtime (control plane: model, certificates, metrics, admin).
+    main: usize,
+    /// Tunnel shards (`tunnel::shards`); 1: the tunnel runs on the main runtime.
+    tunnel: usize,
+}
+
+impl Threads {
+    /// `--worker-threads` tunnel shards beside a one-worker main runtime, or with
+    /// `--shared-runtime` everything on one runtime of that many workers.
+    fn new(workers: u16, shared_runtime: bool) -> Self {
+        let workers = usize::from(workers.max(1));
+        if shared_runtime || workers == 1 {
+            Self {
+                main: workers,
+                tunnel: 1,
+            }
+        } else {
+            Self {
+                main: 1,
+                tunnel: workers,
+            }
+        }
+    }
+}
+
 /// Runs an agent built by `build` until SIGTERM/SIGINT (or `/quitquitquit`).
 fn run_agent(
-    workers: u16,
+    threads: Threads,
     build: impl Future<Output = anyhow::Result<crate::app::Running>>,
 ) -> ExitCode {
     one_malloc_arena();
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(workers))
+        .worker_threads(threads.main)
         .enable_all()
         .build()
     {
@@ -549,7 +588,7 @@ fn run_agent(
 /// `mesh-agent node` without `--datapath-only`: the whole agent fed by Kubernetes.
 fn run_kubernetes(args: NodeArgs) -> ExitCode {
     let logging = init_reloadable_logging(args.log_format);
-    let workers = args.worker_threads;
+    let threads = Threads::new(args.worker_threads, args.shared_runtime);
     let Some(node) = args.node.filter(|n| !n.is_empty()) else {
         eprintln!(
             "error: the node's name is needed: pass --node or set NODE_NAME (in a DaemonSet, \
@@ -606,6 +645,7 @@ fn run_kubernetes(args: NodeArgs) -> ExitCode {
             admin_addr: args.admin_addr,
             logging,
         },
+        tunnel_threads: threads.tunnel,
         ..Default::default()
     };
     // Pods' network namespaces: found through the host's /proc (the kubelet's cgroup names),
@@ -616,7 +656,7 @@ fn run_kubernetes(args: NodeArgs) -> ExitCode {
     };
     let kubeconfig = args.kubeconfig;
     run_agent(
-        workers,
+        threads,
         crate::app::build_with(agent, async move {
             let client = crate::k8s::client(kubeconfig.as_deref()).await?;
             let opts = crate::k8s::source::SourceOptions::new(settings);

@@ -26,6 +26,7 @@ pub mod listener;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;
+pub mod shards;
 pub mod splice;
 pub mod state;
 
@@ -87,6 +88,10 @@ pub struct TunnelConfig {
     pub pool_max_connections_per_key: usize,
     /// An unused pooled connection is closed after this long (ztunnel: 5 min).
     pub pool_idle_timeout: Duration,
+    /// Threads that carry traffic ([`shards`]): each runs its own runtime, listeners and HBONE
+    /// connections. 1: the tunnel's tasks run on the caller's runtime (tests, and listeners
+    /// bound without `SO_REUSEPORT`). The agent sets its `--worker-threads`.
+    pub shards: usize,
     /// HTTP/2 keepalive: a PING every `keepalive_interval`; no answer within
     /// `keepalive_timeout` closes the connection (ztunnel: 10 s / 20 s). Detects dead peers
     /// behind NAT or a crashed node faster than TCP keepalive.
@@ -155,6 +160,7 @@ impl Default for TunnelConfig {
             pool_spread_streams: 1,
             pool_max_connections_per_key: 0,
             pool_idle_timeout: Duration::from_secs(300),
+            shards: 1,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
             copy_buffer_size: 256 * 1024,
@@ -185,8 +191,10 @@ pub struct Running {
     pub outbound: Arc<outbound::Outbound>,
     pub inbound_addr: SocketAddr,
     pub outbound_addr: SocketAddr,
-    /// Both serve loops; they return once drained.
+    /// Both serve loops (or one task per shard); they return once drained.
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The shards' runtimes (empty when the tunnel runs on the caller's runtime).
+    pub runtimes: Vec<tokio::runtime::Handle>,
 }
 
 /// Starts inbound and outbound on already bound listeners (bind them with
@@ -208,6 +216,7 @@ pub fn start(
         seams.authorizer.clone(),
     );
     let pool = pool::Pool::new(config.clone(), certs);
+    let (shard_count, backlog) = (config.shards, config.listen_backlog);
     let outbound = outbound::Outbound::new(
         config,
         pool,
@@ -216,16 +225,30 @@ pub fn start(
         seams.workloads,
         seams.authorizer,
     );
-    let tasks = vec![
-        tokio::spawn(inbound.clone().serve(inbound_listener, drain.clone())),
-        tokio::spawn(outbound.clone().serve(outbound_listener, drain)),
-    ];
+    let (tasks, runtimes) = if shard_count > 1 {
+        let started = shards::start(
+            shard_count,
+            &inbound,
+            &outbound,
+            (inbound_listener, outbound_listener),
+            backlog,
+            &drain,
+        )?;
+        (started.tasks, started.runtimes)
+    } else {
+        let tasks = vec![
+            tokio::spawn(inbound.clone().serve(inbound_listener, drain.clone())),
+            tokio::spawn(outbound.clone().serve(outbound_listener, drain)),
+        ];
+        (tasks, Vec::new())
+    };
     Ok(Running {
         inbound,
         outbound,
         inbound_addr,
         outbound_addr,
         tasks,
+        runtimes,
     })
 }
 

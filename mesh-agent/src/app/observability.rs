@@ -207,7 +207,12 @@ impl Observability {
             .metrics()
             .register(self.registry.nodemesh());
         register_datapath(self.registry.nodemesh(), datapath.clone());
-        RuntimeCollector::register(self.registry.nodemesh(), tokio::runtime::Handle::current());
+        RuntimeCollector::register_all(
+            self.registry.nodemesh(),
+            std::iter::once(tokio::runtime::Handle::current())
+                .chain(tunnel.runtimes.iter().cloned())
+                .collect(),
+        );
         let expiry_certs = certs.clone();
         CertExpiry::register(
             self.registry.nodemesh(),

@@ -1,7 +1,8 @@
-//! `nodemesh_runtime_*`: the tokio runtime's stable metrics, read at scrape time from a
-//! [`Handle`] (a few atomic loads; nothing kept between scrapes).
+//! `nodemesh_runtime_*`: the tokio runtimes' stable metrics, read at scrape time from their
+//! [`Handle`]s (a few atomic loads; nothing kept between scrapes), summed over the agent's
+//! runtimes (its main one and the tunnel's shards, `tunnel::shards`).
 //!
-//! - `nodemesh_runtime_workers`: worker threads of the runtime the agent serves on.
+//! - `nodemesh_runtime_workers`: threads the runtimes run tasks on.
 //! - `nodemesh_runtime_alive_tasks`: tasks spawned and not yet finished (connections, servers,
 //!   timers); a steady climb with flat traffic is a task leak.
 //! - `nodemesh_runtime_global_queue_depth`: tasks waiting in the shared injection queue; a
@@ -17,34 +18,41 @@ use tokio::runtime::Handle;
 
 #[derive(Debug)]
 pub struct RuntimeCollector {
-    handle: Handle,
+    handles: Vec<Handle>,
 }
 
 impl RuntimeCollector {
     /// Registers the gauges of `handle`'s runtime in `registry` (the `nodemesh` sub-registry).
     pub fn register(registry: &mut Registry, handle: Handle) {
-        registry.register_collector(Box::new(RuntimeCollector { handle }));
+        Self::register_all(registry, vec![handle]);
+    }
+
+    /// Registers the gauges summed over the runtimes of `handles`.
+    pub fn register_all(registry: &mut Registry, handles: Vec<Handle>) {
+        registry.register_collector(Box::new(RuntimeCollector { handles }));
     }
 }
 
 impl Collector for RuntimeCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let m = self.handle.metrics();
+        let sum = |f: fn(&tokio::runtime::RuntimeMetrics) -> usize| -> usize {
+            self.handles.iter().map(|h| f(&h.metrics())).sum()
+        };
         let gauges: [(&str, &str, usize); 3] = [
             (
                 "runtime_workers",
-                "Worker threads of the agent's tokio runtime.",
-                m.num_workers(),
+                "Threads of the agent's tokio runtimes (main runtime workers and tunnel shards).",
+                sum(tokio::runtime::RuntimeMetrics::num_workers),
             ),
             (
                 "runtime_alive_tasks",
-                "Tasks alive in the agent's tokio runtime.",
-                m.num_alive_tasks(),
+                "Tasks alive in the agent's tokio runtimes.",
+                sum(tokio::runtime::RuntimeMetrics::num_alive_tasks),
             ),
             (
                 "runtime_global_queue_depth",
-                "Tasks waiting in the tokio runtime's global queue.",
-                m.global_queue_depth(),
+                "Tasks waiting in the tokio runtimes' global queues.",
+                sum(tokio::runtime::RuntimeMetrics::global_queue_depth),
             ),
         ];
         for (name, help, value) in gauges {

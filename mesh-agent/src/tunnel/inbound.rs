@@ -68,6 +68,8 @@ pub struct Inbound {
     active_streams: AtomicUsize,
     connections: Arc<ConnectionManager>,
     metrics: TunnelMetrics,
+    /// `max_inbound_connections`, shared by every listener serving this inbound (the shards).
+    limit: Arc<tokio::sync::Semaphore>,
 }
 
 /// Which workload identity an inbound connection speaks for.
@@ -134,6 +136,7 @@ impl Inbound {
         workloads: Arc<dyn LocalWorkloads>,
         authorizer: Arc<dyn Authorizer>,
     ) -> Arc<Self> {
+        let limit = Arc::new(tokio::sync::Semaphore::new(config.max_inbound_connections));
         Arc::new(Self {
             config,
             certs,
@@ -144,6 +147,7 @@ impl Inbound {
             active_streams: AtomicUsize::new(0),
             connections: ConnectionManager::new(),
             metrics: TunnelMetrics::default(),
+            limit,
         })
     }
 
@@ -174,9 +178,7 @@ impl Inbound {
         let local = listener.local_addr().ok();
         info!(listen = ?local, "inbound HBONE server started");
         let mut conns = JoinSet::new();
-        let limit = Arc::new(tokio::sync::Semaphore::new(
-            self.config.max_inbound_connections,
-        ));
+        let limit = self.limit.clone();
         loop {
             tokio::select! {
                 biased;

@@ -56,6 +56,8 @@ pub struct Outbound {
     connections: Arc<ConnectionManager>,
     metrics: TunnelMetrics,
     same_node: super::splice::SameNode,
+    /// `max_outbound_connections`, shared by every listener serving this outbound (the shards).
+    limit: Arc<tokio::sync::Semaphore>,
 }
 
 struct Gauge<'a>(&'a AtomicUsize);
@@ -142,6 +144,7 @@ impl Outbound {
         authorizer: Arc<dyn Authorizer>,
     ) -> Arc<Self> {
         let balancer = Balancer::new(config.ejection_time);
+        let limit = Arc::new(tokio::sync::Semaphore::new(config.max_outbound_connections));
         Arc::new(Self {
             config,
             pool,
@@ -154,6 +157,7 @@ impl Outbound {
             connections: ConnectionManager::new(),
             metrics: TunnelMetrics::default(),
             same_node: super::splice::SameNode::new(),
+            limit,
         })
     }
 
@@ -193,9 +197,7 @@ impl Outbound {
         let local = listener.local_addr().ok();
         info!(listen = ?local, "outbound listener started");
         let mut conns = JoinSet::new();
-        let limit = Arc::new(tokio::sync::Semaphore::new(
-            self.config.max_outbound_connections,
-        ));
+        let limit = self.limit.clone();
         loop {
             tokio::select! {
                 biased;

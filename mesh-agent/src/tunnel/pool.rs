@@ -130,6 +130,8 @@ enum ConnState {
 
 struct Conn {
     id: u64,
+    /// The [`super::shards`] shard whose runtime drives it; only that shard's requests use it.
+    shard: usize,
     key: PoolKey,
     state: watch::Receiver<ConnState>,
     reserved: AtomicUsize,
@@ -236,10 +238,14 @@ pub fn choose(
     }
 }
 
+/// The pool's connections by (shard, key), oldest first.
+type Connections = HashMap<(usize, PoolKey), Vec<Arc<Conn>>>;
+
 pub struct Pool {
     config: TunnelConfig,
     certs: Arc<CertCache>,
-    conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
+    /// By (shard, key): a shard's requests only ride connections its own thread drives.
+    conns: Mutex<Connections>,
     next_id: AtomicU64,
     max_connections_per_key: usize,
 }
@@ -247,6 +253,8 @@ pub struct Pool {
 impl Pool {
     pub fn new(config: TunnelConfig, certs: Arc<CertCache>) -> Arc<Self> {
         let max_connections_per_key = match config.pool_max_connections_per_key {
+            // A shard is one thread: more connections per key would not encrypt in parallel.
+            0 if config.shards > 1 => 1,
             0 => tokio::runtime::Handle::try_current()
                 .map(|h| h.metrics().num_workers())
                 .ok()
@@ -270,7 +278,7 @@ impl Pool {
         self.max_connections_per_key
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Arc<Conn>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connections> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -297,8 +305,9 @@ impl Pool {
     /// Reserves a slot on a usable connection, or creates one (handshake spawned).
     fn checkout(self: &Arc<Self>, key: &PoolKey) -> Slot {
         let max = self.config.pool_max_streams_per_connection.max(1);
+        let shard = super::shards::current();
         let mut conns = self.lock();
-        let list = conns.entry(key.clone()).or_default();
+        let list = conns.entry((shard, key.clone())).or_default();
         // Reservations only happen under this mutex (releases may run concurrently and only
         // lower the counts), so the choice holds until the reservation below.
         let usable: Vec<&Arc<Conn>> = list.iter().filter(|c| c.usable()).collect();
@@ -320,6 +329,7 @@ impl Pool {
         let (tx, rx) = watch::channel(ConnState::Connecting);
         let conn = Arc::new(Conn {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            shard,
             key: key.clone(),
             state: rx,
             reserved: AtomicUsize::new(1),
@@ -335,15 +345,20 @@ impl Pool {
         Slot { conn }
     }
 
+    fn unlist(conns: &mut Connections, conn: &Arc<Conn>) {
+        let key = (conn.shard, conn.key.clone());
+        if let Some(list) = conns.get_mut(&key) {
+            list.retain(|c| !Arc::ptr_eq(c, conn));
+            if list.is_empty() {
+                conns.remove(&key);
+            }
+        }
+    }
+
     fn remove(&self, conn: &Arc<Conn>) {
         let mut conns = self.lock();
         conn.evicted.store(true, Ordering::SeqCst);
-        if let Some(list) = conns.get_mut(&conn.key) {
-            list.retain(|c| !Arc::ptr_eq(c, conn));
-            if list.is_empty() {
-                conns.remove(&conn.key);
-            }
-        }
+        Self::unlist(&mut conns, conn);
     }
 
     /// Evicts `conn` if it is idle past the timeout. The check and the mark happen under the
@@ -361,12 +376,7 @@ impl Pool {
             return false;
         }
         conn.evicted.store(true, Ordering::SeqCst);
-        if let Some(list) = conns.get_mut(&conn.key) {
-            list.retain(|c| !Arc::ptr_eq(c, conn));
-            if list.is_empty() {
-                conns.remove(&conn.key);
-            }
-        }
+        Self::unlist(&mut conns, conn);
         true
     }
 

@@ -1,0 +1,137 @@
+//! Tunnel shards: one thread per core, each with its own single-threaded tokio runtime, its own
+//! `SO_REUSEPORT` listeners on 15001 and 15008, and its own HBONE connections in the pool.
+//!
+//! Why (issue 15, docs/performance.md "Shards"): on tokio's work-stealing runtime a connection's
+//! tasks (app socket copy, HBONE connection driver, stream handler) wake each other across
+//! worker threads, and an idle worker is woken to steal every time work is queued; a profile
+//! of the new-connection path showed ~20% of the agents' CPU in context switches and wake-ups.
+//! In a shard a connection is accepted, authorized, carried over HBONE and closed on one thread:
+//! a wake-up is a queue push, never a futex, and the kernel's `SO_REUSEPORT` hash spreads
+//! connections (app connections on 15001, peers' HBONE connections on 15008) over the shards.
+//!
+//! What is shared stays shared: [`super::inbound::Inbound`], [`super::outbound::Outbound`]
+//! (their metrics, connection registries for re-authorization, limits) and the certificate
+//! cache are one object used by every shard. The pool is one object too, but its connections
+//! are keyed by the shard that opened them ([`current`]), so a stream never rides a connection
+//! driven by another thread.
+//!
+//! Shard 0 serves the listeners the caller bound; shards 1.. bind their own at the same
+//! addresses, which only works on `SO_REUSEPORT` listeners (`listener::bind_reuseport`).
+
+use std::{cell::Cell, net::SocketAddr, sync::Arc};
+
+use tracing::{info, warn};
+
+use super::{drain, inbound::Inbound, listener, outbound::Outbound};
+
+thread_local! {
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The shard the calling thread serves (0 on any thread that is not a shard's, e.g. tests and
+/// an unsharded tunnel).
+pub fn current() -> usize {
+    SHARD.with(Cell::get)
+}
+
+/// Started shards: one task per shard (on the caller's runtime) that ends when the shard's
+/// listeners are drained and its connections have ended, and the shards' runtimes (metrics).
+pub(super) struct Started {
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub runtimes: Vec<tokio::runtime::Handle>,
+}
+
+/// Starts `count` shards serving `inbound` and `outbound` (`count` ≥ 1; the caller's listeners
+/// go to shard 0).
+pub(super) fn start(
+    count: usize,
+    inbound: &Arc<Inbound>,
+    outbound: &Arc<Outbound>,
+    listeners: (tokio::net::TcpListener, tokio::net::TcpListener),
+    backlog: u32,
+    drain: &drain::Watch,
+) -> std::io::Result<Started> {
+    let (inbound_listener, outbound_listener) = listeners;
+    let inbound_addr = inbound_listener.local_addr()?;
+    let outbound_addr = outbound_listener.local_addr()?;
+    // Every shard's sockets are bound here, before any thread starts, so a bind failure is the
+    // caller's error and no shard serves alone.
+    let mut sockets = vec![(inbound_listener.into_std()?, outbound_listener.into_std()?)];
+    for _ in 1..count {
+        sockets.push((
+            bind_std(inbound_addr, backlog, "inbound HBONE")?,
+            bind_std(outbound_addr, backlog, "outbound")?,
+        ));
+    }
+    let mut tasks = Vec::with_capacity(count);
+    let (handles_tx, handles_rx) = std::sync::mpsc::channel();
+    for (index, (inbound_socket, outbound_socket)) in sockets.into_iter().enumerate() {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let (inbound, outbound, drain) = (inbound.clone(), outbound.clone(), drain.clone());
+        let handle_tx = handles_tx.clone();
+        std::thread::Builder::new()
+            .name(format!("nm-shard-{index}"))
+            .spawn(move || {
+                SHARD.with(|s| s.set(index));
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        warn!(shard = index, error = %e, "cannot build the shard's runtime; its listeners are closed");
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(rt.handle().clone());
+                drop(handle_tx);
+                rt.block_on(async move {
+                    let (inbound_listener, outbound_listener) = match (
+                        tokio::net::TcpListener::from_std(inbound_socket),
+                        tokio::net::TcpListener::from_std(outbound_socket),
+                    ) {
+                        (Ok(i), Ok(o)) => (i, o),
+                        (Err(e), _) | (_, Err(e)) => {
+                            warn!(shard = index, error = %e, "cannot register the shard's listeners; they are closed");
+                            return;
+                        }
+                    };
+                    tokio::join!(
+                        inbound.serve(inbound_listener, drain.clone()),
+                        outbound.serve(outbound_listener, drain),
+                    );
+                });
+                // Dropping the runtime here ends what the shard still drives (its idle pooled
+                // connections); the serve loops above have already waited for every stream.
+                drop(done_tx);
+            })?;
+        tasks.push(tokio::spawn(async move {
+            let _ = done_rx.await;
+        }));
+    }
+    drop(handles_tx);
+    // Each shard sends its runtime's handle before serving (or drops its sender when its runtime
+    // cannot be built): this ends after `count` quick steps.
+    let runtimes: Vec<_> = handles_rx.iter().collect();
+    info!(
+        shards = runtimes.len(),
+        inbound = %inbound_addr,
+        outbound = %outbound_addr,
+        "tunnel shards serving (one thread and one runtime each)"
+    );
+    Ok(Started { tasks, runtimes })
+}
+
+fn bind_std(
+    addr: SocketAddr,
+    backlog: u32,
+    what: &str,
+) -> std::io::Result<std::net::TcpListener> {
+    let listener = listener::bind_reuseport(addr, backlog).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("a tunnel shard cannot listen on {addr} ({what}) beside the first: {e}"),
+        )
+    })?;
+    listener.into_std()
+}

@@ -34,6 +34,12 @@ pub fn current() -> usize {
     SHARD.with(Cell::get)
 }
 
+/// Makes the calling thread act as shard `index` (tests of shard-keyed state).
+#[cfg(test)]
+pub(crate) fn act_as(index: usize) {
+    SHARD.with(|s| s.set(index));
+}
+
 /// Started shards: one task per shard (on the caller's runtime) that ends when the shard's
 /// listeners are drained and its connections have ended, and the shards' runtimes (metrics).
 pub(super) struct Started {

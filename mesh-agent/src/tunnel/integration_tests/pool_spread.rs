@@ -2,7 +2,7 @@
 //! to the per-key bound, then stack on the least loaded one; sequential streams reuse one
 //! connection; a connection the peer closes is replaced by the next request that needs one.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Mutex};
 
 use super::*;
 use crate::tunnel::pool::PooledStream;
@@ -50,6 +50,63 @@ fn options(max_connections: usize, spread: usize) -> MeshOptions {
     opts.config.pool_max_connections_per_key = max_connections;
     opts.config.pool_spread_streams = spread;
     opts
+}
+
+/// Shards (issue 15): a stream rides only connections its own shard's thread drives, so two
+/// shards streaming to one peer at once hold one connection each even with a bound of one
+/// connection per key, and each shard reuses its own.
+#[test]
+fn shards_never_share_a_connection() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mesh = Arc::new(rt.block_on(Mesh::start(options(1, 1))));
+    let (ids_tx, ids_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let stop_rx = Arc::new(Mutex::new(stop_rx));
+    let shards: Vec<_> = (0..2)
+        .map(|shard| {
+            let (mesh, ids_tx, stop_rx) = (mesh.clone(), ids_tx.clone(), stop_rx.clone());
+            std::thread::spawn(move || {
+                shards::act_as(shard + 1);
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("shard runtime");
+                rt.block_on(async {
+                    let mut first = open(&mesh, &format!("shard {shard}, first")).await;
+                    echo(&mut first, b"from a shard").await;
+                    let id = first.connection_id;
+                    drop(first);
+                    let mut second = open(&mesh, &format!("shard {shard}, second")).await;
+                    echo(&mut second, b"again").await;
+                    ids_tx
+                        .send((shard, id, second.connection_id))
+                        .expect("report");
+                    // Hold the stream (and this runtime, which drives the connection) until
+                    // both shards have reported.
+                    let _ = stop_rx.lock().map(|rx| rx.recv());
+                });
+            })
+        })
+        .collect();
+    let mut ids: Vec<(usize, u64, u64)> = (0..2)
+        .map(|_| ids_rx.recv_timeout(DEADLINE).expect("both shards stream"))
+        .collect();
+    ids.sort_unstable();
+    for &(shard, first, second) in &ids {
+        assert_eq!(first, second, "shard {shard} reuses its connection: {ids:?}");
+    }
+    assert_ne!(ids[0].1, ids[1].1, "each shard has its own connection: {ids:?}");
+    assert_eq!(mesh.outbound.pool().connection_count(), 2);
+    for _ in 0..2 {
+        let _ = stop_tx.send(());
+    }
+    for t in shards {
+        t.join().expect("shard thread");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -128,11 +128,7 @@ pub(super) fn start(
     Ok(Started { tasks, runtimes })
 }
 
-fn bind_std(
-    addr: SocketAddr,
-    backlog: u32,
-    what: &str,
-) -> std::io::Result<std::net::TcpListener> {
+fn bind_std(addr: SocketAddr, backlog: u32, what: &str) -> std::io::Result<std::net::TcpListener> {
     let listener = listener::bind_reuseport(addr, backlog).map_err(|e| {
         std::io::Error::new(
             e.kind(),

@@ -97,9 +97,15 @@ fn shards_never_share_a_connection() {
         .collect();
     ids.sort_unstable();
     for &(shard, first, second) in &ids {
-        assert_eq!(first, second, "shard {shard} reuses its connection: {ids:?}");
+        assert_eq!(
+            first, second,
+            "shard {shard} reuses its connection: {ids:?}"
+        );
     }
-    assert_ne!(ids[0].1, ids[1].1, "each shard has its own connection: {ids:?}");
+    assert_ne!(
+        ids[0].1, ids[1].1,
+        "each shard has its own connection: {ids:?}"
+    );
     assert_eq!(mesh.outbound.pool().connection_count(), 2);
     for _ in 0..2 {
         let _ = stop_tx.send(());

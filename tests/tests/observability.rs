@@ -289,8 +289,8 @@ fn readiness_dump_gauges_labels_and_graceful_exit_of_a_local_agent() -> Result<(
     );
     assert_eq!(
         metric_sum(&m, "nodemesh_runtime_workers", &[]),
-        2,
-        "mesh-agent local runs two workers:\n{m}"
+        3,
+        "mesh-agent local runs one control-plane worker and two tunnel shards:\n{m}"
     );
     assert!(
         metric_sum(&m, "nodemesh_runtime_alive_tasks", &[]) >= 3,

@@ -259,7 +259,6 @@ impl Inbound {
         let local = tcp
             .local_addr()
             .map_err(|e| ConnError::Tls(format!("socket gone before the handshake: {e}")))?;
-        super::listener::tune(&tcp);
         let timeout = self.config.handshake_timeout;
         let hs = &self.config.handshake_metrics;
         let began = Instant::now();

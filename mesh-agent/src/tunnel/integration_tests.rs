@@ -121,6 +121,9 @@ struct MeshOptions {
     inbound_authz: Arc<dyn Authorizer>,
     /// Where the inbound listens: the pod's address (ztunnel style) or a node address.
     inbound_ip: [u8; 4],
+    /// Bind both listeners with `SO_REUSEPORT` on loopback addresses of this process's own
+    /// (`config.shards` > 1 needs it: the shards bind beside them).
+    reuseport: bool,
 }
 
 impl Default for MeshOptions {
@@ -129,6 +132,7 @@ impl Default for MeshOptions {
             config: test_config(),
             inbound_authz: Arc::new(AllowAll),
             inbound_ip: [127, 0, 0, 2],
+            reuseport: false,
         }
     }
 }
@@ -163,8 +167,11 @@ impl Mesh {
         );
         let (trigger, watch) = drain::channel();
 
-        let inbound_listener =
-            bind_exclusive(SocketAddr::from((opts.inbound_ip, 0)), 1024).expect("bind inbound");
+        let inbound_listener = if opts.reuseport {
+            listener::bind_reuseport_free(24, 1024)
+        } else {
+            bind_exclusive(SocketAddr::from((opts.inbound_ip, 0)), 1024).expect("bind inbound")
+        };
         let inbound_addr = inbound_listener.local_addr().expect("addr");
         let destination = Destination::Workload(Endpoint {
             addr: echo,
@@ -179,8 +186,11 @@ impl Mesh {
             source: client.clone(),
             baggage: Some("k8s.namespace.name=default,k8s.deployment.name=client".into()),
         }));
-        let outbound_listener =
-            bind_exclusive(SocketAddr::from(([127, 0, 0, 1], 0)), 1024).expect("bind outbound");
+        let outbound_listener = if opts.reuseport {
+            listener::bind_reuseport_free(24, 1024)
+        } else {
+            bind_exclusive(SocketAddr::from(([127, 0, 0, 1], 0)), 1024).expect("bind outbound")
+        };
         let running = start(
             opts.config,
             certs.clone(),
@@ -1414,4 +1424,5 @@ mod handshake_metrics;
 mod metrics_endpoint;
 mod outbound_handshake;
 mod pool_spread;
+mod sharded;
 mod workload_labels;

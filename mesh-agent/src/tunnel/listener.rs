@@ -40,6 +40,9 @@ fn bind(addr: SocketAddr, backlog: u32, reuse_port: bool) -> std::io::Result<Tcp
         socket.set_reuse_port(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit these from the listener (the kernel copies the listener's TCP
+    // options into each child), which saves five setsockopt calls per accepted connection.
+    set_options(&socket);
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     TcpListener::from_std(socket.into())
@@ -55,13 +58,19 @@ pub const TCP_KEEPALIVE_RETRIES: u32 = 9;
 /// Sets `TCP_NODELAY` (the tunnel forwards what it reads at once; Nagle would add latency to
 /// small request/response exchanges) and TCP keepalive. Failures are ignored: both are
 /// optimizations, and a socket that cannot take them still carries data.
+/// Sockets accepted from listeners of this module have both already ([`bind`] sets them on the
+/// listener); this is for sockets the tunnel connects.
 pub fn tune(stream: &tokio::net::TcpStream) {
-    let _ = stream.set_nodelay(true);
+    set_options(&socket2::SockRef::from(stream));
+}
+
+fn set_options(socket: &Socket) {
+    let _ = socket.set_tcp_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(TCP_KEEPALIVE_IDLE)
         .with_interval(TCP_KEEPALIVE_INTERVAL)
         .with_retries(TCP_KEEPALIVE_RETRIES);
-    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    let _ = socket.set_tcp_keepalive(&keepalive);
 }
 
 /// Connects to `dst`, from `source` (port chosen by the kernel) when given.
@@ -81,29 +90,69 @@ pub async fn connect_from(
     socket.connect(dst).await
 }
 
+/// A `SO_REUSEPORT` listener on a free port of a loopback address no other test uses, for
+/// tests: `127.<second>.<pid % 250 + 1>.<n>`, with `n` new for every call in this process. The
+/// port is reserved with an exclusive bind, released, then bound with `SO_REUSEPORT`; a racing
+/// bind of the same port fails loudly (EADDRINUSE) and is retried. The address must be fresh:
+/// two reuse-port listeners of one process on one address could be handed the same released
+/// port and would then share connections (a test's accept waits forever for a connection the
+/// other test's listener took).
+#[cfg(test)]
+pub(crate) fn bind_reuseport_free(second: u8, backlog: u32) -> TcpListener {
+    static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 254 + 1;
+    let ip = std::net::Ipv4Addr::new(127, second, (std::process::id() % 250) as u8 + 1, n);
+    for _ in 0..50 {
+        let port = bind_exclusive(SocketAddr::from((ip, 0)), 1)
+            .and_then(|l| l.local_addr())
+            .expect("reserve a port")
+            .port();
+        if let Ok(l) = bind_reuseport(SocketAddr::from((ip, port)), backlog) {
+            return l;
+        }
+    }
+    panic!("no free port on {ip} after 50 tries");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A free port on its own loopback address: reserved with an exclusive bind, released, then
-    /// bound with `SO_REUSEPORT`. Nothing else in the tests binds reuse-port sockets on port 0
-    /// (the guard below), so a racing bind of the same port fails loudly (EADDRINUSE) instead of
-    /// sharing; retried then.
     async fn reuseport_pair() -> (TcpListener, TcpListener) {
-        let ip = std::net::Ipv4Addr::new(127, 23, (std::process::id() % 250) as u8 + 1, 9);
-        for _ in 0..50 {
-            let port = bind_exclusive(SocketAddr::from((ip, 0)), 1)
-                .and_then(|l| l.local_addr())
-                .expect("reserve a port")
-                .port();
-            let addr = SocketAddr::from((ip, port));
-            let Ok(a) = bind_reuseport(addr, 16) else {
-                continue;
-            };
-            let b = bind_reuseport(addr, 16).expect("second agent binds beside the first");
-            return (a, b);
+        let a = bind_reuseport_free(23, 16);
+        let addr = a.local_addr().expect("addr");
+        let b = bind_reuseport(addr, 16).expect("second agent binds beside the first");
+        (a, b)
+    }
+
+    /// Accepted sockets get `TCP_NODELAY` and the keepalive settings from the listener, so the
+    /// accept paths do not set them again.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_and_keepalive() {
+        for listener in [
+            bind_exclusive("127.0.0.1:0".parse().expect("addr"), 16).expect("bind"),
+            reuseport_pair().await.0,
+        ] {
+            let addr = listener.local_addr().expect("addr");
+            let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (accepted, _) = listener.accept().await.expect("accept");
+            assert!(
+                !client.nodelay().expect("nodelay"),
+                "the client sets nothing"
+            );
+            assert!(accepted.nodelay().expect("nodelay"), "{addr}: TCP_NODELAY");
+            let sock = socket2::SockRef::from(&accepted);
+            assert!(sock.keepalive().expect("keepalive"), "{addr}: SO_KEEPALIVE");
+            assert_eq!(sock.tcp_keepalive_time().expect("idle"), TCP_KEEPALIVE_IDLE);
+            assert_eq!(
+                sock.tcp_keepalive_interval().expect("interval"),
+                TCP_KEEPALIVE_INTERVAL
+            );
+            assert_eq!(
+                sock.tcp_keepalive_retries().expect("retries"),
+                TCP_KEEPALIVE_RETRIES
+            );
         }
-        panic!("no free port on {ip} after 50 tries");
     }
 
     #[tokio::test]

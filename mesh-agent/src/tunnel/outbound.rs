@@ -246,7 +246,6 @@ impl Outbound {
                 return;
             }
         };
-        super::listener::tune(&tcp);
         let (outcome, service) = self.forward(&mut tcp, peer, &redirect).await;
         let labels = |flag| {
             traffic_labels(

@@ -303,6 +303,17 @@ fn handshake(
         pump(&mut c, &mut s)?;
         pump(&mut s, &mut c)?;
         if !c.is_handshaking() && !s.is_handshaking() {
+            // Between two agents the client's preference, AES-128-GCM, is what is negotiated.
+            for side in [&c, &s] {
+                let suite = match side {
+                    Connection::Client(c) => c.negotiated_cipher_suite(),
+                    Connection::Server(s) => s.negotiated_cipher_suite(),
+                };
+                assert_eq!(
+                    suite.map(|s| s.suite()),
+                    Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+                );
+            }
             return Ok(());
         }
     }

@@ -68,15 +68,25 @@ impl Drop for Gauge<'_> {
     }
 }
 
-/// W3C `traceparent` for a new connection (random trace and span ids, sampled flag off).
-fn new_traceparent() -> String {
-    let mut b = [0u8; 24];
+/// W3C `traceparent` for a new connection (random trace and span ids, sampled flag off):
+/// `00-<32 hex>-<16 hex>-00`, written into one header value without intermediate strings (this
+/// runs once per connection).
+fn new_traceparent() -> HeaderValue {
+    use ring::rand::SecureRandom;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut ids = [0u8; 24];
     // Without an OS RNG the ids are zero, which receivers treat as invalid and ignore.
-    let _ = rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut b);
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("00-{}-{}-00", &hex[..32], &hex[32..48])
+    let _ = ring::rand::SystemRandom::new().fill(&mut ids);
+    let mut out = [b'-'; 55];
+    out[..2].copy_from_slice(b"00");
+    out[53..].copy_from_slice(b"00");
+    for (i, byte) in ids.iter().enumerate() {
+        // Trace id at 3..35, span id at 36..52 (after the second dash).
+        let at = if i < 16 { 3 + 2 * i } else { 4 + 2 * i };
+        out[at] = HEX[usize::from(byte >> 4)];
+        out[at + 1] = HEX[usize::from(byte & 0xf)];
+    }
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 struct Outcome {
@@ -405,9 +415,7 @@ impl Outbound {
         {
             headers.insert("baggage", v);
         }
-        if let Ok(v) = HeaderValue::from_str(&new_traceparent()) {
-            headers.insert("traceparent", v);
-        }
+        headers.insert("traceparent", new_traceparent());
         let outcome = |bytes, result: String, flag| Outcome {
             dst_identity: Some(ep.identity.to_string()),
             endpoint: Some(ep.addr),
@@ -628,5 +636,31 @@ async fn pump(
             buf.clear();
             buf.reserve((n * 2).min(max_buffer));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_w3c_shaped_and_random() {
+        let a = new_traceparent();
+        let a = a.to_str().expect("ascii");
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!(parts.len(), 4, "{a}");
+        assert_eq!((parts[0], parts[3]), ("00", "00"), "{a}");
+        assert_eq!((parts[1].len(), parts[2].len()), (32, 16), "{a}");
+        let hex = |p: &str| {
+            p.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        assert!(hex(parts[1]) && hex(parts[2]), "{a}");
+        assert_ne!(parts[1], "0".repeat(32), "a zero trace id is invalid: {a}");
+        assert_ne!(
+            new_traceparent().to_str().expect("ascii"),
+            a,
+            "ids are random"
+        );
     }
 }

@@ -157,8 +157,9 @@ pub fn run_bench(workspace: &Path, config: &Path, out: &Path, plan: Plan) -> Res
     let tools = plan.third_party.then(third_party::tools).transpose()?;
     let started = Instant::now();
     let load_before = report::load_average();
-    let (samples, idle_kb, third) = measure(&lab, config, plan, tools.as_ref(), out)?;
+    let (samples, idle_kb, after_kb, third) = measure(&lab, config, plan, tools.as_ref(), out)?;
     let mut report = report::Report::new(plan, &samples, idle_kb, started.elapsed());
+    report.set_rss_after_load(idle_kb, after_kb);
     report.meta = report::RunMeta {
         finished_utc: report::utc_minute(std::time::SystemTime::now()),
         load_before,
@@ -531,7 +532,12 @@ pub fn down_only(workspace: &Path) -> Result<()> {
     )?)
 }
 
-type Measured = (Vec<Sample>, u64, Option<third_party::ThirdParty>);
+/// How long after the last load the agents' RSS is read (issue 15: memory returns after load).
+pub const RSS_AFTER_LOAD: Duration = Duration::from_secs(10);
+
+/// Samples, the largest agent RSS idle and [`RSS_AFTER_LOAD`] after the load (KiB), and the
+/// third-party results.
+type Measured = (Vec<Sample>, u64, u64, Option<third_party::ThirdParty>);
 
 fn measure(
     lab: &Lab,
@@ -546,7 +552,7 @@ fn measure(
         mut servers,
         paths,
     } = setup(lab, config)?;
-    let result = (|| -> Result<(Vec<Sample>, Option<third_party::ThirdParty>)> {
+    let result = (|| -> Result<(Vec<Sample>, u64, Option<third_party::ThirdParty>)> {
         // Warm-up: the first connection of a mesh path sets up its pool connection.
         for p in &paths {
             run_one(p, Test::Rr1, 0.3, &agents)?;
@@ -575,6 +581,14 @@ fn measure(
                 }
             }
         }
+        // The RSS once the load has ended: a fixed wait by definition of the figure (the agents
+        // return freed memory on their own timer, every 5 s), not a synchronisation.
+        println!(
+            "waiting {} s after the load, then reading the agents' RSS",
+            RSS_AFTER_LOAD.as_secs()
+        );
+        std::thread::sleep(RSS_AFTER_LOAD);
+        let after_kb = max_rss_kb(&agents)?;
         let third = match tools {
             Some(tools) => {
                 let topo = lab.status()?.context("the bench lab has no lab.json")?;
@@ -611,7 +625,7 @@ fn measure(
             }
             None => None,
         };
-        Ok((samples, third))
+        Ok((samples, after_kb, third))
     })();
     for mut s in servers {
         let _ = s.kill();
@@ -619,9 +633,9 @@ fn measure(
     }
     // This call made the lab (`setup`): it always takes it down.
     let down = teardown(lab);
-    let (samples, third) = result?;
+    let (samples, after_kb, third) = result?;
     down.context("bench lab teardown")?;
-    Ok((samples, idle_kb, third))
+    Ok((samples, idle_kb, after_kb, third))
 }
 
 /// Runs one test on one path; returns the generator's result, the agents' CPU seconds during

@@ -24,7 +24,7 @@ pub const RAW_KEYS: [&str; 4] = [
 
 /// Each mesh path's figures kept per run: ratios to raw (`ratios_to_raw`) and the agents'
 /// cost (`paths`).
-pub const MESH_KEYS: [&str; 10] = [
+pub const MESH_KEYS: [&str; 11] = [
     "throughput_1flow_ratio",
     "throughput_4flow_ratio",
     "rr_1b_p50_added_us",
@@ -35,6 +35,7 @@ pub const MESH_KEYS: [&str; 10] = [
     "agent_cpu_s_per_1k_conn",
     "agent_rss_idle_mb",
     "agent_rss_load_mb",
+    "agent_rss_after_load_ratio",
 ];
 
 const ABOUT: &str = "Key figures of every full `cargo xtask bench` run, oldest first; appended \

@@ -6,9 +6,8 @@ use super::{Plan, Sample, Test};
 
 pub const PATHS: [&str; 3] = ["raw", "mesh_same_node", "mesh_cross_node"];
 
-/// A target of issues 7 and 15, checked on one mesh path against raw in the same run. Issue 15's
-/// target on the RSS 10 s after the load is not measured by the bench (docs/performance.md,
-/// "Memory after load").
+/// A target of issues 7 and 15, checked on one mesh path against raw in the same run (the RSS
+/// after the load against the same agents' idle RSS, [`Report::set_rss_after_load`]).
 struct Target {
     name: &'static str,
     metric: &'static str,
@@ -20,7 +19,7 @@ struct Target {
     unit: &'static str,
 }
 
-const TARGETS: [Target; 10] = [
+const TARGETS: [Target; 11] = [
     Target {
         name: "single-flow throughput, mesh/raw",
         metric: "throughput_1flow_ratio",
@@ -60,6 +59,14 @@ const TARGETS: [Target; 10] = [
         at_most: true,
         limit: 20.0,
         unit: "MB",
+    },
+    Target {
+        name: "agent RSS 10 s after the load ends / idle (largest agent)",
+        metric: "agent_rss_after_load_ratio",
+        path: "mesh_cross_node",
+        at_most: true,
+        limit: 1.5,
+        unit: "×",
     },
     Target {
         name: "4-flow throughput, mesh/raw",
@@ -290,6 +297,20 @@ impl Report {
     /// noted with its paired ratio to raw (or the added latency).
     pub fn paths_chart(&self) -> anyhow::Result<String> {
         paths_chart(&self.json())
+    }
+
+    /// Records the agents' RSS read [`super::RSS_AFTER_LOAD`] after the last load: the largest
+    /// agent's, in MB and as a multiple of the largest idle RSS read at start (`idle_kb`).
+    pub fn set_rss_after_load(&mut self, idle_kb: u64, after_kb: u64) {
+        if let Some(m) = self.paths.get_mut("mesh_cross_node") {
+            m.insert("agent_rss_after_load_mb", after_kb as f64 / 1024.0);
+            if idle_kb > 0 {
+                m.insert(
+                    "agent_rss_after_load_ratio",
+                    after_kb as f64 / idle_kb as f64,
+                );
+            }
+        }
     }
 
     fn target_value(&self, t: &Target) -> Option<f64> {
@@ -879,6 +900,28 @@ mod tests {
         assert_eq!(by("throughput_1flow_ratio"), Some(serde_json::json!(false)));
         assert_eq!(by("rr_1b_p50_added_us"), Some(serde_json::json!(true)));
         assert_eq!(by("agent_rss_idle_mb"), Some(serde_json::json!(true)));
+        // The RSS after the load: not measured until set, then judged as a multiple of idle.
+        assert_eq!(
+            by("agent_rss_after_load_ratio"),
+            Some(serde_json::Value::Null)
+        );
+        let mut after = Report::new(plan, &samples, 12 * 1024, Duration::from_secs(1));
+        after.set_rss_after_load(12 * 1024, 24 * 1024);
+        let json_after = after.json();
+        let verdict = json_after["targets"]
+            .as_array()
+            .expect("targets")
+            .iter()
+            .find(|t| t["metric"] == "agent_rss_after_load_ratio")
+            .map(|t| (t["value"].clone(), t["pass"].clone()));
+        assert_eq!(
+            verdict,
+            Some((serde_json::json!(2.0), serde_json::json!(false)))
+        );
+        after.set_rss_after_load(12 * 1024, 13 * 1024);
+        assert!(after.markdown().contains(
+            "| agent RSS 10 s after the load ends / idle (largest agent) | ≤ 1.5 × | 1.08 × | pass |"
+        ), "{}", after.markdown());
         // Not measured here: no crr samples.
         assert_eq!(by("conn_per_s_ratio"), Some(serde_json::Value::Null));
         // Same-node targets are judged on the same-node path's own ratios.

@@ -72,6 +72,46 @@ pub struct Inbound {
     limit: Arc<tokio::sync::Semaphore>,
 }
 
+/// A connection accepted on one shard's listener and handed to another shard.
+pub(super) type Handed = (std::net::TcpStream, SocketAddr);
+
+/// Where an inbound serve loop gets its connections.
+enum Incoming {
+    Listener(TcpListener),
+    Handed(tokio::sync::mpsc::UnboundedReceiver<Handed>),
+}
+
+impl Incoming {
+    /// The next connection once a slot under `limit` is free; `None` when handed connections
+    /// end. Cancel-safe (used in `select!`): a dropped call loses no connection.
+    async fn next_within(
+        &mut self,
+        limit: &Arc<tokio::sync::Semaphore>,
+    ) -> (
+        Option<std::io::Result<(tokio::net::TcpStream, SocketAddr)>>,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let permit = limit.clone().acquire_owned().await.ok();
+        let next = match self {
+            Incoming::Listener(l) => Some(l.accept().await),
+            Incoming::Handed(rx) => rx
+                .recv()
+                .await
+                .map(|(tcp, peer)| tokio::net::TcpStream::from_std(tcp).map(|t| (t, peer))),
+        };
+        (next, permit)
+    }
+}
+
+/// One count of a shard's inbound load, released when its connection ends.
+struct LoadGuard<'a>(&'a AtomicUsize);
+
+impl Drop for LoadGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Which workload identity an inbound connection speaks for.
 enum Target {
     /// Named by the client's SNI ([`crate::identity::tls::identity_server_name`]): the
@@ -177,6 +217,30 @@ impl Inbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watch) {
         let local = listener.local_addr().ok();
         info!(listen = ?local, "inbound HBONE server started");
+        self.serve_from(Incoming::Listener(listener), None, &drain)
+            .await;
+        info!(listen = ?local, "inbound listener closed (draining)");
+    }
+
+    /// Serves the connections another thread accepted and handed over on `handed` (the shards'
+    /// balancing, [`super::shards`]) until drained; each holds one count of `load` while it is
+    /// served (the dispatcher counted it when handing it over).
+    pub(super) async fn serve_handed(
+        self: Arc<Self>,
+        handed: tokio::sync::mpsc::UnboundedReceiver<Handed>,
+        load: Arc<AtomicUsize>,
+        drain: drain::Watch,
+    ) {
+        self.serve_from(Incoming::Handed(handed), Some(load), &drain)
+            .await;
+    }
+
+    async fn serve_from(
+        self: Arc<Self>,
+        mut incoming: Incoming,
+        load: Option<Arc<AtomicUsize>>,
+        drain: &drain::Watch,
+    ) {
         let mut conns = JoinSet::new();
         let limit = self.limit.clone();
         loop {
@@ -184,25 +248,28 @@ impl Inbound {
                 biased;
                 () = drain.draining() => break,
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                (accepted, permit) = super::accept_within(&listener, &limit) => match accepted {
-                    Ok((tcp, peer)) => {
+                (accepted, permit) = incoming.next_within(&limit) => match accepted {
+                    Some(Ok((tcp, peer))) => {
                         let this = self.clone();
                         let watch = drain.clone();
+                        let load = load.clone();
                         conns.spawn(async move {
                             let _permit = permit;
+                            let _load = load.as_deref().map(LoadGuard);
                             this.serve_connection(tcp, peer, watch).await;
                         });
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         // EMFILE and friends: log and keep serving; the accept loop must not die.
                         warn!(error = %e, "inbound accept failed");
                         tokio::task::yield_now().await;
                     }
+                    // Every dispatcher has stopped (they stop on drain too).
+                    None => break,
                 },
             }
         }
-        drop(listener);
-        info!(listen = ?local, "inbound listener closed (draining)");
+        drop(incoming);
         while conns.join_next().await.is_some() {}
     }
 

@@ -129,9 +129,13 @@ mod tests {
     /// accept paths do not set them again.
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay_and_keepalive() {
+        // The pair's second listener is closed first: with both open, the kernel would give it
+        // half the connections and the accept below would wait for one it never gets.
+        let (reuse, other) = reuseport_pair().await;
+        drop(other);
         for listener in [
             bind_exclusive("127.0.0.1:0".parse().expect("addr"), 16).expect("bind"),
-            reuseport_pair().await.0,
+            reuse,
         ] {
             let addr = listener.local_addr().expect("addr");
             let client = tokio::net::TcpStream::connect(addr).await.expect("connect");

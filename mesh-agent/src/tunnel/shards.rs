@@ -17,12 +17,32 @@
 //!
 //! Shard 0 serves the listeners the caller bound; shards 1.. bind their own at the same
 //! addresses, which only works on `SO_REUSEPORT` listeners (`listener::bind_reuseport`).
+//!
+//! Inbound HBONE connections are few and long-lived (a peer's shards each keep one per key), so
+//! the kernel's hash alone could put every busy one on one shard. Each shard's 15008 listener
+//! therefore only accepts: the connection goes to the shard serving the fewest inbound
+//! connections (the accepting shard on a tie), handed over once as a socket; from then on it
+//! stays on that shard. App connections on 15001 are many and short: the hash spreads them
+//! well and they are served where they were accepted.
 
-use std::{cell::Cell, net::SocketAddr, sync::Arc};
+use std::{
+    cell::Cell,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{drain, inbound::Inbound, listener, outbound::Outbound};
+use super::{
+    drain,
+    inbound::{Handed, Inbound},
+    listener,
+    outbound::Outbound,
+};
 
 thread_local! {
     static SHARD: Cell<usize> = const { Cell::new(0) };
@@ -71,7 +91,15 @@ pub(super) fn start(
     }
     let mut tasks = Vec::with_capacity(count);
     let (handles_tx, handles_rx) = std::sync::mpsc::channel();
+    let loads: Arc<Vec<Arc<AtomicUsize>>> =
+        Arc::new((0..count).map(|_| Arc::new(AtomicUsize::new(0))).collect());
+    let (handed_tx, mut handed_rx): (Vec<_>, Vec<_>) = (0..count)
+        .map(|_| mpsc::unbounded_channel::<Handed>())
+        .unzip();
+    let handed_tx = Arc::new(handed_tx);
     for (index, (inbound_socket, outbound_socket)) in sockets.into_iter().enumerate() {
+        let own_handed = handed_rx.remove(0);
+        let (loads, handed_tx) = (loads.clone(), handed_tx.clone());
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let (inbound, outbound, drain) = (inbound.clone(), outbound.clone(), drain.clone());
         let handle_tx = handles_tx.clone();
@@ -102,8 +130,10 @@ pub(super) fn start(
                             return;
                         }
                     };
+                    let own_load = loads[index].clone();
                     tokio::join!(
-                        inbound.serve(inbound_listener, drain.clone()),
+                        dispatch(index, inbound_listener, loads, handed_tx, drain.clone()),
+                        inbound.serve_handed(own_handed, own_load, drain.clone()),
                         outbound.serve(outbound_listener, drain),
                     );
                 });
@@ -128,6 +158,61 @@ pub(super) fn start(
     Ok(Started { tasks, runtimes })
 }
 
+/// Accepts on one shard's inbound listener until drained and hands each connection to the
+/// shard with the fewest inbound connections ([`pick`]).
+async fn dispatch(
+    index: usize,
+    listener: tokio::net::TcpListener,
+    loads: Arc<Vec<Arc<AtomicUsize>>>,
+    handed: Arc<Vec<mpsc::UnboundedSender<Handed>>>,
+    drain: drain::Watch,
+) {
+    let local = listener.local_addr().ok();
+    info!(listen = ?local, shard = index, "inbound HBONE server started");
+    loop {
+        tokio::select! {
+            biased;
+            () = drain.draining() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let to = pick(index, &loads);
+                    loads[to].fetch_add(1, Ordering::SeqCst);
+                    let sent = tcp
+                        .into_std()
+                        .map_err(|e| e.to_string())
+                        .and_then(|tcp| {
+                            handed[to]
+                                .send((tcp, peer))
+                                .map_err(|_| "the shard has stopped".to_owned())
+                        });
+                    if let Err(reason) = sent {
+                        loads[to].fetch_sub(1, Ordering::SeqCst);
+                        warn!(%peer, shard = to, reason, "cannot hand an inbound connection to its shard; closed");
+                    }
+                }
+                Err(e) => {
+                    // EMFILE and friends: log and keep serving; the accept loop must not die.
+                    warn!(error = %e, "inbound accept failed");
+                    tokio::task::yield_now().await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    info!(listen = ?local, shard = index, "inbound listener closed (draining)");
+}
+
+/// The shard with the fewest inbound connections; `own` when it is among them (no hand-over).
+fn pick(own: usize, loads: &[Arc<AtomicUsize>]) -> usize {
+    let load = |i: usize| {
+        loads
+            .get(i)
+            .map_or(usize::MAX, |l| l.load(Ordering::SeqCst))
+    };
+    let least = (0..loads.len()).min_by_key(|&i| load(i)).unwrap_or(own);
+    if load(own) <= load(least) { own } else { least }
+}
+
 fn bind_std(addr: SocketAddr, backlog: u32, what: &str) -> std::io::Result<std::net::TcpListener> {
     let listener = listener::bind_reuseport(addr, backlog).map_err(|e| {
         std::io::Error::new(
@@ -136,4 +221,21 @@ fn bind_std(addr: SocketAddr, backlog: u32, what: &str) -> std::io::Result<std::
         )
     })?;
     listener.into_std()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbound_connections_go_to_the_least_loaded_shard_preferring_their_own() {
+        let loads = |v: &[usize]| -> Vec<Arc<AtomicUsize>> {
+            v.iter().map(|&n| Arc::new(AtomicUsize::new(n))).collect()
+        };
+        assert_eq!(pick(0, &loads(&[0, 0])), 0);
+        assert_eq!(pick(1, &loads(&[0, 0])), 1);
+        assert_eq!(pick(0, &loads(&[1, 0])), 1);
+        assert_eq!(pick(1, &loads(&[2, 2, 1])), 2);
+        assert_eq!(pick(2, &loads(&[2, 2, 2])), 2);
+    }
 }

@@ -714,7 +714,12 @@ async fn garbage_http1_and_truncated_handshakes_are_dropped_without_leaks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_finishes_in_flight_and_refuses_new() {
-    let mut mesh = Mesh::start(MeshOptions::default()).await;
+    drain_finishes_in_flight_and_refuses_new_on(Mesh::start(MeshOptions::default()).await).await;
+}
+
+/// Drain on `mesh`: an open connection keeps working and ends normally, every listener stops
+/// accepting, the drain is clean and every serve task returns.
+async fn drain_finishes_in_flight_and_refuses_new_on(mut mesh: Mesh) {
     let mut s = TcpStream::connect(mesh.outbound_addr)
         .await
         .expect("connect");

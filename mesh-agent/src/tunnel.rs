@@ -26,6 +26,7 @@ pub mod listener;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;
+pub mod shard_id;
 pub mod shards;
 pub mod splice;
 pub mod state;

@@ -305,7 +305,7 @@ impl Pool {
     /// Reserves a slot on a usable connection, or creates one (handshake spawned).
     fn checkout(self: &Arc<Self>, key: &PoolKey) -> Slot {
         let max = self.config.pool_max_streams_per_connection.max(1);
-        let shard = super::shards::current();
+        let shard = super::shard_id::current();
         let mut conns = self.lock();
         let list = conns.entry((shard, key.clone())).or_default();
         // Reservations only happen under this mutex (releases may run concurrently and only

@@ -12,7 +12,7 @@
 //! What is shared stays shared: [`super::inbound::Inbound`], [`super::outbound::Outbound`]
 //! (their metrics, connection registries for re-authorization, limits) and the certificate
 //! cache are one object used by every shard. The pool is one object too, but its connections
-//! are keyed by the shard that opened them ([`current`]), so a stream never rides a connection
+//! are keyed by the shard that opened them ([`shard_id::current`]), so a stream never rides a connection
 //! driven by another thread.
 //!
 //! Shard 0 serves the listeners the caller bound; shards 1.. bind their own at the same
@@ -26,7 +26,6 @@
 //! well and they are served where they were accepted.
 
 use std::{
-    cell::Cell,
     net::SocketAddr,
     sync::{
         Arc,
@@ -42,23 +41,8 @@ use super::{
     inbound::{Handed, Inbound},
     listener,
     outbound::Outbound,
+    shard_id,
 };
-
-thread_local! {
-    static SHARD: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The shard the calling thread serves (0 on any thread that is not a shard's, e.g. tests and
-/// an unsharded tunnel).
-pub fn current() -> usize {
-    SHARD.with(Cell::get)
-}
-
-/// Makes the calling thread act as shard `index` (tests of shard-keyed state).
-#[cfg(test)]
-pub(crate) fn act_as(index: usize) {
-    SHARD.with(|s| s.set(index));
-}
 
 /// Started shards: one task per shard (on the caller's runtime) that ends when the shard's
 /// listeners are drained and its connections have ended, and the shards' runtimes (metrics).
@@ -106,7 +90,7 @@ pub(super) fn start(
         std::thread::Builder::new()
             .name(format!("nm-shard-{index}"))
             .spawn(move || {
-                SHARD.with(|s| s.set(index));
+                shard_id::enter(index);
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

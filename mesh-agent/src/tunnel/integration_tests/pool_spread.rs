@@ -70,7 +70,7 @@ fn shards_never_share_a_connection() {
         .map(|shard| {
             let (mesh, ids_tx, stop_rx) = (mesh.clone(), ids_tx.clone(), stop_rx.clone());
             std::thread::spawn(move || {
-                shards::act_as(shard + 1);
+                shard_id::act_as(shard + 1);
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

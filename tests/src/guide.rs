@@ -188,18 +188,22 @@ pub fn check_expected(expected: &str, output: &str) -> Result<()> {
     Ok(())
 }
 
+/// The lines of `md` outside fenced code blocks (the fences themselves left out too).
+fn prose_lines(md: &str) -> impl Iterator<Item = &str> {
+    let mut in_fence = false;
+    md.lines().filter(move |line| {
+        if line.trim_start().starts_with("```") {
+            in_fence = !in_fence;
+            return false;
+        }
+        !in_fence
+    })
+}
+
 /// Headings outside code blocks: (level, text).
 pub fn headings(md: &str) -> Vec<(usize, String)> {
     let mut out = Vec::new();
-    let mut in_fence = false;
-    for line in md.lines() {
-        if line.trim_start().starts_with("```") {
-            in_fence = !in_fence;
-            continue;
-        }
-        if in_fence {
-            continue;
-        }
+    for line in prose_lines(md) {
         let level = line.bytes().take_while(|&b| b == b'#').count();
         if (1..=6).contains(&level) && line[level..].starts_with(' ') {
             out.push((level, line[level..].trim().to_owned()));
@@ -240,15 +244,7 @@ pub fn anchors(md: &str) -> BTreeSet<String> {
 /// The targets of Markdown links and images outside code blocks and inline code.
 pub fn links(md: &str) -> Vec<String> {
     let mut out = Vec::new();
-    let mut in_fence = false;
-    for line in md.lines() {
-        if line.trim_start().starts_with("```") {
-            in_fence = !in_fence;
-            continue;
-        }
-        if in_fence {
-            continue;
-        }
+    for line in prose_lines(md) {
         // Drop inline code spans.
         let mut text = String::new();
         for (i, part) in line.split('`').enumerate() {

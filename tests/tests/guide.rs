@@ -664,28 +664,7 @@ fn the_local_lab_walkthrough_runs_as_written() -> Result<()> {
         .filter(|b| b.env == "lab")
         .collect();
     ensure!(blocks.len() >= 4, "the lab walk-through has its blocks");
-    let tmp = tempfile::tempdir()?;
-    let config = scratch_workspace(tmp.path(), LAB_PREFIX)?;
-    let lab = Lab::new(LAB_PREFIX, tmp.path().join("target/lab"))?;
-    lab.down()?; // leftovers of a killed earlier run
-    let result = run_blocks(
-        &blocks,
-        tmp.path(),
-        LAB_SHIM,
-        &[
-            ("NM_GUIDE_LAB", env!("CARGO_BIN_EXE_nm-lab").to_owned()),
-            ("NM_GUIDE_PREFIX", LAB_PREFIX.to_owned()),
-            ("NM_GUIDE_CONFIG", config.display().to_string()),
-        ],
-    );
-    let down = lab.down();
-    result?;
-    down?;
-    ensure!(
-        lab.status()?.is_none(),
-        "the guide's last command took the lab down"
-    );
-    Ok(())
+    walkthrough(&blocks, LAB_PREFIX, &[])
 }
 
 #[test]
@@ -700,24 +679,31 @@ fn the_kubernetes_walkthrough_runs_as_written() -> Result<()> {
         "the Kubernetes walk-through has its blocks"
     );
     let bin = nodemesh_tests::k8s::Binaries::locate()?;
-    let tmp = tempfile::tempdir()?;
-    let config = scratch_workspace(tmp.path(), LAB_K8S_PREFIX)?;
-    let lab = Lab::new(LAB_K8S_PREFIX, tmp.path().join("target/lab"))?;
-    lab.down()?;
-    let result = run_blocks(
+    walkthrough(
         &blocks,
-        tmp.path(),
-        LAB_SHIM,
-        &[
-            ("NM_GUIDE_LAB", env!("CARGO_BIN_EXE_nm-lab").to_owned()),
-            ("NM_GUIDE_PREFIX", LAB_K8S_PREFIX.to_owned()),
-            ("NM_GUIDE_CONFIG", config.display().to_string()),
-            (
-                nodemesh_tests::k8s::BIN_ENV,
-                bin.dir().display().to_string(),
-            ),
-        ],
-    );
+        LAB_K8S_PREFIX,
+        &[(
+            nodemesh_tests::k8s::BIN_ENV,
+            bin.dir().display().to_string(),
+        )],
+    )
+}
+
+/// Runs a walk-through's `blocks` against a lab of `prefix` in a scratch workspace (with `env`
+/// besides the lab's), takes the lab down whatever happened, and checks that the guide's own
+/// last command had taken it down already.
+fn walkthrough(blocks: &[Block], prefix: &str, env: &[(&str, String)]) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let config = scratch_workspace(tmp.path(), prefix)?;
+    let lab = Lab::new(prefix, tmp.path().join("target/lab"))?;
+    lab.down()?; // leftovers of a killed earlier run
+    let mut vars = vec![
+        ("NM_GUIDE_LAB", env!("CARGO_BIN_EXE_nm-lab").to_owned()),
+        ("NM_GUIDE_PREFIX", prefix.to_owned()),
+        ("NM_GUIDE_CONFIG", config.display().to_string()),
+    ];
+    vars.extend(env.iter().cloned());
+    let result = run_blocks(blocks, tmp.path(), LAB_SHIM, &vars);
     let down = lab.down();
     result?;
     down?;

@@ -325,7 +325,7 @@ impl Datapath {
             },
             orig_dst: OrigDstReader {
                 by_tuple: Arc::new(Mutex::new(by_tuple)),
-                by_socket: Arc::new(Mutex::new(by_socket)),
+                by_socket: Arc::new(by_socket),
                 misses: Arc::new(AtomicU64::new(0)),
             },
             attached_to: Vec::new(),
@@ -1142,13 +1142,14 @@ pub enum OrigDstError {
 #[derive(Clone)]
 pub struct OrigDstReader {
     by_tuple: Arc<Mutex<HashMap<MapData, SockTuple, OrigDst>>>,
-    by_socket: Arc<Mutex<SkStorage<MapData, OrigDst>>>,
+    by_socket: Arc<SkStorage<MapData, OrigDst>>,
     misses: Arc<AtomicU64>,
 }
 
 impl OrigDstReader {
-    /// Returns the original destination of a connection the tunnel accepted, and consumes the
-    /// record (one connection, one read). A connection without a record is an error: the caller
+    /// Returns the original destination of a connection the tunnel accepted (a tuple-map
+    /// record is consumed: one connection, one read; a socket-storage record dies with the
+    /// socket). A connection without a record is an error: the caller
     /// must refuse it rather than guess.
     pub fn original_destination(
         &self,
@@ -1167,25 +1168,14 @@ impl OrigDstReader {
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Result<OriginalDestination, OrigDstError> {
-        // Handed over into the socket's own storage (sock_ops on the tunnel's cgroup)?
-        let mut storage = self
-            .by_socket
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match storage.get(stream, 0) {
-            Ok(rec) => {
-                // Consume, as for the tuple map: one connection, one read.
-                match storage.remove(stream) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(e) => return Err(OrigDstError::Map(e)),
-                }
-                drop(storage);
-                return record(&rec, peer, local, OrigDstSource::SocketStorage);
-            }
+        // Handed over into the socket's own storage (sock_ops on the tunnel's cgroup)? One
+        // lookup, no lock: the record lives and dies with this socket (no later connection can
+        // see it), so unlike the tuple map it needs no consuming delete.
+        match self.by_socket.get(stream, 0) {
+            Ok(rec) => return record(&rec, peer, local, OrigDstSource::SocketStorage),
             Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(OrigDstError::Map(e)),
         }
-        drop(storage);
         self.lookup(peer, local)
     }
 

@@ -46,12 +46,9 @@ impl Drop for Outstanding {
 }
 
 fn random_index(n: usize) -> usize {
-    let mut b = [0u8; 8];
-    // The system RNG only fails if the OS has none; index 0 is still a valid choice then.
-    let _ = rustls::crypto::ring::default_provider()
-        .secure_random
-        .fill(&mut b);
-    (u64::from_ne_bytes(b) % n as u64) as usize
+    use rand::RngExt;
+    // The thread's generator: no syscall (nor a CryptoProvider built) per choice.
+    rand::rng().random_range(0..n.max(1))
 }
 
 impl Balancer {

@@ -298,6 +298,19 @@ impl LiveCounters {
 }
 
 type Traffic = RwLock<HashMap<SeriesKey, Arc<LiveCounters>>>;
+
+/// The counters of one established connection's series ([`TunnelMetrics::opened`]).
+#[derive(Clone, Debug)]
+pub struct Series(Arc<LiveCounters>);
+
+impl Series {
+    /// The connection ended, having moved these bytes (as [`TunnelMetrics::closed`]).
+    pub fn closed(&self, sent: u64, received: u64) {
+        self.0.closed.inc();
+        self.0.sent_bytes.inc_by(sent);
+        self.0.received_bytes.inc_by(received);
+    }
+}
 type Directory = RwLock<Option<Arc<dyn WorkloadDirectory>>>;
 
 /// One server's Istio TCP counters. Clones share the counters and the directory.
@@ -361,24 +374,29 @@ impl TunnelMetrics {
         SeriesKey::resolve(labels, dir.as_deref())
     }
 
-    fn with(&self, labels: &TrafficLabels, f: impl FnOnce(&LiveCounters)) {
+    fn live(&self, labels: &TrafficLabels) -> Arc<LiveCounters> {
         let key = self.key(labels);
         {
             let t = self.traffic.read().unwrap_or_else(|p| p.into_inner());
             if let Some(c) = t.get(&key) {
-                f(c);
-                return;
+                return c.clone();
             }
         }
         let mut t = self.traffic.write().unwrap_or_else(|p| p.into_inner());
-        f(t.entry(key).or_default());
+        t.entry(key).or_default().clone()
     }
 
-    /// A connection was established end to end.
-    pub fn opened(&self, labels: &TrafficLabels) {
-        self.with(labels, |c| {
-            c.opened.inc();
-        });
+    fn with(&self, labels: &TrafficLabels, f: impl FnOnce(&LiveCounters)) {
+        f(&self.live(labels));
+    }
+
+    /// A connection was established end to end. The returned series records its close
+    /// ([`Series::closed`]) without resolving the labels again (they do not change while the
+    /// connection lives).
+    pub fn opened(&self, labels: &TrafficLabels) -> Series {
+        let series = self.live(labels);
+        series.opened.inc();
+        Series(series)
     }
 
     /// An established connection ended, having moved these bytes (sent = toward the

@@ -35,7 +35,7 @@ use super::{
     balance::Balancer,
     connections::{Authorized, ConnectionManager},
     copy, drain, forwarded_for,
-    metrics::{Reporter, TrafficLabels, TunnelMetrics, flags},
+    metrics::{Reporter, Series, TrafficLabels, TunnelMetrics, flags},
     pool::{Pool, PoolKey},
 };
 
@@ -72,11 +72,11 @@ impl Drop for Gauge<'_> {
 /// `00-<32 hex>-<16 hex>-00`, written into one header value without intermediate strings (this
 /// runs once per connection).
 fn new_traceparent() -> HeaderValue {
-    use ring::rand::SecureRandom;
+    use rand::Rng;
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut ids = [0u8; 24];
-    // Without an OS RNG the ids are zero, which receivers treat as invalid and ignore.
-    let _ = ring::rand::SystemRandom::new().fill(&mut ids);
+    // The thread's generator (seeded from the OS, reseeded periodically): no syscall per id.
+    rand::rng().fill_bytes(&mut ids);
     let mut out = [b'-'; 55];
     out[..2].copy_from_slice(b"00");
     out[53..].copy_from_slice(b"00");
@@ -95,8 +95,9 @@ struct Outcome {
     hbone: Option<SocketAddr>,
     bytes: copy::Transferred,
     result: String,
-    /// Whether the connection was established end to end (metrics: closed vs failed).
-    established: bool,
+    /// The metrics series of a connection established end to end (its close is recorded
+    /// there); `None`: it failed.
+    opened: Option<Series>,
     /// Istio `response_flags` when not established.
     flag: &'static str,
 }
@@ -116,7 +117,7 @@ impl Outcome {
             hbone: None,
             bytes: Default::default(),
             result,
-            established: false,
+            opened: None,
             flag: flags::BAD_REQUEST,
         }
     }
@@ -206,6 +207,9 @@ impl Outbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watch) {
         let local = listener.local_addr().ok();
         info!(listen = ?local, "outbound listener started");
+        // A listener on one address gives every accepted socket that local address: no
+        // getsockname per connection. On a wildcard address each socket is asked.
+        let fixed_local = local.filter(|l| !l.ip().is_unspecified());
         let mut conns = JoinSet::new();
         let limit = self.limit.clone();
         loop {
@@ -222,7 +226,7 @@ impl Outbound {
                             let _permit = permit;
                             let _gauge = Gauge(&this.active);
                             tokio::select! {
-                                () = this.clone().serve_connection(tcp, peer) => {}
+                                () = this.clone().serve_connection(tcp, peer, fixed_local) => {}
                                 () = watch.forced() => {}
                             }
                         });
@@ -239,9 +243,14 @@ impl Outbound {
         while conns.join_next().await.is_some() {}
     }
 
-    async fn serve_connection(self: Arc<Self>, mut tcp: tokio::net::TcpStream, peer: SocketAddr) {
+    async fn serve_connection(
+        self: Arc<Self>,
+        mut tcp: tokio::net::TcpStream,
+        peer: SocketAddr,
+        fixed_local: Option<SocketAddr>,
+    ) {
         let start = Instant::now();
-        let local = match tcp.local_addr() {
+        let local = match fixed_local.map_or_else(|| tcp.local_addr(), Ok) {
             Ok(l) => l,
             Err(e) => {
                 warn!(%peer, error = %e, "outbound socket gone before the lookup");
@@ -267,14 +276,9 @@ impl Outbound {
                 (peer, outcome.endpoint),
             )
         };
-        if outcome.established {
-            self.metrics.closed(
-                &labels(flags::NONE),
-                outcome.bytes.tcp_to_stream,
-                outcome.bytes.stream_to_tcp,
-            );
-        } else {
-            self.metrics.failed(&labels(outcome.flag));
+        match &outcome.opened {
+            Some(series) => series.closed(outcome.bytes.tcp_to_stream, outcome.bytes.stream_to_tcp),
+            None => self.metrics.failed(&labels(outcome.flag)),
         }
         super::access::outbound(&super::access::Outbound {
             src: peer,
@@ -373,7 +377,7 @@ impl Outbound {
                 } else {
                     format!("failed: {}", failure.reason)
                 },
-                established: false,
+                opened: None,
                 flag: flags::CONNECT,
             },
             None => Outcome {
@@ -382,7 +386,7 @@ impl Outbound {
                 hbone: None,
                 bytes: Default::default(),
                 result: "failed: the service has no endpoints".into(),
-                established: false,
+                opened: None,
                 flag: flags::CONNECT,
             },
         };
@@ -422,7 +426,7 @@ impl Outbound {
             hbone: Some(hbone),
             bytes,
             result,
-            established: flag == flags::NONE,
+            opened: None,
             flag,
         };
         let stream = match self.pool.open(&key, ep.addr, &headers).await {
@@ -468,7 +472,7 @@ impl Outbound {
                 flag,
             ));
         }
-        self.metrics.opened(&traffic_labels(
+        let series = self.metrics.opened(&traffic_labels(
             redirect,
             Some(&ep.identity.to_string()),
             host,
@@ -491,7 +495,9 @@ impl Outbound {
             Ok(_) => "ok".to_string(),
             Err(e) => format!("copy ended with a {} error: {e}", e.side()),
         };
-        Ok(outcome(counters.snapshot(), result, flags::NONE))
+        let mut done = outcome(counters.snapshot(), result, flags::NONE);
+        done.opened = Some(series);
+        Ok(done)
     }
 
     async fn same_node(
@@ -508,7 +514,7 @@ impl Outbound {
             hbone: None,
             bytes: Default::default(),
             result: String::new(),
-            established: false,
+            opened: None,
             flag: flags::BAD_REQUEST,
         };
         let Some(workload) = self.workloads.by_ip(ep.addr.ip()) else {
@@ -557,15 +563,14 @@ impl Outbound {
             }
         };
         super::listener::tune(&upstream);
-        outcome.established = true;
-        self.metrics.opened(&traffic_labels(
+        outcome.opened = Some(self.metrics.opened(&traffic_labels(
             redirect,
             Some(&ep.identity.to_string()),
             service,
             false,
             flags::NONE,
             (peer, Some(ep.addr)),
-        ));
+        )));
         let mut registration = self.connections.register(Authorized {
             source_identity: Some(redirect.source.clone()),
             source_addr: peer,

@@ -512,8 +512,14 @@ fn original_destination_is_handed_over_into_the_accepted_socket() -> Result<()> 
         assert_eq!(orig.addr, dst);
         assert_eq!(orig.netns_cookie, cookie);
         assert_eq!(orig.source, OrigDstSource::SocketStorage, "{dst}");
-        // Consumed from the socket, and the tuple entry was removed at hand-over.
-        assert!(reader.original_destination(&conn).is_err());
+        // The record stays with the socket (it dies with it, no later connection can see it);
+        // the tuple entry was removed at hand-over.
+        assert_eq!(reader.original_destination(&conn)?.addr, dst);
+        assert!(
+            reader
+                .lookup(conn.peer_addr()?, conn.local_addr()?)
+                .is_err()
+        );
     }
     let c = dp.counters()?;
     assert_eq!(

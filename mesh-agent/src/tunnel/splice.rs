@@ -404,12 +404,12 @@ async fn direction(
         let (to_pod, to_app) = rec.pair.bytes();
         if d == 0 { to_pod } else { to_app }
     };
-    let mut buf = Vec::new();
+    // Small at first: most spliced connections read here only their FIN (a read of 0); a
+    // direction whose credit runs out grows it while reads fill it. Zeroing 256 KiB up front
+    // cost more than the rest of a short connection's splice.
+    let mut buf = vec![0u8; USER_BUFFER_START];
     loop {
         from.readable().await?;
-        if buf.is_empty() {
-            buf.resize(256 * 1024, 0);
-        }
         match from.try_read(&mut buf) {
             Ok(0) => {
                 let target = redirected() + rec.user[d].load(Ordering::Relaxed);
@@ -428,6 +428,9 @@ async fn direction(
                     ));
                 }
                 write_all(to, &buf[..n]).await?;
+                if n == buf.len() && buf.len() < USER_BUFFER_MAX {
+                    buf.resize(buf.len() * 2, 0);
+                }
                 let _grant = rec.grant_lock.lock().unwrap_or_else(|p| p.into_inner());
                 let consumed = rec.user[d].fetch_add(n as u64, Ordering::Relaxed) + n as u64;
                 let allowed = redirected() + crate::splice::SPLICE_WINDOW;
@@ -457,6 +460,10 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
 /// Longest wait for the kernel to queue a direction's last bytes before its FIN is passed on.
 /// The wait ends earlier when the receiving socket can no longer send.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(60);
+
+/// First and largest size of a spliced direction's user-space buffer ([`direction`]).
+const USER_BUFFER_START: usize = 4 * 1024;
+const USER_BUFFER_MAX: usize = 256 * 1024;
 
 /// Polls until `to`'s send queue has received `target` bytes in all (the kernel's redirect runs
 /// on a work queue, so it trails what the verdict counted). Returns false when `to` can no

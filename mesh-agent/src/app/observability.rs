@@ -207,11 +207,10 @@ impl Observability {
             .metrics()
             .register(self.registry.nodemesh());
         register_datapath(self.registry.nodemesh(), datapath.clone());
-        RuntimeCollector::register_all(
+        RuntimeCollector::register_agent(
             self.registry.nodemesh(),
-            std::iter::once(tokio::runtime::Handle::current())
-                .chain(tunnel.runtimes.iter().cloned())
-                .collect(),
+            tokio::runtime::Handle::current(),
+            tunnel.runtimes.clone(),
         );
         let expiry_certs = certs.clone();
         CertExpiry::register(

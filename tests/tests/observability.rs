@@ -298,7 +298,10 @@ fn readiness_dump_gauges_labels_and_graceful_exit_of_a_local_agent() -> Result<(
     );
     assert!(m.contains("\nnodemesh_runtime_global_queue_depth "), "{m}");
     for shard in ["0", "1"] {
-        for name in ["nodemesh_shard_alive_tasks", "nodemesh_shard_busy_seconds_total"] {
+        for name in [
+            "nodemesh_shard_alive_tasks",
+            "nodemesh_shard_busy_seconds_total",
+        ] {
             assert!(
                 m.contains(&format!("\n{name}{{shard=\"{shard}\"}} ")),
                 "{name} of shard {shard} missing:\n{m}"

@@ -91,15 +91,20 @@ impl Incoming {
         Option<std::io::Result<(tokio::net::TcpStream, SocketAddr)>>,
         Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
-        let permit = limit.clone().acquire_owned().await.ok();
-        let next = match self {
-            Incoming::Listener(l) => Some(l.accept().await),
-            Incoming::Handed(rx) => rx
-                .recv()
-                .await
-                .map(|(tcp, peer)| tokio::net::TcpStream::from_std(tcp).map(|t| (t, peer))),
-        };
-        (next, permit)
+        match self {
+            Incoming::Listener(l) => {
+                let (accepted, permit) = super::accept_within(l, limit).await;
+                (Some(accepted), permit)
+            }
+            Incoming::Handed(rx) => {
+                let permit = limit.clone().acquire_owned().await.ok();
+                let next = rx
+                    .recv()
+                    .await
+                    .map(|(tcp, peer)| tokio::net::TcpStream::from_std(tcp).map(|t| (t, peer)));
+                (next, permit)
+            }
+        }
     }
 }
 

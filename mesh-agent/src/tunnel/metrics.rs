@@ -298,6 +298,7 @@ impl LiveCounters {
 }
 
 type Traffic = RwLock<HashMap<SeriesKey, Arc<LiveCounters>>>;
+type Directory = RwLock<Option<Arc<dyn WorkloadDirectory>>>;
 
 /// The counters of one established connection's series ([`TunnelMetrics::opened`]).
 #[derive(Clone, Debug)]
@@ -311,7 +312,6 @@ impl Series {
         self.0.received_bytes.inc_by(received);
     }
 }
-type Directory = RwLock<Option<Arc<dyn WorkloadDirectory>>>;
 
 /// One server's Istio TCP counters. Clones share the counters and the directory.
 #[derive(Clone, Default)]
@@ -386,10 +386,6 @@ impl TunnelMetrics {
         t.entry(key).or_default().clone()
     }
 
-    fn with(&self, labels: &TrafficLabels, f: impl FnOnce(&LiveCounters)) {
-        f(&self.live(labels));
-    }
-
     /// A connection was established end to end. The returned series records its close
     /// ([`Series::closed`]) without resolving the labels again (they do not change while the
     /// connection lives).
@@ -402,18 +398,12 @@ impl TunnelMetrics {
     /// An established connection ended, having moved these bytes (sent = toward the
     /// destination workload, received = back from it, as Istio).
     pub fn closed(&self, labels: &TrafficLabels, sent: u64, received: u64) {
-        self.with(labels, |c| {
-            c.closed.inc();
-            c.sent_bytes.inc_by(sent);
-            c.received_bytes.inc_by(received);
-        });
+        Series(self.live(labels)).closed(sent, received);
     }
 
     /// A connection failed before it was established (denied, unreachable, malformed).
     pub fn failed(&self, labels: &TrafficLabels) {
-        self.with(labels, |c| {
-            c.failed.inc();
-        });
+        self.live(labels).failed.inc();
     }
 
     /// The counters of the series `labels` records into (hints resolved as when recording).

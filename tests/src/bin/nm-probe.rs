@@ -109,20 +109,12 @@ fn connect(dst: &str, payload: &str) -> Result<(), String> {
 
 fn echo(addr: &str, forever: bool) -> Result<(), String> {
     let addr: SocketAddr = parse("address", addr)?;
-    let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
     // std listens with a backlog of 128; a server that takes bursts of hundreds of connections
     // (the fault suite opens 500 at a time, and the sharded tunnel delivers them from two
     // threads at once) listens deeper, as nginx (511) or Go (somaxconn) do. With 128 and this
     // accept loop spawning a thread per connection, SYNs were dropped and some of the tunnel's
     // connects to this pod outlasted its 10 s connect timeout.
-    // SAFETY: `listen` on the listener's own open descriptor; a second `listen` on a listening
-    // socket only changes its backlog.
-    if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) } != 0 {
-        return Err(format!(
-            "listen {addr}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    let listener = listen_deep(addr, 4096).map_err(|e| format!("listen on {addr}: {e}"))?;
     std::thread::spawn(move || {
         for mut conn in listener.incoming().flatten() {
             if let Ok(peer) = conn.peer_addr() {
@@ -294,4 +286,17 @@ fn time_refused(count: &str, dst: &str) -> Result<(), String> {
         ns.last().copied().unwrap_or(0)
     );
     Ok(())
+}
+
+/// A listener on `addr` with `backlog` (std's `bind` fixes it at 128), `SO_REUSEADDR` as std sets.
+fn listen_deep(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
 }

@@ -38,6 +38,7 @@ use super::{
     copy, drain,
     metrics::{Direction, HandshakeFailure, Reporter, TrafficLabels, TunnelMetrics, flags},
     parse_forwarded_for,
+    shard_id::Claim,
 };
 use crate::identity::{
     CertCache, SpiffeId, WorkloadCert,
@@ -72,8 +73,9 @@ pub struct Inbound {
     limit: Arc<tokio::sync::Semaphore>,
 }
 
-/// A connection accepted on one shard's listener and handed to another shard.
-pub(super) type Handed = (std::net::TcpStream, SocketAddr);
+/// A connection accepted on one shard's listener and handed to another shard, counted on the
+/// shard it was handed to.
+pub(super) type Handed = (std::net::TcpStream, SocketAddr, Claim);
 
 /// Where an inbound serve loop gets its connections.
 enum Incoming {
@@ -88,32 +90,22 @@ impl Incoming {
         &mut self,
         limit: &Arc<tokio::sync::Semaphore>,
     ) -> (
-        Option<std::io::Result<(tokio::net::TcpStream, SocketAddr)>>,
+        Option<std::io::Result<(tokio::net::TcpStream, SocketAddr, Option<Claim>)>>,
         Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
         match self {
             Incoming::Listener(l) => {
                 let (accepted, permit) = super::accept_within(l, limit).await;
-                (Some(accepted), permit)
+                (Some(accepted.map(|(t, peer)| (t, peer, None))), permit)
             }
             Incoming::Handed(rx) => {
                 let permit = limit.clone().acquire_owned().await.ok();
-                let next = rx
-                    .recv()
-                    .await
-                    .map(|(tcp, peer)| tokio::net::TcpStream::from_std(tcp).map(|t| (t, peer)));
+                let next = rx.recv().await.map(|(tcp, peer, claim)| {
+                    tokio::net::TcpStream::from_std(tcp).map(|t| (t, peer, Some(claim)))
+                });
                 (next, permit)
             }
         }
-    }
-}
-
-/// One count of a shard's inbound load, released when its connection ends.
-struct LoadGuard<'a>(&'a AtomicUsize);
-
-impl Drop for LoadGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -222,8 +214,7 @@ impl Inbound {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, drain: drain::Watch) {
         let local = listener.local_addr().ok();
         info!(listen = ?local, "inbound HBONE server started");
-        self.serve_from(Incoming::Listener(listener), None, &drain)
-            .await;
+        self.serve_from(Incoming::Listener(listener), &drain).await;
         info!(listen = ?local, "inbound listener closed (draining)");
     }
 
@@ -233,19 +224,12 @@ impl Inbound {
     pub(super) async fn serve_handed(
         self: Arc<Self>,
         handed: tokio::sync::mpsc::UnboundedReceiver<Handed>,
-        load: Arc<AtomicUsize>,
         drain: drain::Watch,
     ) {
-        self.serve_from(Incoming::Handed(handed), Some(load), &drain)
-            .await;
+        self.serve_from(Incoming::Handed(handed), &drain).await;
     }
 
-    async fn serve_from(
-        self: Arc<Self>,
-        mut incoming: Incoming,
-        load: Option<Arc<AtomicUsize>>,
-        drain: &drain::Watch,
-    ) {
+    async fn serve_from(self: Arc<Self>, mut incoming: Incoming, drain: &drain::Watch) {
         let mut conns = JoinSet::new();
         let limit = self.limit.clone();
         loop {
@@ -254,13 +238,12 @@ impl Inbound {
                 () = drain.draining() => break,
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 (accepted, permit) = incoming.next_within(&limit) => match accepted {
-                    Some(Ok((tcp, peer))) => {
+                    Some(Ok((tcp, peer, claim))) => {
                         let this = self.clone();
                         let watch = drain.clone();
-                        let load = load.clone();
                         conns.spawn(async move {
                             let _permit = permit;
-                            let _load = load.as_deref().map(LoadGuard);
+                            let _claim = claim;
                             this.serve_connection(tcp, peer, watch).await;
                         });
                     }

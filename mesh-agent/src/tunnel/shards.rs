@@ -23,15 +23,11 @@
 //! therefore only accepts: the connection goes to the shard serving the fewest inbound
 //! connections (the accepting shard on a tie), handed over once as a socket; from then on it
 //! stays on that shard. App connections on 15001 are many and short: the hash spreads them
-//! well and they are served where they were accepted.
+//! well and they are served where they were accepted. (Handing each to the shard with the
+//! fewest live app connections was built and measured: no gain for four bulk flows on two
+//! cores, 5–8% more agent CPU per new connection; docs/performance.md, "Shards".)
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -41,7 +37,7 @@ use super::{
     inbound::{Handed, Inbound},
     listener,
     outbound::Outbound,
-    shard_id,
+    shard_id::{self, Loads},
 };
 
 /// Started shards: one task per shard (on the caller's runtime) that ends when the shard's
@@ -75,8 +71,7 @@ pub(super) fn start(
     }
     let mut tasks = Vec::with_capacity(count);
     let (handles_tx, handles_rx) = std::sync::mpsc::channel();
-    let loads: Arc<Vec<Arc<AtomicUsize>>> =
-        Arc::new((0..count).map(|_| Arc::new(AtomicUsize::new(0))).collect());
+    let loads = Loads::new(count);
     let (handed_tx, mut handed_rx): (Vec<_>, Vec<_>) = (0..count)
         .map(|_| mpsc::unbounded_channel::<Handed>())
         .unzip();
@@ -114,10 +109,9 @@ pub(super) fn start(
                             return;
                         }
                     };
-                    let own_load = loads[index].clone();
                     tokio::join!(
                         dispatch(index, inbound_listener, loads, handed_tx, drain.clone()),
-                        inbound.serve_handed(own_handed, own_load, drain.clone()),
+                        inbound.serve_handed(own_handed, drain.clone()),
                         outbound.serve(outbound_listener, drain),
                     );
                 });
@@ -143,11 +137,11 @@ pub(super) fn start(
 }
 
 /// Accepts on one shard's inbound listener until drained and hands each connection to the
-/// shard with the fewest inbound connections ([`pick`]).
+/// shard with the fewest inbound connections ([`Loads::pick`]).
 async fn dispatch(
     index: usize,
     listener: tokio::net::TcpListener,
-    loads: Arc<Vec<Arc<AtomicUsize>>>,
+    loads: Loads,
     handed: Arc<Vec<mpsc::UnboundedSender<Handed>>>,
     drain: drain::Watch,
 ) {
@@ -159,18 +153,15 @@ async fn dispatch(
             () = drain.draining() => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    let to = pick(index, &loads);
-                    loads[to].fetch_add(1, Ordering::SeqCst);
-                    let sent = tcp
-                        .into_std()
-                        .map_err(|e| e.to_string())
-                        .and_then(|tcp| {
-                            handed[to]
-                                .send((tcp, peer))
-                                .map_err(|_| "the shard has stopped".to_owned())
-                        });
+                    let to = loads.pick(index);
+                    let sent = match (tcp.into_std(), handed.get(to)) {
+                        (Ok(tcp), Some(channel)) => channel
+                            .send((tcp, peer, loads.claim(to)))
+                            .map_err(|_| "the shard has stopped".to_owned()),
+                        (Err(e), _) => Err(e.to_string()),
+                        (Ok(_), None) => Err("no such shard".to_owned()),
+                    };
                     if let Err(reason) = sent {
-                        loads[to].fetch_sub(1, Ordering::SeqCst);
                         warn!(%peer, shard = to, reason, "cannot hand an inbound connection to its shard; closed");
                     }
                 }
@@ -186,17 +177,6 @@ async fn dispatch(
     info!(listen = ?local, shard = index, "inbound listener closed (draining)");
 }
 
-/// The shard with the fewest inbound connections; `own` when it is among them (no hand-over).
-fn pick(own: usize, loads: &[Arc<AtomicUsize>]) -> usize {
-    let load = |i: usize| {
-        loads
-            .get(i)
-            .map_or(usize::MAX, |l| l.load(Ordering::SeqCst))
-    };
-    let least = (0..loads.len()).min_by_key(|&i| load(i)).unwrap_or(own);
-    if load(own) <= load(least) { own } else { least }
-}
-
 fn bind_std(addr: SocketAddr, backlog: u32, what: &str) -> std::io::Result<std::net::TcpListener> {
     let listener = listener::bind_reuseport(addr, backlog).map_err(|e| {
         std::io::Error::new(
@@ -205,21 +185,4 @@ fn bind_std(addr: SocketAddr, backlog: u32, what: &str) -> std::io::Result<std::
         )
     })?;
     listener.into_std()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn inbound_connections_go_to_the_least_loaded_shard_preferring_their_own() {
-        let loads = |v: &[usize]| -> Vec<Arc<AtomicUsize>> {
-            v.iter().map(|&n| Arc::new(AtomicUsize::new(n))).collect()
-        };
-        assert_eq!(pick(0, &loads(&[0, 0])), 0);
-        assert_eq!(pick(1, &loads(&[0, 0])), 1);
-        assert_eq!(pick(0, &loads(&[1, 0])), 1);
-        assert_eq!(pick(1, &loads(&[2, 2, 1])), 2);
-        assert_eq!(pick(2, &loads(&[2, 2, 2])), 2);
-    }
 }

@@ -1,7 +1,13 @@
 //! The tracing subscriber: text or JSON lines, with a filter that `/logging` can replace at
 //! runtime through a [`LogHandle`].
 
+mod batch;
+
 use std::{fmt, str::FromStr};
+
+pub use batch::{
+    ACCESS_TARGET, Batching, FLUSH_AFTER, FLUSH_AT, Sink, batch_access_lines, flush_this_thread,
+};
 
 use tracing_subscriber::{
     EnvFilter, Registry, fmt::MakeWriter, layer::SubscriberExt, reload, util::SubscriberInitExt,
@@ -119,11 +125,15 @@ where
 }
 
 /// Installs the process's subscriber on stderr; `filter` is the starting filter (e.g. from
-/// `RUST_LOG`, default `info`).
+/// `RUST_LOG`, default `info`). Threads that batch their access lines ([`batch_access_lines`]:
+/// the tunnel shards) write them to stderr together ([`Batching`]).
 pub fn init(format: LogFormat, filter: &str) -> Result<LogHandle, LoggingError> {
-    use std::io::IsTerminal;
+    use std::io::{IsTerminal, Write};
     let ansi = std::io::stderr().is_terminal();
-    let (s, handle) = subscriber(format, filter, std::io::stderr, ansi)?;
+    let sink: Sink = std::sync::Arc::new(|lines: &[u8]| {
+        let _ = std::io::stderr().write_all(lines);
+    });
+    let (s, handle) = subscriber(format, filter, Batching::new(std::io::stderr, sink), ansi)?;
     s.try_init()?;
     Ok(handle)
 }

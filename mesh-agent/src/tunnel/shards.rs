@@ -99,6 +99,8 @@ pub(super) fn start(
                 let _ = handle_tx.send(rt.handle().clone());
                 drop(handle_tx);
                 rt.block_on(async move {
+                    // This thread's access lines are written in batches (admin::logging).
+                    tokio::spawn(crate::admin::logging::batch_access_lines());
                     let (inbound_listener, outbound_listener) = match (
                         tokio::net::TcpListener::from_std(inbound_socket),
                         tokio::net::TcpListener::from_std(outbound_socket),

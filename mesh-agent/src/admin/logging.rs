@@ -6,7 +6,8 @@ mod batch;
 use std::{fmt, str::FromStr};
 
 pub use batch::{
-    ACCESS_TARGET, Batching, FLUSH_AFTER, FLUSH_AT, Sink, batch_access_lines, flush_this_thread,
+    ACCESS_TARGET, Batching, FLUSH_AT, MIN_GAP, Sink, batch_access_lines, flush_this_thread,
+    write_when_idle,
 };
 
 use tracing_subscriber::{
@@ -126,7 +127,7 @@ where
 
 /// Installs the process's subscriber on stderr; `filter` is the starting filter (e.g. from
 /// `RUST_LOG`, default `info`). Threads that batch their access lines ([`batch_access_lines`]:
-/// the tunnel shards) write them to stderr together ([`Batching`]).
+/// the tunnel shards) write them to stderr together, when they go idle ([`Batching`]).
 pub fn init(format: LogFormat, filter: &str) -> Result<LogHandle, LoggingError> {
     use std::io::{IsTerminal, Write};
     let ansi = std::io::stderr().is_terminal();

@@ -88,6 +88,8 @@ pub(super) fn start(
                 shard_id::enter(index);
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    // The shard's access lines are written when it goes idle (admin::logging).
+                    .on_thread_park(crate::admin::logging::write_when_idle)
                     .build()
                 {
                     Ok(rt) => rt,

@@ -2,20 +2,22 @@
 //! `tunnel::access`); at thousands of connections per second a `write(2)` per line costs as much
 //! as formatting it (2.1% of both agents' CPU in the bench's `crr`, docs/performance.md "The
 //! floor under CPU per connection") and, under Kubernetes, wakes the container runtime's log
-//! reader for every line. So a thread that asked for it ([`batch_access_lines`]: each tunnel
-//! shard) keeps its access lines in a buffer and writes them in one call:
+//! reader for every line. So a thread that asked for it (each tunnel shard: [`batch_access_lines`]
+//! and [`write_when_idle`] as its runtime's park hook) keeps its access lines in a buffer and
+//! writes what waits in one call:
 //!
-//! - [`FLUSH_AFTER`] after the first line that found the buffer empty (a timer on the thread's
-//!   own runtime, armed only while lines wait: an idle shard never wakes for it);
+//! - when the thread goes idle (its runtime parks), if its last write is [`MIN_GAP`] old;
+//!   otherwise when it is (a timer on the thread's own runtime, armed only while lines wait).
+//!   A lightly loaded agent thus writes every line as soon as its connection is done, and a
+//!   busy one at most once per [`MIN_GAP`];
 //! - at once when [`FLUSH_AT`] bytes wait;
 //! - before any other line the thread writes (a warning never overtakes the access lines
 //!   before it: a thread's lines stay in order);
 //! - when the batching ends (the shard's runtime drops its task) or the thread exits, a panic
 //!   included (unwinding runs the buffer's destructor).
 //!
-//! Envoy batches its access log the same way (`access_log_flush_interval`, 1 s). What a
-//! `SIGKILL` can lose is the last [`FLUSH_AFTER`] of access lines; every other line is written
-//! at once, as before. Other threads (the main runtime, blocking tasks) write every line at once.
+//! A `SIGKILL` can lose what waits: at most [`MIN_GAP`] of access lines. Every other line, and
+//! every line of other threads (the main runtime, blocking tasks), is written at once.
 
 use std::{
     cell::RefCell,
@@ -24,12 +26,15 @@ use std::{
     time::Duration,
 };
 
+// Tokio's clock (the same as std's outside tests; pausable in them).
+use tokio::time::Instant;
+
 use tracing_subscriber::fmt::MakeWriter;
 
 /// The target whose lines are batched.
 pub const ACCESS_TARGET: &str = "access";
-/// How long an access line may wait in its thread's buffer.
-pub const FLUSH_AFTER: Duration = Duration::from_millis(100);
+/// The least time between two writes of a thread's batch.
+pub const MIN_GAP: Duration = Duration::from_millis(10);
 /// Buffered bytes that are written at once (about 100 lines).
 pub const FLUSH_AT: usize = 32 * 1024;
 
@@ -40,12 +45,25 @@ struct Batch {
     lines: Vec<u8>,
     /// Set by the first line (from the [`Batching`] writer that produced it).
     sink: Option<Sink>,
-    /// Wakes the thread's flush timer when a line finds the buffer empty.
+    /// When the batch was last written (never: `None`).
+    written: Option<Instant>,
+    /// Wakes the thread's timer when lines wait too soon after a write.
     wake: Arc<tokio::sync::Notify>,
+    /// The timer is woken and will write.
+    armed: bool,
 }
 
 impl Batch {
+    /// When what waits may be written (`None`: nothing waits).
+    fn due(&self) -> Option<Instant> {
+        if self.lines.is_empty() {
+            return None;
+        }
+        Some(self.written.map_or_else(Instant::now, |w| w + MIN_GAP))
+    }
+
     fn flush(&mut self) {
+        self.armed = false;
         if self.lines.is_empty() {
             return;
         }
@@ -56,6 +74,7 @@ impl Batch {
             }
         }
         self.lines.clear();
+        self.written = Some(Instant::now());
     }
 }
 
@@ -69,17 +88,31 @@ thread_local! {
     static BATCH: RefCell<Option<Batch>> = const { RefCell::new(None) };
 }
 
+/// Runs `f` on the calling thread's batch, if it batches and the batch is not in use.
+fn with_batch<R>(f: impl FnOnce(&mut Batch) -> R) -> Option<R> {
+    BATCH
+        .try_with(|b| {
+            let mut b = b.try_borrow_mut().ok()?;
+            b.as_mut().map(f)
+        })
+        .ok()
+        .flatten()
+}
+
 /// Makes the calling thread batch its access lines until the returned future is dropped. Spawn
-/// it on the thread's current-thread runtime (a tunnel shard): it is the flush timer. Dropping
-/// it (the runtime ending) writes what waits.
+/// it on the thread's current-thread runtime (a tunnel shard), whose park hook calls
+/// [`write_when_idle`]: the future is the timer for lines that wait after a recent write.
+/// Dropping it (the runtime ending) writes what waits.
 pub fn batch_access_lines() -> impl Future<Output = ()> + Send + 'static {
     let wake = Arc::new(tokio::sync::Notify::new());
-    BATCH.with(|b| {
+    let _ = BATCH.try_with(|b| {
         if let Ok(mut b) = b.try_borrow_mut() {
             *b = Some(Batch {
                 lines: Vec::new(),
                 sink: None,
+                written: None,
                 wake: wake.clone(),
+                armed: false,
             });
         }
     });
@@ -88,13 +121,38 @@ pub fn batch_access_lines() -> impl Future<Output = ()> + Send + 'static {
         let _stop = stop;
         loop {
             wake.notified().await;
-            tokio::time::sleep(FLUSH_AFTER).await;
-            flush_this_thread();
+            // Until what waits is written, by this timer or by an idle park in between (which
+            // restarts the gap).
+            while let Some(Some(due)) = with_batch(|b| b.due()) {
+                tokio::time::sleep_until(due).await;
+                with_batch(|b| {
+                    if b.due().is_some_and(|due| due <= Instant::now()) {
+                        b.flush();
+                    }
+                });
+            }
         }
     }
 }
 
-/// Ends the thread's batching (writing what waits) when the flush timer is dropped.
+/// The park hook of a batching thread's runtime: writes what waits if the last write is
+/// [`MIN_GAP`] old, else arms the timer. Cheap when nothing waits (a thread-local check).
+pub fn write_when_idle() {
+    with_batch(|b| {
+        if b.lines.is_empty() {
+            return;
+        }
+        if b.due().is_some_and(|due| due <= Instant::now()) {
+            b.flush();
+        } else if !b.armed {
+            b.armed = true;
+            // Waking a task from the park hook makes the runtime run it instead of parking.
+            b.wake.notify_one();
+        }
+    });
+}
+
+/// Ends the thread's batching (writing what waits) when the timer is dropped.
 struct Stop;
 
 impl Drop for Stop {
@@ -111,13 +169,7 @@ impl Drop for Stop {
 
 /// Writes the calling thread's waiting access lines, if it batches.
 pub fn flush_this_thread() {
-    let _ = BATCH.try_with(|b| {
-        if let Ok(mut b) = b.try_borrow_mut()
-            && let Some(batch) = b.as_mut()
-        {
-            batch.flush();
-        }
-    });
+    with_batch(Batch::flush);
 }
 
 fn batching() -> bool {
@@ -170,27 +222,16 @@ impl<W: Write> Write for Line<'_, W> {
         match self {
             Line::Direct(w) => w.write(buf),
             Line::Batched(sink) => {
-                let kept = BATCH
-                    .try_with(|b| {
-                        let Ok(mut b) = b.try_borrow_mut() else {
-                            return false;
-                        };
-                        let Some(batch) = b.as_mut() else {
-                            return false;
-                        };
-                        if batch.sink.is_none() {
-                            batch.sink = Some(Arc::clone(sink));
-                        }
-                        let was_empty = batch.lines.is_empty();
-                        batch.lines.extend_from_slice(buf);
-                        if batch.lines.len() >= FLUSH_AT {
-                            batch.flush();
-                        } else if was_empty {
-                            batch.wake.notify_one();
-                        }
-                        true
-                    })
-                    .unwrap_or(false);
+                let kept = with_batch(|batch| {
+                    if batch.sink.is_none() {
+                        batch.sink = Some(Arc::clone(sink));
+                    }
+                    batch.lines.extend_from_slice(buf);
+                    if batch.lines.len() >= FLUSH_AT {
+                        batch.flush();
+                    }
+                })
+                .is_some();
                 if !kept {
                     // The batching ended between choosing this writer and writing: at once.
                     sink(buf);
@@ -256,12 +297,20 @@ mod tests {
             .collect()
     }
 
-    fn paused_runtime() -> tokio::runtime::Runtime {
+    /// A shard's runtime: current thread, the park hook, time paused (it jumps to the next
+    /// timer when nothing else can run).
+    fn shard_runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)
+            .on_thread_park(write_when_idle)
             .build()
             .expect("runtime")
+    }
+
+    /// Lets the runtime go idle once (park, with time paused no time passes).
+    async fn idle() {
+        tokio::time::sleep(Duration::from_nanos(1)).await;
     }
 
     #[test]
@@ -276,34 +325,53 @@ mod tests {
     }
 
     #[test]
-    fn a_batching_thread_writes_its_access_lines_after_the_flush_interval() {
+    fn lines_wait_while_the_thread_is_busy_and_are_written_when_it_goes_idle() {
         let (s, out) = setup();
-        let rt = paused_runtime();
+        let rt = shard_runtime();
         let _guard = tracing::subscriber::set_default(s);
         rt.block_on(async {
             tokio::spawn(batch_access_lines());
             tokio::task::yield_now().await;
             info!(target: "access", n = 1, "connection");
             info!(target: "access", n = 2, "connection");
-            assert!(lines(&out).is_empty(), "waiting: {:?}", lines(&out));
-            // Paused time: the runtime jumps to the flush timer when nothing else runs.
-            tokio::time::sleep(FLUSH_AFTER / 2).await;
-            assert!(lines(&out).is_empty(), "not before the interval");
-            tokio::time::sleep(FLUSH_AFTER).await;
+            tokio::task::yield_now().await;
+            assert!(lines(&out).is_empty(), "busy: {:?}", lines(&out));
+            idle().await;
             let l = lines(&out);
-            assert_eq!(l.len(), 2, "{l:?}");
+            assert_eq!(l.len(), 2, "written together when idle: {l:?}");
             assert!(l[0].contains("n=1") && l[1].contains("n=2"), "{l:?}");
-            // The timer is armed again by the next line.
+        });
+    }
+
+    #[test]
+    fn a_busy_thread_writes_at_most_once_per_gap() {
+        let (s, out) = setup();
+        let rt = shard_runtime();
+        let _guard = tracing::subscriber::set_default(s);
+        rt.block_on(async {
+            tokio::spawn(batch_access_lines());
+            tokio::task::yield_now().await;
+            info!(target: "access", n = 1, "connection");
+            idle().await;
+            assert_eq!(lines(&out).len(), 1, "the first line at once");
+            let written = Instant::now();
+            info!(target: "access", n = 2, "connection");
+            idle().await;
+            assert_eq!(lines(&out).len(), 1, "the second waits for the gap");
             info!(target: "access", n = 3, "connection");
-            tokio::time::sleep(FLUSH_AFTER * 2).await;
-            assert_eq!(lines(&out).len(), 3);
+            // The timer writes both at the end of the gap (paused time jumps there).
+            while lines(&out).len() < 3 {
+                assert!(written.elapsed() <= MIN_GAP * 2, "written within the gap");
+                idle().await;
+            }
+            assert!(written.elapsed() >= MIN_GAP, "not before the gap");
         });
     }
 
     #[test]
     fn another_line_of_the_thread_writes_the_waiting_access_lines_first() {
         let (s, out) = setup();
-        let rt = paused_runtime();
+        let rt = shard_runtime();
         let _guard = tracing::subscriber::set_default(s);
         rt.block_on(async {
             tokio::spawn(batch_access_lines());
@@ -320,7 +388,7 @@ mod tests {
     #[test]
     fn a_full_buffer_is_written_at_once() {
         let (s, out) = setup();
-        let rt = paused_runtime();
+        let rt = shard_runtime();
         let _guard = tracing::subscriber::set_default(s);
         rt.block_on(async {
             tokio::spawn(batch_access_lines());
@@ -339,7 +407,7 @@ mod tests {
     #[test]
     fn ending_the_batching_writes_what_waits() {
         let (s, out) = setup();
-        let rt = paused_runtime();
+        let rt = shard_runtime();
         let _guard = tracing::subscriber::set_default(s);
         rt.block_on(async {
             tokio::spawn(batch_access_lines());

@@ -297,15 +297,34 @@ mod tests {
             .collect()
     }
 
-    /// A shard's runtime: current thread, the park hook, time paused (it jumps to the next
-    /// timer when nothing else can run).
-    fn shard_runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
+    type Out = Arc<Mutex<Vec<u8>>>;
+
+    /// Runs `body` as a tunnel shard would, batching: on a current-thread runtime with the park
+    /// hook and paused time (it jumps to the next timer when nothing else can run), the
+    /// subscriber of [`setup`] as the thread's default. Returns the runtime (still batching),
+    /// the output and the subscriber's guard.
+    fn on_a_shard<F: Future<Output = ()>>(
+        body: impl FnOnce(Out) -> F,
+    ) -> (
+        tokio::runtime::Runtime,
+        Out,
+        tracing::subscriber::DefaultGuard,
+    ) {
+        let (s, out) = setup();
+        let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)
             .on_thread_park(write_when_idle)
             .build()
-            .expect("runtime")
+            .expect("runtime");
+        let guard = tracing::subscriber::set_default(s);
+        let o = out.clone();
+        rt.block_on(async move {
+            tokio::spawn(batch_access_lines());
+            tokio::task::yield_now().await;
+            body(o).await;
+        });
+        (rt, out, guard)
     }
 
     /// Lets the runtime go idle once (park, with time paused no time passes).
@@ -326,12 +345,7 @@ mod tests {
 
     #[test]
     fn lines_wait_while_the_thread_is_busy_and_are_written_when_it_goes_idle() {
-        let (s, out) = setup();
-        let rt = shard_runtime();
-        let _guard = tracing::subscriber::set_default(s);
-        rt.block_on(async {
-            tokio::spawn(batch_access_lines());
-            tokio::task::yield_now().await;
+        on_a_shard(|out| async move {
             info!(target: "access", n = 1, "connection");
             info!(target: "access", n = 2, "connection");
             tokio::task::yield_now().await;
@@ -345,12 +359,7 @@ mod tests {
 
     #[test]
     fn a_busy_thread_writes_at_most_once_per_gap() {
-        let (s, out) = setup();
-        let rt = shard_runtime();
-        let _guard = tracing::subscriber::set_default(s);
-        rt.block_on(async {
-            tokio::spawn(batch_access_lines());
-            tokio::task::yield_now().await;
+        on_a_shard(|out| async move {
             info!(target: "access", n = 1, "connection");
             idle().await;
             assert_eq!(lines(&out).len(), 1, "the first line at once");
@@ -370,12 +379,7 @@ mod tests {
 
     #[test]
     fn another_line_of_the_thread_writes_the_waiting_access_lines_first() {
-        let (s, out) = setup();
-        let rt = shard_runtime();
-        let _guard = tracing::subscriber::set_default(s);
-        rt.block_on(async {
-            tokio::spawn(batch_access_lines());
-            tokio::task::yield_now().await;
+        on_a_shard(|out| async move {
             info!(target: "access", n = 1, "connection");
             warn!("something else");
             let l = lines(&out);
@@ -387,12 +391,7 @@ mod tests {
 
     #[test]
     fn a_full_buffer_is_written_at_once() {
-        let (s, out) = setup();
-        let rt = shard_runtime();
-        let _guard = tracing::subscriber::set_default(s);
-        rt.block_on(async {
-            tokio::spawn(batch_access_lines());
-            tokio::task::yield_now().await;
+        on_a_shard(|out| async move {
             let pad = "x".repeat(1000);
             let mut n = 0;
             while lines(&out).is_empty() {
@@ -406,12 +405,7 @@ mod tests {
 
     #[test]
     fn ending_the_batching_writes_what_waits() {
-        let (s, out) = setup();
-        let rt = shard_runtime();
-        let _guard = tracing::subscriber::set_default(s);
-        rt.block_on(async {
-            tokio::spawn(batch_access_lines());
-            tokio::task::yield_now().await;
+        let (rt, out, _guard) = on_a_shard(|_| async {
             info!(target: "access", n = 1, "connection");
         });
         assert!(lines(&out).is_empty());

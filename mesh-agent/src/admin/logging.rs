@@ -5,10 +5,7 @@ mod batch;
 
 use std::{fmt, str::FromStr};
 
-pub use batch::{
-    ACCESS_TARGET, Batching, FLUSH_AT, MIN_GAP, Sink, batch_access_lines, flush_this_thread,
-    write_when_idle,
-};
+pub use batch::{ACCESS_TARGET, Batching, Sink, batch_access_lines, write_when_idle};
 
 use tracing_subscriber::{
     EnvFilter, Registry, fmt::MakeWriter, layer::SubscriberExt, reload, util::SubscriberInitExt,

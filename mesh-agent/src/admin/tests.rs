@@ -302,8 +302,7 @@ async fn exact_counter_deltas_and_a_clean_exposition() {
     let (src, dst) = (traffic(Reporter::Source), traffic(Reporter::Destination));
     for (m, l) in [(&outbound, &src), (&inbound, &dst)] {
         m.opened(l);
-        m.opened(l);
-        m.closed(l, 1_000, 20_000);
+        m.opened(l).closed(1_000, 20_000);
     }
     outbound.failed(&TrafficLabels {
         response_flags: flags::DENY,
@@ -643,8 +642,7 @@ fn dashboard_and_docs_match_the_exposition() {
         .expect("runtime");
     crate::metrics::runtime::RuntimeCollector::register(f.registry.nodemesh(), rt.handle().clone());
     let l = traffic(Reporter::Destination);
-    f.inbound.opened(&l);
-    f.inbound.closed(&l, 1, 1);
+    f.inbound.opened(&l).closed(1, 1);
     f.inbound.failed(&l);
     let text = f.registry.encode(Format::Prometheus);
     let mut exported = HashSet::new();

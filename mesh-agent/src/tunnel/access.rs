@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use tracing::info;
 
-use crate::identity::SpiffeId;
+use crate::{admin::logging::ACCESS_TARGET, identity::SpiffeId};
 
 /// One outbound connection: an app connection the datapath redirected to the tunnel.
 pub struct Outbound<'a> {
@@ -50,7 +50,7 @@ pub struct Inbound<'a> {
 
 /// Writes the access line of an outbound connection.
 pub fn outbound(r: &Outbound<'_>) {
-    info!(target: "access", direction = "outbound", src = %r.src,
+    info!(target: ACCESS_TARGET, direction = "outbound", src = %r.src,
         src_identity = %r.src_identity, dst = %r.dst, endpoint = r.endpoint.map(display),
         dst_identity = r.dst_identity, hbone = r.hbone.map(display),
         bytes_sent = r.bytes_sent, bytes_received = r.bytes_received,
@@ -59,7 +59,7 @@ pub fn outbound(r: &Outbound<'_>) {
 
 /// Writes the access line of an inbound stream.
 pub fn inbound(r: &Inbound<'_>) {
-    info!(target: "access", direction = "inbound", src = %r.src,
+    info!(target: ACCESS_TARGET, direction = "inbound", src = %r.src,
         forwarded = r.forwarded.map(display), src_identity = %r.src_identity, dst = r.dst,
         dst_identity = %r.dst_identity, status = r.status, bytes_sent = r.bytes_sent,
         bytes_received = r.bytes_received, duration_ms = r.duration_ms,

@@ -580,19 +580,11 @@ impl Inbound {
             source_addr: forwarded.map(|f| f.ip()),
             destination_addr,
         };
-        // Set once the connection is counted as opened: its close goes to the same series.
-        let opened = std::sync::OnceLock::<super::metrics::Series>::new();
         let log =
             |dst: Option<&str>, status: StatusCode, bytes: copy::Transferred, result: &str| {
                 match status {
-                    StatusCode::OK => match opened.get() {
-                        Some(series) => series.closed(bytes.stream_to_tcp, bytes.tcp_to_stream),
-                        None => self.metrics.closed(
-                            &labels(flags::NONE),
-                            bytes.stream_to_tcp,
-                            bytes.tcp_to_stream,
-                        ),
-                    },
+                    // Established: the caller records the close into the stream's series.
+                    StatusCode::OK => {}
                     StatusCode::UNAUTHORIZED => self.metrics.failed(&labels(flags::DENY)),
                     StatusCode::SERVICE_UNAVAILABLE => self.metrics.failed(&labels(flags::CONNECT)),
                     _ => self.metrics.failed(&labels(flags::BAD_REQUEST)),
@@ -728,10 +720,11 @@ impl Inbound {
         };
         super::listener::tune(&upstream);
         // Counted as opened before the 200 goes out, so every `closed` has its `opened`.
-        let _ = opened.set(self.metrics.opened(&labels(flags::NONE)));
+        let series = self.metrics.opened(&labels(flags::NONE));
         let send = match respond.send_response(Response::new(()), false) {
             Ok(s) => s,
             Err(e) => {
+                series.closed(0, 0);
                 log(
                     Some(&dst.to_string()),
                     StatusCode::OK,
@@ -768,6 +761,7 @@ impl Inbound {
             Ok(reason) = &mut registration.revoked => format!("closed: policy now denies it: {reason}"),
         };
         let bytes = counters.snapshot();
+        series.closed(bytes.stream_to_tcp, bytes.tcp_to_stream);
         log(Some(&dst.to_string()), StatusCode::OK, bytes, &result);
     }
 }

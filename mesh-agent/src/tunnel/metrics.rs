@@ -305,7 +305,8 @@ type Directory = RwLock<Option<Arc<dyn WorkloadDirectory>>>;
 pub struct Series(Arc<LiveCounters>);
 
 impl Series {
-    /// The connection ended, having moved these bytes (as [`TunnelMetrics::closed`]).
+    /// The connection ended, having moved these bytes (sent = toward the destination
+    /// workload, received = back from it, as Istio).
     pub fn closed(&self, sent: u64, received: u64) {
         self.0.closed.inc();
         self.0.sent_bytes.inc_by(sent);
@@ -393,12 +394,6 @@ impl TunnelMetrics {
         let series = self.live(labels);
         series.opened.inc();
         Series(series)
-    }
-
-    /// An established connection ended, having moved these bytes (sent = toward the
-    /// destination workload, received = back from it, as Istio).
-    pub fn closed(&self, labels: &TrafficLabels, sent: u64, received: u64) {
-        Series(self.live(labels)).closed(sent, received);
     }
 
     /// A connection failed before it was established (denied, unreachable, malformed).
@@ -690,8 +685,7 @@ mod tests {
     fn renders_istio_names_and_escapes_labels() {
         let m = TunnelMetrics::default();
         let l = labels(Reporter::Destination);
-        m.opened(&l);
-        m.closed(&l, 10, 20);
+        m.opened(&l).closed(10, 20);
         let text = m.render();
         assert!(
             text.contains("# TYPE istio_tcp_connections_opened_total counter"),

@@ -495,9 +495,10 @@ impl Outbound {
             Ok(_) => "ok".to_string(),
             Err(e) => format!("copy ended with a {} error: {e}", e.side()),
         };
-        let mut done = outcome(counters.snapshot(), result, flags::NONE);
-        done.opened = Some(series);
-        Ok(done)
+        Ok(Outcome {
+            opened: Some(series),
+            ..outcome(counters.snapshot(), result, flags::NONE)
+        })
     }
 
     async fn same_node(

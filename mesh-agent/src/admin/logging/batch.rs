@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use tracing_subscriber::fmt::MakeWriter;
 
-/// The target whose lines are batched.
+/// The target whose lines are batched: the access log's (`tunnel::access`).
 pub const ACCESS_TARGET: &str = "access";
 /// The least time between two writes of a thread's batch.
 pub const MIN_GAP: Duration = Duration::from_millis(10);
@@ -168,7 +168,7 @@ impl Drop for Stop {
 }
 
 /// Writes the calling thread's waiting access lines, if it batches.
-pub fn flush_this_thread() {
+fn flush_this_thread() {
     with_batch(Batch::flush);
 }
 

@@ -13,7 +13,7 @@ use anyhow::Result;
 
 use crate::{
     build_ebpf, setup,
-    util::{exec, workspace_root},
+    util::{cargo_target_dir, exec, workspace_root},
 };
 
 #[derive(clap::Args, Debug, Default)]
@@ -40,7 +40,7 @@ pub fn run(opts: Options) -> Result<()> {
             .current_dir(&root)
             .args(["build", "--release", "-p", "nodemesh-tests", "--bins"]),
     )?;
-    let mut bench = Command::new(root.join("target/release/nm-bench"));
+    let mut bench = Command::new(cargo_target_dir().join("release/nm-bench"));
     bench.current_dir(&root).arg("run");
     if opts.quick {
         bench.arg("--quick");
@@ -52,7 +52,7 @@ pub fn run(opts: Options) -> Result<()> {
     if !opts.quick {
         // One node's Kubernetes source against 5,000 pods and 500 services (issue 12).
         exec(
-            Command::new(root.join("target/release/nm-bench"))
+            Command::new(cargo_target_dir().join("release/nm-bench"))
                 .current_dir(&root)
                 .arg("k8s-scale"),
         )?;

@@ -7,7 +7,7 @@
 //! (`--sanitizer none`: the fuzzed code is safe Rust, where a panic, a hang or unbounded memory
 //! is the bug to find, and libFuzzer finds those itself); `RUSTC_BOOTSTRAP=1` covers the rest
 //! (cargo-fuzz's `--cfg fuzzing` build and libfuzzer-sys). Corpora and crash artefacts live under
-//! `target/fuzz/`; the committed seeds are read from `mesh-agent/fuzz/seeds/<target>/`.
+//! `target/fuzz/` (`$CARGO_TARGET_DIR/fuzz/` when that is set); the committed seeds are read from `mesh-agent/fuzz/seeds/<target>/`.
 
 use std::{
     path::PathBuf,
@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     build_ebpf, setup,
-    util::{exec, workspace_root},
+    util::{cargo_target_dir, exec, workspace_root},
 };
 
 /// Every fuzz target (`mesh-agent/fuzz/Cargo.toml`), in the order the smoke run takes them.
@@ -58,8 +58,10 @@ fn fuzz_dir() -> PathBuf {
     workspace_root().join("mesh-agent/fuzz")
 }
 
+/// The fuzz build, corpora, artefacts and logs: `target/fuzz`, or `fuzz/` in `CARGO_TARGET_DIR`
+/// (CI's cache outside the clone, so its corpora add up from run to run).
 fn out_dir() -> PathBuf {
-    workspace_root().join("target/fuzz")
+    cargo_target_dir().join("fuzz")
 }
 
 /// `dev`: cargo-fuzz's `--dev` (unoptimised, still instrumented): what the smoke run uses, since
@@ -135,12 +137,13 @@ fn run_target(target: &str, limit: &[String], dev: bool) -> Result<Outcome> {
         bail!(
             "fuzz target {target} failed ({status}) after {:.0} s; the end of its log:\n{}\n\n\
              The input that failed is in {}. Reproduce it with `RUSTC_BOOTSTRAP=1 cargo fuzz \
-             run --fuzz-dir mesh-agent/fuzz --target-dir target/fuzz -s none {target} <file>`, fix \
+             run --fuzz-dir mesh-agent/fuzz --target-dir {} -s none {target} <file>`, fix \
              the code (bad input must give an error, never a panic or a hang) and add the input \
              as a regression test next to the code it broke.",
             began.elapsed().as_secs_f64(),
             tail.join("\n"),
-            artifacts.display()
+            artifacts.display(),
+            out_dir().display()
         );
     }
     parse_done(&text).with_context(|| {

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     build_ebpf,
-    util::{exec, output, which, workspace_root},
+    util::{cargo_target_dir, exec, output, which, workspace_root},
 };
 
 /// The Dockerfile, relative to the workspace root.
@@ -48,9 +48,7 @@ pub fn run(opts: Options) -> Result<()> {
         cargo.arg("--release");
     }
     exec(&mut cargo)?;
-    let binary = root
-        .join("target")
-        .join(if opts.debug { "debug" } else { "release" })
+    let binary = cargo_target_dir().join(if opts.debug { "debug" } else { "release" })
         .join("mesh-agent");
     let context = root.join(CONTEXT);
     if context.exists() {

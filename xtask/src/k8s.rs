@@ -24,7 +24,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::{
     build_ebpf,
-    util::{exec, output, which, workspace_root},
+    util::{cargo_target_dir, exec, output, which, workspace_root},
 };
 
 #[derive(clap::Args)]
@@ -91,7 +91,7 @@ fn nm_k8s(bin: &Path, verb: &str, args: &[String]) -> Result<()> {
             .args(["build", "-p", "nodemesh-tests", "--bin", "nm-k8s"]),
     )?;
     exec(
-        Command::new(root.join("target/debug/nm-k8s"))
+        Command::new(cargo_target_dir().join("debug/nm-k8s"))
             .current_dir(&root)
             .env(BIN_ENV, bin)
             .arg(verb)

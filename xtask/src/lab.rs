@@ -14,7 +14,7 @@ use anyhow::Result;
 
 use crate::{
     build_ebpf, k8s, setup,
-    util::{exec, workspace_root},
+    util::{cargo_target_dir, exec, workspace_root},
 };
 
 #[derive(clap::Args, Debug, Default)]
@@ -45,7 +45,7 @@ pub fn run(opts: Options) -> Result<()> {
             .args(["build", "-p", "nodemesh-tests", "--bins"]),
     )?;
     let kubernetes = opts.args.iter().any(|a| a == "--kubernetes");
-    let mut nm_lab = Command::new(root.join("target/debug/nm-lab"));
+    let mut nm_lab = Command::new(cargo_target_dir().join("debug/nm-lab"));
     if kubernetes {
         nm_lab.env(k8s::BIN_ENV, k8s::build()?);
     }

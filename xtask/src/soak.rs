@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 
 use crate::{
     build_ebpf, setup,
-    util::{exec, workspace_root},
+    util::{cargo_target_dir, exec, workspace_root},
 };
 
 #[derive(clap::Args, Debug, Default)]
@@ -42,7 +42,7 @@ pub fn run(opts: Options) -> Result<()> {
             .current_dir(&root)
             .args(["build", "--release", "-p", "nodemesh-tests", "--bins"]),
     )?;
-    let mut soak = Command::new(root.join("target/release/nm-bench"));
+    let mut soak = Command::new(cargo_target_dir().join("release/nm-bench"));
     soak.current_dir(&root).arg("soak").args(duration);
     if let Some(i) = opts.interval {
         soak.args(["--interval", &i.to_string()]);

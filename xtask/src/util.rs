@@ -15,6 +15,18 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where cargo puts what it builds: `CARGO_TARGET_DIR` (or `CARGO_BUILD_TARGET_DIR`) when set —
+/// relative to the workspace root, where xtask runs every cargo — else `target/` in the workspace.
+/// CI sets it to a cache outside the fresh clone (`.ci/run`). The project's own state (labs,
+/// reports, the eBPF object, pointers to tools) stays in the workspace's `target/` either way.
+pub fn cargo_target_dir() -> PathBuf {
+    let root = workspace_root();
+    ["CARGO_TARGET_DIR", "CARGO_BUILD_TARGET_DIR"]
+        .iter()
+        .find_map(|k| std::env::var_os(k).filter(|v| !v.is_empty()))
+        .map_or_else(|| root.join("target"), |dir| root.join(dir))
+}
+
 fn describe(cmd: &Command) -> String {
     let mut s = String::new();
     for (k, v) in cmd.get_envs() {

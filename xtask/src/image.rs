@@ -48,7 +48,8 @@ pub fn run(opts: Options) -> Result<()> {
         cargo.arg("--release");
     }
     exec(&mut cargo)?;
-    let binary = cargo_target_dir().join(if opts.debug { "debug" } else { "release" })
+    let binary = cargo_target_dir()
+        .join(if opts.debug { "debug" } else { "release" })
         .join("mesh-agent");
     let context = root.join(CONTEXT);
     if context.exists() {

@@ -14,9 +14,13 @@
 //!   sockets: the early bytes go out in order, ahead of anything that arrives later.
 //! - The redirect is asynchronous (the kernel's psock work queue sends), so "the app closed its
 //!   side" does not mean "every byte it sent has reached the pod's socket". Before the tunnel
-//!   half-closes the other socket it waits until [`Spliced::flushed`]: the bytes the verdict
-//!   took from one socket equal the bytes that entered the other's send queue
-//!   (`tcpi_bytes_acked` + `SIOCOUTQ`).
+//!   half-closes the other socket it waits until the bytes the verdict took from one socket
+//!   have entered the other's send queue ([`bytes_queued`]: `tcpi_bytes_acked` + `SIOCOUTQ`,
+//!   counted from its value before the splice, since a connecting socket's count starts at 1:
+//!   its SYN was acknowledged).
+//! - A FIN that arrives on its own (after its bytes were redirected) is an empty segment; the
+//!   verdict drops it. Redirected, the peer's psock worker would "send" zero bytes, which the
+//!   kernel takes as a broken pipe: EPIPE on the peer socket and its redirects stopped.
 //! - The maps are not pinned: they hold this agent's sockets, which die with it.
 
 use std::{
@@ -204,14 +208,6 @@ impl Spliced {
                 source,
             })
     }
-
-    /// Whether every byte the kernel took from one socket has entered the other's send queue:
-    /// `to` is the receiving socket (`b` for `a → b`), `moved` the bytes that must be there
-    /// (redirected plus forwarded by the tunnel). Only then may `to` be half-closed, or the
-    /// tunnel write to it, without cutting the stream short or reordering it.
-    pub fn flushed(to: &impl AsFd, moved: u64) -> std::io::Result<bool> {
-        Ok(bytes_queued(to)? >= moved)
-    }
 }
 
 impl Drop for Spliced {
@@ -268,6 +264,8 @@ fn kick(s: &impl AsFd) {
 /// Bytes ever written into a TCP socket's send queue: acknowledged (`tcpi_bytes_acked`) plus
 /// still queued (`SIOCOUTQ`: sent but unacknowledged, and not sent yet). Read in that order, so
 /// an acknowledgement between the two reads can only make the sum smaller, never larger.
+/// `tcpi_bytes_acked` counts sequence space: a socket that connected starts at 1 (its SYN), and
+/// a FIN, once acknowledged, adds 1; compare against a value read before the bytes of interest.
 pub fn bytes_queued(s: &impl AsFd) -> std::io::Result<u64> {
     let acked = tcp_info(s)?.tcpi_bytes_acked;
     let mut outq: libc::c_int = 0;
@@ -298,4 +296,32 @@ pub fn tcp_info(s: &impl AsFd) -> std::io::Result<libc::tcp_info> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::bytes_queued;
+
+    /// The kernel fact the tunnel's flush waits rely on: `bytes_queued` counts sequence space,
+    /// so the connecting end starts at 1 (its SYN was acknowledged) and the accepting end at 0;
+    /// written bytes add to both as they enter the send queue.
+    #[test]
+    fn a_connected_socket_counts_its_syn_and_an_accepted_one_does_not() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut connected =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (mut accepted, _) = listener.accept().expect("accept");
+        assert_eq!(bytes_queued(&connected).expect("connected"), 1);
+        assert_eq!(bytes_queued(&accepted).expect("accepted"), 0);
+        connected.write_all(b"four").expect("write");
+        accepted.write_all(b"seven!!").expect("write");
+        let mut got = [0u8; 7];
+        connected.read_exact(&mut got).expect("read");
+        let mut got = [0u8; 4];
+        accepted.read_exact(&mut got).expect("read");
+        assert_eq!(bytes_queued(&connected).expect("connected"), 1 + 4);
+        assert_eq!(bytes_queued(&accepted).expect("accepted"), 7);
+    }
 }

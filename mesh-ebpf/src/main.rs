@@ -624,6 +624,7 @@ fn try_sockops(ctx: &SockOpsContext) {
 }
 
 /// sk_skb verdicts.
+const SK_DROP: u32 = 0;
 const SK_PASS: u32 = 1;
 
 #[stream_verdict]
@@ -636,7 +637,8 @@ pub fn mesh_splice_verdict(ctx: SkBuffContext) -> u32 {
 /// the byte order holds); otherwise it stays on this socket for the tunnel to read (see
 /// `SpliceCtl`). A socket without a link (not spliced yet, or being torn down) keeps its data,
 /// as without the program. A redirect to a peer that has left the sockhash (closed) drops the
-/// segment, as a write to a closed socket would fail.
+/// segment, as a write to a closed socket would fail. An empty segment is a FIN that arrived on
+/// its own after its bytes: it is dropped, not redirected (see below).
 #[inline(always)]
 fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
     // SAFETY: the context pointer is valid for the helper in sk_skb programs.
@@ -649,6 +651,14 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
         .copied()
         .unwrap_or_default();
     let len = u64::from(ctx.len());
+    if len == 0 {
+        // A FIN the kernel queued alone (the bytes before it were already handed on). The
+        // socket has seen it (its read side is shut: the tunnel reads 0 and half-closes the
+        // peer). Redirected, the peer's redirect worker would send nothing, which the kernel
+        // takes as a broken pipe: EPIPE on the peer socket and its redirects stopped (a request
+        // whose FIN came alone lost its answer). Dropped, it consumes nothing.
+        return SK_DROP;
+    }
     // SAFETY: non-null pointer to the map value, valid for the program's run; only this
     // socket's verdict writes its entry (under its lock).
     let (bytes, passed, mut peer) = unsafe { ((*link).bytes, (*link).passed, (*link).peer_cookie) };

@@ -65,8 +65,6 @@ pub trait SplicedPair: Send + Sync {
     fn bytes(&self) -> (u64, u64);
     /// Bytes the kernel left on the app's and on the pod's socket for the tunnel.
     fn passed(&self) -> (u64, u64);
-    /// Whether `moved` bytes have all entered `to`'s send queue.
-    fn flushed(&self, to: &TcpStream, moved: u64) -> std::io::Result<bool>;
     /// Redirect credit for the app's (`from_app`) or the pod's socket: the kernel redirects
     /// while its count stays at or below `allowed` and the tunnel has forwarded (`consumed`)
     /// every byte the kernel left on that socket.
@@ -87,9 +85,6 @@ impl SplicedPair for crate::splice::Spliced {
     }
     fn passed(&self) -> (u64, u64) {
         crate::splice::Spliced::passed(self)
-    }
-    fn flushed(&self, to: &TcpStream, moved: u64) -> std::io::Result<bool> {
-        crate::splice::Spliced::flushed(to, moved)
     }
     fn grant(&self, from_app: bool, allowed: u64, consumed: u64) -> Result<(), String> {
         crate::splice::Spliced::grant(self, from_app, allowed, consumed).map_err(|e| e.to_string())
@@ -276,15 +271,10 @@ impl SameNode {
         counters: &copy::Counters,
     ) -> std::io::Result<()> {
         if let Some(splicer) = self.splicer.get() {
+            let before = queued_before(app, pod);
             match splicer.splice(app, pod) {
                 Ok(pair) => {
-                    let guard = Recorded {
-                        pair,
-                        counters,
-                        metrics: &self.metrics,
-                        user: Default::default(),
-                        grant_lock: Default::default(),
-                    };
+                    let guard = Recorded::new(pair, counters, &self.metrics, before);
                     return spliced(app, pod, &guard).await;
                 }
                 Err(why) => {
@@ -315,6 +305,40 @@ struct Recorded<'a> {
     /// Serialises credit grants (the forwarding directions and the refresher), so a grant
     /// never carries an older `consumed` than the last one.
     grant_lock: std::sync::Mutex<()>,
+    /// [`crate::splice::bytes_queued`] of the pod's and of the app's socket (the receiving
+    /// side of direction 0 and 1) before the splice: what the kernel counts there from then on
+    /// is what the connection moved (a connected socket's count starts at 1, for its SYN).
+    queued_before: [u64; 2],
+}
+
+impl<'a> Recorded<'a> {
+    fn new(
+        pair: Box<dyn SplicedPair>,
+        counters: &'a copy::Counters,
+        metrics: &'a SameNodeMetrics,
+        queued_before: [u64; 2],
+    ) -> Self {
+        Self {
+            pair,
+            counters,
+            metrics,
+            user: Default::default(),
+            grant_lock: Default::default(),
+            queued_before,
+        }
+    }
+
+    /// Bytes that have entered direction `d`'s receiving socket `to` since the splice.
+    fn queued(&self, d: usize, to: &TcpStream) -> std::io::Result<u64> {
+        Ok(crate::splice::bytes_queued(to)?.saturating_sub(self.queued_before[d]))
+    }
+}
+
+/// The send-queue counts of the pod's and the app's socket before a splice ([`Recorded`]); 0
+/// when unreadable (the splice then fails on the same socket).
+fn queued_before(app: &TcpStream, pod: &TcpStream) -> [u64; 2] {
+    let count = |s: &TcpStream| crate::splice::bytes_queued(s).unwrap_or(0);
+    [count(pod), count(app)]
 }
 
 impl Drop for Recorded<'_> {
@@ -382,7 +406,7 @@ async fn refresh_credit(app: &TcpStream, pod: &TcpStream, rec: &Recorded<'_>) {
             if passed != consumed {
                 continue; // the tunnel is forwarding what was left to it: it grants
             }
-            let Ok(queued) = crate::splice::bytes_queued(to) else {
+            let Ok(queued) = rec.queued(d, to) else {
                 continue;
             };
             let drained = queued.saturating_sub(consumed).min(redirected);
@@ -413,7 +437,7 @@ async fn direction(
         match from.try_read(&mut buf) {
             Ok(0) => {
                 let target = redirected() + rec.user[d].load(Ordering::Relaxed);
-                wait_flushed(to, target, Some(FLUSH_DEADLINE)).await;
+                wait_flushed(rec, d, to, target, Some(FLUSH_DEADLINE)).await;
                 socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
                 return Ok(());
             }
@@ -421,7 +445,7 @@ async fn direction(
                 // Everything redirected (and forwarded) before these bytes must be in `to`
                 // first; the kernel redirects nothing more until they are forwarded.
                 let before = redirected() + rec.user[d].load(Ordering::Relaxed);
-                if !wait_flushed(to, before, None).await {
+                if !wait_flushed(rec, d, to, before, None).await {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::BrokenPipe,
                         "the spliced peer socket can no longer send",
@@ -465,16 +489,23 @@ const FLUSH_DEADLINE: Duration = Duration::from_secs(60);
 const USER_BUFFER_START: usize = 4 * 1024;
 const USER_BUFFER_MAX: usize = 256 * 1024;
 
-/// Polls until `to`'s send queue has received `target` bytes in all (the kernel's redirect runs
-/// on a work queue, so it trails what the verdict counted). Returns false when `to` can no
-/// longer send (or the deadline passed): nothing more will get there.
-async fn wait_flushed(to: &TcpStream, target: u64, deadline: Option<Duration>) -> bool {
+/// Polls until direction `d`'s receiving socket `to` has taken `target` bytes into its send
+/// queue since the splice (the kernel's redirect runs on a work queue, so it trails what the
+/// verdict counted). Returns false when `to` can no longer send (or the deadline passed):
+/// nothing more will get there.
+async fn wait_flushed(
+    rec: &Recorded<'_>,
+    d: usize,
+    to: &TcpStream,
+    target: u64,
+    deadline: Option<Duration>,
+) -> bool {
     const TCP_ESTABLISHED: u8 = 1;
     const TCP_CLOSE_WAIT: u8 = 8;
     let deadline = deadline.map(|d| tokio::time::Instant::now() + d);
     let mut pause = Duration::from_micros(100);
     loop {
-        match crate::splice::bytes_queued(to) {
+        match rec.queued(d, to) {
             Ok(queued) if queued >= target => return true,
             Ok(_) => {}
             Err(e) => {
@@ -538,14 +569,9 @@ async fn self_test_inner(splicer: &dyn Splicer) -> Result<(), String> {
     }
     let counters = copy::Counters::default();
     let metrics = SameNodeMetrics::default();
+    let before = queued_before(&a, &b);
     let pair = splicer.splice(&a, &b)?;
-    let rec = Recorded {
-        pair,
-        counters: &counters,
-        metrics: &metrics,
-        user: Default::default(),
-        grant_lock: Default::default(),
-    };
+    let rec = Recorded::new(pair, &counters, &metrics, before);
     const N: usize = 1 << 20;
     let pattern = |i: usize| (i.wrapping_mul(2_654_435_761) >> 13) as u8;
     let data: Vec<u8> = (0..N).map(pattern).collect();
@@ -587,6 +613,15 @@ async fn self_test_inner(splicer: &dyn Splicer) -> Result<(), String> {
     let (carried, checked) = tokio::join!(spliced(&a, &b, &rec), test);
     carried.map_err(e("the spliced pair"))?;
     checked?;
+    // Both FINs crossed the pair: neither socket may be left broken (a FIN redirected as an
+    // empty segment once left EPIPE on the other socket).
+    for (name, s) in [("app", &a), ("pod", &b)] {
+        if let Some(err) = s.take_error().map_err(e("SO_ERROR"))? {
+            return Err(format!(
+                "the tunnel's {name} socket was left with an error: {err}"
+            ));
+        }
+    }
     let user = rec.user[0].load(Ordering::Relaxed) + rec.user[1].load(Ordering::Relaxed);
     let (to_pod, to_app) = rec.pair.bytes();
     if user != 0 {

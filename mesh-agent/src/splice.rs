@@ -44,6 +44,14 @@ pub const SPLICE_WINDOW: u64 = 16 << 20;
 pub enum SpliceError {
     #[error("cannot read the socket cookie (SO_COOKIE): {0}")]
     Cookie(#[source] std::io::Error),
+    /// The kernel splices established sockets only: one side already closed (its peer's FIN
+    /// arrived before the splice, as with a request written and half-closed at once). Normal
+    /// for short connections; the copy carries them.
+    #[error(
+        "the {side} socket is no longer established (its peer already closed its side); this \
+         connection is copied in user space"
+    )]
+    Closing { side: &'static str },
     #[error(
         "eBPF map {name} refused the connection ({source}): full (more than {cap} spliced sockets) \
          or the socket cannot be spliced; this connection is copied in user space"
@@ -96,12 +104,19 @@ impl SockSplice {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Splices `a` and `b` (connected TCP sockets of this process): from now on what either
+    /// Splices `a` and `b` (connected TCP sockets of this process; the tunnel passes the app's
+    /// socket and the pod's, which errors name so): from now on what either
     /// receives is sent by the other, in the kernel. Undone when the returned [`Spliced`] drops
     /// (drop it before closing the sockets' last descriptor, or right after: the kernel removes
     /// closed sockets from the sockhash itself). On an error nothing is left behind and the
     /// sockets are as they were.
     pub fn splice(&self, a: &impl AsFd, b: &impl AsFd) -> Result<Spliced, SpliceError> {
+        const TCP_ESTABLISHED: u8 = 1;
+        for (side, s) in [("app", a.as_fd()), ("pod", b.as_fd())] {
+            if tcp_info(&s).is_ok_and(|i| i.tcpi_state != TCP_ESTABLISHED) {
+                return Err(SpliceError::Closing { side });
+            }
+        }
         let ca = socket_cookie(a).map_err(SpliceError::Cookie)?;
         let cb = socket_cookie(b).map_err(SpliceError::Cookie)?;
         let spliced = Spliced {
@@ -116,10 +131,20 @@ impl SockSplice {
                 cap: mesh_common::MAX_SPLICED_SOCKETS,
                 source,
             };
-            let sock_err = |source| SpliceError::Map {
-                name: maps::SPLICE_SOCKS,
-                cap: mesh_common::MAX_SPLICED_SOCKETS,
-                source,
+            // EOPNOTSUPP: the socket left ESTABLISHED since the check above (a FIN in between).
+            let sock_err = |side: &'static str| {
+                move |source: MapError| match &source {
+                    MapError::SyscallError(e)
+                        if e.io_error.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+                    {
+                        SpliceError::Closing { side }
+                    }
+                    _ => SpliceError::Map {
+                        name: maps::SPLICE_SOCKS,
+                        cap: mesh_common::MAX_SPLICED_SOCKETS,
+                        source,
+                    },
+                }
             };
             let ctl_err = |source| SpliceError::Map {
                 name: maps::SPLICE_CTL,
@@ -158,10 +183,10 @@ impl SockSplice {
                 .map_err(link_err)?;
             m.socks
                 .insert(cb, b.as_fd().as_raw_fd(), 0)
-                .map_err(sock_err)?;
+                .map_err(sock_err("pod"))?;
             m.socks
                 .insert(ca, a.as_fd().as_raw_fd(), 0)
-                .map_err(sock_err)?;
+                .map_err(sock_err("app"))?;
         }
         // Bytes that arrived before the sockets entered the map: run the verdict over them now
         // (see the module docs). Not consuming: a byte the verdict kept stays readable.

@@ -48,7 +48,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::copy;
 
@@ -56,7 +56,25 @@ use super::copy;
 pub trait Splicer: Send + Sync {
     /// Splices `app` (the accepted app socket) and `pod` (the socket to the destination pod).
     /// `Err` leaves both sockets as they were (the caller copies in user space).
-    fn splice(&self, app: &TcpStream, pod: &TcpStream) -> Result<Box<dyn SplicedPair>, String>;
+    fn splice(&self, app: &TcpStream, pod: &TcpStream) -> Result<Box<dyn SplicedPair>, NotSpliced>;
+}
+
+/// Why a same-node connection was not spliced; it is copied in user space either way.
+#[derive(Debug)]
+pub enum NotSpliced {
+    /// One side had already closed when the tunnel came to splice (the app wrote its request
+    /// and half-closed before the pod connection was up): normal for short connections.
+    Closing(String),
+    /// The splicer refused it (its maps full, or another kernel error): counted and logged.
+    Refused(String),
+}
+
+impl std::fmt::Display for NotSpliced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotSpliced::Closing(why) | NotSpliced::Refused(why) => f.write_str(why),
+        }
+    }
 }
 
 /// One spliced connection; dropping it unsplices.
@@ -72,10 +90,13 @@ pub trait SplicedPair: Send + Sync {
 }
 
 impl Splicer for crate::splice::SockSplice {
-    fn splice(&self, app: &TcpStream, pod: &TcpStream) -> Result<Box<dyn SplicedPair>, String> {
+    fn splice(&self, app: &TcpStream, pod: &TcpStream) -> Result<Box<dyn SplicedPair>, NotSpliced> {
         crate::splice::SockSplice::splice(self, app, pod)
             .map(|s| Box::new(s) as Box<dyn SplicedPair>)
-            .map_err(|e| e.to_string())
+            .map_err(|e| match e {
+                crate::splice::SpliceError::Closing { .. } => NotSpliced::Closing(e.to_string()),
+                _ => NotSpliced::Refused(e.to_string()),
+            })
     }
 }
 
@@ -277,7 +298,10 @@ impl SameNode {
                     let guard = Recorded::new(pair, counters, &self.metrics, before);
                     return spliced(app, pod, &guard).await;
                 }
-                Err(why) => {
+                Err(NotSpliced::Closing(why)) => {
+                    debug!(reason = %why, "same-node connection not spliced: copied in user space");
+                }
+                Err(NotSpliced::Refused(why)) => {
                     self.metrics.splice_refused.inc();
                     warn!(reason = %why, "same-node connection not spliced: copied in user space");
                 }
@@ -570,7 +594,7 @@ async fn self_test_inner(splicer: &dyn Splicer) -> Result<(), String> {
     let counters = copy::Counters::default();
     let metrics = SameNodeMetrics::default();
     let before = queued_before(&a, &b);
-    let pair = splicer.splice(&a, &b)?;
+    let pair = splicer.splice(&a, &b).map_err(|e| e.to_string())?;
     let rec = Recorded::new(pair, &counters, &metrics, before);
     const N: usize = 1 << 20;
     let pattern = |i: usize| (i.wrapping_mul(2_654_435_761) >> 13) as u8;

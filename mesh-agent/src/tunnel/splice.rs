@@ -29,7 +29,8 @@
 //! `auto` runs [`self_test`] (a spliced pair on loopback: early bytes, 1 MiB each way, counters,
 //! nothing readable in user space, half-close both ways) and falls back to the user-space copy
 //! if it fails; `copy` forces the copy. A connection the splicer refuses (its maps full) is
-//! copied in user space and counted — never passed around the tunnel.
+//! copied in user space and counted — never passed around the tunnel; one whose side had
+//! already closed (the kernel splices established sockets only) is copied too, not counted.
 
 use std::{
     net::SocketAddr,

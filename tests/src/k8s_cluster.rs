@@ -437,7 +437,7 @@ impl KCluster {
         let mut all: String = self
             .agents
             .iter()
-            .map(|a| format!("--- {}\n{}", a.log.display(), a.logs()))
+            .map(|a| format!("--- {}\n{}", a.log.display(), a.settled_logs()))
             .collect();
         if let Some(ca) = &self.ca {
             all.push_str(&format!("--- {}\n{}", ca.log.display(), ca.logs()));

@@ -34,6 +34,17 @@ async fn self_test_passes_on_this_kernel() {
     self_test(&*splicer(&dp)).await.expect("self-test");
 }
 
+/// The datapath (kept alive by the caller: it holds the maps) and a carrier whose self-test
+/// passed, so it splices (needs root).
+async fn spliced_carrier() -> (Datapath, SameNode) {
+    require_root();
+    let dp = Datapath::load().expect("load");
+    let carrier = SameNode::new();
+    let path = carrier.choose(PathChoice::Auto, Ok(splicer(&dp))).await;
+    assert_eq!(path, SameNodePath::Splice);
+    (dp, carrier)
+}
+
 /// A connected pair through a listener: (the peer's end, the tunnel's end).
 async fn pair() -> (TcpStream, TcpStream) {
     let l = bind_exclusive(SocketAddr::from(([127, 0, 0, 1], 0)), 4).expect("bind");
@@ -42,6 +53,27 @@ async fn pair() -> (TcpStream, TcpStream) {
         .expect("connect");
     let (mine, _) = l.accept().await.expect("accept");
     (peer, mine)
+}
+
+/// Runs the carrier on the tunnel's sockets `a` (app) and `b` (pod) beside the app's and the
+/// pod's sides until all three end (30 s at most); returns the carrier's result and both sides'.
+async fn carried_with<A: Future, P: Future>(
+    carrier: &SameNode,
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    counters: &Counters,
+    app_side: A,
+    pod_side: P,
+) -> (std::io::Result<()>, A::Output, P::Output) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(
+            carrier.carry(a, b, 256 * 1024, counters),
+            app_side,
+            pod_side
+        )
+    })
+    .await
+    .expect("the connection ends within 30 s")
 }
 
 /// app ⇄ [a | tunnel | b] ⇄ pod: app sends `up` bytes then FIN, pod answers `down` bytes then
@@ -70,15 +102,8 @@ async fn carry_once(carrier: &SameNode, up: usize, down: usize) -> (Vec<u8>, Vec
         pod.shutdown().await.expect("pod shutdown");
         got
     };
-    let (carried, app_got, pod_got) = tokio::time::timeout(Duration::from_secs(30), async {
-        tokio::join!(
-            carrier.carry(&mut a, &mut b, 256 * 1024, &counters),
-            app_side,
-            pod_side
-        )
-    })
-    .await
-    .expect("the connection ends within 30 s");
+    let (carried, app_got, pod_got) =
+        carried_with(carrier, &mut a, &mut b, &counters, app_side, pod_side).await;
     carried.expect("carried");
     assert_eq!(pod_got, to_pod, "app → pod byte-exact");
     assert_eq!(app_got, to_app, "pod → app byte-exact");
@@ -88,11 +113,7 @@ async fn carry_once(carrier: &SameNode, up: usize, down: usize) -> (Vec<u8>, Vec
 
 #[tokio::test]
 async fn spliced_bytes_never_cross_user_space() {
-    require_root();
-    let dp = Datapath::load().expect("load");
-    let carrier = SameNode::new();
-    let path = carrier.choose(PathChoice::Auto, Ok(splicer(&dp))).await;
-    assert_eq!(path, SameNodePath::Splice);
+    let (_dp, carrier) = spliced_carrier().await;
     const UP: usize = 6 << 20;
     const DOWN: usize = 3 << 20;
     let (_, _, counted) = carry_once(&carrier, UP, DOWN).await;
@@ -128,11 +149,7 @@ async fn forced_copy_copies_in_user_space() {
 /// once the tunnel drops its two sockets the app and the pod both see the connection end.
 #[tokio::test]
 async fn a_spliced_connection_dropped_mid_transfer_records_its_bytes_and_closes_both_ends() {
-    require_root();
-    let dp = Datapath::load().expect("load");
-    let carrier = SameNode::new();
-    let path = carrier.choose(PathChoice::Auto, Ok(splicer(&dp))).await;
-    assert_eq!(path, SameNodePath::Splice);
+    let (_dp, carrier) = spliced_carrier().await;
     let (mut app, mut a) = pair().await;
     let (mut pod, mut b) = pair().await;
     let counters = Counters::default();
@@ -182,11 +199,7 @@ async fn a_spliced_connection_dropped_mid_transfer_records_its_bytes_and_closes_
 /// part of it forwarded by the tunnel.
 #[tokio::test]
 async fn a_pod_that_does_not_read_stops_the_app_and_then_gets_every_byte_in_order() {
-    require_root();
-    let dp = Datapath::load().expect("load");
-    let carrier = SameNode::new();
-    let path = carrier.choose(PathChoice::Auto, Ok(splicer(&dp))).await;
-    assert_eq!(path, SameNodePath::Splice);
+    let (_dp, carrier) = spliced_carrier().await;
     let (mut app, mut a) = pair().await;
     let (mut pod, mut b) = pair().await;
     let counters = Counters::default();
@@ -254,11 +267,7 @@ async fn a_pod_that_does_not_read_stops_the_app_and_then_gets_every_byte_in_orde
 /// failed and the connection closed before the answer — a flaky e2e round trip in CI.)
 #[tokio::test]
 async fn a_fin_that_arrives_alone_ends_the_request_and_the_answer_still_arrives() {
-    require_root();
-    let dp = Datapath::load().expect("load");
-    let carrier = SameNode::new();
-    let path = carrier.choose(PathChoice::Auto, Ok(splicer(&dp))).await;
-    assert_eq!(path, SameNodePath::Splice);
+    let (_dp, carrier) = spliced_carrier().await;
     for round in 0..20 {
         let (mut app, mut a) = pair().await;
         let (mut pod, mut b) = pair().await;
@@ -292,15 +301,8 @@ async fn a_fin_that_arrives_alone_ends_the_request_and_the_answer_still_arrives(
             pod.shutdown().await.expect("pod shutdown");
             got
         };
-        let (carried, app_got, pod_got) = tokio::time::timeout(Duration::from_secs(30), async {
-            tokio::join!(
-                carrier.carry(&mut a, &mut b, 256 * 1024, &counters),
-                app_side,
-                pod_side
-            )
-        })
-        .await
-        .expect("the connection ends within 30 s");
+        let (carried, app_got, pod_got) =
+            carried_with(&carrier, &mut a, &mut b, &counters, app_side, pod_side).await;
         carried.unwrap_or_else(|e| panic!("round {round}: the spliced connection failed: {e}"));
         // Neither of the tunnel's sockets was broken on the way (the lone FIN once left EPIPE
         // pending on the pod's socket, which surfaced when the tunnel next read it).

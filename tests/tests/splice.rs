@@ -4,7 +4,7 @@
 //! byte-exact, half-closed both ways; forced to `copy`, the same connection is copied; a
 //! spliced connection dropped mid-transfer (policy revocation, drain deadline) records the bytes
 //! moved so far and both ends see the close; a request whose FIN arrives alone still gets its
-//! answer.
+//! answer; an app's reset ends the connection.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -190,6 +190,54 @@ async fn a_spliced_connection_dropped_mid_transfer_records_its_bytes_and_closes_
             .unwrap_or(0);
         assert_eq!(n, 0, "{name} received bytes after the close");
     }
+}
+
+/// An app that aborts (RST) after an exchange ends the spliced connection: the carrier returns
+/// (with the reset) and the pod sees the connection end, with nothing after the bytes it got.
+#[tokio::test]
+async fn an_app_that_resets_ends_the_spliced_connection_and_the_pod_sees_the_end() {
+    let (_dp, carrier) = spliced_carrier().await;
+    let (mut app, mut a) = pair().await;
+    let (mut pod, mut b) = pair().await;
+    let counters = Counters::default();
+    let app_side = async move {
+        app.write_all(b"hello").await.expect("app write");
+        let mut back = [0u8; 5];
+        app.read_exact(&mut back).await.expect("app read");
+        assert_eq!(&back, b"world");
+        // SO_LINGER 0: close sends RST instead of FIN.
+        socket2::SockRef::from(&app)
+            .set_linger(Some(Duration::ZERO))
+            .expect("SO_LINGER");
+        drop(app);
+    };
+    let pod_side = async {
+        let mut got = [0u8; 5];
+        pod.read_exact(&mut got).await.expect("pod read");
+        assert_eq!(&got, b"hello");
+        pod.write_all(b"world").await.expect("pod write");
+        let mut rest = Vec::new();
+        let _ = pod.read_to_end(&mut rest).await;
+        rest
+    };
+    // As the outbound does: the tunnel's sockets close when the carrier returns.
+    let carry = async {
+        let r = carrier.carry(&mut a, &mut b, 256 * 1024, &counters).await;
+        drop((a, b));
+        r
+    };
+    let (carried, (), after) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(carry, app_side, pod_side)
+    })
+    .await
+    .expect("the connection ends within 30 s");
+    assert!(
+        after.is_empty(),
+        "the pod received {} bytes after the exchange",
+        after.len()
+    );
+    let t = counters.snapshot();
+    assert_eq!((t.tcp_to_stream, t.stream_to_tcp), (5, 5), "{carried:?}");
 }
 
 /// Backpressure: the kernel's splice queue has none of its own, so a pod that does not read must

@@ -308,7 +308,7 @@ impl SameNode {
                 }
             }
         }
-        let result = super::outbound::same_node_copy(app, pod, max_buffer, counters).await;
+        let result = copy::same_node_copy(app, pod, max_buffer, counters).await;
         self.metrics.add(
             SameNodePath::Copy,
             counters.tcp_to_stream.load(Ordering::Relaxed)

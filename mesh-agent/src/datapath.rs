@@ -821,8 +821,8 @@ impl KernelMaps for Datapath {
         absent_ok(self.mesh_dsts.remove(&Key::new(prefix_len, key)))
             .map_err(maps_err(maps::MESH_DESTINATIONS))
     }
-    fn read_entries(&self) -> Result<crate::reconcile::MapEntries, MapsError> {
-        let mut out = crate::reconcile::MapEntries::default();
+    fn read_entries(&self) -> Result<crate::maps::MapEntries, MapsError> {
+        let mut out = crate::maps::MapEntries::default();
         let tunnel = self
             .tunnel_cfg
             .get(&0, 0)

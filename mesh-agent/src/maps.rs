@@ -4,7 +4,7 @@
 //!
 //! [`Datapath`]: crate::datapath::Datapath
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::{net::IpAddr, time::Duration};
 
 use mesh_common::{
@@ -13,6 +13,19 @@ use mesh_common::{
 };
 
 use crate::map_model::{self, Cidr, Exclusion, ModelError, PodSpec, PolicyRule};
+
+/// The contents of the maps the agent programs (not the kernel-written ones).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapEntries {
+    pub tunnel: Option<TunnelConfig>,
+    pub enrolled: BTreeMap<u64, EnrolledPod>,
+    pub exclusions: BTreeSet<(u32, LpmPortAddr)>,
+    pub identities: BTreeMap<(u32, LpmAddr), u32>,
+    pub policy: BTreeMap<PolicyKey, u32>,
+    pub guard_ports: BTreeSet<GuardPortKey>,
+    /// [`mesh_common::maps::MESH_DESTINATIONS`]: members and the catch-all.
+    pub mesh_destinations: BTreeMap<(u32, LpmAddr), u32>,
+}
 
 /// Where redirected connections go and how the tunnel's liveness is judged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,7 +89,7 @@ pub trait KernelMaps {
     ) -> Result<(), MapsError>;
     fn del_mesh_destination(&mut self, prefix_len: u32, key: LpmAddr) -> Result<(), MapsError>;
     /// Everything the agent-programmed maps hold now.
-    fn read_entries(&self) -> Result<crate::reconcile::MapEntries, MapsError>;
+    fn read_entries(&self) -> Result<MapEntries, MapsError>;
 
     /// Lets plaintext reach the listener on `port` of the STRICT pod `netns_cookie` from any
     /// source (kubelet probes); other listeners of the pod accept only the tunnel address.
@@ -186,7 +199,7 @@ pub struct FakeMaps {
     pub exclusions: HashMap<(u32, LpmPortAddr), u32>,
     pub identities: HashMap<(u32, LpmAddr), u32>,
     pub policy: BTreeMap<PolicyKey, u32>,
-    pub guard_ports: std::collections::BTreeSet<GuardPortKey>,
+    pub guard_ports: BTreeSet<GuardPortKey>,
     pub mesh_destinations: HashMap<(u32, LpmAddr), u32>,
 }
 
@@ -248,7 +261,7 @@ impl KernelMaps for FakeMaps {
         self.mesh_destinations.remove(&(prefix_len, key));
         Ok(())
     }
-    fn read_entries(&self) -> Result<crate::reconcile::MapEntries, MapsError> {
+    fn read_entries(&self) -> Result<MapEntries, MapsError> {
         Ok(self.entries())
     }
 }
@@ -285,8 +298,8 @@ fn ip_words(ip: IpAddr) -> [u32; 4] {
 
 impl FakeMaps {
     /// The entries, in the form [`crate::reconcile`] compares.
-    pub fn entries(&self) -> crate::reconcile::MapEntries {
-        crate::reconcile::MapEntries {
+    pub fn entries(&self) -> MapEntries {
+        MapEntries {
             tunnel: self.tunnel,
             enrolled: self.enrolled.clone(),
             exclusions: self.exclusions.keys().copied().collect(),

@@ -6,15 +6,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use mesh_common::{
-    EnrolledPod, GuardPortKey, LpmAddr, LpmPortAddr, MESH_DST_MEMBER, MESH_DST_OUTSIDE, PolicyKey,
-    TunnelConfig,
-};
+use mesh_common::{MESH_DST_MEMBER, MESH_DST_OUTSIDE};
 
 use crate::{
     map_model::{self, Cidr, Exclusion, PodSpec, PolicyRule},
     maps::{KernelMaps, MapsError, TunnelSettings},
 };
+
+pub use crate::maps::MapEntries;
 
 /// Everything the agent wants the maps to say.
 #[derive(Clone, Debug, Default)]
@@ -32,19 +31,6 @@ pub struct DesiredState {
     /// workload endpoint. Enrolled pods'
     /// TCP connects to anything else go out untouched (see [`mesh_common::maps::MESH_DESTINATIONS`]).
     pub mesh_destinations: BTreeSet<Cidr>,
-}
-
-/// The contents of the maps the agent programs (not the kernel-written ones).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MapEntries {
-    pub tunnel: Option<TunnelConfig>,
-    pub enrolled: BTreeMap<u64, EnrolledPod>,
-    pub exclusions: BTreeSet<(u32, LpmPortAddr)>,
-    pub identities: BTreeMap<(u32, LpmAddr), u32>,
-    pub policy: BTreeMap<PolicyKey, u32>,
-    pub guard_ports: BTreeSet<GuardPortKey>,
-    /// [`mesh_common::maps::MESH_DESTINATIONS`]: members and the catch-all.
-    pub mesh_destinations: BTreeMap<(u32, LpmAddr), u32>,
 }
 
 /// Turns the desired state into map entries. Rejects reserved identities.

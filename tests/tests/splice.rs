@@ -79,8 +79,7 @@ async fn carried_with<A: Future, P: Future>(
 /// app ⇄ [a | tunnel | b] ⇄ pod: app sends `up` bytes then FIN, pod answers `down` bytes then
 /// FIN; returns the bytes each side received and the carrier's counters.
 async fn carry_once(carrier: &SameNode, up: usize, down: usize) -> (Vec<u8>, Vec<u8>, (u64, u64)) {
-    let (mut app, mut a) = pair().await;
-    let (mut pod, mut b) = pair().await;
+    let ((mut app, mut a), (mut pod, mut b)) = (pair().await, pair().await);
     let counters = Counters::default();
     let data = |n: usize, seed: u8| -> Vec<u8> {
         (0..n)
@@ -150,8 +149,7 @@ async fn forced_copy_copies_in_user_space() {
 #[tokio::test]
 async fn a_spliced_connection_dropped_mid_transfer_records_its_bytes_and_closes_both_ends() {
     let (_dp, carrier) = spliced_carrier().await;
-    let (mut app, mut a) = pair().await;
-    let (mut pod, mut b) = pair().await;
+    let ((mut app, mut a), (mut pod, mut b)) = (pair().await, pair().await);
     let counters = Counters::default();
     let (stop, stopped) = oneshot::channel::<()>();
     let carry = async {
@@ -197,8 +195,7 @@ async fn a_spliced_connection_dropped_mid_transfer_records_its_bytes_and_closes_
 #[tokio::test]
 async fn an_app_that_resets_ends_the_spliced_connection_and_the_pod_sees_the_end() {
     let (_dp, carrier) = spliced_carrier().await;
-    let (mut app, mut a) = pair().await;
-    let (mut pod, mut b) = pair().await;
+    let ((mut app, mut a), (mut pod, mut b)) = (pair().await, pair().await);
     let counters = Counters::default();
     let app_side = async move {
         app.write_all(b"hello").await.expect("app write");
@@ -248,8 +245,7 @@ async fn an_app_that_resets_ends_the_spliced_connection_and_the_pod_sees_the_end
 #[tokio::test]
 async fn a_pod_that_does_not_read_stops_the_app_and_then_gets_every_byte_in_order() {
     let (_dp, carrier) = spliced_carrier().await;
-    let (mut app, mut a) = pair().await;
-    let (mut pod, mut b) = pair().await;
+    let ((mut app, mut a), (mut pod, mut b)) = (pair().await, pair().await);
     let counters = Counters::default();
     const TOTAL: usize = 96 << 20;
     let data: Vec<u8> = (0..TOTAL)
@@ -317,8 +313,7 @@ async fn a_pod_that_does_not_read_stops_the_app_and_then_gets_every_byte_in_orde
 async fn a_fin_that_arrives_alone_ends_the_request_and_the_answer_still_arrives() {
     let (_dp, carrier) = spliced_carrier().await;
     for round in 0..20 {
-        let (mut app, mut a) = pair().await;
-        let (mut pod, mut b) = pair().await;
+        let ((mut app, mut a), (mut pod, mut b)) = (pair().await, pair().await);
         let counters = Counters::default();
         let request = format!("request {round}");
         let answer = format!("answer to request {round}").repeat(10);

@@ -454,12 +454,14 @@ async fn direction(
         if d == 0 { to_pod } else { to_app }
     };
     // Small at first: most spliced connections read here only their FIN (a read of 0); a
-    // direction whose credit runs out grows it while reads fill it. Zeroing 256 KiB up front
-    // cost more than the rest of a short connection's splice.
-    let mut buf = vec![0u8; USER_BUFFER_START];
+    // direction whose credit runs out grows it while reads fill it. Never zeroed (zeroing
+    // 256 KiB up front cost more than the rest of a short connection's splice).
+    let mut buf = bytes::BytesMut::with_capacity(USER_BUFFER_START);
     loop {
         from.readable().await?;
-        match from.try_read(&mut buf) {
+        buf.clear();
+        let room = buf.capacity();
+        match from.try_read_buf(&mut buf) {
             Ok(0) => {
                 let target = redirected() + rec.user[d].load(Ordering::Relaxed);
                 wait_flushed(rec, d, to, target, Some(FLUSH_DEADLINE)).await;
@@ -477,8 +479,9 @@ async fn direction(
                     ));
                 }
                 write_all(to, &buf[..n]).await?;
-                if n == buf.len() && buf.len() < USER_BUFFER_MAX {
-                    buf.resize(buf.len() * 2, 0);
+                if n == room && room < USER_BUFFER_MAX {
+                    buf.clear();
+                    buf.reserve((room * 2).min(USER_BUFFER_MAX));
                 }
                 let _grant = rec.grant_lock.lock().unwrap_or_else(|p| p.into_inner());
                 let consumed = rec.user[d].fetch_add(n as u64, Ordering::Relaxed) + n as u64;

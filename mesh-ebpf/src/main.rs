@@ -646,10 +646,6 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
     let Some(link) = NM_SPLICE_LINK.get_ptr_mut(cookie) else {
         return SK_PASS;
     };
-    // SAFETY: the value is copied out immediately; userspace writes it whole.
-    let ctl = unsafe { NM_SPLICE_CTL.get(cookie) }
-        .copied()
-        .unwrap_or_default();
     let len = u64::from(ctx.len());
     if len == 0 {
         // A FIN the kernel queued alone (the bytes before it were already handed on). The
@@ -659,6 +655,10 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
         // whose FIN came alone lost its answer). Dropped, it consumes nothing.
         return SK_DROP;
     }
+    // SAFETY: the value is copied out immediately; userspace writes it whole.
+    let ctl = unsafe { NM_SPLICE_CTL.get(cookie) }
+        .copied()
+        .unwrap_or_default();
     // SAFETY: non-null pointer to the map value, valid for the program's run; only this
     // socket's verdict writes its entry (under its lock).
     let (bytes, passed, mut peer) = unsafe { ((*link).bytes, (*link).passed, (*link).peer_cookie) };

@@ -13,7 +13,7 @@ use mesh_agent::{
     tunnel::{
         copy::Counters,
         listener::bind_exclusive,
-        splice::{PathChoice, SameNode, SameNodePath, Splicer, self_test},
+        splice::{NotSpliced, PathChoice, SameNode, SameNodePath, Splicer, self_test},
     },
 };
 use nodemesh_tests::require_root;
@@ -188,6 +188,60 @@ async fn a_spliced_connection_dropped_mid_transfer_records_its_bytes_and_closes_
             .unwrap_or(0);
         assert_eq!(n, 0, "{name} received bytes after the close");
     }
+}
+
+/// A connection whose app already half-closed before the tunnel came to splice (a request
+/// written and closed at once): the kernel splices established sockets only, so it is not
+/// spliced — classified as closing, not as a refusal — and the copy carries it whole, without
+/// counting a refusal.
+#[tokio::test]
+async fn a_connection_closing_before_the_splice_is_copied_and_not_counted_as_refused() {
+    let (dp, carrier) = spliced_carrier().await;
+    let ((mut app, mut a), (mut pod, mut b)) = (pair().await, pair().await);
+    app.write_all(b"request").await.expect("app write");
+    app.shutdown().await.expect("app shutdown");
+    // Until the tunnel's socket has seen the FIN (CLOSE_WAIT).
+    const TCP_CLOSE_WAIT: u8 = 8;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while mesh_agent::splice::tcp_info(&a)
+        .expect("tcp_info")
+        .tcpi_state
+        != TCP_CLOSE_WAIT
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the FIN never reached the tunnel's socket"
+        );
+        tokio::task::yield_now().await;
+    }
+    match splicer(&dp).splice(&a, &b) {
+        Err(NotSpliced::Closing(why)) => assert!(why.contains("app"), "{why}"),
+        Err(NotSpliced::Refused(why)) => panic!("classified as a refusal: {why}"),
+        Ok(_) => panic!("a closing socket was spliced"),
+    }
+    let counters = Counters::default();
+    let pod_side = async {
+        let mut got = Vec::new();
+        pod.read_to_end(&mut got).await.expect("pod read");
+        pod.write_all(b"answer").await.expect("pod write");
+        pod.shutdown().await.expect("pod shutdown");
+        got
+    };
+    let app_side = async {
+        let mut got = Vec::new();
+        app.read_to_end(&mut got).await.expect("app read");
+        got
+    };
+    let (carried, app_got, pod_got) =
+        carried_with(&carrier, &mut a, &mut b, &counters, app_side, pod_side).await;
+    carried.expect("carried");
+    assert_eq!(
+        (pod_got.as_slice(), app_got.as_slice()),
+        (&b"request"[..], &b"answer"[..])
+    );
+    let m = carrier.metrics();
+    assert_eq!(m.connections(SameNodePath::Copy), 1);
+    assert_eq!(m.refused(), 0, "a closing connection is not a refusal");
 }
 
 /// An app that aborts (RST) after an exchange ends the spliced connection: the carrier returns

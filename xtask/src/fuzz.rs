@@ -7,7 +7,8 @@
 //! (`--sanitizer none`: the fuzzed code is safe Rust, where a panic, a hang or unbounded memory
 //! is the bug to find, and libFuzzer finds those itself); `RUSTC_BOOTSTRAP=1` covers the rest
 //! (cargo-fuzz's `--cfg fuzzing` build and libfuzzer-sys). Corpora and crash artefacts live under
-//! `target/fuzz/` (`$CARGO_TARGET_DIR/fuzz/` when that is set); the committed seeds are read from `mesh-agent/fuzz/seeds/<target>/`.
+//! `target/fuzz/` (`$CARGO_TARGET_DIR/fuzz/` when that is set); the committed seeds are read
+//! from `mesh-agent/fuzz/seeds/<target>/`.
 
 use std::{
     path::PathBuf,

@@ -217,6 +217,11 @@ impl SameNodeMetrics {
         self.bytes.get_or_create(&[("path", "splice")]).get()
     }
 
+    /// Same-node connections the splicer refused (its maps full or a kernel error).
+    pub fn refused(&self) -> u64 {
+        self.splice_refused.get()
+    }
+
     /// Same-node connections carried on `path`.
     pub fn connections(&self, path: SameNodePath) -> u64 {
         self.connections

@@ -213,41 +213,298 @@ const SAME_NODE_FIRST_BUFFER: usize = 16 * 1024;
 /// write). Unlike `tokio::io::copy_bidirectional_with_sizes`, whose buffers are zeroed
 /// allocations of the full size per connection (two 256 KiB `memset`s were 22% of the agent's
 /// CPU in the connection-rate benchmark), the buffers are uninitialised `BytesMut`s that start
-/// small and grow only for bulk transfers. Byte counts stay readable if the copy is cancelled.
+/// small and grow only for bulk transfers. A direction whose reads fill the largest buffer is
+/// bulk: it continues through a pipe with `splice(2)` (see [`pipe_pump`]), so its payload is
+/// no longer copied through user space. Byte counts stay readable if the copy is cancelled.
 pub(super) async fn same_node_copy(
     app: &mut tokio::net::TcpStream,
     pod: &mut tokio::net::TcpStream,
     max_buffer: usize,
     counters: &Counters,
 ) -> std::io::Result<()> {
-    let (app_r, app_w) = app.split();
-    let (pod_r, pod_w) = pod.split();
+    let (app, pod) = (&*app, &*pod);
     tokio::try_join!(
-        pump(app_r, pod_w, max_buffer, &counters.tcp_to_stream),
-        pump(pod_r, app_w, max_buffer, &counters.stream_to_tcp),
+        pump(app, pod, max_buffer, &counters.tcp_to_stream),
+        pump(pod, app, max_buffer, &counters.stream_to_tcp),
     )?;
     Ok(())
 }
 
+/// How a same-node direction ended up moving its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moved {
+    /// Read into and written from a user-space buffer (request/response, short transfers).
+    Buffered,
+    /// Bulk: after the buffer had grown to its largest, through a pipe with `splice(2)`.
+    Piped,
+}
+
+/// One same-node direction `from` → `to` until `from`'s EOF, which half-closes `to`.
 async fn pump(
-    mut from: impl AsyncRead + Unpin,
-    mut to: impl AsyncWrite + Unpin,
+    from: &tokio::net::TcpStream,
+    to: &tokio::net::TcpStream,
     max_buffer: usize,
     counter: &std::sync::atomic::AtomicU64,
-) -> std::io::Result<()> {
+) -> std::io::Result<Moved> {
     let max_buffer = max_buffer.max(SAME_NODE_FIRST_BUFFER);
     let mut buf = BytesMut::with_capacity(SAME_NODE_FIRST_BUFFER);
+    let mut pipe_refused = false;
     loop {
         buf.clear();
-        let n = from.read_buf(&mut buf).await?;
+        let n = loop {
+            from.readable().await?;
+            match from.try_read_buf(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => break r?,
+            }
+        };
         if n == 0 {
-            return to.shutdown().await;
+            socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
+            return Ok(Moved::Buffered);
         }
-        to.write_all(&buf[..n]).await?;
+        write_all(to, &buf[..n]).await?;
         counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        if n == buf.capacity() && n < max_buffer {
-            buf.clear();
-            buf.reserve((n * 2).min(max_buffer));
+        if n == buf.capacity() {
+            if n >= max_buffer {
+                if pipe_refused {
+                    continue;
+                }
+                match KernelPipe::new(max_buffer) {
+                    Ok(pipe) => {
+                        drop(buf);
+                        pipe_pump(from, to, &pipe, max_buffer, counter).await?;
+                        return Ok(Moved::Piped);
+                    }
+                    Err(e) => {
+                        // Out of descriptors or pipe quota: this direction stays in user space.
+                        pipe_refused = true;
+                        tracing::debug!(error = %e, "no pipe for a bulk same-node copy: copying in user space");
+                    }
+                }
+            } else {
+                buf.clear();
+                buf.reserve((n * 2).min(max_buffer));
+            }
         }
+    }
+}
+
+/// `write_all` through a shared reference (each direction writes the socket the other reads).
+async fn write_all(to: &tokio::net::TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A pipe for moving a bulk same-node direction with `splice(2)`: both ends non-blocking
+/// (readiness comes from the sockets; the pipe is always emptied before the next fill).
+struct KernelPipe {
+    read: std::os::fd::OwnedFd,
+    write: std::os::fd::OwnedFd,
+}
+
+impl KernelPipe {
+    fn new(size: usize) -> nix::Result<Self> {
+        use nix::fcntl::{FcntlArg, OFlag};
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // Best effort: a pipe holds 64 KiB by default, and an unprivileged agent over its
+        // user's pipe quota gets no more; the pipe then moves smaller chunks.
+        let size = i32::try_from(size).unwrap_or(i32::MAX);
+        if let Err(e) = nix::fcntl::fcntl(&write, FcntlArg::F_SETPIPE_SZ(size)) {
+            tracing::debug!(error = %e, size, "pipe size not raised");
+        }
+        Ok(Self { read, write })
+    }
+}
+
+/// Moves one direction `from` → `to` through `pipe` with `splice(2)` until `from`'s EOF
+/// (then half-closes `to`, as the user-space copy does): the kernel hands the received
+/// segments' pages to the pipe and on to the other socket's send queue, so payload is not
+/// copied through user space. Backpressure stays TCP's: the pipe is emptied into `to` before
+/// the next fill, so at most one pipe's worth (`chunk`) is between the two sockets. Bytes are
+/// counted when they enter `to`, as in the copy; a cancelled pump loses only what is in the
+/// pipe, as a cancelled copy loses its buffer (the connection is being closed).
+async fn pipe_pump(
+    from: &tokio::net::TcpStream,
+    to: &tokio::net::TcpStream,
+    pipe: &KernelPipe,
+    chunk: usize,
+    counter: &std::sync::atomic::AtomicU64,
+) -> std::io::Result<()> {
+    use nix::fcntl::{SpliceFFlags, splice};
+    use tokio::io::Interest;
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        let n = from
+            .async_io(Interest::READABLE, || {
+                splice(from, None, &pipe.write, None, chunk, flags).map_err(std::io::Error::from)
+            })
+            .await?;
+        if n == 0 {
+            return socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+        }
+        let mut left = n;
+        while left > 0 {
+            let m = to
+                .async_io(Interest::WRITABLE, || {
+                    splice(&pipe.read, None, to, None, left, flags).map_err(std::io::Error::from)
+                })
+                .await?;
+            left -= m;
+            counter.fetch_add(m as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connected loopback pair: (the end a client holds, the end the tunnel accepted).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.expect("connect"), accepted.expect("accept").0)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+    }
+
+    /// Bytes waiting in `s`'s receive queue (`SIOCINQ`).
+    fn queued_in(s: &TcpStream) -> usize {
+        use std::os::fd::AsRawFd;
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD (SIOCINQ) writes one int through the valid pointer; the descriptor
+        // is an open socket owned by `s`.
+        let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(rc, 0, "SIOCINQ: {}", std::io::Error::last_os_error());
+        usize::try_from(n).unwrap_or(0)
+    }
+
+    /// The app sends 8 MiB (bulk: its direction moves to the pipe once reads have filled the
+    /// largest buffer) while the pod answers 3 KiB (request/response size: stays buffered);
+    /// both arrive byte-exact, each FIN is passed on after its bytes, and the counters match.
+    #[tokio::test]
+    async fn a_bulk_direction_is_piped_in_the_kernel_and_arrives_whole_with_its_fin() {
+        const UP: usize = 8 << 20;
+        const DOWN: usize = 3 * 1024;
+        const MAX_BUFFER: usize = 64 * 1024;
+        let (mut app, tunnel_app) = pair().await;
+        let (tunnel_pod, mut pod) = pair().await;
+        let up = pattern(UP, 0x5a);
+        let down = pattern(DOWN, 0xa5);
+        let sender = {
+            let up = up.clone();
+            tokio::spawn(async move {
+                app.write_all(&up).await.expect("app writes");
+                app.shutdown().await.expect("app half-closes");
+                let mut answer = Vec::new();
+                app.read_to_end(&mut answer).await.expect("app reads");
+                answer
+            })
+        };
+        // Enough queued that the first reads (16, 32, 64 KiB) fill the buffer: the switch to
+        // the pipe does not depend on scheduling.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while queued_in(&tunnel_app) < 16 * 1024 + 32 * 1024 + 64 * 1024 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the app's bytes never queued"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let (to_pod, to_app) = (AtomicU64::new(0), AtomicU64::new(0));
+        let receiver = async {
+            let mut got = Vec::new();
+            pod.read_to_end(&mut got).await.expect("pod reads");
+            pod.write_all(&down).await.expect("pod answers");
+            pod.shutdown().await.expect("pod half-closes");
+            got
+        };
+        let copy = async {
+            tokio::try_join!(
+                pump(&tunnel_app, &tunnel_pod, MAX_BUFFER, &to_pod),
+                pump(&tunnel_pod, &tunnel_app, MAX_BUFFER, &to_app),
+            )
+        };
+        let (got, moved) = tokio::time::timeout(Duration::from_secs(30), async {
+            tokio::join!(receiver, copy)
+        })
+        .await
+        .expect("the copy finished");
+        let moved = moved.expect("the copy succeeded");
+        assert_eq!(moved, (Moved::Piped, Moved::Buffered));
+        assert!(
+            got == up,
+            "the pod got {} bytes, not the app's {UP} in order",
+            got.len()
+        );
+        let answer = sender.await.expect("app task");
+        assert_eq!(answer, down);
+        assert_eq!(to_pod.load(Ordering::Relaxed), UP as u64);
+        assert_eq!(to_app.load(Ordering::Relaxed), DOWN as u64);
+    }
+
+    /// A pod that resets while a piped transfer is under way ends the copy with an error at
+    /// once (nothing waits for bytes that will never leave the pipe).
+    #[tokio::test]
+    async fn a_pod_that_resets_mid_transfer_ends_the_piped_copy_with_an_error() {
+        const MAX_BUFFER: usize = 16 * 1024;
+        let (mut app, tunnel_app) = pair().await;
+        let (tunnel_pod, pod) = pair().await;
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            // Writes until the tunnel's side fails and the app sees the connection end.
+            while app.write_all(&chunk).await.is_ok() {}
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while queued_in(&tunnel_app) < 64 * 1024 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the app's bytes never queued"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let counter = AtomicU64::new(0);
+        let result = {
+            let copy = pump(&tunnel_app, &tunnel_pod, MAX_BUFFER, &counter);
+            tokio::pin!(copy);
+            // The pod reads nothing: once the tunnel has moved to the pipe and filled the pod's
+            // socket, the pod resets.
+            let moved_some = async {
+                while counter.load(Ordering::Relaxed) < 4 * MAX_BUFFER as u64 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            };
+            tokio::select! {
+                r = &mut copy => panic!("the copy ended before the reset: {r:?}"),
+                () = moved_some => {}
+            }
+            socket2::SockRef::from(&pod)
+                .set_linger(Some(Duration::ZERO))
+                .expect("linger 0");
+            drop(pod);
+            tokio::time::timeout(Duration::from_secs(10), copy)
+                .await
+                .expect("the copy ended after the reset")
+        };
+        assert!(
+            result.is_err(),
+            "a reset pod must fail the copy, got {result:?}"
+        );
+        drop(tunnel_app);
+        writer.await.expect("writer");
     }
 }

@@ -180,7 +180,7 @@ impl SameNodeMetrics {
         );
         registry.register(
             "same_node_bytes",
-            "Same-node payload bytes, both directions, by path (splice: moved by the kernel; copy: copied in user space)",
+            "Same-node payload bytes, both directions, by path (splice: moved by the kernel; copy: carried by the tunnel's copy)",
             self.bytes.clone(),
         );
         registry.register(

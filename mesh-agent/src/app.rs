@@ -743,7 +743,8 @@ fn program(
 }
 
 /// Raises the soft limit of open descriptors to the hard limit. Each proxied connection holds
-/// two sockets (the app's and the pod's or a stream on a pooled one), and the listeners accept
+/// two sockets (the app's and the pod's or a stream on a pooled one; a bulk same-node direction
+/// also a pipe, at most `tunnel::copy`'s 4,096 at once), and the listeners accept
 /// up to `max_inbound_connections` + `max_outbound_connections`: the usual soft limit of 1024
 /// would refuse connections long before those bounds. The hard limit is the operator's (the
 /// container runtime's `LimitNOFILE`), never raised; the bounds stay enforced by the listeners.

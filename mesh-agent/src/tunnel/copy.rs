@@ -276,7 +276,7 @@ async fn pump(
                         return Ok(Moved::Piped);
                     }
                     Err(e) => {
-                        // Out of descriptors or pipe quota: this direction stays in user space.
+                        // Out of pipes or descriptors: this direction stays in user space.
                         pipe_refused = true;
                         tracing::debug!(error = %e, "no pipe for a bulk same-node copy: copying in user space");
                     }
@@ -289,24 +289,50 @@ async fn pump(
     }
 }
 
+/// At most this many same-node directions move through a pipe at once (two descriptors each);
+/// past it a bulk direction stays in user space. It keeps the descriptors the pipes take
+/// bounded beside the sockets the connection limits allow (HAProxy bounds its splice pipes the
+/// same way, `maxpipes`).
+const MAX_PIPES: usize = 4096;
+static PIPES_IN_USE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// A pipe for moving a bulk same-node direction with `splice(2)`: both ends non-blocking
-/// (readiness comes from the sockets; the pipe is always emptied before the next fill).
+/// (readiness comes from the sockets; the pipe is always emptied before the next fill). Holds
+/// one of the [`MAX_PIPES`] slots until dropped.
 struct KernelPipe {
     read: std::os::fd::OwnedFd,
     write: std::os::fd::OwnedFd,
 }
 
 impl KernelPipe {
-    fn new(size: usize) -> nix::Result<Self> {
+    fn new(size: usize) -> std::io::Result<Self> {
         use nix::fcntl::{FcntlArg, OFlag};
-        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-        // Best effort: a pipe holds 64 KiB by default, and an unprivileged agent over its
-        // user's pipe quota gets no more; the pipe then moves smaller chunks.
+        use std::sync::atomic::Ordering;
+        PIPES_IN_USE
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_PIPES).then_some(n + 1)
+            })
+            .map_err(|_| std::io::Error::other(format!("all {MAX_PIPES} pipes in use")))?;
+        let (read, write) = match nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
+            Ok(ends) => ends,
+            Err(e) => {
+                PIPES_IN_USE.fetch_sub(1, Ordering::AcqRel);
+                return Err(e.into());
+            }
+        };
+        // Best effort: a pipe holds 64 KiB by default, and an agent without CAP_SYS_RESOURCE
+        // over its user's pipe quota gets no more; the pipe then moves smaller chunks.
         let size = i32::try_from(size).unwrap_or(i32::MAX);
         if let Err(e) = nix::fcntl::fcntl(&write, FcntlArg::F_SETPIPE_SZ(size)) {
             tracing::debug!(error = %e, size, "pipe size not raised");
         }
         Ok(Self { read, write })
+    }
+}
+
+impl Drop for KernelPipe {
+    fn drop(&mut self) {
+        PIPES_IN_USE.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -316,7 +342,8 @@ impl KernelPipe {
 /// copied through user space. Backpressure stays TCP's: the pipe is emptied into `to` before
 /// the next fill, so at most one pipe's worth (`chunk`) is between the two sockets. Bytes are
 /// counted when they enter `to`, as in the copy; a cancelled pump loses only what is in the
-/// pipe, as a cancelled copy loses its buffer (the connection is being closed).
+/// pipe, as a cancelled copy loses its buffer (the connection is being closed). A closed or
+/// reset peer fails the splice with `EPIPE`/`ECONNRESET` (Rust's runtime ignores `SIGPIPE`).
 async fn pipe_pump(
     from: &tokio::net::TcpStream,
     to: &tokio::net::TcpStream,

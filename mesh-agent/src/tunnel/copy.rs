@@ -268,10 +268,10 @@ async fn pump(
                 if pipe_refused {
                     continue;
                 }
-                match KernelPipe::new(max_buffer) {
+                match KernelPipe::new(PIPE_SIZE) {
                     Ok(pipe) => {
                         drop(buf);
-                        pipe_pump(from.as_ref(), to.as_ref(), &pipe, max_buffer, counter).await?;
+                        pipe_pump(from.as_ref(), to.as_ref(), &pipe, PIPE_SIZE, counter).await?;
                         to.shutdown().await?;
                         return Ok(Moved::Piped);
                     }
@@ -288,6 +288,12 @@ async fn pump(
         }
     }
 }
+
+/// What a piped direction moves per `splice(2)` call, and its pipe's size: 1 MiB (the default
+/// `pipe-max-size`) cost 0.30–0.33 agent CPU-s per GB with four flows against 0.51–0.54 with
+/// 256 KiB pipes (paired labs; performance.md). At most this much is in the pipe between the
+/// two sockets' own buffers.
+const PIPE_SIZE: usize = 1 << 20;
 
 /// At most this many same-node directions move through a pipe at once (two descriptors each);
 /// past it a bulk direction stays in user space. It keeps the descriptors the pipes take

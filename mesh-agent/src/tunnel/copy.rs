@@ -268,17 +268,20 @@ async fn pump(
                 if pipe_refused {
                     continue;
                 }
-                match KernelPipe::new(PIPE_SIZE) {
+                match KernelPipe::new() {
                     Ok(pipe) => {
                         drop(buf);
-                        pipe_pump(from.as_ref(), to.as_ref(), &pipe, PIPE_SIZE, counter).await?;
+                        pipe_pump(from.as_ref(), to.as_ref(), &pipe, counter).await?;
                         to.shutdown().await?;
                         return Ok(Moved::Piped);
                     }
                     Err(e) => {
                         // Out of pipes or descriptors: this direction stays in user space.
                         pipe_refused = true;
-                        tracing::debug!(error = %e, "no pipe for a bulk same-node copy: copying in user space");
+                        tracing::debug!(
+                            error = %e,
+                            "no pipe for a bulk same-node copy: copying in user space"
+                        );
                     }
                 }
             } else {
@@ -311,24 +314,19 @@ struct KernelPipe {
 }
 
 impl KernelPipe {
-    fn new(size: usize) -> std::io::Result<Self> {
+    fn new() -> std::io::Result<Self> {
         use nix::fcntl::{FcntlArg, OFlag};
         use std::sync::atomic::Ordering;
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // Past the cap the new ends close here (once per direction: the caller stays buffered).
         PIPES_IN_USE
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < MAX_PIPES).then_some(n + 1)
             })
             .map_err(|_| std::io::Error::other(format!("all {MAX_PIPES} pipes in use")))?;
-        let (read, write) = match nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
-            Ok(ends) => ends,
-            Err(e) => {
-                PIPES_IN_USE.fetch_sub(1, Ordering::AcqRel);
-                return Err(e.into());
-            }
-        };
         // Best effort: a pipe holds 64 KiB by default, and an agent without CAP_SYS_RESOURCE
         // over its user's pipe quota gets no more; the pipe then moves smaller chunks.
-        let size = i32::try_from(size).unwrap_or(i32::MAX);
+        let size = i32::try_from(PIPE_SIZE).unwrap_or(i32::MAX);
         if let Err(e) = nix::fcntl::fcntl(&write, FcntlArg::F_SETPIPE_SZ(size)) {
             tracing::debug!(error = %e, size, "pipe size not raised");
         }
@@ -346,15 +344,14 @@ impl Drop for KernelPipe {
 /// caller then half-closes `to`, as after the user-space copy): the kernel hands the received
 /// segments' pages to the pipe and on to the other socket's send queue, so payload is not
 /// copied through user space. Backpressure stays TCP's: the pipe is emptied into `to` before
-/// the next fill, so at most one pipe's worth (`chunk`) is between the two sockets. Bytes are
-/// counted when they enter `to`, as in the copy; a cancelled pump loses only what is in the
-/// pipe, as a cancelled copy loses its buffer (the connection is being closed). A closed or
-/// reset peer fails the splice with `EPIPE`/`ECONNRESET` (Rust's runtime ignores `SIGPIPE`).
+/// the next fill, so at most one pipe's worth ([`PIPE_SIZE`]) is between the two sockets.
+/// Bytes are counted when they enter `to`, as in the copy; a cancelled pump loses only what is
+/// in the pipe, as a cancelled copy loses its buffer (the connection is being closed). A closed
+/// or reset peer fails the splice with `EPIPE`/`ECONNRESET` (Rust's runtime ignores `SIGPIPE`).
 async fn pipe_pump(
     from: &tokio::net::TcpStream,
     to: &tokio::net::TcpStream,
     pipe: &KernelPipe,
-    chunk: usize,
     counter: &std::sync::atomic::AtomicU64,
 ) -> std::io::Result<()> {
     use nix::fcntl::{SpliceFFlags, splice};
@@ -363,7 +360,8 @@ async fn pipe_pump(
     loop {
         let n = from
             .async_io(Interest::READABLE, || {
-                splice(from, None, &pipe.write, None, chunk, flags).map_err(std::io::Error::from)
+                splice(from, None, &pipe.write, None, PIPE_SIZE, flags)
+                    .map_err(std::io::Error::from)
             })
             .await?;
         if n == 0 {
@@ -402,6 +400,15 @@ mod tests {
         (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
     }
 
+    /// Polls until `cond` holds, failing the test with `what` after 10 s.
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Bytes waiting in `s`'s receive queue (`SIOCINQ`).
     fn queued_in(s: &TcpStream) -> usize {
         use std::os::fd::AsRawFd;
@@ -437,14 +444,10 @@ mod tests {
         };
         // Enough queued that the first reads (16, 32, 64 KiB) fill the buffer: the switch to
         // the pipe does not depend on scheduling.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while queued_in(&tunnel_app) < 16 * 1024 + 32 * 1024 + 64 * 1024 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the app's bytes never queued"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        until("the app's bytes never queued", || {
+            queued_in(&tunnel_app) >= 16 * 1024 + 32 * 1024 + 64 * 1024
+        })
+        .await;
         let (to_pod, to_app) = (AtomicU64::new(0), AtomicU64::new(0));
         let receiver = async {
             let mut got = Vec::new();
@@ -491,14 +494,10 @@ mod tests {
             // Writes until the tunnel's side fails and the app sees the connection end.
             while app.write_all(&chunk).await.is_ok() {}
         });
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while queued_in(&tunnel_app) < 64 * 1024 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the app's bytes never queued"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        until("the app's bytes never queued", || {
+            queued_in(&tunnel_app) >= 64 * 1024
+        })
+        .await;
         let counter = AtomicU64::new(0);
         let result = {
             let copy = pump(
@@ -510,11 +509,9 @@ mod tests {
             tokio::pin!(copy);
             // The pod reads nothing: once the tunnel has moved to the pipe and filled the pod's
             // socket, the pod resets.
-            let moved_some = async {
-                while counter.load(Ordering::Relaxed) < 4 * MAX_BUFFER as u64 {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            };
+            let moved_some = until("the copy never moved 64 KiB", || {
+                counter.load(Ordering::Relaxed) >= 4 * MAX_BUFFER as u64
+            });
             tokio::select! {
                 r = &mut copy => panic!("the copy ended before the reset: {r:?}"),
                 () = moved_some => {}

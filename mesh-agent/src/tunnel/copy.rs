@@ -225,8 +225,8 @@ pub(super) async fn same_node_copy(
     let (app_r, app_w) = app.split();
     let (pod_r, pod_w) = pod.split();
     tokio::try_join!(
-        pump(app_r, pod_w, max_buffer, &counters.tcp_to_stream),
-        pump(pod_r, app_w, max_buffer, &counters.stream_to_tcp),
+        pump(app_r, pod_w, max_buffer, &PIPES, &counters.tcp_to_stream),
+        pump(pod_r, app_w, max_buffer, &PIPES, &counters.stream_to_tcp),
     )?;
     Ok(())
 }
@@ -244,11 +244,13 @@ enum Moved {
 /// buffered part goes through tokio's `AsyncRead`/`AsyncWrite` on purpose: they drop a
 /// socket's readiness after a short read or write, so a request/response exchange does not
 /// pay a read that can only return `EAGAIN` (with `readable()` + `try_read` instead, a
-/// same-node 1-byte round trip measured 88–93 µs p50 in six runs against 53–89 µs).
+/// same-node 1-byte round trip measured 88–93 µs p50 in six runs against 53–89 µs). A bulk
+/// direction takes its pipe from `pipes` ([`PIPES`] in the agent).
 async fn pump(
     mut from: tokio::net::tcp::ReadHalf<'_>,
     mut to: tokio::net::tcp::WriteHalf<'_>,
     max_buffer: usize,
+    pipes: &'static PipeBudget,
     counter: &std::sync::atomic::AtomicU64,
 ) -> std::io::Result<Moved> {
     let max_buffer = max_buffer.max(SAME_NODE_FIRST_BUFFER);
@@ -268,7 +270,7 @@ async fn pump(
                 if pipe_refused {
                     continue;
                 }
-                match KernelPipe::new() {
+                match KernelPipe::new(pipes) {
                     Ok(pipe) => {
                         drop(buf);
                         pipe_pump(from.as_ref(), to.as_ref(), &pipe, counter).await?;
@@ -303,40 +305,72 @@ const PIPE_SIZE: usize = 1 << 20;
 /// bounded beside the sockets the connection limits allow (HAProxy bounds its splice pipes the
 /// same way, `maxpipes`).
 const MAX_PIPES: usize = 4096;
-static PIPES_IN_USE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// The agent's pipes (every same-node copy draws on it).
+static PIPES: PipeBudget = PipeBudget::new(MAX_PIPES);
+
+/// How many pipes may exist at once, and how many do.
+struct PipeBudget {
+    max: usize,
+    in_use: std::sync::atomic::AtomicUsize,
+}
+
+impl PipeBudget {
+    const fn new(max: usize) -> Self {
+        Self {
+            max,
+            in_use: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes a slot, or says the budget is spent.
+    fn take(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .map(drop)
+            .map_err(|_| std::io::Error::other(format!("all {} pipes in use", self.max)))
+    }
+
+    fn release(&self) {
+        self.in_use
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 /// A pipe for moving a bulk same-node direction with `splice(2)`: both ends non-blocking
 /// (readiness comes from the sockets; the pipe is always emptied before the next fill). Holds
-/// one of the [`MAX_PIPES`] slots until dropped.
+/// a slot of its [`PipeBudget`] until dropped.
 struct KernelPipe {
     read: std::os::fd::OwnedFd,
     write: std::os::fd::OwnedFd,
+    budget: &'static PipeBudget,
 }
 
 impl KernelPipe {
-    fn new() -> std::io::Result<Self> {
+    fn new(budget: &'static PipeBudget) -> std::io::Result<Self> {
         use nix::fcntl::{FcntlArg, OFlag};
-        use std::sync::atomic::Ordering;
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         // Past the cap the new ends close here (once per direction: the caller stays buffered).
-        PIPES_IN_USE
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < MAX_PIPES).then_some(n + 1)
-            })
-            .map_err(|_| std::io::Error::other(format!("all {MAX_PIPES} pipes in use")))?;
+        budget.take()?;
         // Best effort: a pipe holds 64 KiB by default, and an agent without CAP_SYS_RESOURCE
         // over its user's pipe quota gets no more; the pipe then moves smaller chunks.
         let size = i32::try_from(PIPE_SIZE).unwrap_or(i32::MAX);
         if let Err(e) = nix::fcntl::fcntl(&write, FcntlArg::F_SETPIPE_SZ(size)) {
             tracing::debug!(error = %e, size, "pipe size not raised");
         }
-        Ok(Self { read, write })
+        Ok(Self {
+            read,
+            write,
+            budget,
+        })
     }
 }
 
 impl Drop for KernelPipe {
     fn drop(&mut self) {
-        PIPES_IN_USE.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.budget.release();
     }
 }
 
@@ -425,6 +459,48 @@ mod tests {
     /// both arrive byte-exact, each FIN is passed on after its bytes, and the counters match.
     #[tokio::test]
     async fn a_bulk_direction_is_piped_in_the_kernel_and_arrives_whole_with_its_fin() {
+        static BUDGET: PipeBudget = PipeBudget::new(2);
+        assert_eq!(
+            bulk_up_small_answer(&BUDGET).await,
+            (Moved::Piped, Moved::Buffered)
+        );
+        assert_eq!(
+            BUDGET.in_use.load(Ordering::Relaxed),
+            0,
+            "the pipe's slot came back"
+        );
+    }
+
+    /// With every pipe in use a bulk direction stays in user space, and nothing is lost.
+    #[tokio::test]
+    async fn past_the_pipe_cap_a_bulk_direction_is_copied_whole_in_user_space() {
+        static SPENT: PipeBudget = PipeBudget::new(0);
+        assert_eq!(
+            bulk_up_small_answer(&SPENT).await,
+            (Moved::Buffered, Moved::Buffered)
+        );
+    }
+
+    /// A pipe holds its budget's slot until it is dropped; past the cap none is made.
+    #[test]
+    fn pipes_are_bounded_and_return_their_slot() {
+        static BUDGET: PipeBudget = PipeBudget::new(1);
+        let first = KernelPipe::new(&BUDGET).expect("a first pipe");
+        let refused = KernelPipe::new(&BUDGET)
+            .err()
+            .expect("a second pipe is refused");
+        assert!(
+            refused.to_string().contains("all 1 pipes in use"),
+            "{refused}"
+        );
+        drop(first);
+        assert_eq!(BUDGET.in_use.load(Ordering::Relaxed), 0);
+        drop(KernelPipe::new(&BUDGET).expect("the slot came back"));
+    }
+
+    /// 8 MiB app → pod, then a 3 KiB answer, through [`pump`] with `pipes`: asserts both arrive
+    /// whole, in order and counted, and returns how each direction moved.
+    async fn bulk_up_small_answer(pipes: &'static PipeBudget) -> (Moved, Moved) {
         const UP: usize = 8 << 20;
         const DOWN: usize = 3 * 1024;
         const MAX_BUFFER: usize = 64 * 1024;
@@ -460,8 +536,8 @@ mod tests {
         let (pod_r, pod_w) = tunnel_pod.split();
         let copy = async {
             tokio::try_join!(
-                pump(app_r, pod_w, MAX_BUFFER, &to_pod),
-                pump(pod_r, app_w, MAX_BUFFER, &to_app),
+                pump(app_r, pod_w, MAX_BUFFER, pipes, &to_pod),
+                pump(pod_r, app_w, MAX_BUFFER, pipes, &to_app),
             )
         };
         let (got, moved) = tokio::time::timeout(Duration::from_secs(30), async {
@@ -470,7 +546,6 @@ mod tests {
         .await
         .expect("the copy finished");
         let moved = moved.expect("the copy succeeded");
-        assert_eq!(moved, (Moved::Piped, Moved::Buffered));
         assert!(
             got == up,
             "the pod got {} bytes, not the app's {UP} in order",
@@ -480,6 +555,7 @@ mod tests {
         assert_eq!(answer, down);
         assert_eq!(to_pod.load(Ordering::Relaxed), UP as u64);
         assert_eq!(to_app.load(Ordering::Relaxed), DOWN as u64);
+        moved
     }
 
     /// A pod that resets while a piped transfer is under way ends the copy with an error at
@@ -504,6 +580,7 @@ mod tests {
                 tunnel_app.split().0,
                 tunnel_pod.split().1,
                 MAX_BUFFER,
+                &PIPES,
                 &counter,
             );
             tokio::pin!(copy);

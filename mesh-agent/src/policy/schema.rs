@@ -15,10 +15,10 @@
 //! that CEL rules sit under carry `maxItems` bounds (far above anything written by hand) and the
 //! strings a rule reads carry `maxLength`.
 
-use schemars::{Schema, SchemaGenerator, json_schema};
+use schemars::Schema;
 use serde_json::{Value, json};
 
-use super::{L4_CONDITION_KEYS, Problem, spec::Unsupported};
+use super::{L4_CONDITION_KEYS, Problem};
 
 /// Bounds on the lists CEL rules sit under (see the module comment). The API server multiplies
 /// a rule's cost by how many times it can run (the product of the bounds of the lists above
@@ -63,22 +63,6 @@ pub const OPERATION_L7_FIELDS: [&str; 6] = [
     "paths",
     "notPaths",
 ];
-
-/// An [`Unsupported`] field accepts any value in the schema (so it is stored, never pruned, and
-/// its parent's CEL rule refuses it with a reason, whatever shape it was written in).
-impl schemars::JsonSchema for Unsupported {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "Unsupported".into()
-    }
-
-    fn inline_schema() -> bool {
-        true
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({ "x-kubernetes-preserve-unknown-fields": true })
-    }
-}
 
 pub(super) fn authorization_policy_spec(schema: &mut Schema) {
     forbid(

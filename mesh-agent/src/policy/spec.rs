@@ -308,6 +308,22 @@ pub enum MtlsModeSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Unsupported;
 
+/// An [`Unsupported`] field accepts any value in the schema (so it is stored, never pruned, and
+/// its parent's CEL rule refuses it with a reason, whatever shape it was written in).
+impl JsonSchema for Unsupported {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Unsupported".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "x-kubernetes-preserve-unknown-fields": true })
+    }
+}
+
 impl<'de> Deserialize<'de> for Unsupported {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         serde::de::IgnoredAny::deserialize(deserializer).map(|_| Unsupported)

@@ -23,6 +23,12 @@
 //!   on the same-node path: the client's connection is closed unanswered, server-a accepts
 //!   nothing, node a counts the deny and logs it; the same client reaches server-b.
 //!
+//! - ports of deliveries: with node a's ephemeral range cut to 64 ports, 96 same-node
+//!   connections that the client closes first (so node a's socket to the pod waits in
+//!   `TIME_WAIT`, holding its port) to two ports of server-a all succeed, and more sockets wait
+//!   in `TIME_WAIT` at once than the range has ports: the tunnel's port is unique per
+//!   destination, not per node (`IP_BIND_ADDRESS_NO_PORT`).
+//!
 //! Addresses (private to each test's namespaces): node link 10.110.0.1 (a) ↔ 10.110.0.2 (b);
 //! pods on node a 10.11.<i>.2, on node b 10.12.<i>.2; tunnel addresses 169.254.110.1 / .2;
 //! the service VIP 10.96.110.10:80 → 8080.
@@ -574,6 +580,51 @@ fn same_node_connections_are_authorized_by_the_tunnel() -> Result<()> {
     ensure!(
         after == before + 1,
         "node a counts exactly one policy deny ({before} -> {after})"
+    );
+    Ok(())
+}
+
+/// Node a's ephemeral ports during [`deliveries_share_ports_across_destinations`].
+const PORTS: (u16, u16) = (61000, 61063);
+
+#[test]
+fn deliveries_share_ports_across_destinations() -> Result<()> {
+    let c = up()?;
+    let range = format!("net.ipv4.ip_local_port_range={} {}", PORTS.0, PORTS.1);
+    c.node_a.ns.exec(&["sysctl", "-q", "-w", &range])?;
+    let ports = usize::from(PORTS.1 - PORTS.0) + 1;
+    let second = ECHO_PORT + 1;
+    let _echo = Echo::start(&c.server_a, ECHO_PORT)?;
+    let _echo2 = Echo::start(&c.server_a, second)?;
+    let per_destination = ports * 3 / 4;
+    for i in 0..per_destination {
+        for port in [ECHO_PORT, second] {
+            // The probe half-closes first: node a passes the FIN on, so its socket to the pod
+            // closes first and waits in TIME_WAIT with its port.
+            c.roundtrip(
+                addr(&c.server_a.ip, port)?,
+                &format!("delivery {i} to {port}"),
+            )
+            .with_context(|| {
+                format!(
+                    "same-node connection {i} to port {port} failed ({ports} ephemeral \
+                         ports on node a):\n{}",
+                    c.logs()
+                )
+            })?;
+        }
+    }
+    let waiting = c
+        .node_a
+        .ns
+        .exec(&["ss", "-Htn", "state", "time-wait", "src", TUNNEL_A])?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    ensure!(
+        waiting > ports,
+        "the test needs node a to close first: {waiting} of its sockets in TIME_WAIT, not more \
+         than its {ports} ports"
     );
     Ok(())
 }

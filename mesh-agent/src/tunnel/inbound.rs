@@ -703,7 +703,10 @@ impl Inbound {
                     Some(&dst.to_string()),
                     StatusCode::SERVICE_UNAVAILABLE,
                     Default::default(),
-                    &format!("upstream connect failed: {e} (is the pod listening on this port?)"),
+                    &format!(
+                        "upstream connect failed: {e} ({})",
+                        super::listener::connect_hint(&e)
+                    ),
                 );
                 return;
             }

@@ -74,6 +74,14 @@ fn set_options(socket: &Socket) {
 }
 
 /// Connects to `dst`, from `source` (port chosen by the kernel) when given.
+///
+/// The port is chosen at `connect`, not at `bind` (`IP_BIND_ADDRESS_NO_PORT`): a port picked by
+/// `bind(addr, 0)` is the socket's alone until it is fully closed, whatever the destination, so
+/// every delivery of a node — to all its pods, on all their ports — would share one ephemeral
+/// range (28,232 ports by default), and the ports of connections the agent closed first stay
+/// taken for `TIME_WAIT`'s 60 s: past about 470 such connections per second the node's
+/// deliveries failed with `EADDRINUSE`. Chosen at `connect`, a port only has to be unique per
+/// destination address and port, as for any client.
 pub async fn connect_from(
     dst: SocketAddr,
     source: Option<std::net::IpAddr>,
@@ -86,8 +94,31 @@ pub async fn connect_from(
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
+    // An IP-level option that IPv6 sockets take too; without it (kernels before 4.2) the bind
+    // still works, with the old sharing.
+    if let Err(e) = nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    ) {
+        tracing::debug!(error = %e, "IP_BIND_ADDRESS_NO_PORT not set");
+    }
     socket.bind(SocketAddr::new(src, 0))?;
     socket.connect(dst).await
+}
+
+/// What an operator should check when a connection to a local pod failed with `e` (for the
+/// access log's `result` and the warning).
+pub fn connect_hint(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind::{AddrInUse, AddrNotAvailable, ConnectionRefused};
+    match e.kind() {
+        ConnectionRefused => "is the pod listening on this port?",
+        AddrInUse | AddrNotAvailable => {
+            "the node has no ephemeral port left toward this pod: see \
+             net.ipv4.ip_local_port_range and the sockets in TIME_WAIT (ss -tn state time-wait)"
+        }
+        _ => "is the pod running, and its network up?",
+    }
 }
 
 /// A `SO_REUSEPORT` listener on a free port of a loopback address no other test uses, for
@@ -117,6 +148,32 @@ pub(crate) fn bind_reuseport_free(second: u8, backlog: u32) -> TcpListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hint names the likely cause: a pod not listening, or the node out of ports.
+    #[test]
+    fn connect_failures_get_a_hint_for_their_cause() {
+        use std::io::{Error, ErrorKind};
+        let refused = connect_hint(&Error::from(ErrorKind::ConnectionRefused));
+        assert!(refused.contains("listening"), "{refused}");
+        for kind in [ErrorKind::AddrInUse, ErrorKind::AddrNotAvailable] {
+            let hint = connect_hint(&Error::from(kind));
+            assert!(hint.contains("ip_local_port_range"), "{kind:?}: {hint}");
+        }
+    }
+
+    /// A connection from a given source address took its port at `connect`.
+    #[tokio::test]
+    async fn a_connection_from_a_source_address_takes_its_port_at_connect() {
+        let listener = bind_exclusive("127.0.0.1:0".parse().expect("addr"), 4).expect("bind");
+        let dst = listener.local_addr().expect("addr");
+        let stream = connect_from(dst, Some("127.0.0.1".parse().expect("ip")))
+            .await
+            .expect("connect");
+        let deferred =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::IpBindAddressNoPort)
+                .expect("getsockopt");
+        assert!(deferred, "IP_BIND_ADDRESS_NO_PORT was not set");
+    }
 
     async fn reuseport_pair() -> (TcpListener, TcpListener) {
         let a = bind_reuseport_free(23, 16);

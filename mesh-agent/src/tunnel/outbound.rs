@@ -547,8 +547,9 @@ impl Outbound {
             Ok(Err(e)) => {
                 return Err(Unreachable {
                     reason: format!(
-                        "same-node connect to {} failed: {e} (is the pod listening on this port?)",
-                        ep.addr
+                        "same-node connect to {} failed: {e} ({})",
+                        ep.addr,
+                        super::listener::connect_hint(&e)
                     ),
                     hbone: None,
                 });

@@ -170,6 +170,22 @@ fn bad_values_are_refused_by_the_schema_naming_the_value() -> Result<()> {
             && err.contains("agent.caProvider=local"),
         "{err}"
     );
+    // ServiceMonitors without the Services they select would scrape nothing, silently.
+    let err = helm_fails(&[
+        "template",
+        "nodemesh",
+        &chart,
+        "--kube-version",
+        "1.34.4",
+        "--set",
+        "metrics.service.enabled=false",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+    ])?;
+    assert!(
+        err.contains("metrics.serviceMonitor.enabled=true needs the metrics Services"),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -394,6 +410,26 @@ fn the_workloads_are_shaped_for_operators() -> Result<()> {
             .count(),
         2
     );
+    // `metrics.service.enabled=false` removes both metrics Services (the agents' and the
+    // controllers'), and nothing else.
+    let metrics_services = |docs: &[Value]| {
+        docs.iter()
+            .filter(|d| d["kind"] == "Service")
+            .filter(|d| d["spec"]["ports"][0]["name"] == "http-monitoring")
+            .count()
+    };
+    let without = documents(&render(
+        &chart_dir(),
+        NS,
+        &["--set", "metrics.service.enabled=false"],
+    )?)?;
+    assert_eq!(
+        metrics_services(&docs),
+        2,
+        "the agents' and the controllers'"
+    );
+    assert_eq!(metrics_services(&without), 0);
+    assert_eq!(without.len(), docs.len() - 2);
 
     // The CRDs: rendered (so upgrades change them), kept on uninstall.
     let crds: Vec<&Value> = docs

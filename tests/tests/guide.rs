@@ -295,6 +295,39 @@ fn links_and_anchors_resolve_and_the_readme_links_the_guide() -> Result<()> {
     Ok(())
 }
 
+/// A YAML block written right after a link to one of `docs/examples/` is that file, value for
+/// value (the reader copies one or the other).
+#[test]
+fn yaml_shown_beside_an_example_file_is_that_file() -> Result<()> {
+    for (file, md) in both()? {
+        let lines: Vec<&str> = md.lines().collect();
+        let mut compared = 0;
+        for fence in guide::fences(&md)?.iter().filter(|f| f.info == "yaml") {
+            // The fence's own line is 1-based: the three lines above it.
+            let above = lines[fence.line.saturating_sub(4)..fence.line - 1].join("\n");
+            let Some(example) = above
+                .split("](examples/")
+                .nth(1)
+                .and_then(|rest| rest.split(')').next())
+            else {
+                continue;
+            };
+            let shown: serde_norway::Value = serde_norway::from_str(&fence.text)
+                .with_context(|| format!("{file}:{}: the YAML block", fence.line))?;
+            let on_disk: serde_norway::Value =
+                serde_norway::from_str(&read(&format!("docs/examples/{example}"))?)?;
+            ensure!(
+                shown == on_disk,
+                "{file}:{}: the YAML shown differs from docs/examples/{example}",
+                fence.line
+            );
+            compared += 1;
+        }
+        ensure!(compared > 0, "{file}: no YAML block beside an example file");
+    }
+    Ok(())
+}
+
 /// How a default from values.yaml is written in the guide's table.
 fn yaml_default(v: &serde_norway::Value) -> String {
     match v {

@@ -1,6 +1,7 @@
 //! The agent's HTTP endpoints.
 //!
-//! - **Stats** ([`serve_stats`], port 15020 on all addresses): `/metrics` (also
+//! - **Stats** ([`serve_stats`], port 15020 on the node's address unless `--metrics-addr` says
+//!   otherwise): `/metrics` (also
 //!   `/stats/prometheus`, as ztunnel) in Prometheus text, or OpenMetrics when `Accept` asks for
 //!   `application/openmetrics-text`; `/healthz` (200 while the process runs); `/readyz` (also
 //!   `/healthz/ready`): 503 listing the pending [`Readiness`] gates, 200 once none is left.

@@ -49,7 +49,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("NODEMESH_EBPF_OBJE
 pub enum DatapathError {
     #[error(
         "loading the eBPF object failed: {0} (needs root or CAP_BPF+CAP_NET_ADMIN, \
-         and Linux 5.18+ with BTF)"
+         and Linux 6.15+ with BTF; `mesh-agent check-kernel` names the program the kernel refused)"
     )]
     Load(#[source] aya::EbpfError),
     #[error(

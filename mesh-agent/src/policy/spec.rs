@@ -308,8 +308,9 @@ pub enum MtlsModeSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Unsupported;
 
-/// An [`Unsupported`] field accepts any value in the schema (so it is stored, never pruned, and
-/// its parent's CEL rule refuses it with a reason, whatever shape it was written in).
+/// The generated schema of an [`Unsupported`] field accepts any value; the CRDs then declare
+/// each such field with its Istio type and refuse it by a CEL rule of its parent (`schema::forbid`:
+/// CEL sees only typed fields), so it is never pruned and always refused.
 impl JsonSchema for Unsupported {
     fn schema_name() -> std::borrow::Cow<'static, str> {
         "Unsupported".into()

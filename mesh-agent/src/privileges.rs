@@ -40,7 +40,7 @@ pub const AGENT_CAPABILITIES: &[Capability] = &[
     Capability {
         name: "NET_ADMIN",
         used_by: "datapath::Datapath::attach, tunnel_iface::ensure_tunnel_iface",
-        reason: "the programs are networking types (cgroup sock_addr, sock_ops, sk_msg) whose \
+        reason: "the programs are networking types (cgroup sock_addr, sock_ops, cgroup_skb, sk_skb) whose \
                  load and attach need it besides BPF; creating the nm-tunnel interface and its \
                  address (`ip link add`, `ip addr add`) in the host's network namespace",
     },

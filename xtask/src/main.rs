@@ -39,7 +39,7 @@ enum Command {
     /// Build and run the fuzz targets (`mesh-agent/fuzz`): `--smoke` (seconds each, as CI),
     /// `--seconds N` or `--runs N`; prints executions and exec/s per target.
     Fuzz(fuzz::Options),
-    /// `cargo deny check` with `xtask/deny.toml`: advisories (from the vendored database),
+    /// `cargo deny check` with `xtask/deny/deny.toml`: advisories (from the vendored database),
     /// licences, duplicate versions, sources.
     Deny(deny::Options),
     /// Everything CI checks: setup, eBPF build, fmt, clippy (host and eBPF), unit and root tests.

@@ -154,38 +154,37 @@ fn bad_values_are_refused_by_the_schema_naming_the_value() -> Result<()> {
             }
         }
     }
-    // The default agent.caProvider=controller without the controller: nobody to ask (a
-    // template's `fail`, which `helm lint` does not run).
-    let err = helm_fails(&[
-        "template",
-        "nodemesh",
-        &chart,
-        "--kube-version",
-        "1.34.4",
-        "--set",
-        "controller.enabled=false",
-    ])?;
-    assert!(
-        err.contains("agent.caProvider=controller needs the controller")
-            && err.contains("agent.caProvider=local"),
-        "{err}"
-    );
-    // ServiceMonitors without the Services they select would scrape nothing, silently.
-    let err = helm_fails(&[
-        "template",
-        "nodemesh",
-        &chart,
-        "--kube-version",
-        "1.34.4",
-        "--set",
-        "metrics.service.enabled=false",
-        "--set",
-        "metrics.serviceMonitor.enabled=true",
-    ])?;
-    assert!(
-        err.contains("metrics.serviceMonitor.enabled=true needs the metrics Services"),
-        "{err}"
-    );
+    // Combinations a template's `fail` refuses (which `helm lint` does not run): the default
+    // agent.caProvider=controller without the controller (nobody to ask), and ServiceMonitors
+    // without the Services they select (they would scrape nothing, silently).
+    for (sets, says) in [
+        (
+            &["controller.enabled=false"][..],
+            &[
+                "agent.caProvider=controller needs the controller",
+                "agent.caProvider=local",
+            ][..],
+        ),
+        (
+            &[
+                "metrics.service.enabled=false",
+                "metrics.serviceMonitor.enabled=true",
+            ],
+            &["metrics.serviceMonitor.enabled=true needs the metrics Services"],
+        ),
+    ] {
+        let mut args = vec!["template", "nodemesh", &*chart, "--kube-version", "1.34.4"];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        let err = helm_fails(&args)?;
+        for said in says {
+            assert!(
+                err.contains(said),
+                "`--set {sets:?}` should say {said:?}:\n{err}"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -417,6 +417,7 @@ async fn pipe_pump(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tunnel::integration_tests::eventually;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -432,15 +433,6 @@ mod tests {
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
-    }
-
-    /// Polls until `cond` holds, failing the test with `what` after 10 s.
-    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !cond() {
-            assert!(tokio::time::Instant::now() < deadline, "{what}");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
     }
 
     /// Bytes waiting in `s`'s receive queue (`SIOCINQ`).
@@ -520,7 +512,7 @@ mod tests {
         };
         // Enough queued that the first reads (16, 32, 64 KiB) fill the buffer: the switch to
         // the pipe does not depend on scheduling.
-        until("the app's bytes never queued", || {
+        eventually("the app's bytes to queue", || {
             queued_in(&tunnel_app) >= 16 * 1024 + 32 * 1024 + 64 * 1024
         })
         .await;
@@ -570,7 +562,7 @@ mod tests {
             // Writes until the tunnel's side fails and the app sees the connection end.
             while app.write_all(&chunk).await.is_ok() {}
         });
-        until("the app's bytes never queued", || {
+        eventually("the app's bytes to queue", || {
             queued_in(&tunnel_app) >= 64 * 1024
         })
         .await;
@@ -586,7 +578,7 @@ mod tests {
             tokio::pin!(copy);
             // The pod reads nothing: once the tunnel has moved to the pipe and filled the pod's
             // socket, the pod resets.
-            let moved_some = until("the copy never moved 64 KiB", || {
+            let moved_some = eventually("the copy to move 64 KiB", || {
                 counter.load(Ordering::Relaxed) >= 4 * MAX_BUFFER as u64
             });
             tokio::select! {

@@ -45,8 +45,8 @@ fn test_config() -> TunnelConfig {
     }
 }
 
-/// Polls `cond` until true or the deadline.
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+/// Polls `cond` until true or the deadline (the copy tests use it too).
+pub(super) async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
         assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
